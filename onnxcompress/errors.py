@@ -1,0 +1,68 @@
+"""The exception hierarchy: every error names the stage that failed and why.
+
+The CLI turns any OnnxCompressError into a one-line message and a non-zero exit code; anything else is a bug.
+"""
+
+
+class OnnxCompressError(Exception):
+    """Base class. `stage` says which part of the pipeline failed; `exit_code` is what the CLI returns."""
+
+    stage = "onnxcompress"
+    exit_code = 2
+
+    def __str__(self) -> str:
+        return f"[{self.stage}] {super().__str__()}"
+
+
+class ModelLoadError(OnnxCompressError):
+    """The model file is missing, unreadable, not ONNX, truncated, or fails the ONNX checker."""
+
+    stage = "load"
+
+
+class UnsafeModelError(ModelLoadError):
+    """The model points at external data outside its folder or through a symlink."""
+
+    stage = "load"
+
+
+class UnsupportedModelError(OnnxCompressError):
+    """The model is valid ONNX but uses an opset or construct we cannot process."""
+
+    stage = "load"
+
+
+class ConfigError(OnnxCompressError):
+    """Unknown config keys, impossible values, or an ignored-scope entry that matches nothing."""
+
+    stage = "config"
+
+
+class DatasetError(OnnxCompressError):
+    """Calibration or training data that does not fit the model: names, shapes, dtypes, or no samples at all."""
+
+    stage = "data"
+
+
+class CalibrationError(OnnxCompressError):
+    """Running the model to collect statistics failed."""
+
+    stage = "calibration"
+
+
+class OutputError(OnnxCompressError):
+    """The output path is the input path, or cannot be written."""
+
+    stage = "output"
+
+
+class ExportError(OnnxCompressError):
+    """Conversion to OpenVINO IR failed."""
+
+    stage = "export"
+
+
+class BenchmarkError(OnnxCompressError):
+    """A model could not be compiled or run for benchmarking."""
+
+    stage = "benchmark"
