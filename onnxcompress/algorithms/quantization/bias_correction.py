@@ -1,0 +1,106 @@
+"""Bias correction: remove the per-channel mean shift that quantization adds to a layer's output.
+
+- full (the lecture's procedure): run the quantized model on the calibration data, compare each layer's
+  per-channel output mean E[ŷ] with the float model's E[y], and subtract E[ŷ] - E[y] from the bias.
+  Costs one more inference pass over the (second-pass) samples.
+- fast: E[ŷ] - E[y] ≈ (Ŵ - W) · E[x], from the float input means gathered in the calibration pass itself (exact
+  for Gemm; for Conv it ignores zero padding at the borders). Costs no extra pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress.algorithms.quantization.placement import BiasTarget, QuantizerSetup
+from onnxcompress.config import BiasCorrection, QuantizationConfig
+from onnxcompress.runtime.calibration import Statistic, StatisticRequest, TensorStatistics, collect_statistics
+from onnxcompress.transforms.applier import apply_commands
+from onnxcompress.transforms.commands import Command, DequantizeWeight, SetConstantInput
+
+
+def output_mean_requests(graph: gs.Graph, setup: QuantizerSetup, mode: BiasCorrection) -> list[StatisticRequest]:
+    """Statistics the calibration pass must also collect for `mode`."""
+    if mode is BiasCorrection.FAST:
+        return [StatisticRequest(t.input_tensor, Statistic.CHANNEL_MEAN, t.input_axis, t.input_channels)
+                for t in setup.bias_targets]
+    if mode is BiasCorrection.FULL:
+        nodes = {n.name: n for n in graph.nodes}
+        return [_output_request(nodes[t.node], t) for t in setup.bias_targets]
+    return []
+
+
+def bias_correction_commands(graph: gs.Graph, float_model: onnx.ModelProto, setup: QuantizerSetup,
+                             commands: list[Command], stats: dict[str, TensorStatistics],
+                             config: QuantizationConfig, *, second_pass: Iterable[Mapping[str, np.ndarray]] | None,
+                             total: int | None, progress: bool) -> list[SetConstantInput]:
+    nodes = {n.name: n for n in graph.nodes}
+    weights = {c.node: c for c in commands if isinstance(c, DequantizeWeight)}
+    if config.bias_correction is BiasCorrection.FAST:
+        shifts = {t.node: _weight_error_shift(nodes[t.node], weights[t.node], stats[t.input_tensor].channel_mean)
+                  for t in setup.bias_targets if t.input_tensor in stats}
+    else:
+        shifts = _measured_shifts(float_model, nodes, setup, commands, stats, second_pass, total, progress)
+    return [SetConstantInput(t.node, t.bias_port, (_bias(nodes[t.node], t) - shifts[t.node]).astype(np.float32))
+            for t in setup.bias_targets if t.node in shifts]
+
+
+def _output_request(node: gs.Node, target: BiasTarget) -> StatisticRequest:
+    weight = node.inputs[1].values
+    if node.op == "Conv":
+        return StatisticRequest(node.outputs[0].name, Statistic.CHANNEL_MEAN, 1, weight.shape[0])
+    out_channels = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1]
+    return StatisticRequest(node.outputs[0].name, Statistic.CHANNEL_MEAN, -1, out_channels)
+
+
+def _bias(node: gs.Node, target: BiasTarget) -> np.ndarray:
+    channels = _out_channels(node)
+    if len(node.inputs) > target.bias_port:
+        return np.broadcast_to(node.inputs[target.bias_port].values.astype(np.float64).reshape(-1), (channels,))
+    return np.zeros(channels)
+
+
+def _out_channels(node: gs.Node) -> int:
+    weight = node.inputs[1].values
+    if node.op == "Gemm" and not node.attrs.get("transB", 0):
+        return weight.shape[1]
+    return weight.shape[0]
+
+
+def _dequantized(command: DequantizeWeight) -> np.ndarray:
+    shape = [1] * command.quantized.ndim
+    shape[command.axis] = -1
+    return command.quantized.astype(np.float64) * command.scale.reshape(shape)
+
+
+def _weight_error_shift(node: gs.Node, command: DequantizeWeight, input_mean: np.ndarray) -> np.ndarray:
+    error = _dequantized(command) - node.inputs[1].values.astype(np.float64)
+    if node.op == "Gemm":
+        return error @ input_mean if node.attrs.get("transB", 0) else input_mean @ error
+    # Conv: each output channel sums its kernel's error over space, weighted by its group's input means.
+    groups = node.attrs.get("group", 1)
+    per_input = error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2)  # [O, I/g]
+    group_of_output = np.arange(error.shape[0]) // (error.shape[0] // groups)
+    means = input_mean.reshape(groups, -1)[group_of_output]  # [O, I/g]
+    return (per_input * means).sum(axis=1)
+
+
+def _measured_shifts(float_model: onnx.ModelProto, nodes: dict[str, gs.Node], setup: QuantizerSetup,
+                     commands: list[Command], stats: dict[str, TensorStatistics],
+                     batches: Iterable[Mapping[str, np.ndarray]] | None, total: int | None,
+                     progress: bool) -> dict[str, np.ndarray]:
+    if batches is None:
+        raise ValueError("full bias correction needs a second pass over the calibration data")
+    requests = [_output_request(nodes[t.node], t) for t in setup.bias_targets]
+    quantized_graph = apply_commands(gs.import_onnx(float_model), commands)
+    quantized_model = gs.export_onnx(quantized_graph, do_type_check=False)
+    quantized_model.ClearField("opset_import")
+    quantized_model.opset_import.extend(float_model.opset_import)
+    quantized_model.ir_version = float_model.ir_version
+    measured = collect_statistics(quantized_model, requests, batches, total=total, progress=progress,
+                                  description="bias correction")
+    return {t.node: measured[r.tensor].channel_mean - stats[r.tensor].channel_mean
+            for t, r in zip(setup.bias_targets, requests)}

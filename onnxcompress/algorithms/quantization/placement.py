@@ -1,0 +1,237 @@
+"""Where quantizers go (NNCF paper §4.1), decided from the op table alone.
+
+- Weights of every compute op (Conv, Gemm, MatMul with a constant weight) are quantized at the op.
+- An activation is quantized where it enters a compute op, after the pattern that produced it (compute op,
+  bias Add, ReLU/Clip), never inside it, and once per tensor however many ops read it.
+- Quantizers move up through pass-through ops (MaxPool, Reshape...) and are repeated after them with the same
+  parameters, so those ops run on INT8 data in both runtimes.
+- Conv outputs are quantized even when their reader is float: ONNX Runtime only runs QLinearConv when the
+  Conv's output goes through QuantizeLinear.
+- Scales are unified where a runtime needs one scale: both inputs of a residual Add (when either is quantized)
+  and all inputs and the output of a Concat whose output is quantized.
+- In transformer models Add stays float, and LayerNorm/Softmax and friends keep reading float tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress.transforms.op_table import (
+    TRANSFORMER_FLOAT_OPS,
+    Role,
+    constant_weight,
+    spec,
+    weight_channel_axis,
+)
+
+_FLOAT_TYPES = (np.float32, np.float16, np.float64)
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    node: str
+    port: int
+    axis: int
+
+
+@dataclass(frozen=True)
+class ActivationTarget:
+    """One quantizer on `tensor`; `consumers` are the nodes that read the dequantized value."""
+
+    tensor: str
+    consumers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QuantizerGroup:
+    """Quantizers that must share one scale and zero-point."""
+
+    targets: tuple[ActivationTarget, ...]
+
+
+@dataclass(frozen=True)
+class BiasTarget:
+    """A compute op whose bias can absorb the mean error of its quantized weight (bias correction)."""
+
+    node: str
+    bias_port: int
+    input_tensor: str
+    #: Channel axis of the input activation: 1 for Conv (NCHW), -1 for Gemm/MatMul.
+    input_axis: int
+    input_channels: int
+
+
+@dataclass(frozen=True)
+class QuantizerSetup:
+    weights: tuple[WeightTarget, ...]
+    groups: tuple[QuantizerGroup, ...]
+    bias_targets: tuple[BiasTarget, ...]
+
+    @property
+    def activation_tensors(self) -> list[str]:
+        return [t.tensor for g in self.groups for t in g.targets]
+
+
+def plan_quantizers(graph: gs.Graph, ignored: frozenset[str], *, transformer: bool = False) -> QuantizerSetup:
+    """Decide every quantizer for `graph`; nodes named in `ignored` stay float and add no requirement."""
+    return _Planner(graph, ignored, transformer).plan()
+
+
+class _Planner:
+    def __init__(self, graph: gs.Graph, ignored: frozenset[str], transformer: bool) -> None:
+        self.graph, self.ignored, self.transformer = graph, ignored, transformer
+        self.graph_outputs = {t.name for t in graph.outputs}
+        self.parent: dict[str, str] = {}  # union-find over tensor names: unified-scale groups
+        self.tensors: dict[str, gs.Tensor] = {}
+
+    def plan(self) -> QuantizerSetup:
+        weights, bias_targets = [], []
+        compute = [n for n in self.graph.nodes if spec(n).role is Role.COMPUTE and n.name not in self.ignored]
+        for node in compute:
+            weight = self._weight_target(node)
+            if weight:
+                weights.append(weight)
+                bias = self._bias_target(node)
+                if bias:
+                    bias_targets.append(bias)
+            for port in spec(node).activation_ports:
+                if weight and port == weight.port or port >= len(node.inputs):
+                    continue
+                self._require(node.inputs[port])
+            if spec(node).integer_kernel_needs_quantized_output and not self.transformer:
+                self._require(self._pattern_end(node))
+        self._unify_until_stable()
+        return QuantizerSetup(tuple(weights), self._groups(), tuple(bias_targets))
+
+    # -- requirements ---------------------------------------------------------------------------------------
+
+    def _require(self, tensor: gs.Tensor) -> None:
+        """Quantize `tensor`; pull the quantizer up through pass-through producers, sharing its parameters."""
+        if not self._quantizable_activation(tensor) or tensor.name in self.parent:
+            return
+        self.parent[tensor.name] = tensor.name
+        self.tensors[tensor.name] = tensor
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is not None and spec(producer).role is Role.PASSTHROUGH and producer.name not in self.ignored:
+            upstream = producer.inputs[0]
+            if self._quantizable_activation(upstream):
+                self._require(upstream)
+                self._union(tensor.name, upstream.name)
+
+    def _quantizable_activation(self, tensor: gs.Tensor) -> bool:
+        if isinstance(tensor, gs.Constant) or not tensor.name:
+            return False
+        if tensor.dtype is not None and np.dtype(tensor.dtype).type not in _FLOAT_TYPES:
+            return False
+        return bool(self._readers(tensor))
+
+    def _readers(self, tensor: gs.Tensor) -> tuple[str, ...]:
+        readers = []
+        for consumer in tensor.outputs:
+            if consumer.name in self.ignored:
+                continue
+            if self.transformer and consumer.op in TRANSFORMER_FLOAT_OPS:
+                continue
+            readers.append(consumer.name)
+        return tuple(dict.fromkeys(readers))
+
+    def _pattern_end(self, node: gs.Node) -> gs.Tensor:
+        """The tensor after the fused pattern that starts at compute op `node` (bias Add, ReLU/Clip)."""
+        tensor = node.outputs[0]
+        while len(tensor.outputs) == 1 and tensor.name not in self.graph_outputs:
+            reader = tensor.outputs[0]
+            if reader.name in self.ignored:
+                break
+            if spec(reader).role is Role.FUSED_ACTIVATION or _is_bias_add(reader):
+                tensor = reader.outputs[0]
+                continue
+            break
+        return tensor
+
+    # -- unified scales -------------------------------------------------------------------------------------
+
+    def _unify_until_stable(self) -> None:
+        changed = True
+        while changed:
+            changed = False
+            for node in self.graph.nodes:
+                if node.name in self.ignored:
+                    continue
+                role = spec(node).role
+                if role is Role.ELTWISE_ADD and not self.transformer:
+                    changed |= self._unify_add(node)
+                elif role is Role.CONCAT:
+                    changed |= self._unify_concat(node)
+
+    def _unify_add(self, node: gs.Node) -> bool:
+        inputs = node.inputs[:2]
+        if len(inputs) != 2 or _is_bias_add(node) or not any(t.name in self.parent for t in inputs):
+            return False
+        if not all(self._quantizable_activation(t) for t in inputs):
+            return False
+        return self._unify(inputs)
+
+    def _unify_concat(self, node: gs.Node) -> bool:
+        output = node.outputs[0]
+        if output.name not in self.parent:
+            return False
+        if not all(self._quantizable_activation(t) for t in node.inputs):
+            return False
+        return self._unify([*node.inputs, output])
+
+    def _unify(self, tensors: list[gs.Tensor]) -> bool:
+        before = len(self.parent), len({self._find(t) for t in self.parent})
+        for tensor in tensors:
+            self._require(tensor)
+        for tensor in tensors[1:]:
+            self._union(tensors[0].name, tensor.name)
+        return (len(self.parent), len({self._find(t) for t in self.parent})) != before
+
+    def _find(self, name: str) -> str:
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
+        return name
+
+    def _union(self, a: str, b: str) -> None:
+        self.parent[self._find(a)] = self._find(b)
+
+    def _groups(self) -> tuple[QuantizerGroup, ...]:
+        members: dict[str, list[ActivationTarget]] = {}
+        for name, tensor in self.tensors.items():
+            target = ActivationTarget(name, self._readers(tensor))
+            members.setdefault(self._find(name), []).append(target)
+        return tuple(QuantizerGroup(tuple(targets)) for targets in members.values())
+
+    # -- weights and biases ---------------------------------------------------------------------------------
+
+    def _weight_target(self, node: gs.Node) -> WeightTarget | None:
+        weight = constant_weight(node)
+        axis = weight_channel_axis(node)
+        if weight is None or axis is None or weight.values.ndim < 2 or weight.values.dtype != np.float32:
+            return None
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            return None
+        return WeightTarget(node.name, spec(node).weight_port, axis % weight.values.ndim)
+
+    def _bias_target(self, node: gs.Node) -> BiasTarget | None:
+        entry = spec(node)
+        source = node.inputs[0]
+        weight = constant_weight(node).values
+        if isinstance(source, gs.Constant) or entry.bias_port is None or node.op == "ConvTranspose":
+            return None
+        if len(node.inputs) > entry.bias_port and not isinstance(node.inputs[entry.bias_port], gs.Constant):
+            return None
+        if node.op == "Conv":
+            return BiasTarget(node.name, entry.bias_port, source.name, 1, weight.shape[1] * node.attrs.get("group", 1))
+        if node.op == "Gemm" and node.attrs.get("beta", 1.0) == 1.0:
+            channels = weight.shape[1] if node.attrs.get("transB", 0) else weight.shape[0]
+            return BiasTarget(node.name, entry.bias_port, source.name, -1, channels)
+        return None
+
+
+def _is_bias_add(node: gs.Node) -> bool:
+    return node.op == "Add" and len(node.inputs) == 2 and any(isinstance(t, gs.Constant) for t in node.inputs)

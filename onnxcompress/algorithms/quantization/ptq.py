@@ -1,0 +1,154 @@
+"""Post-training INT8 quantization: plan quantizers, collect statistics, turn them into commands, apply.
+
+    preprocess (shapes, constant folding, BN folding)  →  plan_quantizers  →  statistics requests
+    →  one ONNX Runtime calibration pass  →  QDQ and weight commands (+ bias correction)  →  apply_commands
+
+Weights are stored as INT8 initializers read through DequantizeLinear; activations get QuantizeLinear →
+DequantizeLinear pairs. Both OpenVINO and ONNX Runtime turn this QDQ form into integer kernels.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress.algorithms.quantization.bias_correction import bias_correction_commands, output_mean_requests
+from onnxcompress.algorithms.quantization.placement import QuantizerSetup, plan_quantizers
+from onnxcompress.algorithms.quantization.ranges import estimate_range
+from onnxcompress.algorithms.quantization.scheme import Mode, quantize_weight, unified_activation_params
+from onnxcompress.config import BiasCorrection, IgnoredScope, ModelType, Preset, QuantizationConfig
+from onnxcompress.errors import ConfigError
+from onnxcompress.runtime.calibration import Statistic, StatisticRequest, TensorStatistics, collect_statistics
+from onnxcompress.transforms.applier import apply_commands
+from onnxcompress.transforms.commands import Command, DequantizeWeight, QuantizeDequantize, SetConstantInput
+from onnxcompress.transforms.op_table import spec
+from onnxcompress.transforms.passes import preprocess
+
+Batches = Iterable[Mapping[str, np.ndarray]]
+_INT32 = np.iinfo(np.int32)
+
+
+def quantize_graph(model: onnx.ModelProto, batches: Batches, config: QuantizationConfig, *,
+                   total: int | None = None, progress: bool = True,
+                   second_pass: Batches | None = None) -> onnx.ModelProto:
+    """Quantize `model` with calibration feeds `batches`; `second_pass` feeds the full bias correction."""
+    graph = preprocess(model)
+    ignored = resolve_ignored_scope(graph, config.ignored_scope)
+    setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER)
+    float_model = _export(graph, model)
+
+    requests = _range_requests(setup, config) + output_mean_requests(graph, setup, config.bias_correction)
+    stats = collect_statistics(float_model, requests, batches, total=total, progress=progress)
+
+    commands: list[Command] = [*_weight_commands(graph, setup, config), *_activation_commands(setup, stats, config)]
+    corrected: list[SetConstantInput] = []
+    if config.bias_correction is not BiasCorrection.NONE:
+        corrected = bias_correction_commands(graph, float_model, setup, commands, stats, config,
+                                             second_pass=second_pass, total=total, progress=progress)
+    del float_model
+    apply_commands(graph, commands + _bias_commands(graph, commands, corrected))
+    return _export(graph, model)
+
+
+def resolve_ignored_scope(graph: gs.Graph, scope: IgnoredScope) -> frozenset[str]:
+    """Node names the scope selects; any entry that matches nothing is an error that lists all such entries."""
+    if scope.empty:
+        return frozenset()
+    names = [n.name for n in graph.nodes]
+    types = {n.op for n in graph.nodes}
+    selected: set[str] = set()
+    unmatched: list[str] = []
+    for name in scope.names:
+        (selected.add(name) if name in names else unmatched.append(f"name '{name}'"))
+    for pattern in scope.patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"ignored scope pattern '{pattern}' is not a valid regular expression: {error}") from None
+        hits = [n for n in names if regex.fullmatch(n)]
+        selected.update(hits) if hits else unmatched.append(f"pattern '{pattern}'")
+    for op_type in scope.types:
+        hits = [n.name for n in graph.nodes if n.op == op_type]
+        selected.update(hits) if hits else unmatched.append(f"type '{op_type}'")
+    if unmatched:
+        known_types = ", ".join(sorted(types))
+        raise ConfigError(f"ignored scope entries match no node: {', '.join(unmatched)} "
+                          f"(the model's op types: {known_types})")
+    return frozenset(selected)
+
+
+def _mode(config: QuantizationConfig) -> Mode:
+    return Mode.ASYMMETRIC if config.preset is Preset.MIXED else Mode.SYMMETRIC
+
+
+def _range_requests(setup: QuantizerSetup, config: QuantizationConfig) -> list[StatisticRequest]:
+    return [StatisticRequest(tensor, config.calibration.statistic) for tensor in setup.activation_tensors]
+
+
+def _weight_commands(graph: gs.Graph, setup: QuantizerSetup, config: QuantizationConfig) -> list[DequantizeWeight]:
+    nodes = {n.name: n for n in graph.nodes}
+    commands = []
+    for target in setup.weights:
+        weight = nodes[target.node].inputs[target.port].values
+        quantized, params = quantize_weight(weight, target.axis, config.weight_bits)
+        commands.append(DequantizeWeight(target.node, target.port, quantized, params.scale, target.axis))
+    return commands
+
+
+def _activation_commands(setup: QuantizerSetup, stats: dict[str, TensorStatistics],
+                         config: QuantizationConfig) -> list[QuantizeDequantize]:
+    mode = _mode(config)
+    commands = []
+    for group in setup.groups:
+        ranges = [estimate_range(stats[t.tensor], config.calibration, mode=mode,
+                                 percentile=config.percentile) for t in group.targets]
+        params = unified_activation_params(ranges, mode)
+        commands += [QuantizeDequantize(t.tensor, p.scale, p.zero_point, t.consumers)
+                     for t, p in zip(group.targets, params) if t.consumers]
+    return commands
+
+
+def _bias_commands(graph: gs.Graph, commands: list[Command],
+                   corrected: list[SetConstantInput]) -> list[Command]:
+    """Biases of compute ops with quantized input and weight become INT32 with scale s_input · s_weight.
+
+    ONNX Runtime only fuses Conv/Gemm into QLinearConv/QGemm when the bias is dequantized this way.
+    """
+    nodes = {n.name: n for n in graph.nodes}
+    new_values = {c.node: c.values for c in corrected}
+    input_scales = {c.tensor: c.scale for c in commands if isinstance(c, QuantizeDequantize)}
+    result: list[Command] = []
+    for weight in (c for c in commands if isinstance(c, DequantizeWeight)):
+        node = nodes[weight.node]
+        bias_port = spec(node).bias_port
+        source = node.inputs[0].name
+        has_bias = bias_port is not None and len(node.inputs) > bias_port
+        if weight.node not in new_values and not has_bias:
+            continue
+        bias = new_values.get(weight.node)
+        if bias is None:
+            bias = node.inputs[bias_port].values
+        if source not in input_scales:
+            result.append(SetConstantInput(weight.node, bias_port, np.asarray(bias, np.float32)))
+            continue
+        scale = (input_scales[source] * weight.scale).astype(np.float32)
+        bias = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), scale.shape)
+        quantized = np.clip(np.round(bias / scale), _INT32.min, _INT32.max).astype(np.int32)
+        result.append(DequantizeWeight(weight.node, bias_port, quantized, scale, axis=0))
+    return result
+
+
+def _export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export keeping the original's opsets, IR version and metadata (the fine-tuning runtime needs IR <= 10)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(original.opset_import)
+    model.ir_version = original.ir_version
+    model.producer_name = "onnxcompress"
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    return model

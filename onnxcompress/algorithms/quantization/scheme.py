@@ -1,0 +1,146 @@
+"""Quantization arithmetic of the NNCF paper §4.1: level ranges (Table 1), symmetric and asymmetric parameters,
+and the zero-point alignment that maps float zero to an exact integer.
+
+ONNX's QuantizeLinear computes q = saturate(round(r / s) + z); the paper's symmetric `scale` (the top of the float
+range) becomes s = scale / q_max, and its asymmetric (r_min, r_max) becomes s = (r_max - r_min) / (2^bits - 1),
+z = -r_min / s after alignment.
+
+Activations are always stored as uint8: ONNX Runtime on x86 only fuses QDQ Conv/MatMul into integer kernels for
+uint8 activations. A signed symmetric level q in [-128, 127] is stored as q + 128 with zero-point 128, which is
+the same arithmetic; OpenVINO reads both as the same FakeQuantize.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+# Ranges collapse to a tiny positive scale so that all-zero tensors still quantize (every value to zero).
+_MIN_SCALE = np.float32(1e-12)
+
+
+class Mode(str, enum.Enum):
+    SYMMETRIC = "symmetric"
+    ASYMMETRIC = "asymmetric"
+
+
+@dataclass(frozen=True)
+class LevelRange:
+    """Integer range [q_min, q_max] and the ONNX element type that holds it."""
+
+    q_min: int
+    q_max: int
+    signed: bool
+
+
+def weight_levels(bits: int = 8) -> LevelRange:
+    """Weights: symmetric [-2^(b-1)+1, 2^(b-1)-1], e.g. [-127, 127] (Table 1)."""
+    return LevelRange(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1) - 1, signed=True)
+
+
+def activation_levels(bits: int = 8, *, signed: bool) -> LevelRange:
+    """Activations: signed [-2^(b-1), 2^(b-1)-1] or unsigned [0, 2^b - 1] (Table 1)."""
+    if signed:
+        return LevelRange(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1, signed=True)
+    return LevelRange(0, 2**bits - 1, signed=False)
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """ONNX QuantizeLinear parameters: per-tensor (scalar arrays) or per-channel (1-D arrays along `axis`)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    levels: LevelRange
+    axis: int | None = None
+
+
+def symmetric_params(abs_max: np.ndarray, levels: LevelRange, axis: int | None = None) -> QuantParams:
+    """Symmetric: zero-point 0, s = max|r| / q_max."""
+    scale = np.maximum(np.asarray(abs_max, np.float32) / np.float32(levels.q_max), _MIN_SCALE).astype(np.float32)
+    dtype = np.int8 if levels.signed else np.uint8
+    return QuantParams(scale, np.zeros(scale.shape, dtype), levels, axis)
+
+
+def align_zero_point(r_min: float, r_max: float, bits: int = 8) -> tuple[float, float]:
+    """The paper's range tuning so that float zero lands exactly on an integer level.
+
+    Widens [r_min, r_max] to contain zero, then moves one end so that -r_min / s is an integer, choosing the
+    end whose move keeps the range narrower.
+    """
+    levels = 2**bits - 1
+    low, high = min(float(r_min), 0.0), max(float(r_max), 0.0)
+    if high - low <= 0.0:
+        return 0.0, float(_MIN_SCALE) * levels
+    zp = np.floor(-low * levels / (high - low))
+    if zp in (0, levels):
+        return low, high
+    t = (zp - levels) / zp
+    high_2 = t * low
+    low_2 = high / t
+    if high_2 - low > high - low_2:
+        return low, high_2
+    return low_2, high
+
+
+def asymmetric_params(r_min: float, r_max: float, bits: int = 8) -> QuantParams:
+    """Asymmetric uint8 parameters over the aligned range: s = (r_max - r_min) / (2^b - 1), z = -r_min / s."""
+    low, high = align_zero_point(r_min, r_max, bits)
+    levels = activation_levels(bits, signed=False)
+    scale = np.float32(max((high - low) / levels.q_max, float(_MIN_SCALE)))
+    zero_point = np.clip(np.round(-low / scale), levels.q_min, levels.q_max)
+    return QuantParams(np.array(scale, np.float32), np.array(zero_point, np.uint8), levels)
+
+
+def activation_params(r_min: float, r_max: float, mode: Mode, bits: int = 8) -> QuantParams:
+    """Parameters for an activation range: symmetric picks signed or unsigned levels by the sign of r_min."""
+    return unified_activation_params([(r_min, r_max)], mode, bits)[0]
+
+
+def unified_activation_params(ranges: list[tuple[float, float]], mode: Mode, bits: int = 8) -> list[QuantParams]:
+    """Parameters for tensors that must share one scale (Concat, residual Add), one entry per range.
+
+    Asymmetric: one aligned range for all. Symmetric: one step size from the joint range; each tensor keeps
+    signed levels (zero-point 2^(b-1)) only if its own range goes below zero, so a ReLU output stays unsigned.
+    """
+    low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    if mode is Mode.ASYMMETRIC:
+        return [asymmetric_params(low, high, bits)] * len(ranges)
+    group_signed = low < 0
+    levels = activation_levels(bits, signed=group_signed)
+    abs_max = max(abs(low), abs(high)) if group_signed else high
+    scale = np.maximum(np.float32(abs_max) / np.float32(levels.q_max), _MIN_SCALE).astype(np.float32)
+    offset = 2 ** (bits - 1)
+    params = []
+    for r_min, _ in ranges:
+        signed = r_min < 0
+        zero_point = np.array(offset if signed else 0, np.uint8)
+        params.append(QuantParams(scale, zero_point, activation_levels(bits, signed=signed)))
+    return params
+
+
+def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8) -> tuple[np.ndarray, QuantParams]:
+    """Per-channel symmetric weight quantization along `axis`; returns the integer tensor and its parameters."""
+    axis = axis % weight.ndim
+    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
+    abs_max = np.abs(weight).max(axis=reduce_axes) if reduce_axes else np.abs(weight)
+    params = symmetric_params(abs_max, weight_levels(bits), axis=axis)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(weight / params.scale.reshape(shape)), params.levels.q_min, params.levels.q_max)
+    return q.astype(np.int8), params
+
+
+def fake_quantize(values: np.ndarray, params: QuantParams) -> np.ndarray:
+    """Quantize then dequantize, exactly as QuantizeLinear → DequantizeLinear compute it."""
+    shape = [1] * values.ndim
+    if params.axis is not None:
+        shape[params.axis] = -1
+    scale = params.scale.reshape(shape) if params.axis is not None else params.scale
+    zero = params.zero_point.astype(np.float32)
+    zero = zero.reshape(shape) if params.axis is not None else zero
+    stored = np.iinfo(params.zero_point.dtype)
+    q = np.clip(np.round(values / scale) + zero, stored.min, stored.max)
+    return ((q - zero) * scale).astype(np.float32)

@@ -1,0 +1,183 @@
+"""Calibration data: every accepted source becomes a stream of validated feeds (dicts of input name → array).
+
+Accepted sources:
+- a folder of .npy files: each file one complete, already batched feed of a single-input model;
+- an .npz file of arrays named after the model inputs: axis 0 enumerates samples, each fed as a batch of one;
+- any iterable of input dicts (like `nncf.Dataset`'s items);
+- an ONNX Runtime `CalibrationDataReader` (anything with `get_next()` returning a dict or None).
+
+Feeds are checked against the model's inputs (names, dtypes, ranks, static dimensions) before they reach ONNX
+Runtime, so a wrong data set fails with a message about the data rather than an engine error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxcompress.errors import DatasetError
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, NumPy dtype and shape (None for symbolic dimensions)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return bool(self.shape) and self.shape[0] is None
+
+    def describe_shape(self) -> str:
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The real inputs of `model` (graph inputs that are not initializers)."""
+    initializers = {i.name for i in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        specs.append(InputSpec(value.name, dtype, dims))
+    return specs
+
+
+def feeds_from(source: Any, inputs: list[InputSpec]) -> Iterator[Feed]:
+    """Yield raw feeds from any accepted source (not yet validated)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            return _npy_folder(path, inputs)
+        if path.suffix == ".npz" and path.is_file():
+            return _npz_samples(path)
+        if not path.exists():
+            raise DatasetError(f"calibration data not found: {path}")
+        raise DatasetError(f"calibration data must be a folder of .npy files or an .npz file, got {path}")
+    if hasattr(source, "get_next"):
+        return iter(source.get_next, None)
+    if isinstance(source, Mapping):
+        raise DatasetError("calibration data is a single dict; pass a list of input dicts or an .npz file")
+    if isinstance(source, Iterable):
+        return iter(source)
+    raise DatasetError(f"unsupported calibration data of type {type(source).__name__}")
+
+
+def _npy_folder(folder: Path, inputs: list[InputSpec]) -> Iterator[Feed]:
+    files = sorted(folder.glob("*.npy"))
+    if not files:
+        raise DatasetError(f"no .npy files in calibration folder {folder}")
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise DatasetError(f"a folder of .npy files feeds single-input models; this model has inputs {names}: "
+                           "use an .npz with one array per input")
+    for file in files:
+        try:
+            array = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise DatasetError(f"cannot read {file}: {error}") from None
+        yield {inputs[0].name: array}
+
+
+def _npz_samples(path: Path) -> Iterator[Feed]:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"cannot read {path}: {error}") from None
+    with archive:
+        arrays = {name: archive[name] for name in archive.files}
+    counts = {name: len(a) if a.ndim else 0 for name, a in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise DatasetError(f"arrays in {path.name} disagree on the number of samples (axis 0): {counts}")
+    for index in range(next(iter(counts.values()), 0)):
+        yield {name: array[index:index + 1] for name, array in arrays.items()}
+
+
+def validate_feed(feed: Any, inputs: list[InputSpec], index: int) -> Feed:
+    """Check one feed against the model inputs; returns it as a plain dict of arrays."""
+    if not isinstance(feed, Mapping):
+        raise DatasetError(f"sample {index} is a {type(feed).__name__}, expected a dict of input name → array")
+    expected = {i.name for i in inputs}
+    unknown = sorted(set(feed) - expected)
+    missing = sorted(expected - set(feed))
+    if unknown or missing:
+        parts = [f"unknown input(s) {', '.join(map(repr, unknown))}" if unknown else "",
+                 f"missing input(s) {', '.join(map(repr, missing))}" if missing else ""]
+        raise DatasetError(f"sample {index}: {'; '.join(p for p in parts if p)} "
+                           f"(model inputs: {', '.join(sorted(expected))})")
+    result = {}
+    for spec in inputs:
+        array = np.asarray(feed[spec.name])
+        if array.dtype != spec.dtype:
+            raise DatasetError(f"sample {index}: input '{spec.name}' has dtype {array.dtype}, "
+                               f"the model expects {spec.dtype}")
+        if array.ndim != len(spec.shape) or any(d is not None and d != a for d, a in zip(spec.shape, array.shape)):
+            raise DatasetError(f"sample {index}: input '{spec.name}' has shape {list(array.shape)}, "
+                               f"the model expects {spec.describe_shape()}")
+        result[spec.name] = array
+    return result
+
+
+def calibration_batches(source: Any, inputs: list[InputSpec], *, subset_size: int,
+                        batch_size: int) -> Iterator[Feed]:
+    """Validated feeds, limited to `subset_size` samples and merged into batches of up to `batch_size` samples
+    when the model has a dynamic batch dimension and consecutive samples have equal shapes."""
+    can_batch = batch_size > 1 and all(i.dynamic_batch for i in inputs)
+    pending: list[Feed] = []
+    seen = 0
+    for index, raw in enumerate(feeds_from(source, inputs)):
+        feed = validate_feed(raw, inputs, index)
+        samples = _samples_in(feed)
+        if seen + samples > subset_size and seen > 0:
+            break
+        seen += samples
+        if pending and (not can_batch or not _stackable(pending[0], feed) or
+                        sum(map(_samples_in, pending)) + samples > batch_size):
+            yield _concat(pending)
+            pending = []
+        pending.append(feed)
+        if seen >= subset_size:
+            break
+    if pending:
+        yield _concat(pending)
+    elif seen == 0:
+        raise DatasetError("the calibration dataset is empty")
+
+
+def count_samples(source: Any, inputs: list[InputSpec], subset_size: int) -> int | None:
+    """How many samples calibration will see, when it can be known without reading the data."""
+    if isinstance(source, (str, Path)) and Path(source).suffix == ".npz" and Path(source).is_file():
+        with np.load(source, allow_pickle=False) as archive:
+            first = archive.files[0] if archive.files else None
+            return min(len(archive[first]), subset_size) if first else 0
+    if hasattr(source, "__len__"):
+        return min(len(source), subset_size)
+    return None
+
+
+def _samples_in(feed: Feed) -> int:
+    first = next(iter(feed.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _stackable(a: Feed, b: Feed) -> bool:
+    return all(a[name].shape[1:] == b[name].shape[1:] for name in a)
+
+
+def _concat(feeds: list[Feed]) -> Feed:
+    if len(feeds) == 1:
+        return feeds[0]
+    return {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}

@@ -1,0 +1,275 @@
+"""Collect activation statistics in one streamed ONNX Runtime pass.
+
+The model is augmented with reduction nodes, so ONNX Runtime computes per-sample minima and maxima and per-channel
+sums inside the graph and only small vectors leave the session: calibration memory does not grow with the
+number of samples, and large activations are never copied to NumPy unless a histogram is asked for. Histograms
+(for percentile and MSE ranges) stream too: each keeps a fixed number of bins over a range that grows by merging
+bins when new data falls outside it.
+"""
+
+from __future__ import annotations
+
+import enum
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+from tqdm.auto import tqdm
+
+from onnxcompress.errors import CalibrationError
+
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+class Statistic(enum.Enum):
+    """What to measure on one tensor."""
+
+    #: Per-sample minimum and maximum (axis 0 enumerates samples).
+    MIN_MAX = "min_max"
+    #: Per-channel mean along `StatisticRequest.axis` (bias correction, SmoothQuant uses ABS_MAX).
+    CHANNEL_MEAN = "channel_mean"
+    #: Per-channel maximum of |x| along `axis`.
+    CHANNEL_ABS_MAX = "channel_abs_max"
+    #: Streaming histogram of all values.
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True)
+class StatisticRequest:
+    tensor: str
+    statistic: Statistic
+    #: Channel axis for per-channel statistics: 1 (NCHW) or -1 (last, for MatMul/Gemm inputs).
+    axis: int | None = None
+    #: Number of channels along `axis` (needed to reshape when the axis is last).
+    channels: int | None = None
+
+
+@dataclass
+class Histogram:
+    """Fixed-size histogram over [low, high] that widens by merging neighbouring bins."""
+
+    bins: int = 2048
+    counts: np.ndarray | None = None
+    low: float = 0.0
+    high: float = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        v_min, v_max = float(values.min()), float(values.max())
+        if self.counts is None:
+            self.low, self.high = min(v_min, 0.0), max(v_max, 0.0)
+            if self.high == self.low:
+                self.high = self.low + 1e-12
+            self.counts = np.zeros(self.bins, np.int64)
+        while v_max > self.high:
+            self._widen(upward=True)
+        while v_min < self.low:
+            self._widen(upward=False)
+        counts, _ = np.histogram(values, bins=self.bins, range=(self.low, self.high))
+        self.counts += counts
+
+    def _widen(self, *, upward: bool) -> None:
+        # Doubling the width and merging bin pairs keeps every old bin inside one new bin: counts stay exact.
+        width = self.high - self.low
+        merged = self.counts.reshape(-1, 2).sum(axis=1)
+        if upward:
+            self.counts = np.concatenate([merged, np.zeros_like(merged)])
+            self.high = self.low + 2 * width
+        else:
+            self.counts = np.concatenate([np.zeros_like(merged), merged])
+            self.low = self.high - 2 * width
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.low, self.high, self.bins + 1)
+
+
+@dataclass
+class TensorStatistics:
+    """Everything collected for one tensor."""
+
+    sample_min: list[np.ndarray] = field(default_factory=list)
+    sample_max: list[np.ndarray] = field(default_factory=list)
+    channel_sum: np.ndarray | None = None
+    channel_count: int = 0
+    channel_abs_max: np.ndarray | None = None
+    histogram: Histogram | None = None
+
+    @property
+    def min(self) -> float:
+        return float(np.concatenate(self.sample_min).min())
+
+    @property
+    def max(self) -> float:
+        return float(np.concatenate(self.sample_max).max())
+
+    @property
+    def mean_min(self) -> float:
+        return float(np.concatenate(self.sample_min).mean())
+
+    @property
+    def mean_max(self) -> float:
+        return float(np.concatenate(self.sample_max).mean())
+
+    @property
+    def channel_mean(self) -> np.ndarray:
+        return self.channel_sum / max(self.channel_count, 1)
+
+
+def collect_statistics(
+    model: onnx.ModelProto,
+    requests: Sequence[StatisticRequest],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    total: int | None = None,
+    progress: bool = True,
+    description: str = "calibration",
+) -> dict[str, TensorStatistics]:
+    """Run `model` on every feed of `batches` and return the requested statistics by tensor name."""
+    augmented, readers = _augment(model, requests)
+    session = _session(augmented)
+    del augmented
+    output_names = [r.output for r in readers]
+    results = {r.tensor: TensorStatistics() for r in requests}
+    with tqdm(total=total, desc=description, unit="sample", disable=not progress, leave=False) as bar:
+        for feed in batches:
+            try:
+                outputs = session.run(output_names, dict(feed))
+            except Exception as error:  # ORT raises several unrelated types for bad feeds
+                raise CalibrationError(f"ONNX Runtime failed on a calibration batch: {error}") from error
+            for reader, value in zip(readers, outputs):
+                reader.consume(results[reader.tensor], value)
+            bar.update(_batch_size(feed))
+    return results
+
+
+def _batch_size(feed: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """Maps one augmented-model output back into a TensorStatistics field."""
+
+    tensor: str
+    output: str
+    kind: str
+
+    def consume(self, stats: TensorStatistics, value: np.ndarray) -> None:
+        if self.kind == "min":
+            stats.sample_min.append(np.atleast_1d(value).astype(np.float32))
+        elif self.kind == "max":
+            stats.sample_max.append(np.atleast_1d(value).astype(np.float32))
+        elif self.kind == "sum":
+            stats.channel_sum = value.astype(np.float64) + (0 if stats.channel_sum is None else stats.channel_sum)
+        elif self.kind == "count":
+            stats.channel_count += int(value)
+        elif self.kind == "abs_max":
+            stats.channel_abs_max = value if stats.channel_abs_max is None else np.maximum(stats.channel_abs_max,
+                                                                                            value)
+        elif self.kind == "raw":
+            if stats.histogram is None:
+                stats.histogram = Histogram()
+            stats.histogram.add(value)
+
+
+def _augment(model: onnx.ModelProto, requests: Sequence[StatisticRequest]) -> tuple[onnx.ModelProto, list[_Reader]]:
+    """A copy of `model` whose outputs are the reductions the requests need (original outputs dropped)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    graph = augmented.graph
+    del graph.output[:]
+    builder = _ReductionBuilder(graph, opset)
+    readers: list[_Reader] = []
+    for request in requests:
+        readers.extend(builder.add(request))
+    return augmented, readers
+
+
+class _ReductionBuilder:
+    """Appends reduction nodes for one request at a time; opset-aware (axes moved from attribute to input)."""
+
+    def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
+        self.graph, self.opset, self.count = graph, opset, 0
+
+    def add(self, request: StatisticRequest) -> list[_Reader]:
+        t = request.tensor
+        if request.statistic is Statistic.MIN_MAX:
+            rows = self._node("Flatten", [t], axis=1)
+            return [self._output(t, "min", self._reduce("ReduceMin", rows, [1])),
+                    self._output(t, "max", self._reduce("ReduceMax", rows, [1]))]
+        if request.statistic is Statistic.HISTOGRAM:
+            return [self._output(t, "raw", self._node("Identity", [t]))]
+        channels = self._channels_first(request)
+        if request.statistic is Statistic.CHANNEL_MEAN:
+            total = self._reduce("ReduceSum", channels, [0, 2])
+            size = self._node("Size", [t])
+            return [self._output(t, "sum", total), self._output(t, "count", self._per_channel(size, request))]
+        abs_values = self._node("Abs", [channels])
+        return [self._output(t, "abs_max", self._reduce("ReduceMax", abs_values, [0, 2]))]
+
+    def _channels_first(self, request: StatisticRequest) -> str:
+        """Reshape to [A, C, B] with the requested axis in the middle."""
+        if request.axis == 1:
+            shape = self._constant(np.array([0, 0, -1], np.int64))
+        else:
+            shape = self._constant(np.array([-1, request.channels, 1], np.int64))
+        return self._node("Reshape", [request.tensor, shape])
+
+    def _per_channel(self, size: str, request: StatisticRequest) -> str:
+        channels = self._constant(np.array(request.channels or 1, np.int64))
+        return self._node("Div", [size, channels]) if request.axis != 1 else self._node(
+            "Div", [size, self._node("Gather", [self._node("Shape", [request.tensor]),
+                                                  self._constant(np.array(1, np.int64))])])
+
+    def _reduce(self, op: str, source: str, axes: list[int]) -> str:
+        axes_as_input = self.opset >= (13 if op == "ReduceSum" else 18)
+        if axes_as_input:
+            return self._node(op, [source, self._constant(np.array(axes, np.int64))], keepdims=0)
+        return self._node(op, [source], axes=axes, keepdims=0)
+
+    def _constant(self, value: np.ndarray) -> str:
+        name = self._name("const")
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def _node(self, op: str, inputs: list[str], **attrs) -> str:
+        output = self._name(op)
+        self.graph.node.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def _output(self, tensor: str, kind: str, name: str) -> _Reader:
+        self.graph.output.append(onnx.ValueInfoProto(name=name))
+        return _Reader(tensor, name, kind)
+
+    def _name(self, stem: str) -> str:
+        self.count += 1
+        return f"onnxcompress_stat/{stem}_{self.count}"
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        if _serialized_size(model) < _PROTOBUF_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="onnxcompress-calib-") as folder:
+            path = Path(folder) / "augmented.onnx"
+            onnx.save_model(model, path, save_as_external_data=True, location="augmented.onnx.data")
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {error}") from error
+
+
+def _serialized_size(model: onnx.ModelProto) -> int:
+    try:
+        return model.ByteSize()
+    except ValueError:
+        return _PROTOBUF_LIMIT

@@ -1,0 +1,1 @@
+"""Graph layer: the op table, pattern matching, preprocessing passes and the command applier."""

@@ -1,0 +1,88 @@
+"""Execute a list of commands (transforms.commands) on an onnx-graphsurgeon graph.
+
+The applier is the only code that edits graphs for algorithms: it resolves names once, applies each command in
+order and reports unknown names as errors, so a stale plan never edits the wrong node silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress.transforms.commands import Command, DequantizeWeight, QuantizeDequantize, SetConstantInput
+
+
+class UnknownNameError(KeyError):
+    """A command names a node or tensor that the graph does not have."""
+
+
+def apply_commands(graph: gs.Graph, commands: Iterable[Command]) -> gs.Graph:
+    """Apply `commands` in order, then clean up and sort the graph; returns the same graph object."""
+    nodes = {n.name: n for n in graph.nodes}
+    tensors = graph.tensors()
+    for command in commands:
+        if isinstance(command, QuantizeDequantize):
+            _insert_qdq(graph, tensors, nodes, command)
+        elif isinstance(command, DequantizeWeight):
+            _dequantize_weight(graph, _node(nodes, command.node), command)
+        elif isinstance(command, SetConstantInput):
+            _set_constant_input(_node(nodes, command.node), command)
+        else:
+            raise TypeError(f"not a command: {command!r}")
+    return graph.cleanup().toposort()
+
+
+def _node(nodes: dict[str, gs.Node], name: str) -> gs.Node:
+    try:
+        return nodes[name]
+    except KeyError:
+        raise UnknownNameError(f"no node named {name!r}") from None
+
+
+def _insert_qdq(graph: gs.Graph, tensors: dict, nodes: dict[str, gs.Node], cmd: QuantizeDequantize) -> None:
+    if cmd.tensor not in tensors:
+        raise UnknownNameError(f"no tensor named {cmd.tensor!r}")
+    source = tensors[cmd.tensor]
+    readers = [_node(nodes, name) for name in cmd.consumers]
+    scale = gs.Constant(f"{cmd.tensor}/scale", np.asarray(cmd.scale, np.float32))
+    zero_point = gs.Constant(f"{cmd.tensor}/zero_point", np.asarray(cmd.zero_point))
+    quantized = gs.Variable(f"{cmd.tensor}/quantized", dtype=zero_point.values.dtype, shape=source.shape)
+    dequantized = gs.Variable(f"{cmd.tensor}/dequantized", dtype=np.float32, shape=source.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{cmd.tensor}/QuantizeLinear",
+                               inputs=[source, scale, zero_point], outputs=[quantized]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{cmd.tensor}/DequantizeLinear",
+                               inputs=[quantized, scale, zero_point], outputs=[dequantized]))
+    for reader in readers:
+        _replace_input(reader, source, dequantized)
+
+
+def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    for index, tensor in enumerate(node.inputs):
+        if tensor is old:
+            node.inputs[index] = new
+
+
+def _dequantize_weight(graph: gs.Graph, node: gs.Node, cmd: DequantizeWeight) -> None:
+    weight = node.inputs[cmd.port]
+    if not isinstance(weight, gs.Constant):
+        raise UnknownNameError(f"input {cmd.port} of node {cmd.node!r} is not a constant weight")
+    quantized = gs.Constant(f"{weight.name}/quantized", np.ascontiguousarray(cmd.quantized))
+    scale = gs.Constant(f"{weight.name}/scale", np.asarray(cmd.scale, np.float32))
+    zero_point = gs.Constant(f"{weight.name}/zero_point", np.zeros(cmd.scale.shape, cmd.quantized.dtype))
+    dequantized = gs.Variable(f"{weight.name}/dequantized", dtype=np.float32, shape=list(cmd.quantized.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{weight.name}/DequantizeLinear",
+                               attrs={"axis": cmd.axis}, inputs=[quantized, scale, zero_point],
+                               outputs=[dequantized]))
+    node.inputs[cmd.port] = dequantized
+
+
+def _set_constant_input(node: gs.Node, cmd: SetConstantInput) -> None:
+    constant = gs.Constant(f"{node.name}/input{cmd.port}", np.asarray(cmd.values))
+    if cmd.port < len(node.inputs):
+        node.inputs[cmd.port] = constant
+    elif cmd.port == len(node.inputs):
+        node.inputs.append(constant)
+    else:
+        raise UnknownNameError(f"node {cmd.node!r} has no input {cmd.port - 1} to add input {cmd.port} after")

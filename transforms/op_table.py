@@ -1,0 +1,108 @@
+"""What onnxcompress knows about ONNX ops, in one declarative table.
+
+Every placement and transformation decision that depends on an op type reads this table instead of branching on
+op names: which input is the weight and which the bias, along which axis the weight's output channels lie, which
+inputs carry activations, and how the op behaves in an INT8 graph (see `Role`). An op missing from the table is
+treated as `Role.FLOAT`: it keeps running in float and quantizers are never placed inside it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+
+class Role(enum.Enum):
+    """How an op takes part in an INT8 graph."""
+
+    #: Heavy op with an integer kernel in OpenVINO and ONNX Runtime (Conv, Gemm, MatMul): weights and activation
+    #: inputs are quantized.
+    COMPUTE = "compute"
+    #: Elementwise op that runtimes fuse into the preceding compute op (bias Add, ReLU, Clip...): quantizers go
+    #: after it, never between it and the compute op.
+    FUSED_ACTIVATION = "fused_activation"
+    #: Op that moves or selects values without arithmetic (MaxPool, Reshape, Transpose...): it runs on INT8 data
+    #: unchanged, so the quantizer on its input is repeated on its output with the same parameters.
+    PASSTHROUGH = "passthrough"
+    #: Elementwise Add of two activations (residual connection): runtimes need one scale for both inputs.
+    ELTWISE_ADD = "eltwise_add"
+    #: Concat: all inputs and the output share one scale, so the op is a plain copy of INT8 data.
+    CONCAT = "concat"
+    #: Everything else runs in float.
+    FLOAT = "float"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """The facts about one op type."""
+
+    role: Role
+    #: Input index of a constant weight, if the op has one.
+    weight_port: int | None = None
+    #: Input index of the bias, if the op has one.
+    bias_port: int | None = None
+    #: Axis of the weight tensor that enumerates output channels (per-channel quantization, bias correction).
+    weight_channel_axis: int | None = None
+    #: Input indices that carry activations to be quantized when the op runs in INT8.
+    activation_ports: tuple[int, ...] = (0,)
+    #: ONNX Runtime only emits a fused integer kernel (QLinearConv) when the op's output is quantized too; Gemm and
+    #: MatMul have kernels with float output (QGemm, MatMulIntegerToFloat).
+    integer_kernel_needs_quantized_output: bool = False
+
+
+_PASSTHROUGH = OpSpec(Role.PASSTHROUGH)
+_FUSED = OpSpec(Role.FUSED_ACTIVATION)
+
+OP_TABLE: dict[str, OpSpec] = {
+    "Conv": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0,
+                   integer_kernel_needs_quantized_output=True),
+    "ConvTranspose": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1,
+                            integer_kernel_needs_quantized_output=True),
+    # Gemm's channel axis depends on transB; `weight_channel_axis()` resolves it.
+    "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0),
+    # MatMul with a constant weight [.., in, out]; with two activations (attention) both inputs are quantized.
+    "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, activation_ports=(0, 1)),
+    # Only activations both runtimes fuse in front of a QuantizeLinear: ONNX Runtime drops Relu/Clip before a
+    # quantizer whose range starts at zero; other activations (Sigmoid, HardSwish...) would leave Conv in float.
+    "Relu": _FUSED,
+    "Clip": _FUSED,
+    "MaxPool": _PASSTHROUGH,
+    "Reshape": _PASSTHROUGH,
+    "Flatten": _PASSTHROUGH,
+    "Transpose": _PASSTHROUGH,
+    "Squeeze": _PASSTHROUGH,
+    "Unsqueeze": _PASSTHROUGH,
+    "Identity": _PASSTHROUGH,
+    "Add": OpSpec(Role.ELTWISE_ADD, activation_ports=(0, 1)),
+    "Concat": OpSpec(Role.CONCAT, activation_ports=()),
+}
+
+#: Ops whose inputs must stay float in transformer models: OpenVINO cannot run them on quantized inputs without
+#: an extra dequantization, and their inputs are outlier-heavy.
+TRANSFORMER_FLOAT_OPS = frozenset({"LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Div", "Erf"})
+
+
+def spec(node: gs.Node) -> OpSpec:
+    """The table entry for `node`, `Role.FLOAT` for ops we know nothing about (custom domains included)."""
+    if node.domain not in (None, "", "ai.onnx"):
+        return OpSpec(Role.FLOAT, activation_ports=())
+    return OP_TABLE.get(node.op, OpSpec(Role.FLOAT, activation_ports=()))
+
+
+def weight_channel_axis(node: gs.Node) -> int | None:
+    """Output-channel axis of `node`'s weight, resolving attributes that move it (Gemm's transB)."""
+    entry = spec(node)
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    return entry.weight_channel_axis
+
+
+def constant_weight(node: gs.Node) -> gs.Constant | None:
+    """The constant weight input of a compute op, or None when the op multiplies two activations."""
+    entry = spec(node)
+    if entry.weight_port is None or len(node.inputs) <= entry.weight_port:
+        return None
+    weight = node.inputs[entry.weight_port]
+    return weight if isinstance(weight, gs.Constant) else None

@@ -1,0 +1,75 @@
+"""Fold BatchNormalization into the Conv, ConvTranspose or Gemm that feeds it.
+
+    y = gamma * (conv(x, W) + b - mean) / sqrt(var + eps) + beta
+      = conv(x, W * k) + (b - mean) * k + beta,      k = gamma / sqrt(var + eps) per output channel
+
+Only folds when the compute op's output is read by the BatchNormalization alone and every parameter is constant,
+so the fold leaves nothing unfused behind.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress.transforms.op_table import Role, constant_weight, spec, weight_channel_axis
+
+
+def fold_batchnorm(graph: gs.Graph) -> bool:
+    """Fold every foldable BatchNormalization; return whether the graph changed."""
+    changed = False
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        producer = _foldable_producer(bn)
+        if producer is None:
+            continue
+        _fold(producer, bn)
+        changed = True
+    if changed:
+        graph.cleanup()
+    return changed
+
+
+def _foldable_producer(bn: gs.Node) -> gs.Node | None:
+    if len(bn.outputs) != 1 or not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
+        return None
+    if not bn.inputs[0].inputs:
+        return None
+    producer = bn.inputs[0].inputs[0]
+    if spec(producer).role is not Role.COMPUTE or producer.op == "MatMul":
+        return None
+    if len(bn.inputs[0].outputs) != 1 or constant_weight(producer) is None:
+        return None
+    if producer.op == "ConvTranspose" and producer.attrs.get("group", 1) != 1:
+        return None
+    bias_port = spec(producer).bias_port
+    if len(producer.inputs) > bias_port and not isinstance(producer.inputs[bias_port], gs.Constant):
+        return None
+    return producer
+
+
+def _fold(producer: gs.Node, bn: gs.Node) -> None:
+    gamma, beta, mean, var = (t.values.astype(np.float64) for t in bn.inputs[1:5])
+    k = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    weight = constant_weight(producer)
+    axis = weight_channel_axis(producer)
+    shape = [1] * weight.values.ndim
+    shape[axis] = -1
+    folded_weight = (weight.values.astype(np.float64) * k.reshape(shape)).astype(np.float32)
+
+    bias_port = spec(producer).bias_port
+    has_bias = len(producer.inputs) > bias_port
+    bias = producer.inputs[bias_port].values.astype(np.float64) if has_bias else np.zeros_like(mean)
+    folded_bias = ((bias - mean) * k + beta).astype(np.float32)
+
+    producer.inputs[spec(producer).weight_port] = gs.Constant(f"{weight.name}/bn_folded", folded_weight)
+    bias_tensor = gs.Constant(f"{bn.name or bn.outputs[0].name}/folded_bias", folded_bias)
+    if has_bias:
+        producer.inputs[bias_port] = bias_tensor
+    else:
+        producer.inputs.append(bias_tensor)
+    if producer.op == "Gemm" and producer.attrs.get("beta", 1.0) != 1.0:
+        producer.attrs["beta"] = 1.0  # the folded bias already holds the final values
+    # The producer now writes the BatchNormalization's output tensor directly.
+    bn_output = bn.outputs[0]
+    bn.outputs.clear()
+    producer.outputs[0] = bn_output
