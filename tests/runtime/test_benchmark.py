@@ -1,0 +1,234 @@
+"""Interleaved OpenVINO / ONNX Runtime benchmark on a tiny Conv net (float and QDQ INT8)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+from onnxcompress.errors import BenchmarkError, OutputError
+from onnxcompress.runtime.benchmark import BenchmarkReport, Measurement, benchmark, format_report, plot_report
+
+INPUT_SHAPE = (3, 16, 16)
+MODES_BACKENDS = [
+    ("latency", "ov-f32"), ("latency", "ov-default"), ("latency", "ort"),
+    ("throughput", "ov-f32"), ("throughput", "ov-default"),
+]
+
+
+def tiny_conv_net() -> onnx.ModelProto:
+    """Conv-Relu-Conv-GlobalAveragePool-Flatten-Gemm with a dynamic batch dimension."""
+    rng = np.random.default_rng(0)
+
+    def weight(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *INPUT_SHAPE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [weight("w1", (16, 3, 3, 3)), weight("b1", (16,)), weight("w2", (32, 16, 3, 3)), weight("b2", (32,)),
+         weight("wf", (10, 32)), weight("bf", (10,))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+class _RandomReader(CalibrationDataReader):
+    def __init__(self) -> None:
+        rng = np.random.default_rng(1)
+        self._batches = iter([{"x": rng.standard_normal((1, *INPUT_SHAPE)).astype(np.float32)} for _ in range(8)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bench_models")
+    float_path, int8_path = folder / "fp32.onnx", folder / "int8.onnx"
+    onnx.save(tiny_conv_net(), str(float_path))
+    quantize_static(
+        str(float_path), str(int8_path), _RandomReader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )
+    return {"fp32": float_path, "int8": int8_path}
+
+
+@pytest.fixture(scope="module")
+def report(models) -> BenchmarkReport:
+    return benchmark(models, batch=2, rounds=2, round_seconds=0.2, progress=False)
+
+
+def _model_with_sequence_dim(path: Path) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["tokens"], ["out"])], "seq",
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "sequence"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+# ----------------------------------------------------------------------------------------- real benchmark
+
+
+def test_every_variant_is_measured_and_labelled(report):
+    expected = [f"{model}/{backend}/{mode}" for mode, backend in MODES_BACKENDS for model in ("fp32", "int8")]
+    assert sorted(report.variants) == sorted(expected)
+    for m in report.measurements:
+        assert m.variant == f"{m.model}/{m.backend}/{m.mode}"
+        assert m.batch == 2 and m.rounds == 2 and m.samples >= 2
+        for value in (m.median_ms, m.p90_ms, m.throughput_fps):
+            assert math.isfinite(value) and value > 0, m
+        assert m.p90_ms >= m.median_ms
+        assert m.engine == ("onnxruntime" if m.backend == "ort" else "openvino")
+        if m.mode == "throughput":
+            assert m.infer_requests >= 1
+        else:
+            assert m.infer_requests == 1
+
+
+def test_kernels_show_what_each_precision_variant_ran(report):
+    assert report.get("fp32/ov-f32/latency").kernels == "f32x3"
+    default_precision = report.environment["openvino_default_precision"]
+    assert report.get("fp32/ov-default/latency").kernels == f"{default_precision}x3"
+    for backend in ("ov-f32", "ov-default"):  # the f32 hint leaves INT8 kernels alone
+        kernels = report.get(f"int8/{backend}/latency").kernels
+        assert set(part.split("x")[0] for part in kernels.split()) <= {"u8", "i8"}, kernels
+    assert report.get("int8/ort/latency").kernels == ""
+
+
+def test_ratios_are_relative_to_the_baseline(report):
+    like_for_like = report.ratios("fp32")
+    for mode, backend in MODES_BACKENDS:
+        assert like_for_like[f"fp32/{backend}/{mode}"] == 1.0
+        assert like_for_like[f"int8/{backend}/{mode}"] > 0
+    against_f32 = report.ratios("fp32/ov-f32")
+    assert against_f32["fp32/ov-f32/latency"] == 1.0 and against_f32["fp32/ov-f32/throughput"] == 1.0
+    int8_lat, fp32_lat = report.get("int8/ov-default/latency"), report.get("fp32/ov-f32/latency")
+    assert against_f32["int8/ov-default/latency"] == pytest.approx(fp32_lat.median_ms / int8_lat.median_ms)
+    only_throughput = report.ratios("fp32/ov-default/throughput")
+    assert set(only_throughput) == {v for v in report.variants if v.endswith("/throughput")}
+    with pytest.raises(KeyError):
+        report.ratios("nonexistent")
+
+
+def test_format_report_names_variants_and_baselines(report):
+    text = format_report(report, "fp32")
+    for variant in report.variants:
+        assert variant in text
+    for column in ("vs fp32/ov-f32", "vs fp32/ov-default", "vs fp32/ort", "median ms", "fps"):
+        assert column in text
+    assert "INFERENCE_PRECISION_HINT=f32" in text
+    assert f"CPU plugin default: {report.environment['openvino_default_precision']}" in text
+    baseline_row = next(line for line in text.splitlines() if line.startswith("fp32/ov-f32/latency "))
+    assert "1.00x" in baseline_row
+    single = format_report(report, "fp32/ov-default")
+    assert "vs fp32/ov-default" in single and "vs fp32/ov-f32" not in single
+    with pytest.raises(BenchmarkError):
+        format_report(report, "resnet")
+
+
+def test_report_serialises_to_json(report):
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["rounds"] == 2 and data["batch"] == 2
+    assert {m["variant"] for m in data["measurements"]} == set(report.variants)
+    assert Measurement(**data["measurements"][0]) == report.measurements[0]
+    assert data["environment"]["openvino"] and data["environment"]["onnxruntime"]
+
+
+def test_plot_report_writes_png_atomically(report, tmp_path):
+    target = plot_report(report, tmp_path / "plots" / "bench.png")
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in target.parent.iterdir()] == ["bench.png"]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError):
+        plot_report(report, blocker / "bench.png")
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def test_dynamic_non_batch_dimension_needs_inputs(tmp_path):
+    path = _model_with_sequence_dim(tmp_path / "seq.onnx")
+    with pytest.raises(BenchmarkError, match="tokens") as info:
+        benchmark({"seq": path}, rounds=1, round_seconds=0.05, progress=False)
+    assert "sequence" in str(info.value)
+
+    given = {"tokens": np.ones((3, 7), dtype=np.float32)}
+    report = benchmark(
+        {"seq": path}, batch=3, rounds=1, round_seconds=0.05, openvino_precisions=("f32",),
+        include_throughput=False, inputs=given, progress=False,
+    )
+    assert report.variants == ["seq/ov-f32/latency", "seq/ort/latency"]
+    assert all(math.isfinite(m.median_ms) for m in report.measurements)
+
+
+def test_given_inputs_are_validated(models):
+    with pytest.raises(BenchmarkError, match="'x' is missing"):
+        benchmark(models, inputs={"other": np.zeros((1, 3), np.float32)}, progress=False)
+    with pytest.raises(BenchmarkError, match="float32"):
+        benchmark(models, inputs={"x": np.zeros((1, *INPUT_SHAPE), np.float64)}, progress=False)
+    with pytest.raises(BenchmarkError, match="dimension 0"):
+        benchmark(models, batch=4, inputs={"x": np.zeros((1, *INPUT_SHAPE), np.float32)}, progress=False)
+
+
+def test_bad_arguments(models, tmp_path):
+    with pytest.raises(BenchmarkError, match="rounds"):
+        benchmark(models, rounds=0, progress=False)
+    with pytest.raises(BenchmarkError, match="not found"):
+        benchmark({"ghost": tmp_path / "ghost.onnx"}, progress=False)
+    with pytest.raises(BenchmarkError, match="nothing to measure"):
+        benchmark(models, openvino_precisions=(), include_ort=False, progress=False)
+    with pytest.raises(BenchmarkError, match="'/'"):
+        benchmark({"a/b": models["fp32"]}, progress=False)
+
+
+# ------------------------------------------------------------------------------------- arithmetic (no engine)
+
+
+def _m(model: str, backend: str, mode: str, ms: float, fps: float) -> Measurement:
+    return Measurement(
+        variant=f"{model}/{backend}/{mode}", model=model, engine="openvino", backend=backend, precision="x",
+        mode=mode, batch=1, median_ms=ms, p90_ms=ms, throughput_fps=fps, samples=10, rounds=2,
+        infer_requests=1, kernels="",
+    )
+
+
+def test_ratio_arithmetic_on_synthetic_report():
+    synthetic = BenchmarkReport(
+        measurements=(
+            _m("fp32", "ov-f32", "latency", 4.0, 250.0), _m("fp32", "ov-default", "latency", 2.0, 500.0),
+            _m("int8", "ov-f32", "latency", 1.0, 1000.0), _m("int8", "ov-default", "latency", 1.0, 1000.0),
+            _m("fp32", "ov-f32", "throughput", 8.0, 400.0), _m("int8", "ov-default", "throughput", 4.0, 1600.0),
+        ),
+        batch=1, rounds=2, round_seconds=1.0,
+    )
+    assert synthetic.ratios("fp32") == {
+        "fp32/ov-f32/latency": 1.0, "fp32/ov-default/latency": 1.0,
+        "int8/ov-f32/latency": 4.0, "int8/ov-default/latency": 2.0, "fp32/ov-f32/throughput": 1.0,
+    }
+    assert synthetic.ratios("fp32/ov-f32")["int8/ov-default/latency"] == 4.0
+    assert synthetic.ratios("fp32/ov-f32")["int8/ov-default/throughput"] == 4.0
+    text = format_report(synthetic, "fp32")
+    row = next(line for line in text.splitlines() if line.startswith("int8/ov-default/latency"))
+    assert row.split()[-2:] == ["4.00x", "2.00x"]  # vs fp32/ov-f32, vs fp32/ov-default
