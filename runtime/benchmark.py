@@ -25,6 +25,7 @@ the per-request latency OpenVINO reports.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import platform
@@ -44,6 +45,7 @@ import psutil
 from tqdm.auto import tqdm
 
 from onnxcompress.errors import BenchmarkError, OutputError
+from onnxcompress.runtime.outputs import write_bytes_atomic
 from onnxcompress.runtime.openvino import (
     HEAVY_LAYER_TYPES,
     compile_model,
@@ -610,18 +612,10 @@ def plot_report(report: BenchmarkReport, path: str | os.PathLike[str]) -> Path:
     env = report.environment
     figure.suptitle(f"batch {report.batch}, {report.rounds} rounds x {report.round_seconds:g} s, "
                     f"{env.get('cpu', '')}, OpenVINO default precision {env.get('openvino_default_precision', '?')}")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
     except OSError as exc:
         raise OutputError(f"cannot write plot {target}: {exc}") from exc
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=110)
-        os.replace(temp_name, target)
-    except BaseException as exc:
-        Path(temp_name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write plot {target}: {exc}") from exc
-        raise
-    return target
+    return write_bytes_atomic(target, buffer.getvalue())

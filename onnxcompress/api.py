@@ -1,0 +1,73 @@
+"""The Python API: the same operations as the CLI, on ModelProtos or paths.
+
+    import onnxcompress
+    quantized = onnxcompress.quantize("model.onnx", "calib.npz", preset="mixed")   # -> onnx.ModelProto
+    onnxcompress.save_model(quantized, "model.int8.onnx")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxcompress.algorithms.quantization.ptq import quantize_graph
+from onnxcompress.config import BiasCorrection, QuantizationConfig
+from onnxcompress.data import calibration_batches, count_samples, model_inputs
+from onnxcompress.errors import DatasetError
+from onnxcompress.models import sample_for_model
+from onnxcompress.runtime.model_io import load_model
+
+ModelLike = onnx.ModelProto | str | os.PathLike
+
+
+def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None, *,
+             progress: bool = True, **options: Any) -> onnx.ModelProto:
+    """Post-training INT8 quantization; returns the quantized model (QDQ form, INT8 weights).
+
+    `dataset` is a folder of .npy feeds, an .npz of per-input arrays, an iterable of input dicts or an ONNX Runtime
+    CalibrationDataReader; it may be omitted for the bundled sample models. `options` are QuantizationConfig
+    fields (e.g. preset="mixed", subset_size=100) and override `config`. The input model is never modified.
+    """
+    config = _merge(config, options)
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    dataset = _default_dataset(model) if dataset is None else dataset
+    inputs = model_inputs(proto)
+
+    def batches():
+        return calibration_batches(dataset, inputs, subset_size=config.subset_size, batch_size=config.batch_size)
+
+    total = count_samples(dataset, inputs, config.subset_size)
+    second_pass = batches() if config.bias_correction is BiasCorrection.FULL else None
+    if second_pass is not None and not _reiterable(dataset):
+        raise DatasetError("full bias correction reads the data twice; pass a list, a file or a folder, "
+                           "not a one-shot iterator")
+    return quantize_graph(proto, batches(), config, total=total, progress=progress, second_pass=second_pass)
+
+
+def _merge(config: QuantizationConfig | None, options: dict[str, Any]) -> QuantizationConfig:
+    if config is None:
+        return QuantizationConfig.build(options, source="options")
+    if not options:
+        return config
+    return QuantizationConfig.build({**config.model_dump(), **options}, source="options")
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _default_dataset(model: ModelLike) -> Path:
+    bundled = sample_for_model(model) if not isinstance(model, onnx.ModelProto) else None
+    if bundled is None:
+        raise DatasetError("no calibration data given: pass a folder of .npy files, an .npz or an iterable of "
+                           "input dicts (only the bundled sample models bring their own)")
+    return bundled.calibration_path
+
+
+def _reiterable(dataset: Any) -> bool:
+    return isinstance(dataset, (str, os.PathLike, list, tuple)) or hasattr(dataset, "__len__")

@@ -1,0 +1,158 @@
+"""The `onnxcompress` command line: quantize, export, benchmark, inspect, demo.
+
+Every command builds the same typed objects as the Python API. Errors of the OnnxCompressError family print one
+line naming the failed stage and exit non-zero; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from onnxcompress.errors import OnnxCompressError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxcompress")
+def cli() -> None:
+    """Compress ONNX models and deploy them with OpenVINO and ONNX Runtime."""
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Accept both repeated options and comma-separated lists."""
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output .onnx (default: <model>.int8.onnx).")
+@click.option("--data", help="Calibration data: folder of .npy feeds or an .npz of per-input arrays.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON QuantizationConfig.")
+@click.option("--preset", type=click.Choice(["performance", "mixed"]), help="Symmetric or asymmetric activations.")
+@click.option("--subset-size", type=int, help="Number of calibration samples (default 300).")
+@click.option("--calibration", type=click.Choice(["minmax", "mean_minmax", "percentile", "mse"]),
+              help="Activation range estimator.")
+@click.option("--model-type", type=click.Choice(["cnn", "transformer"]), help="Quantization rules to follow.")
+@click.option("--bias-correction", type=click.Choice(["none", "fast", "full"]), help="Bias correction variant.")
+@click.option("--smooth-quant-alpha", type=float, help="Enable SmoothQuant for MatMul inputs with this alpha.")
+@click.option("--ignore-names", multiple=True, help="Node names to keep in float (repeat or comma-separate).")
+@click.option("--ignore-types", multiple=True, help="Op types to keep in float.")
+@click.option("--ignore-patterns", multiple=True, help="Regexes over node names to keep in float.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
+             calibration, model_type, bias_correction, smooth_quant_alpha, ignore_names, ignore_types,
+             ignore_patterns, no_progress: bool) -> None:
+    """Post-training INT8 quantization of MODEL."""
+    from onnxcompress.api import quantize as run_quantize
+    from onnxcompress.config import QuantizationConfig
+    from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
+
+    options = {key: value for key, value in {
+        "preset": preset, "subset_size": subset_size, "calibration": calibration, "model_type": model_type,
+        "bias_correction": bias_correction, "smooth_quant_alpha": smooth_quant_alpha}.items() if value is not None}
+    scope = {"names": _split(ignore_names), "types": _split(ignore_types), "patterns": _split(ignore_patterns)}
+    if any(scope.values()):
+        options["ignored_scope"] = scope
+    config = (QuantizationConfig.from_file(config_file, **options) if config_file
+              else QuantizationConfig.build(options, source="options"))
+    output = output or model.with_name(model.stem + ".int8.onnx")
+    check_output_path(model, output)
+    quantized = run_quantize(model, data, config, progress=not no_progress)
+    saved = save_model(quantized, output)
+    before, after = model_file_size(model), model_file_size(saved)
+    click.echo(f"wrote {saved} ({after / 1e6:.2f} MB, {after / before:.2f}× of {before / 1e6:.2f} MB)")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--to", "target", type=click.Choice(["openvino"]), default="openvino", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output folder.")
+def export(model: Path, target: str, output: Path) -> None:
+    """Convert MODEL to OpenVINO IR (.xml/.bin) in the output folder."""
+    from onnxcompress.runtime.model_io import load_model
+    from onnxcompress.runtime.openvino import export_openvino
+
+    load_model(model)  # same validation and safety checks as every other command
+    click.echo(f"wrote {export_openvino(model, output)}")
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--rounds", type=int, default=5, show_default=True, help="Interleaved rounds; medians are reported.")
+@click.option("--round-seconds", type=float, default=2.0, show_default=True)
+@click.option("--report", type=click.Path(path_type=Path), help="Write the measurements as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG chart of latency and throughput.")
+@click.option("--no-progress", is_flag=True)
+def benchmark(models: tuple[Path, ...], batch: int, rounds: int, round_seconds: float, report: Path | None,
+              plot: Path | None, no_progress: bool) -> None:
+    """Benchmark MODELS on OpenVINO (f32, default precision; latency and throughput) and ONNX Runtime.
+
+    The first model is the baseline of the ratios.
+    """
+    from onnxcompress.runtime.benchmark import benchmark as run_benchmark
+    from onnxcompress.runtime.benchmark import format_report, plot_report
+    from onnxcompress.runtime.model_io import load_model
+    from onnxcompress.runtime.outputs import write_text_atomic
+
+    for model in models:
+        load_model(model)
+    labels = _labels(models)
+    result = run_benchmark(dict(zip(labels, models)), batch=batch, rounds=rounds, round_seconds=round_seconds,
+                           progress=not no_progress)
+    click.echo(format_report(result, baseline=labels[0]))
+    if report:
+        write_text_atomic(report, json.dumps(result.to_dict(), indent=2))
+    if plot:
+        plot_report(result, plot)
+
+
+def _labels(models: tuple[Path, ...]) -> list[str]:
+    stems = [m.stem for m in models]
+    return stems if len(set(stems)) == len(stems) else [f"{i}:{s}" for i, s in enumerate(stems)]
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--no-runtimes", is_flag=True, help="Skip compiling in ONNX Runtime and OpenVINO.")
+def inspect(model: Path, no_runtimes: bool) -> None:
+    """Ops, quantizers, sizes and which heavy ops run as INT8 in OpenVINO and ONNX Runtime."""
+    from onnxcompress.inspection import format_inspection, inspect_model
+
+    click.echo(format_inspection(inspect_model(model, runtimes=not no_runtimes)))
+
+
+@cli.command()
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("onnxcompress-demo"),
+              show_default=True, help="Where the quantized model, IR and report go.")
+@click.option("--rounds", type=int, default=5, show_default=True)
+@click.option("--round-seconds", type=float, default=1.0, show_default=True)
+def demo(output_dir: Path, rounds: int, round_seconds: float) -> None:
+    """Quantize the bundled digits CNN, compile it to OpenVINO IR, benchmark it and print a before/after summary."""
+    from onnxcompress.demo import run_demo
+
+    run_demo(output_dir, rounds=rounds, round_seconds=round_seconds)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except OnnxCompressError as error:
+        click.secho(f"error: {error}", fg="red", err=True)
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

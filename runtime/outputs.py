@@ -1,0 +1,32 @@
+"""Atomic writes for small output files (reports, plots): a temporary file in the same folder, then a rename.
+
+A crash or error leaves either the old file or the new one, never half of one, and no temporary behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from onnxcompress.errors import OutputError
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    target = Path(path)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:
+        raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, target)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
+    return target
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode())
