@@ -130,6 +130,7 @@ def collect_statistics(
     description: str = "calibration",
 ) -> dict[str, TensorStatistics]:
     """Run `model` on every feed of `batches` and return the requested statistics by tensor name."""
+    requests = list(dict.fromkeys(requests))  # a tensor read by several layers is measured once
     augmented, readers = _augment(model, requests)
     session = _session(augmented)
     del augmented

@@ -1,0 +1,56 @@
+import onnx_graphsurgeon as gs
+from conftest import build_tiny_cnn
+
+from onnxcompress.algorithms.quantization.placement import plan_quantizers
+from onnxcompress.models.transformer_block import build_transformer_block
+from onnxcompress.transforms.passes import preprocess
+
+
+def _groups(setup):
+    return [sorted(t.tensor for t in g.targets) for g in setup.groups]
+
+
+def _producer_ops(graph: gs.Graph):
+    return {t.name: (t.inputs[0].op if t.inputs else "input") for t in graph.tensors().values()}
+
+
+def test_cnn_quantizers_sit_after_fused_patterns_and_unify_residual_add():
+    graph = preprocess(build_tiny_cnn())
+    setup = plan_quantizers(graph, frozenset())
+    producers = _producer_ops(graph)
+    assert {w.node for w in setup.weights} == {n.name for n in graph.nodes if n.op in ("Conv", "Gemm")}
+    quantized = setup.activation_tensors
+    # Never between a Conv and its ReLU: no quantized tensor is produced by a Conv that feeds a Relu.
+    for name in quantized:
+        tensor = graph.tensors()[name]
+        if producers[name] == "Conv":
+            assert [c.op for c in tensor.outputs] != ["Relu"]
+    # One quantizer per tensor.
+    assert len(quantized) == len(set(quantized))
+    add = next(n for n in graph.nodes if n.op == "Add")
+    add_inputs = sorted(t.name for t in add.inputs)
+    assert any(set(add_inputs) <= set(group) for group in _groups(setup)), "residual Add inputs share a scale"
+    # MaxPool runs on INT8 data: its input and output are quantized together.
+    pool = next(n for n in graph.nodes if n.op == "MaxPool")
+    assert any({pool.inputs[0].name, pool.outputs[0].name} <= set(g) for g in _groups(setup))
+
+
+def test_ignored_nodes_keep_float_weights_and_inputs():
+    graph = preprocess(build_tiny_cnn())
+    gemm = next(n for n in graph.nodes if n.op == "Gemm")
+    setup = plan_quantizers(graph, frozenset({gemm.name}))
+    assert gemm.name not in {w.node for w in setup.weights}
+    for group in setup.groups:
+        for target in group.targets:
+            assert gemm.name not in target.consumers
+
+
+def test_transformer_keeps_layernorm_softmax_and_residual_add_float():
+    graph = preprocess(build_transformer_block())
+    setup = plan_quantizers(graph, frozenset(), transformer=True)
+    readers = {c for g in setup.groups for t in g.targets for c in t.consumers}
+    ops = {n.name: n.op for n in graph.nodes}
+    assert not {ops[r] for r in readers} & {"LayerNormalization", "Softmax", "Add"}
+    attention = {"attn_scores", "attn_context"}
+    assert attention <= readers, "both activation inputs of attention MatMuls are quantized"
+    assert len(setup.weights) == 6

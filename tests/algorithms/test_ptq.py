@@ -1,0 +1,132 @@
+"""End-to-end post-training quantization: numbers against float ONNX Runtime, integer kernels in both runtimes."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import build_tiny_cnn
+from onnx import TensorProto
+
+from onnxcompress.api import quantize
+from onnxcompress.errors import ConfigError
+from onnxcompress.models.transformer_block import build_transformer_block
+from onnxcompress.runtime.evaluate import sqnr_db
+from onnxcompress.runtime.openvino import compile_model, int8_summary, runtime_precisions
+from onnxcompress.runtime.ort_kernels import ort_kernel_summary
+
+RNG = np.random.default_rng(7)
+CALIB = [{"x": RNG.normal(size=(1, 3, 16, 16)).astype(np.float32)} for _ in range(32)]
+TEST_X = RNG.normal(size=(16, 3, 16, 16)).astype(np.float32)
+
+
+def _run(model: onnx.ModelProto | str, feed) -> np.ndarray:
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+@pytest.fixture(scope="module")
+def cnn_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ptq")
+    model = build_tiny_cnn()
+    quantized = quantize(model, CALIB, progress=False)
+    path = folder / "q.onnx"
+    onnx.save(quantized, path)
+    return model, quantized, path
+
+
+def test_cnn_output_close_to_float(cnn_pair):
+    model, quantized, _ = cnn_pair
+    assert sqnr_db(_run(model, {"x": TEST_X}), _run(quantized, {"x": TEST_X})) > 30
+
+
+def test_weights_stored_as_int8_without_float_copies(cnn_pair):
+    model, quantized, _ = cnn_pair
+    float_weights = {i.name for i in model.graph.initializer if len(i.dims) >= 2}
+    names = {i.name for i in quantized.graph.initializer}
+    assert not float_weights & names
+    int8 = [i for i in quantized.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) >= 2]
+    assert len(int8) == 3  # two convolutions and the Gemm
+    floats = sum(np.prod(i.dims) for i in quantized.graph.initializer if i.data_type == TensorProto.FLOAT)
+    assert floats < 200  # only scales remain in float
+
+
+def test_runs_integer_kernels_in_both_runtimes(cnn_pair):
+    _, _, path = cnn_pair
+    kernels = ort_kernel_summary(path)
+    assert kernels.all_integer, kernels.describe()
+    assert kernels.integer["QLinearConv"] == 2 and kernels.integer["QGemm"] == 1
+    summary = int8_summary(runtime_precisions(compile_model(path)))
+    assert summary.all_int8 and summary.heavy_total == 3, summary
+
+
+def test_openvino_agrees_with_onnxruntime(cnn_pair):
+    _, quantized, path = cnn_pair
+    ov_out = compile_model(path, precision_hint="f32")({"x": TEST_X})[0]
+    assert sqnr_db(_run(quantized, {"x": TEST_X}), ov_out) > 30
+
+
+@pytest.mark.parametrize("options", [
+    {"preset": "mixed"}, {"calibration": "mean_minmax"}, {"calibration": "percentile"}, {"calibration": "mse"},
+    {"bias_correction": "none"}, {"bias_correction": "full"}, {"weight_bits": 4},
+])
+def test_variants_stay_close_to_float(options):
+    model = build_tiny_cnn()
+    quantized = quantize(model, CALIB, progress=False, **options)
+    floor = 15 if options.get("weight_bits") == 4 else 28
+    assert sqnr_db(_run(model, {"x": TEST_X}), _run(quantized, {"x": TEST_X})) > floor
+
+
+def test_bias_correction_reduces_mean_output_error():
+    model = build_tiny_cnn(seed=3)
+    reference = _run(model, {"x": TEST_X})
+    errors = {}
+    for mode in ("none", "full"):
+        out = _run(quantize(model, CALIB, progress=False, bias_correction=mode), {"x": TEST_X})
+        errors[mode] = np.abs((out - reference).mean(axis=0)).mean()
+    assert errors["full"] < errors["none"]
+
+
+def test_mixed_preset_aligns_zero_points():
+    quantized = quantize(build_tiny_cnn(), CALIB, progress=False, preset="mixed")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    for node in quantized.graph.node:
+        if node.op_type == "QuantizeLinear":
+            assert inits[node.input[2]].dtype == np.uint8
+
+
+def test_ignored_scope_leaves_gemm_float_and_rejects_unmatched_entries():
+    quantized = quantize(build_tiny_cnn(), CALIB, progress=False, ignored_scope={"types": ["Gemm"]})
+    gemm = next(n for n in quantized.graph.node if n.op_type == "Gemm")
+    assert not any(i.endswith("dequantized") for i in gemm.input)
+    with pytest.raises(ConfigError, match="match no node: name 'nope', type 'Softmax'"):
+        quantize(build_tiny_cnn(), CALIB, progress=False, ignored_scope={"names": ["nope"], "types": ["Softmax"]})
+
+
+def test_ops_missing_from_the_op_table_stay_float_and_the_rest_is_quantized(tmp_path):
+    model = build_tiny_cnn()
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type = "Softplus"  # a standard op onnxcompress has no rule for
+    quantized = quantize(model, CALIB, progress=False)
+    path = tmp_path / "q.onnx"
+    onnx.save(quantized, path)
+    softplus = next(n for n in quantized.graph.node if n.op_type == "Softplus")
+    assert softplus.input[0].endswith("/dequantized")  # reads the quantized Conv output, computes in float
+    assert sqnr_db(_run(model, {"x": TEST_X}), _run(quantized, {"x": TEST_X})) > 28
+    assert ort_kernel_summary(path).all_integer
+
+
+def test_transformer_block_quantizes_and_runs_in_both_runtimes(tmp_path):
+    model = build_transformer_block()
+    rng = np.random.default_rng(1)
+    calib = [{"tokens": rng.normal(size=(1, int(rng.integers(6, 20)), 64)).astype(np.float32)} for _ in range(24)]
+    quantized = quantize(model, calib, progress=False, model_type="transformer")
+    path = tmp_path / "t.onnx"
+    onnx.save(quantized, path)
+    x = rng.normal(size=(2, 11, 64)).astype(np.float32)
+    reference = _run(model, {"tokens": x})
+    assert sqnr_db(reference, _run(quantized, {"tokens": x})) > 25
+    assert sqnr_db(reference, compile_model(path, precision_hint="f32")({"tokens": x})[0]) > 25
+    kernels = ort_kernel_summary(path)
+    assert kernels.all_integer and sum(kernels.integer.values()) == 8, kernels.describe()
+    summary = int8_summary(runtime_precisions(compile_model(path)))
+    assert summary.by_type["FullyConnected"] == (6, 6)

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from onnxcompress.errors import CalibrationError
+from onnxcompress.runtime.calibration import Histogram, Statistic, StatisticRequest, collect_statistics
+
+
+def _model(opset: int):
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Neg", ["r"], ["y"], name="neg")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18, 21])
+def test_statistics_match_numpy_across_batches_and_dynamic_shapes(opset):
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(n, 3, h, 5)).astype(np.float32)} for n, h in [(1, 4), (3, 7), (2, 2)]]
+    requests = [StatisticRequest("x", Statistic.MIN_MAX), StatisticRequest("y", Statistic.MIN_MAX),
+                StatisticRequest("x", Statistic.CHANNEL_MEAN, axis=1),
+                StatisticRequest("x", Statistic.CHANNEL_MEAN, axis=1),  # duplicates are collected once
+                StatisticRequest("r", Statistic.CHANNEL_MEAN, axis=-1, channels=5),
+                StatisticRequest("r", Statistic.HISTOGRAM)]
+    stats = collect_statistics(_model(opset), requests, feeds, progress=False)
+    xs = [f["x"] for f in feeds]
+    per_sample_min = np.concatenate([x.reshape(len(x), -1).min(axis=1) for x in xs])
+    assert stats["x"].min == pytest.approx(min(x.min() for x in xs))
+    assert stats["x"].mean_min == pytest.approx(per_sample_min.mean())
+    assert stats["y"].max == pytest.approx(-min(np.maximum(x, 0).min() for x in xs))
+    everything = np.concatenate([x.transpose(1, 0, 2, 3).reshape(3, -1) for x in xs], axis=1)
+    np.testing.assert_allclose(stats["x"].channel_mean, everything.mean(axis=1), rtol=1e-5)
+    last = np.concatenate([np.maximum(x, 0).reshape(-1, 5) for x in xs])
+    np.testing.assert_allclose(stats["r"].channel_mean, last.mean(axis=0), rtol=1e-5)
+    histogram = stats["r"].histogram
+    assert histogram.counts.sum() == sum(x.size for x in xs)
+    assert histogram.high >= max(x.max() for x in xs)
+
+
+def test_histogram_widening_keeps_counts_exact():
+    histogram = Histogram(bins=8)
+    histogram.add(np.array([0.1, 0.2, 0.9]))
+    histogram.add(np.array([3.5, -2.0]))
+    assert histogram.counts.sum() == 5
+    assert histogram.low <= -2.0 and histogram.high >= 3.5
+    # Merged bins stay aligned with zero, so the split of mass around it is exact.
+    zero = int(np.argmin(np.abs(histogram.edges)))
+    assert histogram.edges[zero] == pytest.approx(0.0, abs=1e-9)
+    assert histogram.counts[:zero].sum() == 1 and histogram.counts[zero:].sum() == 4
+
+
+def test_bad_feed_is_a_calibration_error():
+    with pytest.raises(CalibrationError, match="failed on a calibration batch"):
+        collect_statistics(_model(17), [StatisticRequest("x", Statistic.MIN_MAX)],
+                           [{"x": np.zeros((1, 4, 4, 5), np.float32)}], progress=False)
