@@ -41,10 +41,12 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
 
     total = count_samples(dataset, inputs, config.subset_size)
     second_pass = batches() if config.bias_correction is BiasCorrection.FULL else None
-    if second_pass is not None and not _reiterable(dataset):
-        raise DatasetError("full bias correction reads the data twice; pass a list, a file or a folder, "
-                           "not a one-shot iterator")
-    return quantize_graph(proto, batches(), config, total=total, progress=progress, second_pass=second_pass)
+    smoothing_pass = batches() if config.smooth_quant_alpha is not None else None
+    if (second_pass or smoothing_pass) and not _reiterable(dataset):
+        raise DatasetError("full bias correction and SmoothQuant read the data twice; pass a list, a file or a "
+                           "folder, not a one-shot iterator")
+    return quantize_graph(proto, batches(), config, total=total, progress=progress, second_pass=second_pass,
+                          batches_for_smoothing=smoothing_pass)
 
 
 def _merge(config: QuantizationConfig | None, options: dict[str, Any]) -> QuantizationConfig:

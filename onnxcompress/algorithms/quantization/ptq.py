@@ -19,6 +19,11 @@ import onnx_graphsurgeon as gs
 from onnxcompress.algorithms.quantization.bias_correction import bias_correction_commands, output_mean_requests
 from onnxcompress.algorithms.quantization.placement import QuantizerSetup, plan_quantizers
 from onnxcompress.algorithms.quantization.ranges import estimate_range
+from onnxcompress.algorithms.quantization.smooth_quant import (
+    abs_max_requests,
+    smoothing_commands,
+    smoothing_targets,
+)
 from onnxcompress.algorithms.quantization.scheme import Mode, quantize_weight, unified_activation_params
 from onnxcompress.config import BiasCorrection, IgnoredScope, ModelType, Preset, QuantizationConfig
 from onnxcompress.errors import ConfigError
@@ -33,11 +38,14 @@ _INT32 = np.iinfo(np.int32)
 
 
 def quantize_graph(model: onnx.ModelProto, batches: Batches, config: QuantizationConfig, *,
-                   total: int | None = None, progress: bool = True,
-                   second_pass: Batches | None = None) -> onnx.ModelProto:
-    """Quantize `model` with calibration feeds `batches`; `second_pass` feeds the full bias correction."""
+                   total: int | None = None, progress: bool = True, second_pass: Batches | None = None,
+                   batches_for_smoothing: Batches | None = None) -> onnx.ModelProto:
+    """Quantize `model` with calibration feeds `batches`; `second_pass` feeds the full bias correction and
+    `batches_for_smoothing` the SmoothQuant statistics pass (each an independent pass over the data)."""
     graph = preprocess(model)
     ignored = resolve_ignored_scope(graph, config.ignored_scope)
+    if config.smooth_quant_alpha is not None:
+        _smooth(graph, model, ignored, batches_for_smoothing, config.smooth_quant_alpha, total, progress)
     setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER)
     float_model = _export(graph, model)
 
@@ -52,6 +60,18 @@ def quantize_graph(model: onnx.ModelProto, batches: Batches, config: Quantizatio
     del float_model
     apply_commands(graph, commands + _bias_commands(graph, commands, corrected))
     return _export(graph, model)
+
+
+def _smooth(graph: gs.Graph, model: onnx.ModelProto, ignored: frozenset[str], batches: Batches | None,
+            alpha: float, total: int | None, progress: bool) -> None:
+    targets = smoothing_targets(graph, ignored)
+    if not targets:
+        return
+    if batches is None:
+        raise ValueError("SmoothQuant needs its own pass over the calibration data")
+    stats = collect_statistics(_export(graph, model), abs_max_requests(targets), batches, total=total,
+                               progress=progress, description="smoothquant")
+    apply_commands(graph, smoothing_commands(graph, targets, stats, alpha))
 
 
 def resolve_ignored_scope(graph: gs.Graph, scope: IgnoredScope) -> frozenset[str]:
