@@ -1,0 +1,107 @@
+"""Shared fixtures and model builders.
+
+The builders are plain functions so other tests can import them:
+
+    from conftest import build_tiny_cnn, save_tiny_cnn, make_calib_npz
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+TINY_CNN_OPSET = 17
+TINY_CNN_IR_VERSION = 8
+TINY_CNN_INPUT = "x"
+TINY_CNN_OUTPUT = "logits"
+TINY_CNN_CLASSES = 10
+TINY_CNN_NODE_NAMES = (
+    "conv1", "bn1", "relu1", "pool", "conv2", "residual_add", "relu2", "gap", "flatten", "fc",
+)
+
+
+def build_tiny_cnn(seed: int = 0, *, dynamic_spatial: bool = False) -> onnx.ModelProto:
+    """A small CNN: x[N,3,16,16] → Conv+BN+Relu → MaxPool → Conv → residual Add → Relu → GAP → Flatten
+    → Gemm.
+
+    Output "logits" [N,10]; opset 17, IR 8; weights drawn from `seed`. With `dynamic_spatial`, H and W are
+    symbolic as well (the graph is fully convolutional up to the global pooling, so any size ≥ 2 works).
+    """
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, *shape: int, scale: float = 0.3) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    channels = 8
+    initializers = [
+        weight("conv1.weight", channels, 3, 3, 3),
+        weight("conv1.bias", channels, scale=0.1),
+        numpy_helper.from_array((1.0 + 0.1 * rng.standard_normal(channels)).astype(np.float32), "bn1.scale"),
+        weight("bn1.bias", channels, scale=0.1),
+        weight("bn1.mean", channels, scale=0.1),
+        numpy_helper.from_array((0.5 + rng.random(channels)).astype(np.float32), "bn1.var"),
+        weight("conv2.weight", channels, channels, 3, 3, scale=0.2),
+        weight("conv2.bias", channels, scale=0.1),
+        weight("fc.weight", TINY_CNN_CLASSES, channels),
+        weight("fc.bias", TINY_CNN_CLASSES, scale=0.1),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["conv1_out"], name="conv1",
+                         pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("BatchNormalization", ["conv1_out", "bn1.scale", "bn1.bias", "bn1.mean", "bn1.var"],
+                         ["bn1_out"], name="bn1", epsilon=1e-5),
+        helper.make_node("Relu", ["bn1_out"], ["relu1_out"], name="relu1"),
+        helper.make_node("MaxPool", ["relu1_out"], ["pool_out"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["pool_out", "conv2.weight", "conv2.bias"], ["conv2_out"], name="conv2",
+                         pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Add", ["conv2_out", "pool_out"], ["add_out"], name="residual_add"),
+        helper.make_node("Relu", ["add_out"], ["relu2_out"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["relu2_out"], ["gap_out"], name="gap"),
+        helper.make_node("Flatten", ["gap_out"], ["flat_out"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat_out", "fc.weight", "fc.bias"], [TINY_CNN_OUTPUT], name="fc", transB=1),
+    ]
+    spatial: list[int | str] = ["H", "W"] if dynamic_spatial else [16, 16]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_cnn",
+        [helper.make_tensor_value_info(TINY_CNN_INPUT, TensorProto.FLOAT, ["N", 3, *spatial])],
+        [helper.make_tensor_value_info(TINY_CNN_OUTPUT, TensorProto.FLOAT, ["N", TINY_CNN_CLASSES])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", TINY_CNN_OPSET)],
+                              producer_name="onnxcompress-tests")
+    model.ir_version = TINY_CNN_IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def save_tiny_cnn(path: Path, seed: int = 0, **options) -> Path:
+    """Build the tiny CNN and save it (single file) at `path`."""
+    path = Path(path)
+    onnx.save_model(build_tiny_cnn(seed, **options), path)
+    return path
+
+
+def make_calib_npz(path: Path, samples: int = 20, seed: int = 1, *, name: str = TINY_CNN_INPUT,
+                   shape: tuple[int, ...] = (3, 16, 16), dtype: type = np.float32) -> Path:
+    """An .npz holding one array `name` of shape [samples, *shape], standard normal."""
+    path = Path(path)
+    data = np.random.default_rng(seed).standard_normal((samples, *shape)).astype(dtype)
+    np.savez(path, **{name: data})
+    return path
+
+
+@pytest.fixture
+def tiny_cnn_path(tmp_path: Path) -> Path:
+    """The tiny CNN saved as tmp_path/tiny_cnn.onnx."""
+    return save_tiny_cnn(tmp_path / "tiny_cnn.onnx")
+
+
+@pytest.fixture
+def tiny_calib_npz(tmp_path: Path) -> Path:
+    """tmp_path/tiny.npz with "x": [20,3,16,16] float32 standard normal."""
+    return make_calib_npz(tmp_path / "tiny.npz")
