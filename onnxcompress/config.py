@@ -76,6 +76,12 @@ class QuantizationConfig(_Strict):
     def from_file(cls, path: str | Path, **overrides: Any) -> QuantizationConfig:
         """Read a YAML or JSON file; `overrides` (already validated CLI values) win over the file."""
         data = read_config_file(path)
+        scope_file, scope_flags = data.get("ignored_scope"), overrides.get("ignored_scope")
+        if isinstance(scope_file, dict) and isinstance(scope_flags, dict):
+            # Ignored-scope entries add up: flags extend the file's lists instead of replacing them.
+            overrides = {**overrides, "ignored_scope": {
+                key: (*scope_file.get(key, ()), *scope_flags.get(key, ()))
+                for key in {*scope_file, *scope_flags}}}
         return cls.build({**data, **overrides}, source=str(path))
 
     @classmethod
@@ -90,9 +96,11 @@ class QuantizationConfig(_Strict):
 def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as error:

@@ -158,13 +158,23 @@ def calibration_batches(source: Any, inputs: list[InputSpec], *, subset_size: in
 
 
 def count_samples(source: Any, inputs: list[InputSpec], subset_size: int) -> int | None:
-    """How many samples calibration will see, when it can be known without reading the data."""
-    if isinstance(source, (str, Path)) and Path(source).suffix == ".npz" and Path(source).is_file():
-        with np.load(source, allow_pickle=False) as archive:
-            first = archive.files[0] if archive.files else None
-            return min(len(archive[first]), subset_size) if first else 0
-    if hasattr(source, "__len__"):
-        return min(len(source), subset_size)
+    """How many samples calibration will see, when that is known without reading the data (for progress bars).
+
+    Unreadable sources return None: reading them for calibration raises the proper DatasetError.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix != ".npz" or not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                first = archive[archive.files[0]] if archive.files else None
+        except (OSError, ValueError):
+            return None
+        return min(len(first), subset_size) if first is not None and first.ndim else None
+    if isinstance(source, (list, tuple)) and all(isinstance(f, Mapping) and f for f in source):
+        total = sum(_samples_in({k: np.asarray(v) for k, v in f.items()}) for f in source)
+        return min(total, subset_size)
     return None
 
 

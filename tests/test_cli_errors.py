@@ -255,21 +255,13 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
                                   ("unknown key 'ignored_scope.namez'",)),
     "config-subset-size-zero": (case_config_subset_size_zero, "config", ("'subset_size'",
                                                                          "greater than or equal to 1")),
+    "npz-corrupt": (case_npz_corrupt, "data", ("cannot read", "calib.npz")),
     "output-is-input": (case_output_is_input, "output", ("output path is the input model",)),
     "output-is-input-other-spelling": (case_output_is_input_other_spelling, "output",
                                        ("output path is the input model", "dir/../dir/model.onnx")),
     "output-folder-unwritable": (case_output_folder_unwritable, "output", ("cannot write", "plainfile",
                                                                            "is not a folder")),
 }
-
-XFAIL = {
-    "npz-corrupt": pytest.param(
-        case_npz_corrupt, "data", ("cannot read", "calib.npz"), id="npz-corrupt",
-        marks=pytest.mark.xfail(strict=True, reason=(
-            "bug: onnxcompress/data.py count_samples() calls np.load on the .npz outside any error handling, "
-            "so a corrupt .npz escapes as a raw ValueError traceback instead of DatasetError"))),
-}
-
 
 def assert_clean_failure(tmp_path: Path, args: list[str], stage: str, fragments: tuple[str, ...]) -> str:
     """Run the CLI, check the failure contract and return the error message."""
@@ -291,7 +283,7 @@ def assert_clean_failure(tmp_path: Path, args: list[str], stage: str, fragments:
 
 
 @pytest.mark.parametrize(("build", "stage", "fragments"),
-                         [pytest.param(*case, id=name) for name, case in CASES.items()] + list(XFAIL.values()))
+                         [pytest.param(*case, id=name) for name, case in CASES.items()])
 def test_bad_input_fails_cleanly(tmp_path: Path, build: Builder, stage: str, fragments: tuple[str, ...]) -> None:
     assert_clean_failure(tmp_path, build(tmp_path), stage, fragments)
 

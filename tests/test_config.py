@@ -198,9 +198,6 @@ def test_folder_instead_of_file_is_an_error(tmp_path: Path) -> None:
         read_config_file(tmp_path / "config.yaml")
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
-    "bug: onnxcompress/config.py read_config_file() only catches OSError around path.read_text(); a config "
-    "file that is not valid UTF-8 raises UnicodeDecodeError (a ValueError), so the CLI prints a traceback"))
 def test_undecodable_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_bytes(b"preset: \xff\xfe mixed\n")
@@ -208,10 +205,6 @@ def test_undecodable_file_is_a_config_error(tmp_path: Path) -> None:
         QuantizationConfig.from_file(path)
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "bug: onnxcompress/algorithms/quantization/ptq.py quantize_graph() resolves the ignored scope after "
-    "preprocess() has folded BatchNormalization into the Conv, so the name of a node that exists in the "
-    "user's model ('bn1') is rejected as 'matches no node' and the listed op types omit BatchNormalization"))
 def test_ignored_scope_accepts_names_of_nodes_folded_by_preprocessing() -> None:
     from onnxcompress.api import quantize
 

@@ -327,9 +327,6 @@ def test_count_samples_of_npz_and_lists(tmp_path: Path, inputs: list[InputSpec])
     assert count_samples(Reader([]), inputs, 300) is None
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: onnxcompress/data.py count_samples() treats a folder path given as str (what the CLI passes) as a "
-    "sized collection: `hasattr(source, '__len__')` is true for str, so it returns len(path string)"))
 def test_count_samples_of_a_folder_given_as_str(tmp_path: Path, inputs: list[InputSpec]) -> None:
     folder = tmp_path / "feeds"
     folder.mkdir()
@@ -338,27 +335,21 @@ def test_count_samples_of_a_folder_given_as_str(tmp_path: Path, inputs: list[Inp
     assert count_samples(str(folder), inputs, 300) in (None, 2)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: onnxcompress/data.py count_samples() counts feeds, not samples, for a list of batched feeds"))
 def test_count_samples_counts_samples_of_batched_feeds(inputs: list[InputSpec]) -> None:
     data = [{"x": sample(4)} for _ in range(3)]
     assert sum(sizes(batches(data, inputs))) == 12
     assert count_samples(data, inputs, 300) in (None, 12)
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError), reason=(
-    "bug: onnxcompress/data.py count_samples() calls len() on a 0-d npz array (TypeError) and np.load on a "
-    "corrupt .npz (ValueError) without turning either into DatasetError; api.quantize calls it first, "
-    "so the CLI prints a traceback"))
 @pytest.mark.parametrize("content", ["scalar", "corrupt"])
-def test_count_samples_of_bad_npz_raises_dataset_error(tmp_path: Path, inputs: list[InputSpec], content: str) -> None:
+def test_count_samples_of_bad_npz_is_unknown(tmp_path: Path, inputs: list[InputSpec], content: str) -> None:
+    # Counting only feeds the progress bar; reading the data for calibration raises the DatasetError.
     path = tmp_path / "calib.npz"
     if content == "scalar":
         np.savez(path, x=np.float32(1.0))
     else:
         path.write_text("not a zip archive")
-    with pytest.raises(DatasetError):
-        count_samples(path, inputs, 300)
+    assert count_samples(path, inputs, 300) is None
 
 
 def test_bad_npz_is_a_dataset_error_when_read_for_calibration(tmp_path: Path, inputs: list[InputSpec]) -> None:

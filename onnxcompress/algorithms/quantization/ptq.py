@@ -43,7 +43,7 @@ def quantize_graph(model: onnx.ModelProto, batches: Batches, config: Quantizatio
     """Quantize `model` with calibration feeds `batches`; `second_pass` feeds the full bias correction and
     `batches_for_smoothing` the SmoothQuant statistics pass (each an independent pass over the data)."""
     graph = preprocess(model)
-    ignored = resolve_ignored_scope(graph, config.ignored_scope)
+    ignored = resolve_ignored_scope(graph, config.ignored_scope, original=model)
     if config.smooth_quant_alpha is not None:
         _smooth(graph, model, ignored, batches_for_smoothing, config.smooth_quant_alpha, total, progress)
     setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER)
@@ -74,31 +74,34 @@ def _smooth(graph: gs.Graph, model: onnx.ModelProto, ignored: frozenset[str], ba
     apply_commands(graph, smoothing_commands(graph, targets, stats, alpha))
 
 
-def resolve_ignored_scope(graph: gs.Graph, scope: IgnoredScope) -> frozenset[str]:
-    """Node names the scope selects; any entry that matches nothing is an error that lists all such entries."""
+def resolve_ignored_scope(graph: gs.Graph, scope: IgnoredScope, *,
+                          original: onnx.ModelProto | None = None) -> frozenset[str]:
+    """Node names of `graph` the scope selects.
+
+    Entries are checked against the user's model (`original`, before preprocessing): an entry that matches
+    nothing there is an error listing every such entry, while a node that preprocessing folded away (a
+    BatchNormalization merged into its Conv) is accepted and simply has nothing left to keep in float.
+    """
     if scope.empty:
         return frozenset()
-    names = [n.name for n in graph.nodes]
-    types = {n.op for n in graph.nodes}
-    selected: set[str] = set()
-    unmatched: list[str] = []
-    for name in scope.names:
-        (selected.add(name) if name in names else unmatched.append(f"name '{name}'"))
+    current = [(n.name, n.op) for n in graph.nodes]
+    known = current + [(n.name, n.op_type) for n in original.graph.node] if original is not None else current
+    unmatched = [f"name '{name}'" for name in scope.names if not any(name == n for n, _ in known)]
+    unmatched += [f"type '{op}'" for op in scope.types if not any(op == t for _, t in known)]
+    regexes = []
     for pattern in scope.patterns:
         try:
-            regex = re.compile(pattern)
+            regexes.append(re.compile(pattern))
         except re.error as error:
             raise ConfigError(f"ignored scope pattern '{pattern}' is not a valid regular expression: {error}") from None
-        hits = [n for n in names if regex.fullmatch(n)]
-        selected.update(hits) if hits else unmatched.append(f"pattern '{pattern}'")
-    for op_type in scope.types:
-        hits = [n.name for n in graph.nodes if n.op == op_type]
-        selected.update(hits) if hits else unmatched.append(f"type '{op_type}'")
+        if not any(regexes[-1].fullmatch(n) for n, _ in known):
+            unmatched.append(f"pattern '{pattern}'")
     if unmatched:
-        known_types = ", ".join(sorted(types))
+        known_types = ", ".join(sorted({t for _, t in known}))
         raise ConfigError(f"ignored scope entries match no node: {', '.join(unmatched)} "
                           f"(the model's op types: {known_types})")
-    return frozenset(selected)
+    return frozenset(name for name, op in current
+                     if name in scope.names or op in scope.types or any(r.fullmatch(name) for r in regexes))
 
 
 def _mode(config: QuantizationConfig) -> Mode:
