@@ -1,0 +1,456 @@
+"""Safe ONNX model input and output.
+
+Guarantees:
+
+* `load_model` never writes to the model file or its external data. It returns a model whose
+  tensors are all in memory, that passed the ONNX checker, whose default-domain opset lies in
+  the requested range, and whose IR version is at most 10 when its opsets allow it. Every
+  failure is a `ModelLoadError` (missing, unreadable, corrupt, checker failure),
+  `UnsafeModelError` (external data that is absolute, escapes the model folder or goes through
+  a symlink) or `UnsupportedModelError` (opset outside the range that cannot be converted).
+* `save_model` never leaves a half-written file: everything is written to temporary files in
+  the destination folder, synced, then renamed over the final names. It never mutates the
+  caller's model. Models over ~1.9 GB go to external data automatically, streamed tensor by
+  tensor, so beyond the model itself only one tensor's bytes are held in memory (a single-file
+  save holds one serialized copy, as protobuf requires). Every failure is an `OutputError`, and
+  no temporary file is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import BinaryIO
+
+import onnx
+import onnx.checker
+import onnx.defs
+import onnx.external_data_helper
+import onnx.shape_inference
+import onnx.version_converter
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, EncodeError, Message
+
+from onnxcompress.errors import ModelLoadError, OutputError, UnsafeModelError, UnsupportedModelError
+
+PathLike = str | os.PathLike[str]
+
+# Protobuf cannot encode a message over 2 GiB; keep a margin for the graph structure.
+_SINGLE_FILE_LIMIT = 1_900_000_000
+# Smaller tensors stay inline, as with onnx.save_model's default size_threshold.
+_MIN_EXTERNAL_TENSOR_BYTES = 1024
+# Page-aligned offsets let runtimes memory-map each tensor.
+_EXTERNAL_DATA_ALIGNMENT = 4096
+
+# onnxruntime-training needs IR <= 10.
+_IR_VERSION_CAP = 10
+
+
+def _max_opsets_for_ir(ir_version: int) -> dict[str, int]:
+    """Highest opset of each standard domain that a model of `ir_version` may import."""
+    # VERSION_TABLE rows are (release, ir, ai.onnx, ai.onnx.ml[, ai.onnx.training]).
+    highest: dict[str, int] = {}
+    for _release, ir, *opsets in onnx.helper.VERSION_TABLE:
+        if ir <= ir_version:
+            for domain, version in zip(("ai.onnx", "ai.onnx.ml", "ai.onnx.training"), opsets, strict=False):
+                highest[domain] = max(version, highest.get(domain, 0))
+    highest[""] = highest["ai.onnx"]
+    return highest
+
+
+_IR_CAP_MAX_OPSETS = _max_opsets_for_ir(_IR_VERSION_CAP)
+
+# Message types that can (transitively) hold tensors; every other message is copied whole.
+# Sparse tensors stay inline: the ONNX checker cannot validate them from external data.
+_TENSOR_HOLDERS = frozenset(
+    message.DESCRIPTOR.full_name
+    for message in (
+        onnx.ModelProto,
+        onnx.GraphProto,
+        onnx.NodeProto,
+        onnx.AttributeProto,
+        onnx.FunctionProto,
+        onnx.TrainingInfoProto,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(path: PathLike, *, target_opset_min: int = 13, target_opset_max: int = 21) -> onnx.ModelProto:
+    """Load, validate and normalise an ONNX model; see the module docstring for the guarantees."""
+    if target_opset_min > target_opset_max:
+        raise ValueError(f"target_opset_min {target_opset_min} > target_opset_max {target_opset_max}")
+    model_path = Path(path)
+    model = _parse(model_path)
+    has_external_data = bool(_external_data_files(model, model_path.parent))
+    _run_checker(model, model_path, has_external_data)
+    # Converting before the external data is loaded keeps the converter's protobuf copies small.
+    model = _convert_opset(model, target_opset_min, target_opset_max)
+    _lower_ir_version(model)
+    _load_external_data(model, model_path.parent)
+    return model
+
+
+def model_file_size(path: PathLike) -> int:
+    """Bytes on disk of the model file plus every external data file it references."""
+    model_path = Path(path)
+    files = _external_data_files(_parse(model_path), model_path.parent)
+    return model_path.stat().st_size + sum(file.stat().st_size for file in files)
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    """Parse the model file without its external data."""
+    if not path.is_file():
+        folder_note = " (it is a folder)" if path.is_dir() else ""
+        raise ModelLoadError(f"cannot load model, no such file: {path}{folder_note}")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is not a valid ONNX model: the file is empty")
+    try:
+        # An explicit format: onnx would otherwise pick a text parser from a .json/.txt suffix.
+        model = onnx.load_model(os.fspath(path), format="protobuf", load_external_data=False)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except DecodeError as exc:
+        raise ModelLoadError(f"{path} is not a valid ONNX model: truncated or corrupt ({exc})") from exc
+    # Arbitrary bytes can decode as a protobuf made only of unknown fields.
+    if model.ir_version < 1 or not model.HasField("graph"):
+        raise ModelLoadError(f"{path} is not a valid ONNX model: no IR version or no graph")
+    return model
+
+
+def _external_data_files(model: onnx.ModelProto, model_dir: Path) -> set[Path]:
+    """Validate every external data reference and return the files they name."""
+    return {_safe_data_file(tensor, model_dir) for tensor in _tensors(model) if _is_external(tensor)}
+
+
+def _safe_data_file(tensor: onnx.TensorProto, model_dir: Path) -> Path:
+    """The existing regular file, inside `model_dir` and reached without symlinks, holding `tensor`'s data."""
+    location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+    what = f"external data of tensor {tensor.name!r}"
+    if not location:
+        raise ModelLoadError(f"{what} has no location")
+    if PurePosixPath(location).is_absolute() or PureWindowsPath(location).anchor:
+        raise UnsafeModelError(f"{what} uses an absolute path: {location}")
+    candidate = model_dir
+    for part in PurePosixPath(location).parts:
+        candidate = candidate / part
+        if candidate.is_symlink():
+            raise UnsafeModelError(f"{what} goes through a symlink: {candidate}")
+    if not candidate.resolve().is_relative_to(model_dir.resolve()):
+        raise UnsafeModelError(f"{what} points outside the model folder: {location}")
+    if not candidate.is_file():
+        raise ModelLoadError(f"{what} is missing: no such file: {candidate}")
+    return candidate
+
+
+def _run_checker(model: onnx.ModelProto, path: Path, has_external_data: bool) -> None:
+    """Run the ONNX checker on the model as it is on disk."""
+    # With external data the checker must get the path: given a proto, it looks for the data
+    # files relative to the current directory. A model only exceeds protobuf's 2 GiB limit through
+    # external data, so this also covers the models too big to check in memory.
+    subject: onnx.ModelProto | str = os.fspath(path) if has_external_data else model
+    try:
+        onnx.checker.check_model(subject)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelLoadError(f"model fails the ONNX checker: {exc}") from exc
+
+
+def _convert_opset(model: onnx.ModelProto, lowest: int, highest: int) -> onnx.ModelProto:
+    """Return the model converted into the opset range, or the model itself when already inside."""
+    opset = _default_opset(model)
+    if opset is None or lowest <= opset.version <= highest:
+        return model
+    if opset.version < lowest:
+        target, problem = lowest, f"opset {opset.version} is too old to upgrade to {lowest}"
+    else:
+        target, problem = highest, f"opset {opset.version} is too new to convert down to {highest}"
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+    # The converter is C++ whose failures surface as assorted, undocumented exception types.
+    except Exception as exc:
+        raise UnsupportedModelError(f"{problem}: {exc}") from exc
+    _require_ops_exist(converted, target, problem)
+    return converted
+
+
+def _require_ops_exist(model: onnx.ModelProto, version: int, problem: str) -> None:
+    """Fail if the converter left ops that have no (or only a deprecated) schema at `version`."""
+    # The converter passes through ops it has no adapter for, e.g. experimental ones.
+    for graph in _graphs(model):
+        for node in graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if not onnx.defs.has(node.op_type, version) or onnx.defs.get_schema(node.op_type, version).deprecated:
+                raise UnsupportedModelError(f"{problem}: op {node.op_type} does not exist in opset {version}")
+
+
+def _lower_ir_version(model: onnx.ModelProto) -> None:
+    """Cap the IR version at 10 when every standard opset the model imports exists in IR 10."""
+    if model.ir_version > _IR_VERSION_CAP and all(
+        opset.version <= _IR_CAP_MAX_OPSETS.get(opset.domain, math.inf) for opset in model.opset_import
+    ):
+        model.ir_version = _IR_VERSION_CAP
+
+
+def _load_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
+    """Read every external tensor into memory (sparse and attribute tensors included)."""
+    for tensor in _tensors(model):
+        if not _is_external(tensor):
+            continue
+        data_file = _safe_data_file(tensor, model_dir)
+        try:
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, os.fspath(model_dir))
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            message = f"cannot read external data of tensor {tensor.name!r} from {data_file}: {exc}"
+            raise ModelLoadError(message) from exc
+        # onnx sets data_location=DEFAULT explicitly; unset it so a save/load round trip is exact.
+        tensor.ClearField("data_location")
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+
+def save_model(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None = None) -> Path:
+    """Atomically write `model` to `path` and return its absolute path.
+
+    `external_data=None` stores tensors in `<name>.data` next to the model only when the model is
+    too big for one protobuf file. The caller's model is never modified.
+    """
+    target = Path(os.path.abspath(path))
+    _require_writable_folder(target)
+    if any(_is_external(tensor) for tensor in _tensors(model)):
+        raise OutputError(f"cannot write {target}: the model still references external data; load it first")
+    if external_data is None:
+        external_data = _needs_external_data(model)
+    temporaries: list[Path] = []
+    try:
+        try:
+            _write_atomically(model, target, external_data, temporaries)
+        finally:
+            for temporary in temporaries:  # after a successful rename the name no longer exists
+                with contextlib.suppress(OSError):
+                    temporary.unlink()
+    except (OSError, ValueError, EncodeError) as exc:
+        raise OutputError(f"cannot write {target}: {exc}") from exc
+    return target
+
+
+def check_output_path(input_path: PathLike, output_path: PathLike) -> Path:
+    """Return the resolved output path after refusing the input model itself or an unwritable folder."""
+    output = Path(output_path).resolve()
+    source = Path(input_path).resolve()
+    if output == source or (output.exists() and source.exists() and os.path.samefile(source, output)):
+        raise OutputError(f"output path is the input model: {output_path}")
+    _require_writable_folder(output)
+    return output
+
+
+def _require_writable_folder(target: Path) -> None:
+    folder = target.parent
+    if target.is_dir():
+        problem = "it is a folder"
+    elif not folder.exists():
+        problem = f"folder {folder} does not exist"
+    elif not folder.is_dir():
+        problem = f"{folder} is not a folder"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"folder {folder} is not writable"
+    else:
+        return
+    raise OutputError(f"cannot write {target}: {problem}")
+
+
+def _needs_external_data(model: onnx.ModelProto) -> bool:
+    """Whether the model is too big to be encoded as a single protobuf."""
+    # upb computes ByteSize by encoding the whole message, so a multi-GB model would be copied just
+    # to learn it is too big: sum the raw tensor payloads first.
+    if sum(len(tensor.raw_data) for tensor in _tensors(model)) > _SINGLE_FILE_LIMIT:
+        return True
+    try:
+        return bool(model.ByteSize() > _SINGLE_FILE_LIMIT)
+    except EncodeError:  # upb refuses to encode anything beyond 2 GiB
+        return True
+
+
+def _write_atomically(model: onnx.ModelProto, target: Path, external_data: bool, temporaries: list[Path]) -> None:
+    """Write temporaries for the data file and the model, then rename them: data first, model last."""
+    data_target = target.with_name(target.name + ".data")
+    data_written = False
+    if external_data:
+        with _temporary_file(target.parent, data_target.name, temporaries) as data_file:
+            writer = _ExternalDataWriter(data_file, data_target.name)
+            skeleton = onnx.ModelProto()
+            _copy_externalized(model, skeleton, writer)
+        # When no tensor was big enough, the empty temporary is simply discarded.
+        data_written = writer.size > 0
+        model = skeleton
+    payload = model.SerializeToString()
+    with _temporary_file(target.parent, target.name, temporaries) as model_file:
+        model_file.write(payload)
+    del payload
+    if data_written:
+        os.replace(temporaries[0], data_target)
+    os.replace(temporaries[-1], target)
+    _fsync_folder(target.parent)
+
+
+@contextlib.contextmanager
+def _temporary_file(folder: Path, final_name: str, temporaries: list[Path]) -> Iterator[BinaryIO]:
+    """A new file in `folder`, recorded in `temporaries`, synced to disk when the block ends."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=f".{final_name}.", suffix=".tmp")
+    temporaries.append(Path(name))
+    with os.fdopen(fd, "wb") as file:
+        yield file
+        file.flush()
+        os.fsync(file.fileno())
+    # mkstemp creates 0600 files; give the result the mode a plain open() would have.
+    os.chmod(name, 0o666 & ~_current_umask())
+
+
+def _current_umask() -> int:
+    # The umask can only be read by setting it.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames durable; folders cannot be opened for syncing on Windows."""
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _ExternalDataWriter:
+    """Appends tensor payloads to the external data file and records where each one went."""
+
+    def __init__(self, file: BinaryIO, location: str) -> None:
+        self.file = file
+        self.location = location
+        self.size = 0
+
+    def append(self, data: bytes) -> int:
+        """Write `data` at the next aligned offset and return that offset."""
+        offset = -(-self.size // _EXTERNAL_DATA_ALIGNMENT) * _EXTERNAL_DATA_ALIGNMENT
+        self.file.write(b"\0" * (offset - self.size))
+        self.file.write(data)
+        self.size = offset + len(data)
+        return offset
+
+
+def _copy_externalized(source: Message, destination: Message, writer: _ExternalDataWriter) -> None:
+    """Copy `source` into `destination`, sending large raw tensor payloads to `writer` instead."""
+    if isinstance(source, onnx.TensorProto):
+        _copy_tensor(source, destination, writer)
+    elif source.DESCRIPTOR.full_name in _TENSOR_HOLDERS:
+        _copy_fields(source, destination, writer)
+    else:
+        destination.CopyFrom(source)
+
+
+def _copy_tensor(source: onnx.TensorProto, destination: onnx.TensorProto, writer: _ExternalDataWriter) -> None:
+    # Reading raw_data copies it (upb), but only one tensor at a time.
+    data = source.raw_data
+    if len(data) < _MIN_EXTERNAL_TENSOR_BYTES:
+        destination.CopyFrom(source)
+        return
+    _copy_fields(source, destination, writer, skip="raw_data")
+    offset = writer.append(data)
+    destination.data_location = onnx.TensorProto.EXTERNAL
+    del destination.external_data[:]
+    for key, value in (("location", writer.location), ("offset", offset), ("length", len(data))):
+        destination.external_data.add(key=key, value=str(value))
+
+
+def _copy_fields(source: Message, destination: Message, writer: _ExternalDataWriter, skip: str = "") -> None:
+    # Not ListFields(): it would read (and so copy) the skipped raw_data as well.
+    for field in source.DESCRIPTOR.fields:
+        if field.name == skip or not _has_field(source, field):
+            continue
+        value = getattr(source, field.name)
+        if field.message_type is None:
+            if field.is_repeated:
+                getattr(destination, field.name).extend(value)
+            else:
+                setattr(destination, field.name, value)
+        elif field.is_repeated:
+            for item in value:
+                _copy_externalized(item, getattr(destination, field.name).add(), writer)
+        else:
+            child = getattr(destination, field.name)
+            child.SetInParent()  # an empty sub-message is still a set field (e.g. a scalar's shape)
+            _copy_externalized(value, child, writer)
+
+
+def _has_field(message: Message, field: FieldDescriptor) -> bool:
+    return len(getattr(message, field.name)) > 0 if field.is_repeated else message.HasField(field.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model traversal
+# ---------------------------------------------------------------------------------------------
+
+
+def _default_opset(model: onnx.ModelProto) -> onnx.OperatorSetIdProto | None:
+    return next((opset for opset in model.opset_import if opset.domain in ("", "ai.onnx")), None)
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _subgraphs(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.GraphProto]:
+    """Graphs held directly by the nodes' attributes (If/Loop/Scan bodies)."""
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield attribute.g
+            yield from attribute.graphs
+
+
+def _graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The main graph, training graphs, and every graph nested in them or in functions."""
+    pending = [model.graph]
+    for info in model.training_info:
+        pending += [info.initialization, info.algorithm]
+    for function in model.functions:
+        pending += _subgraphs(function.node)
+    while pending:
+        graph = pending.pop()
+        yield graph
+        pending += _subgraphs(graph.node)
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model: initializers, sparse tensors' parts, and attribute tensors."""
+    node_lists = [function.node for function in model.functions]
+    for graph in _graphs(model):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        node_lists.append(graph.node)
+    for nodes in node_lists:
+        for node in nodes:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                yield from attribute.tensors
+                sparse_tensors = [*attribute.sparse_tensors]
+                if attribute.HasField("sparse_tensor"):
+                    sparse_tensors.append(attribute.sparse_tensor)
+                for sparse in sparse_tensors:
+                    yield from (sparse.values, sparse.indices)
