@@ -12,6 +12,7 @@ Runtime, so a wrong data set fails with a message about the data rather than an 
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,16 +95,43 @@ def _npy_folder(folder: Path, inputs: list[InputSpec]) -> Iterator[Feed]:
 
 def _npz_samples(path: Path) -> Iterator[Feed]:
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+        arrays = _open_npz(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise DatasetError(f"cannot read {path}: {error}") from None
-    with archive:
-        arrays = {name: archive[name] for name in archive.files}
     counts = {name: len(a) if a.ndim else 0 for name, a in arrays.items()}
     if len(set(counts.values())) > 1:
         raise DatasetError(f"arrays in {path.name} disagree on the number of samples (axis 0): {counts}")
     for index in range(next(iter(counts.values()), 0)):
         yield {name: array[index:index + 1] for name, array in arrays.items()}
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _open_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz; uncompressed members are memory-mapped, so samples are read only when fed."""
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if info.compress_type != zipfile.ZIP_STORED or version not in _HEADER_READERS:
+                    member.seek(0)
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+                    continue
+                shape, fortran, dtype = _HEADER_READERS[version](member)
+                header_size = member.tell()
+            if dtype.hasobject:
+                raise ValueError(f"array '{name}' holds Python objects")
+            # The member's data starts after the zip local header (its own name and extra field lengths).
+            with open(path, "rb") as raw:
+                raw.seek(info.header_offset + 26)
+                name_length, extra_length = np.frombuffer(raw.read(4), "<u2")
+            offset = info.header_offset + 30 + int(name_length) + int(extra_length) + header_size
+            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                                     order="F" if fortran else "C")
+    return arrays
 
 
 def validate_feed(feed: Any, inputs: list[InputSpec], index: int) -> Feed:

@@ -22,9 +22,7 @@ from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
 from onnxcompress.errors import CalibrationError
-
-_PROTOBUF_LIMIT = 2**31 - 1
-
+from onnxcompress.runtime.model_io import needs_external_data
 
 class Statistic(enum.Enum):
     """What to measure on one tensor."""
@@ -129,11 +127,14 @@ def collect_statistics(
     progress: bool = True,
     description: str = "calibration",
 ) -> dict[str, TensorStatistics]:
-    """Run `model` on every feed of `batches` and return the requested statistics by tensor name."""
+    """Run `model` on every feed of `batches` and return the requested statistics by tensor name.
+
+    `model` is consumed: its graph is turned into the statistics graph in place, so a model of several GB is
+    never held twice. Pass a copy (or a fresh export) when you still need it.
+    """
     requests = list(dict.fromkeys(requests))  # a tensor read by several layers is measured once
-    augmented, readers = _augment(model, requests)
-    session = _session(augmented)
-    del augmented
+    readers = _augment(model, requests)
+    session = _session(model)
     output_names = [r.output for r in readers]
     results = {r.tensor: TensorStatistics() for r in requests}
     with tqdm(total=total, desc=description, unit="sample", disable=not progress, leave=False) as bar:
@@ -179,18 +180,33 @@ class _Reader:
             stats.histogram.add(value)
 
 
-def _augment(model: onnx.ModelProto, requests: Sequence[StatisticRequest]) -> tuple[onnx.ModelProto, list[_Reader]]:
-    """A copy of `model` whose outputs are the reductions the requests need (original outputs dropped)."""
+def _augment(model: onnx.ModelProto, requests: Sequence[StatisticRequest]) -> list[_Reader]:
+    """Make the reductions the requests need the outputs of `model` (its own outputs are dropped)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    graph = augmented.graph
-    del graph.output[:]
-    builder = _ReductionBuilder(graph, opset)
+    del model.graph.output[:]
+    builder = _ReductionBuilder(model.graph, opset)
     readers: list[_Reader] = []
     for request in requests:
         readers.extend(builder.add(request))
-    return augmented, readers
+    _schedule_after_producers(model.graph, builder.nodes)
+    return readers
+
+
+def _schedule_after_producers(graph: onnx.GraphProto, statistic_nodes: dict[str, list[onnx.NodeProto]]) -> None:
+    """Place each tensor's reduction nodes right after the node that produces it.
+
+    ONNX Runtime keeps the node order where dependencies allow; appended at the end, every measured activation
+    would stay alive until the last layer ran, multiplying calibration memory by the depth of the network.
+    """
+    ordered = list(statistic_nodes.pop("", []))  # statistics of graph inputs
+    for node in graph.node:
+        ordered.append(node)
+        for output in node.output:
+            ordered.extend(statistic_nodes.get(output, ()))
+    rebuilt = onnx.GraphProto()
+    rebuilt.node.extend(ordered)
+    del graph.node[:]
+    graph.node.extend(rebuilt.node)
 
 
 class _ReductionBuilder:
@@ -198,9 +214,14 @@ class _ReductionBuilder:
 
     def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
         self.graph, self.opset, self.count = graph, opset, 0
+        self.producers = {output for node in graph.node for output in node.output}
+        #: New nodes by the tensor they measure ("" for graph inputs), to be scheduled after its producer.
+        self.nodes: dict[str, list[onnx.NodeProto]] = {}
+        self._current = ""
 
     def add(self, request: StatisticRequest) -> list[_Reader]:
         t = request.tensor
+        self._current = t if t in self.producers else ""
         if request.statistic is Statistic.MIN_MAX:
             rows = self._node("Flatten", [t], axis=1)
             return [self._output(t, "min", self._reduce("ReduceMin", rows, [1])),
@@ -242,7 +263,7 @@ class _ReductionBuilder:
 
     def _node(self, op: str, inputs: list[str], **attrs) -> str:
         output = self._name(op)
-        self.graph.node.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        self.nodes.setdefault(self._current, []).append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 
     def _output(self, tensor: str, kind: str, name: str) -> _Reader:
@@ -258,8 +279,10 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # The arena keeps its high-water mark for the whole pass; plain allocations return memory between layers.
+    options.enable_cpu_mem_arena = False
     try:
-        if _serialized_size(model) < _PROTOBUF_LIMIT:
+        if not needs_external_data(model):
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory(prefix="onnxcompress-calib-") as folder:
             path = Path(folder) / "augmented.onnx"
@@ -267,10 +290,3 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
         raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {error}") from error
-
-
-def _serialized_size(model: onnx.ModelProto) -> int:
-    try:
-        return model.ByteSize()
-    except ValueError:
-        return _PROTOBUF_LIMIT

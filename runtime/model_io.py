@@ -231,7 +231,7 @@ def save_model(model: onnx.ModelProto, path: PathLike, *, external_data: bool | 
     if any(_is_external(tensor) for tensor in _tensors(model)):
         raise OutputError(f"cannot write {target}: the model still references external data; load it first")
     if external_data is None:
-        external_data = _needs_external_data(model)
+        external_data = needs_external_data(model)
     temporaries: list[Path] = []
     try:
         try:
@@ -270,7 +270,7 @@ def _require_writable_folder(target: Path) -> None:
     raise OutputError(f"cannot write {target}: {problem}")
 
 
-def _needs_external_data(model: onnx.ModelProto) -> bool:
+def needs_external_data(model: onnx.ModelProto) -> bool:
     """Whether the model is too big to be encoded as a single protobuf."""
     # upb computes ByteSize by encoding the whole message, so a multi-GB model would be copied just
     # to learn it is too big: sum the raw tensor payloads first.

@@ -19,8 +19,12 @@ __all__ = ["fold_batchnorm", "fold_constants", "infer_shapes", "name_nodes", "re
 
 
 def preprocess(model: onnx.ModelProto) -> gs.Graph:
-    """Shape inference, then the graph passes, returning the cleaned graph sorted topologically."""
-    graph = gs.import_onnx(infer_shapes(model))
+    """Shape inference (adds value_info to `model`), then the graph passes; returns the cleaned, sorted graph.
+
+    The graph reads `model`'s weights lazily, so `model` must stay alive and unchanged while the graph is used.
+    """
+    infer_shapes(model)
+    graph = gs.import_onnx(model)
     for graph_pass in GRAPH_PASSES:
         graph_pass(graph)
     return graph.toposort()

@@ -33,10 +33,11 @@ def output_mean_requests(graph: gs.Graph, setup: QuantizerSetup, mode: BiasCorre
     return []
 
 
-def bias_correction_commands(graph: gs.Graph, float_model: onnx.ModelProto, setup: QuantizerSetup,
+def bias_correction_commands(graph: gs.Graph, float_model: onnx.ModelProto | None, setup: QuantizerSetup,
                              commands: list[Command], stats: dict[str, TensorStatistics],
                              config: QuantizationConfig, *, second_pass: Iterable[Mapping[str, np.ndarray]] | None,
                              total: int | None, progress: bool) -> list[SetConstantInput]:
+    """Corrected biases; `float_model` (the preprocessed float graph) is needed by the full variant only."""
     nodes = {n.name: n for n in graph.nodes}
     weights = {c.node: c for c in commands if isinstance(c, DequantizeWeight)}
     if config.bias_correction is BiasCorrection.FAST:
@@ -88,12 +89,12 @@ def _weight_error_shift(node: gs.Node, command: DequantizeWeight, input_mean: np
     return (per_input * means).sum(axis=1)
 
 
-def _measured_shifts(float_model: onnx.ModelProto, nodes: dict[str, gs.Node], setup: QuantizerSetup,
+def _measured_shifts(float_model: onnx.ModelProto | None, nodes: dict[str, gs.Node], setup: QuantizerSetup,
                      commands: list[Command], stats: dict[str, TensorStatistics],
                      batches: Iterable[Mapping[str, np.ndarray]] | None, total: int | None,
                      progress: bool) -> dict[str, np.ndarray]:
-    if batches is None:
-        raise ValueError("full bias correction needs a second pass over the calibration data")
+    if batches is None or float_model is None:
+        raise ValueError("full bias correction needs the float model and a second pass over the data")
     requests = [_output_request(nodes[t.node], t) for t in setup.bias_targets]
     quantized_graph = apply_commands(gs.import_onnx(float_model), commands)
     quantized_model = gs.export_onnx(quantized_graph, do_type_check=False)

@@ -47,17 +47,16 @@ def quantize_graph(model: onnx.ModelProto, batches: Batches, config: Quantizatio
     if config.smooth_quant_alpha is not None:
         _smooth(graph, model, ignored, batches_for_smoothing, config.smooth_quant_alpha, total, progress)
     setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER)
-    float_model = _export(graph, model)
 
     requests = _range_requests(setup, config) + output_mean_requests(graph, setup, config.bias_correction)
-    stats = collect_statistics(float_model, requests, batches, total=total, progress=progress)
+    stats = collect_statistics(_export(graph, model), requests, batches, total=total, progress=progress)
 
     commands: list[Command] = [*_weight_commands(graph, setup, config), *_activation_commands(setup, stats, config)]
     corrected: list[SetConstantInput] = []
     if config.bias_correction is not BiasCorrection.NONE:
+        float_model = _export(graph, model) if config.bias_correction is BiasCorrection.FULL else None
         corrected = bias_correction_commands(graph, float_model, setup, commands, stats, config,
                                              second_pass=second_pass, total=total, progress=progress)
-    del float_model
     apply_commands(graph, commands + _bias_commands(graph, commands, corrected))
     return _export(graph, model)
 
