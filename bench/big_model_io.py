@@ -1,8 +1,9 @@
-"""Push a synthetic model over protobuf's 2 GiB limit through save_model, load_model and onnxruntime.
+"""Push a synthetic model over protobuf's 2 GiB limit through save_model, load_model, onnxruntime and quantize.
 
 Builds a chain of float32 [N, N] MatMuls (3 x 14000^2 x 4 B = 2.35 GB by default), saves it with
 automatic external data, loads it back, checks every weight and the onnxruntime output against
-numpy, and prints the time and memory of each step. All files are deleted at the end.
+numpy, quantizes it to INT8 (calibration through an external-data session) and checks the INT8 output's
+SQNR, and prints the time and memory of each step. All files are deleted at the end.
 
     .venv/bin/python bench/big_model_io.py [--dir DIR] [--size 14000] [--layers 3]
 """
@@ -23,6 +24,7 @@ import onnxruntime as ort
 import psutil
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcompress.api import quantize
 from onnxcompress.runtime.model_io import load_model, model_file_size, save_model
 
 GB = 1e9
@@ -114,7 +116,26 @@ def run(folder: Path, size: int, layers: int) -> None:
     error = float(np.max(np.abs(y - expected)))
     print(f"max |ort - numpy| = {error:.2e} (max |y| {np.max(np.abs(expected)):.2f})")
     assert np.allclose(y, expected, rtol=1e-3, atol=1e-3), "onnxruntime output differs from numpy"
+    del session
+    quantize_and_check(path, folder / "big.int8.onnx", size, x, expected)
     print(f"OK; highest peak RSS of any step: {max(PEAKS):.2f} GB")
+
+
+def quantize_and_check(path: Path, output: Path, size: int, x: np.ndarray, expected: np.ndarray) -> None:
+    rng = np.random.default_rng(7)
+    calibration = [{"x": rng.standard_normal((1, size), dtype=np.float32)} for _ in range(8)]
+    with step("onnxcompress quantize (8 samples)"):
+        quantized = quantize(path, calibration, progress=False)
+    with step("save_model INT8"):
+        save_model(quantized, output)
+    del quantized
+    print(f"INT8 file {model_file_size(output) / GB:.3f} GB ({model_file_size(output) / model_file_size(path):.3f}x)")
+    with step("onnxruntime INT8 session + run"):
+        (y,) = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    noise = float(np.sum((y.astype(np.float64) - expected) ** 2))
+    sqnr = 10 * np.log10(float(np.sum(expected.astype(np.float64) ** 2)) / noise)
+    print(f"INT8 output SQNR vs numpy FP32: {sqnr:.1f} dB")
+    assert sqnr > 25, "INT8 output too far from float"
 
 
 def main() -> None:
