@@ -56,6 +56,12 @@ def _insert_qdq(graph: gs.Graph, tensors: dict, nodes: dict[str, gs.Node], cmd: 
                                inputs=[quantized, scale, zero_point], outputs=[dequantized]))
     for reader in readers:
         _replace_input(reader, source, dequantized)
+    if cmd.graph_output:
+        # Keep the model's interface: the dequantized tensor takes over the output name.
+        graph.outputs[graph.outputs.index(source)] = dequantized
+        dequantized.name, source.name = source.name, f"{source.name}/float"
+        tensors[source.name] = source
+        tensors[dequantized.name] = dequantized
 
 
 def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
@@ -65,24 +71,36 @@ def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 
 
 def _dequantize_weight(graph: gs.Graph, node: gs.Node, cmd: DequantizeWeight) -> None:
-    weight = node.inputs[cmd.port]
-    if not isinstance(weight, gs.Constant):
-        raise UnknownNameError(f"input {cmd.port} of node {cmd.node!r} is not a constant weight")
-    quantized = gs.Constant(f"{weight.name}/quantized", np.ascontiguousarray(cmd.quantized))
-    scale = gs.Constant(f"{weight.name}/scale", np.asarray(cmd.scale, np.float32))
-    zero_point = gs.Constant(f"{weight.name}/zero_point", np.zeros(cmd.scale.shape, cmd.quantized.dtype))
-    dequantized = gs.Variable(f"{weight.name}/dequantized", dtype=np.float32, shape=list(cmd.quantized.shape))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{weight.name}/DequantizeLinear",
-                               attrs={"axis": cmd.axis}, inputs=[quantized, scale, zero_point],
-                               outputs=[dequantized]))
-    node.inputs[cmd.port] = dequantized
+    stem = _constant_input_stem(node, cmd.port)
+    quantized = gs.Constant(f"{stem}/quantized", np.ascontiguousarray(cmd.quantized))
+    scale = gs.Constant(f"{stem}/scale", np.asarray(cmd.scale, np.float32))
+    inputs = [quantized, scale]
+    if cmd.quantized.dtype != np.int32:
+        # INT32 biases omit the zero-point (0 by default): it would cost 4 bytes per channel in the file.
+        inputs.append(gs.Constant(f"{stem}/zero_point", np.zeros(cmd.scale.shape, cmd.quantized.dtype)))
+    dequantized = gs.Variable(f"{stem}/dequantized", dtype=np.float32, shape=list(cmd.quantized.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}/DequantizeLinear", attrs={"axis": cmd.axis},
+                               inputs=inputs, outputs=[dequantized]))
+    _set_input(node, cmd.port, dequantized)
+
+
+def _constant_input_stem(node: gs.Node, port: int) -> str:
+    """Name stem for tensors replacing input `port`: the constant's own name, or a new one for a missing input."""
+    if port < len(node.inputs):
+        if not isinstance(node.inputs[port], gs.Constant):
+            raise UnknownNameError(f"input {port} of node {node.name!r} is not a constant")
+        return node.inputs[port].name
+    return f"{node.name}/input{port}"
+
+
+def _set_input(node: gs.Node, port: int, tensor: gs.Tensor) -> None:
+    if port < len(node.inputs):
+        node.inputs[port] = tensor
+    elif port == len(node.inputs):
+        node.inputs.append(tensor)
+    else:
+        raise UnknownNameError(f"node {node.name!r} has no input {port - 1} to add input {port} after")
 
 
 def _set_constant_input(node: gs.Node, cmd: SetConstantInput) -> None:
-    constant = gs.Constant(f"{node.name}/input{cmd.port}", np.asarray(cmd.values))
-    if cmd.port < len(node.inputs):
-        node.inputs[cmd.port] = constant
-    elif cmd.port == len(node.inputs):
-        node.inputs.append(constant)
-    else:
-        raise UnknownNameError(f"node {cmd.node!r} has no input {cmd.port - 1} to add input {cmd.port} after")
+    _set_input(node, cmd.port, gs.Constant(f"{node.name}/input{cmd.port}", np.asarray(cmd.values)))

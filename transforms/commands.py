@@ -17,13 +17,15 @@ class QuantizeDequantize:
     """Insert QuantizeLinear → DequantizeLinear after `tensor`; `consumers` (node names) read the result.
 
     The element type of the integer tensor follows `zero_point.dtype` (int8 or uint8). Readers not listed in
-    `consumers` (ignored nodes, graph outputs) keep reading the float tensor.
+    `consumers` (ignored nodes) keep reading the float tensor. With `graph_output`, the graph output named
+    `tensor` becomes the dequantized value (same name; the float producer's tensor is renamed).
     """
 
     tensor: str
     scale: np.ndarray
     zero_point: np.ndarray
     consumers: tuple[str, ...]
+    graph_output: bool = False
 
 
 @dataclass(frozen=True, eq=False)

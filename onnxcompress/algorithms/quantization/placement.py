@@ -39,10 +39,12 @@ class WeightTarget:
 
 @dataclass(frozen=True)
 class ActivationTarget:
-    """One quantizer on `tensor`; `consumers` are the nodes that read the dequantized value."""
+    """One quantizer on `tensor`; `consumers` are the nodes that read the dequantized value, and with
+    `graph_output` the model's output becomes the dequantized value too."""
 
     tensor: str
     consumers: tuple[str, ...]
+    graph_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class _Planner:
         self.graph_outputs = {t.name for t in graph.outputs}
         self.parent: dict[str, str] = {}  # union-find over tensor names: unified-scale groups
         self.tensors: dict[str, gs.Tensor] = {}
+        self.quantized_outputs: set[str] = set()
 
     def plan(self) -> QuantizerSetup:
         weights, bias_targets = [], []
@@ -102,15 +105,22 @@ class _Planner:
                     continue
                 self._require(node.inputs[port])
             if spec(node).integer_kernel_needs_quantized_output and not self.transformer:
-                self._require(self._pattern_end(node))
+                self._require(self._pattern_end(node), as_output=True)
         self._unify_until_stable()
         return QuantizerSetup(tuple(weights), self._groups(), tuple(bias_targets))
 
     # -- requirements ---------------------------------------------------------------------------------------
 
-    def _require(self, tensor: gs.Tensor) -> None:
-        """Quantize `tensor`; pull the quantizer up through pass-through producers, sharing its parameters."""
-        if not self._quantizable_activation(tensor) or tensor.name in self.parent:
+    def _require(self, tensor: gs.Tensor, *, as_output: bool = False) -> None:
+        """Quantize `tensor`; pull the quantizer up through pass-through producers, sharing its parameters.
+
+        `as_output` also quantizes a graph output (a Conv whose result is the model's output).
+        """
+        if as_output and tensor.name in self.graph_outputs and not isinstance(tensor, gs.Constant):
+            self.quantized_outputs.add(tensor.name)
+        elif not self._quantizable_activation(tensor):
+            return
+        if tensor.name in self.parent:
             return
         self.parent[tensor.name] = tensor.name
         self.tensors[tensor.name] = tensor
@@ -202,7 +212,7 @@ class _Planner:
     def _groups(self) -> tuple[QuantizerGroup, ...]:
         members: dict[str, list[ActivationTarget]] = {}
         for name, tensor in self.tensors.items():
-            target = ActivationTarget(name, self._readers(tensor))
+            target = ActivationTarget(name, self._readers(tensor), name in self.quantized_outputs)
             members.setdefault(self._find(name), []).append(target)
         return tuple(QuantizerGroup(tuple(targets)) for targets in members.values())
 

@@ -129,8 +129,8 @@ def _activation_commands(setup: QuantizerSetup, stats: dict[str, TensorStatistic
         ranges = [estimate_range(stats[t.tensor], config.calibration, mode=mode,
                                  percentile=config.percentile) for t in group.targets]
         params = unified_activation_params(ranges, mode)
-        commands += [QuantizeDequantize(t.tensor, p.scale, p.zero_point, t.consumers)
-                     for t, p in zip(group.targets, params) if t.consumers]
+        commands += [QuantizeDequantize(t.tensor, p.scale, p.zero_point, t.consumers, t.graph_output)
+                     for t, p in zip(group.targets, params) if t.consumers or t.graph_output]
     return commands
 
 

@@ -1,0 +1,49 @@
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.transforms.applier import UnknownNameError, apply_commands
+from onnxcompress.transforms.commands import DequantizeWeight, QuantizeDequantize, SetConstantInput
+
+
+def _conv_without_bias():
+    w = numpy_helper.from_array(np.full((2, 1, 1, 1), 0.5, np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    return gs.import_onnx(helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])], [w]),
+        opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _run(graph, x):
+    model = gs.export_onnx(graph)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_commands_quantize_weights_add_a_missing_bias_and_insert_qdq():
+    graph = _conv_without_bias()
+    commands = [
+        QuantizeDequantize("x", np.array(0.1, np.float32), np.array(128, np.uint8), ("conv",)),
+        DequantizeWeight("conv", 1, np.array([[[[100]]], [[[-50]]]], np.int8), np.array([0.005, 0.01], np.float32), 0),
+        DequantizeWeight("conv", 2, np.array([10, -20], np.int32), np.array([0.1, 0.1], np.float32), 0),
+    ]
+    apply_commands(graph, commands)
+    ops = sorted(n.op for n in graph.nodes)
+    assert ops == ["Conv", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "QuantizeLinear"]
+    x = np.array([[[[1.0, -1.0], [0.25, 12.0]]]], np.float32)  # 12.0 saturates at 127 levels × 0.1
+    q = np.clip(np.round(x / 0.1) + 128, 0, 255) - 128
+    expected = np.stack([q * 0.1 * 0.5 + 1.0, q * 0.1 * -0.5 - 2.0], axis=1)[:, :, 0]
+    np.testing.assert_allclose(_run(graph, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_set_constant_input_and_unknown_names():
+    graph = _conv_without_bias()
+    apply_commands(graph, [SetConstantInput("conv", 2, np.array([1.0, 2.0], np.float32))])
+    out = _run(graph, np.ones((1, 1, 2, 2), np.float32))
+    np.testing.assert_allclose(out[0, :, 0, 0], [1.5, 2.5])
+    with pytest.raises(UnknownNameError, match="no node named 'nope'"):
+        apply_commands(graph, [SetConstantInput("nope", 2, np.zeros(2, np.float32))])
+    with pytest.raises(UnknownNameError, match="no tensor named 'missing'"):
+        apply_commands(graph, [QuantizeDequantize("missing", np.array(1.0), np.array(0, np.uint8), ("conv",))])

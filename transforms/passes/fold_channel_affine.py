@@ -1,0 +1,112 @@
+"""Fold a per-channel constant Mul or Add that follows a Conv, Gemm or BatchNormalization into that op.
+
+    conv(x, W, b) * c  =  conv(x, W·c, b·c)          conv(x, W, b) + c  =  conv(x, W, b + c)
+    bn(x; γ, β) * c    =  bn(x; γ·c, β·c)            bn(x; γ, β) + c    =  bn(x; γ, β + c)
+
+Caffe-converted models write BatchNorm's affine part as separate Mul/Add "scale layers"; folded, they cost no
+extra pass over the activation and no float constants in the quantized file. Only constants that broadcast per
+output channel (or are scalars) fold, and only when the producer's output has no other reader.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress.transforms.op_table import Role, constant_weight, spec, weight_channel_axis
+
+_FOLDABLE = frozenset({"Mul", "Add"})
+
+
+def fold_channel_affine(graph: gs.Graph) -> bool:
+    """Fold every foldable Mul/Add into its producer; return whether the graph changed."""
+    changed = False
+    for node in [n for n in graph.nodes if n.op in _FOLDABLE]:
+        folded = _try_fold(node)
+        changed |= folded
+    if changed:
+        graph.cleanup()
+    return changed
+
+
+def _try_fold(node: gs.Node) -> bool:
+    data = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+    constants = [t for t in node.inputs if isinstance(t, gs.Constant)]
+    if len(data) != 1 or len(constants) != 1 or not data[0].inputs or len(data[0].outputs) != 1:
+        return False
+    producer = data[0].inputs[0]
+    channels = _output_channels(producer)
+    if channels is None:
+        return False
+    factor = _per_channel(constants[0].values, channels, producer)
+    if factor is None:
+        return False
+    if producer.op == "BatchNormalization":
+        _fold_into_batchnorm(producer, node.op, factor)
+    else:
+        _fold_into_compute(producer, node.op, factor, channels)
+    result = node.outputs[0]
+    node.outputs.clear()
+    producer.outputs[0] = result
+    return True
+
+
+def _output_channels(producer: gs.Node) -> int | None:
+    if producer.op == "BatchNormalization":
+        return len(producer.inputs[1].values) if all(isinstance(t, gs.Constant) for t in producer.inputs[1:5]) \
+            else None
+    if spec(producer).role is not Role.COMPUTE or producer.op in ("MatMul", "ConvTranspose"):
+        return None
+    weight = constant_weight(producer)
+    bias_port = spec(producer).bias_port
+    if weight is None or (len(producer.inputs) > bias_port and not isinstance(producer.inputs[bias_port],
+                                                                              gs.Constant)):
+        return None
+    if producer.op == "Gemm" and (producer.attrs.get("alpha", 1.0) != 1.0 or producer.attrs.get("beta", 1.0) != 1.0):
+        return None
+    return weight.values.shape[weight_channel_axis(producer)]
+
+
+def _per_channel(values: np.ndarray, channels: int, producer: gs.Node) -> np.ndarray | None:
+    """The constant as a [channels] vector, if it broadcasts along the producer's channel axis only."""
+    values = np.asarray(values, np.float64)
+    if values.size == 1:
+        return np.full(channels, values.reshape(()))
+    channel_axis_from_end = 1 if producer.op == "Gemm" else 3  # [N, C] or [N, C, H, W]
+    squeezed_shape = [d for d in values.shape if d != 1]
+    if squeezed_shape != [channels] or values.ndim > channel_axis_from_end + 1:
+        return None
+    axis_from_end = values.ndim - next(i for i, d in enumerate(values.shape) if d == channels)
+    return values.reshape(-1) if axis_from_end == channel_axis_from_end else None
+
+
+def _fold_into_batchnorm(bn: gs.Node, op: str, factor: np.ndarray) -> None:
+    gamma, beta = (bn.inputs[i].values.astype(np.float64) for i in (1, 2))
+    if op == "Mul":
+        gamma, beta = gamma * factor, beta * factor
+    else:
+        beta = beta + factor
+    bn.inputs[1] = gs.Constant(f"{bn.name}/folded_scale", gamma.astype(np.float32))
+    bn.inputs[2] = gs.Constant(f"{bn.name}/folded_bias", beta.astype(np.float32))
+
+
+def _fold_into_compute(node: gs.Node, op: str, factor: np.ndarray, channels: int) -> None:
+    entry = spec(node)
+    bias_port = entry.bias_port
+    bias = node.inputs[bias_port].values.astype(np.float64).reshape(-1) if len(node.inputs) > bias_port \
+        else np.zeros(channels)
+    bias = np.broadcast_to(bias, (channels,))
+    if op == "Mul":
+        weight = constant_weight(node)
+        shape = [1] * weight.values.ndim
+        shape[weight_channel_axis(node)] = -1
+        scaled = (weight.values.astype(np.float64) * factor.reshape(shape)).astype(np.float32)
+        node.inputs[entry.weight_port] = gs.Constant(f"{weight.name}/scaled", scaled)
+        bias = bias * factor
+    else:
+        bias = bias + factor
+    bias_tensor = gs.Constant(f"{node.name}/folded_bias", bias.astype(np.float32))
+    if len(node.inputs) > bias_port:
+        node.inputs[bias_port] = bias_tensor
+    else:
+        node.inputs.append(bias_tensor)
