@@ -12,6 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.transforms.commands import Command, DequantizeWeight, QuantizeDequantize, SetConstantInput
+from onnxcompress.transforms.graph import set_constant_input, set_input
 
 
 class UnknownNameError(KeyError):
@@ -46,20 +47,20 @@ def _insert_qdq(graph: gs.Graph, tensors: dict, nodes: dict[str, gs.Node], cmd: 
         raise UnknownNameError(f"no tensor named {cmd.tensor!r}")
     source = tensors[cmd.tensor]
     readers = [_node(nodes, name) for name in cmd.consumers]
-    scale = gs.Constant(f"{cmd.tensor}/scale", np.asarray(cmd.scale, np.float32))
-    zero_point = gs.Constant(f"{cmd.tensor}/zero_point", np.asarray(cmd.zero_point))
-    quantized = gs.Variable(f"{cmd.tensor}/quantized", dtype=zero_point.values.dtype, shape=source.shape)
-    dequantized = gs.Variable(f"{cmd.tensor}/dequantized", dtype=np.float32, shape=source.shape)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{cmd.tensor}/QuantizeLinear",
+    scale = gs.Constant(f"{cmd.tensor}_scale", np.asarray(cmd.scale, np.float32))
+    zero_point = gs.Constant(f"{cmd.tensor}_zp", np.asarray(cmd.zero_point))
+    quantized = gs.Variable(f"{cmd.tensor}_q", dtype=zero_point.values.dtype, shape=source.shape)
+    dequantized = gs.Variable(f"{cmd.tensor}_dq", dtype=np.float32, shape=source.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{cmd.tensor}_Q",
                                inputs=[source, scale, zero_point], outputs=[quantized]))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{cmd.tensor}/DequantizeLinear",
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{cmd.tensor}_DQ",
                                inputs=[quantized, scale, zero_point], outputs=[dequantized]))
     for reader in readers:
         _replace_input(reader, source, dequantized)
     if cmd.graph_output:
         # Keep the model's interface: the dequantized tensor takes over the output name.
         graph.outputs[graph.outputs.index(source)] = dequantized
-        dequantized.name, source.name = source.name, f"{source.name}/float"
+        dequantized.name, source.name = source.name, f"{source.name}_float"
         tensors[source.name] = source
         tensors[dequantized.name] = dequantized
 
@@ -72,16 +73,19 @@ def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 
 def _dequantize_weight(graph: gs.Graph, node: gs.Node, cmd: DequantizeWeight) -> None:
     stem = _constant_input_stem(node, cmd.port)
-    quantized = gs.Constant(f"{stem}/quantized", np.ascontiguousarray(cmd.quantized))
-    scale = gs.Constant(f"{stem}/scale", np.asarray(cmd.scale, np.float32))
+    quantized = gs.Constant(f"{stem}_q", np.ascontiguousarray(cmd.quantized))
+    scale = gs.Constant(f"{stem}_scale", np.asarray(cmd.scale, np.float32))
     inputs = [quantized, scale]
     if cmd.quantized.dtype != np.int32:
         # INT32 biases omit the zero-point (0 by default): it would cost 4 bytes per channel in the file.
-        inputs.append(gs.Constant(f"{stem}/zero_point", np.zeros(cmd.scale.shape, cmd.quantized.dtype)))
-    dequantized = gs.Variable(f"{stem}/dequantized", dtype=np.float32, shape=list(cmd.quantized.shape))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}/DequantizeLinear", attrs={"axis": cmd.axis},
+        inputs.append(gs.Constant(f"{stem}_zp", np.zeros(cmd.scale.shape, cmd.quantized.dtype)))
+    dequantized = gs.Variable(f"{stem}_dq", dtype=np.float32, shape=list(cmd.quantized.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs={"axis": cmd.axis},
                                inputs=inputs, outputs=[dequantized]))
-    _set_input(node, cmd.port, dequantized)
+    try:
+        set_input(node, cmd.port, dequantized)
+    except IndexError as error:
+        raise UnknownNameError(str(error)) from None
 
 
 def _constant_input_stem(node: gs.Node, port: int) -> str:
@@ -90,17 +94,11 @@ def _constant_input_stem(node: gs.Node, port: int) -> str:
         if not isinstance(node.inputs[port], gs.Constant):
             raise UnknownNameError(f"input {port} of node {node.name!r} is not a constant")
         return node.inputs[port].name
-    return f"{node.name}/input{port}"
-
-
-def _set_input(node: gs.Node, port: int, tensor: gs.Tensor) -> None:
-    if port < len(node.inputs):
-        node.inputs[port] = tensor
-    elif port == len(node.inputs):
-        node.inputs.append(tensor)
-    else:
-        raise UnknownNameError(f"node {node.name!r} has no input {port - 1} to add input {port} after")
+    return f"{node.name}_in{port}"
 
 
 def _set_constant_input(node: gs.Node, cmd: SetConstantInput) -> None:
-    _set_input(node, cmd.port, gs.Constant(f"{node.name}/input{cmd.port}", np.asarray(cmd.values)))
+    try:
+        set_constant_input(node, cmd.port, cmd.values)
+    except IndexError as error:
+        raise UnknownNameError(str(error)) from None

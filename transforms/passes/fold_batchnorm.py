@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxcompress.transforms.graph import set_constant_input
 from onnxcompress.transforms.op_table import Role, constant_weight, spec, weight_channel_axis
 
 
@@ -57,16 +58,12 @@ def _fold(producer: gs.Node, bn: gs.Node) -> None:
     folded_weight = (weight.values.astype(np.float64) * k.reshape(shape)).astype(np.float32)
 
     bias_port = spec(producer).bias_port
-    has_bias = len(producer.inputs) > bias_port
-    bias = producer.inputs[bias_port].values.astype(np.float64) if has_bias else np.zeros_like(mean)
+    bias = producer.inputs[bias_port].values.astype(np.float64) if len(producer.inputs) > bias_port \
+        else np.zeros_like(mean)
     folded_bias = ((bias - mean) * k + beta).astype(np.float32)
 
-    producer.inputs[spec(producer).weight_port] = gs.Constant(f"{weight.name}/bn_folded", folded_weight)
-    bias_tensor = gs.Constant(f"{bn.name or bn.outputs[0].name}/folded_bias", folded_bias)
-    if has_bias:
-        producer.inputs[bias_port] = bias_tensor
-    else:
-        producer.inputs.append(bias_tensor)
+    set_constant_input(producer, spec(producer).weight_port, folded_weight)
+    set_constant_input(producer, bias_port, folded_bias)
     if producer.op == "Gemm" and producer.attrs.get("beta", 1.0) != 1.0:
         producer.attrs["beta"] = 1.0  # the folded bias already holds the final values
     # The producer now writes the BatchNormalization's output tensor directly.

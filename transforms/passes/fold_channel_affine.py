@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxcompress.transforms.graph import set_constant_input
 from onnxcompress.transforms.op_table import Role, constant_weight, spec, weight_channel_axis
 
 _FOLDABLE = frozenset({"Mul", "Add"})
@@ -86,8 +87,8 @@ def _fold_into_batchnorm(bn: gs.Node, op: str, factor: np.ndarray) -> None:
         gamma, beta = gamma * factor, beta * factor
     else:
         beta = beta + factor
-    bn.inputs[1] = gs.Constant(f"{bn.name}/folded_scale", gamma.astype(np.float32))
-    bn.inputs[2] = gs.Constant(f"{bn.name}/folded_bias", beta.astype(np.float32))
+    set_constant_input(bn, 1, gamma.astype(np.float32))
+    set_constant_input(bn, 2, beta.astype(np.float32))
 
 
 def _fold_into_compute(node: gs.Node, op: str, factor: np.ndarray, channels: int) -> None:
@@ -101,12 +102,8 @@ def _fold_into_compute(node: gs.Node, op: str, factor: np.ndarray, channels: int
         shape = [1] * weight.values.ndim
         shape[weight_channel_axis(node)] = -1
         scaled = (weight.values.astype(np.float64) * factor.reshape(shape)).astype(np.float32)
-        node.inputs[entry.weight_port] = gs.Constant(f"{weight.name}/scaled", scaled)
+        set_constant_input(node, entry.weight_port, scaled)
         bias = bias * factor
     else:
         bias = bias + factor
-    bias_tensor = gs.Constant(f"{node.name}/folded_bias", bias.astype(np.float32))
-    if len(node.inputs) > bias_port:
-        node.inputs[bias_port] = bias_tensor
-    else:
-        node.inputs.append(bias_tensor)
+    set_constant_input(node, bias_port, bias.astype(np.float32))
