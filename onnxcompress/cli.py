@@ -1,4 +1,4 @@
-"""The `onnxcompress` command line: quantize, export, benchmark, inspect, demo.
+"""The `onnxcompress` command line: quantize, export, benchmark, compare, inspect, demo.
 
 Every command builds the same typed objects as the Python API. Errors of the OnnxCompressError family print one
 line naming the failed stage and exit non-zero; no traceback reaches the user.
@@ -113,6 +113,27 @@ def benchmark(models: tuple[Path, ...], batch: int, rounds: int, round_seconds: 
 def _labels(models: tuple[Path, ...]) -> list[str]:
     stems = [m.stem for m in models]
     return stems if len(set(stems)) == len(stems) else [f"{i}:{s}" for i, s in enumerate(stems)]
+
+
+@cli.command()
+@click.argument("float_model", type=click.Path(path_type=Path))
+@click.argument("quantized_model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Inputs to compare on: folder of .npy feeds or an .npz.")
+@click.option("--samples", type=int, default=32, show_default=True, help="Number of samples to run.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of SQNR per layer.")
+def compare(float_model: Path, quantized_model: Path, data: str, samples: int, plot: Path | None) -> None:
+    """Per-layer error: SQNR of every Conv/Gemm/MatMul output of QUANTIZED_MODEL against FLOAT_MODEL."""
+    from onnxcompress.data import calibration_batches, model_inputs
+    from onnxcompress.runtime.layer_error import format_layer_errors, layer_errors, plot_layer_error
+    from onnxcompress.runtime.model_io import load_model
+
+    reference, quantized = load_model(float_model), load_model(quantized_model)
+    feeds = calibration_batches(data, model_inputs(reference), subset_size=samples, batch_size=1)
+    errors = layer_errors(reference, quantized, feeds)
+    click.echo(format_layer_errors(errors))
+    if plot:
+        plot_layer_error(errors, plot)
+        click.echo(f"wrote {plot}")
 
 
 @cli.command()

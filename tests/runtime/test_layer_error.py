@@ -1,0 +1,33 @@
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from conftest import build_tiny_cnn, make_calib_npz
+
+from onnxcompress.api import quantize
+from onnxcompress.runtime.layer_error import format_layer_errors, layer_errors
+
+
+def test_every_heavy_layer_is_paired_and_quantization_error_shows(tmp_path):
+    model = build_tiny_cnn()
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)} for _ in range(8)]
+    quantized = quantize(model, feeds, progress=False)
+    errors = layer_errors(model, quantized, feeds)
+    assert [e.op_type for e in errors] == ["Conv", "Conv", "output"]  # the Gemm writes the model output
+    assert all(15 < e.sqnr_db < 80 for e in errors)
+    identical = layer_errors(model, model, feeds)
+    assert all(e.sqnr_db == float("inf") for e in identical)
+    assert "model output logits" in format_layer_errors(errors)
+
+
+def test_compare_command_writes_the_plot(tmp_path):
+    float_path, quant_path = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    data = make_calib_npz(tmp_path / "d.npz", samples=4)
+    onnx.save(build_tiny_cnn(), float_path)
+    onnx.save(quantize(build_tiny_cnn(), str(data), progress=False), quant_path)
+    result = subprocess.run([sys.executable, "-m", "onnxcompress.cli", "compare", str(float_path), str(quant_path),
+                             "--data", str(data), "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "SQNR dB" in result.stdout and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
