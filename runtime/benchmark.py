@@ -265,6 +265,20 @@ class _Round:
     seconds: float
 
 
+def _timed_loop(call: Callable[[], object], seconds: float) -> _Round:
+    """Time `call` back to back until `seconds` have passed; at least once, so a slow model still yields a sample."""
+    latencies: list[float] = []
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        t0 = time.perf_counter_ns()
+        call()
+        latencies.append((time.perf_counter_ns() - t0) / 1e6)
+        if time.perf_counter() >= deadline:
+            break
+    return _Round(latencies, len(latencies), time.perf_counter() - start)
+
+
 class _OvSyncRunner:
     """One InferRequest with input tensors bound once (ov.Tensor shares the numpy memory: no per-call copy)."""
 
@@ -275,16 +289,7 @@ class _OvSyncRunner:
             self._request.set_tensor(name, ov.Tensor(array))
 
     def __call__(self, seconds: float) -> _Round:
-        latencies: list[float] = []
-        start = time.perf_counter()
-        deadline = start + seconds
-        while True:
-            t0 = time.perf_counter_ns()
-            self._request.infer()
-            latencies.append((time.perf_counter_ns() - t0) / 1e6)
-            if time.perf_counter() >= deadline:
-                break
-        return _Round(latencies, len(latencies), time.perf_counter() - start)
+        return _timed_loop(self._request.infer, seconds)
 
 
 class _OvAsyncRunner:
@@ -319,16 +324,7 @@ class _OrtRunner:
         self._feeds = dict(feeds)
 
     def __call__(self, seconds: float) -> _Round:
-        latencies: list[float] = []
-        start = time.perf_counter()
-        deadline = start + seconds
-        while True:
-            t0 = time.perf_counter_ns()
-            self._session.run(None, self._feeds)
-            latencies.append((time.perf_counter_ns() - t0) / 1e6)
-            if time.perf_counter() >= deadline:
-                break
-        return _Round(latencies, len(latencies), time.perf_counter() - start)
+        return _timed_loop(lambda: self._session.run(None, self._feeds), seconds)
 
 
 @dataclass

@@ -105,3 +105,18 @@ def tiny_cnn_path(tmp_path: Path) -> Path:
 def tiny_calib_npz(tmp_path: Path) -> Path:
     """tmp_path/tiny.npz with "x": [20,3,16,16] float32 standard normal."""
     return make_calib_npz(tmp_path / "tiny.npz")
+
+
+def save_tiny_cnn_models(folder: Path, samples: int = 8, seed: int = 1) -> dict[str, Path]:
+    """The tiny CNN and its INT8 (QDQ) version from our own quantizer, calibrated on `samples` standard-normal
+    images, saved as folder/tiny_fp32.onnx and folder/tiny_int8.onnx; returns {"fp32": path, "int8": path}."""
+    from onnxcompress.api import quantize  # here, not at the top: only the runtime tests need the quantizer
+
+    folder = Path(folder)
+    model = build_tiny_cnn()
+    rng = np.random.default_rng(seed)
+    dataset = [{TINY_CNN_INPUT: rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(samples)]
+    paths = {"fp32": folder / "tiny_fp32.onnx", "int8": folder / "tiny_int8.onnx"}
+    onnx.save(model, str(paths["fp32"]))
+    onnx.save(quantize(model, dataset, progress=False), str(paths["int8"]))
+    return paths

@@ -1,4 +1,4 @@
-"""Interleaved OpenVINO / ONNX Runtime benchmark on a tiny Conv net (float and QDQ INT8)."""
+"""Interleaved OpenVINO / ONNX Runtime benchmark on the tiny CNN (float and our QDQ INT8)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from conftest import save_tiny_cnn_models
+from onnx import TensorProto, helper
 
 from onnxcompress.errors import BenchmarkError, OutputError
 from onnxcompress.runtime.benchmark import BenchmarkReport, Measurement, benchmark, format_report, plot_report
@@ -22,52 +22,9 @@ MODES_BACKENDS = [
 ]
 
 
-def tiny_conv_net() -> onnx.ModelProto:
-    """Conv-Relu-Conv-GlobalAveragePool-Flatten-Gemm with a dynamic batch dimension."""
-    rng = np.random.default_rng(0)
-
-    def weight(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
-        return numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
-
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
-        helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny_conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *INPUT_SHAPE])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
-        [weight("w1", (16, 3, 3, 3)), weight("b1", (16,)), weight("w2", (32, 16, 3, 3)), weight("b2", (32,)),
-         weight("wf", (10, 32)), weight("bf", (10,))],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-class _RandomReader(CalibrationDataReader):
-    def __init__(self) -> None:
-        rng = np.random.default_rng(1)
-        self._batches = iter([{"x": rng.standard_normal((1, *INPUT_SHAPE)).astype(np.float32)} for _ in range(8)])
-
-    def get_next(self):
-        return next(self._batches, None)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("bench_models")
-    float_path, int8_path = folder / "fp32.onnx", folder / "int8.onnx"
-    onnx.save(tiny_conv_net(), str(float_path))
-    quantize_static(
-        str(float_path), str(int8_path), _RandomReader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-    )
-    return {"fp32": float_path, "int8": int8_path}
+    return save_tiny_cnn_models(tmp_path_factory.mktemp("bench_models"))
 
 
 @pytest.fixture(scope="module")
