@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,14 +55,58 @@ def ort_session(path, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def ov_compile(core, path, input_shape, hint, f32=False):
+def _ov_compile_raw(core, path, input_shape, hint, f32=False):
     m = core.read_model(str(path))
-    if len(m.inputs) == 1 and m.inputs[0].get_partial_shape().is_dynamic:
+    if input_shape is not None and len(m.inputs) == 1 and m.inputs[0].get_partial_shape().is_dynamic:
         m.reshape({m.inputs[0]: ov.PartialShape(list(input_shape))})
     cfg = {"PERFORMANCE_HINT": hint}
     if f32:
         cfg["INFERENCE_PRECISION_HINT"] = "f32"
     return core.compile_model(m, "CPU", cfg)
+
+
+_PROBES: dict = {}
+OV_SHAPE_MODE: dict = {}  # "path|hint|f32" -> "static" | "dynamic (static compile crashed: ...)"
+
+
+def _probe(path, input_shape, hint, f32, static=True):
+    """compile_model + one inference in a child process: OpenVINO can crash (SIGSEGV) inside compile_model on
+    some files, which would take the whole evaluation down."""
+    key = (str(path), tuple(input_shape), hint, f32, static)
+    if key not in _PROBES:
+        cmd = [sys.executable, __file__, "--probe", str(path), json.dumps(list(input_shape)), hint,
+               "1" if f32 else "0", "static" if static else "dynamic"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            _PROBES[key] = (r.returncode, r.stderr[-300:])
+        except subprocess.TimeoutExpired:
+            _PROBES[key] = ("timeout", "")
+    return _PROBES[key]
+
+
+def ov_compile(core, path, input_shape, hint, f32=False):
+    """Compile with a static batch-1 shape; if that crashes OpenVINO (probed in a child process), fall back to
+    the model's own (dynamic) shape and record it in OV_SHAPE_MODE."""
+    tag = f"{Path(path).name}|{hint}|{'f32' if f32 else 'default'}"
+    rc, err = _probe(path, input_shape, hint, f32)
+    if rc == 0:
+        OV_SHAPE_MODE[tag] = "static"
+        return _ov_compile_raw(core, path, input_shape, hint, f32)
+    why = f"signal {-rc}" if isinstance(rc, int) and rc < 0 else f"rc={rc}: {err.strip().splitlines()[-1:] }"
+    rc2, err2 = _probe(path, input_shape, hint, f32, static=False)
+    if rc2 == 0:
+        OV_SHAPE_MODE[tag] = f"dynamic (static-shape compile_model failed: {why})"
+        log(f"  OpenVINO: static-shape compile of {Path(path).name} [{hint}, f32={f32}] failed ({why}); "
+            f"using the dynamic-shape model")
+        return _ov_compile_raw(core, path, None, hint, f32)
+    OV_SHAPE_MODE[tag] = f"failed (static: {why}; dynamic: rc={rc2})"
+    raise RuntimeError(f"OpenVINO compile_model failed for {Path(path).name} (static: {why}; dynamic: rc={rc2})")
+
+
+def probe_main(path, shape_json, hint, f32, mode):
+    shape = json.loads(shape_json)
+    cm = _ov_compile_raw(ov.Core(), path, shape if mode == "static" else None, hint, f32 == "1")
+    cm.create_infer_request().infer({0: np.zeros(shape, np.float32)})
 
 
 def run_ort_all(sess, xs):
@@ -231,6 +275,7 @@ def main(spec_path, out_path):
     # ------------------------------------------------------------------------------------ speed
     rounds = int(spec.get("rounds", 5))
     if rounds <= 0:
+        res["ov_shape_mode"] = dict(OV_SHAPE_MODE)
         write(out_path, res)
         return
     x = np.random.default_rng(BENCH_INPUT_SEED).standard_normal(in_shape).astype(np.float32)
@@ -279,6 +324,7 @@ def main(spec_path, out_path):
         speed[v][kind] = statistics.median(vals)
         speed[v][kind + "_rounds"] = vals
     res["speed"] = speed
+    res["ov_shape_mode"] = dict(OV_SHAPE_MODE)
     res["speed_config"] = {"rounds": rounds, "tput_s": spec.get("tput_s", 1.5), "lat_s": spec.get("lat_s", 1.0),
                            "input_shape": list(in_shape), "ort_threads_default": True}
     write(out_path, res)
@@ -290,4 +336,7 @@ def write(path, obj):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--probe":
+        probe_main(*sys.argv[2:7])
+    else:
+        main(sys.argv[1], sys.argv[2])

@@ -25,6 +25,13 @@ def _tools(rec):
     return [t for t in TOOL_ORDER if t in rec.get("quant", {})]
 
 
+def _ov_dynamic(rec, var):
+    """True when evaluate.py had to fall back to the dynamic-shape model for this variant in OpenVINO."""
+    modes = rec.get("eval", {}).get("ov_shape_mode", {})
+    fname = Path(rec.get("fp32", {}).get("fp32", "")).name if var.startswith("fp32") else f"{var}.onnx"
+    return any(k.split("|")[0] == fname and v != "static" for k, v in modes.items())
+
+
 def table(headers, rows):
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -115,6 +122,7 @@ def render(res: dict) -> str:
 
     # ---------------------------------------------------------------------------- speed
     rows = []
+    dyn_note = False
     for name, rec in models.items():
         sp = rec.get("eval", {}).get("speed", {})
         if not sp:
@@ -125,6 +133,9 @@ def render(res: dict) -> str:
             if not s:
                 continue
             label = {"fp32_f32": "FP32 (OV f32 hint)", "fp32": "FP32 (OV default=bf16)"}.get(var, TOOL_LABEL.get(var))
+            if _ov_dynamic(rec, var):
+                label += " †"
+                dyn_note = True
             tp_x = s.get("ov_tput_fps", 0) / fp["ov_tput_fps"] if fp.get("ov_tput_fps") and s.get("ov_tput_fps") \
                 else None
             ort_x = fp["ort_lat_ms"] / s["ort_lat_ms"] if fp.get("ort_lat_ms") and s.get("ort_lat_ms") else None
@@ -139,7 +150,10 @@ def render(res: dict) -> str:
                  "ORT CPU EP, default threads, ORT_ENABLE_ALL). Ratios are vs FP32 with OV's default precision "
                  "(bf16) / vs FP32 in ORT, measured in the same run.\n\n" + table(
                      ["model", "variant", "OV fps", "OV fps vs FP32", "OV lat ms", "ORT lat ms",
-                      "ORT speedup vs FP32"], rows))
+                      "ORT speedup vs FP32"], rows)
+                 + ("\n\n† OpenVINO `compile_model` crashed (SIGSEGV) on this file with the static batch-1 shape, so "
+                    "its OV numbers (speed and fidelity) come from the dynamic-shape model (slower kernels)."
+                    if dyn_note else ""))
 
     # ---------------------------------------------------------------------- int8 exec
     rows = []
@@ -151,7 +165,8 @@ def render(res: dict) -> str:
                 continue
             o, r = d.get("ov", {}), d.get("ort", {})
             flt = ", ".join(f"{k}×{v}" for k, v in sorted(r.get("float_ops", {}).items())) or "none"
-            rows.append([name, TOOL_LABEL[t], f"{o.get('int8_layers', '?')}/{o.get('compute_layers', '?')}",
+            rows.append([name, TOOL_LABEL[t], f"{o.get('int8_layers', '?')}/{o.get('compute_layers', '?')}"
+                         + (" †" if _ov_dynamic(rec, t) else ""),
                          f"{r.get('int8_compute', '?')}", f"{r.get('float_compute', '?')} ({flt})",
                          r.get("dequantize_linear_left", "?"), r.get("level") or "failed"])
     parts.append("### Does the file execute as INT8?\n\n*OV*: Convolution/GroupConvolution/FullyConnected/MatMul "
