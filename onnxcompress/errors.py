@@ -66,3 +66,13 @@ class BenchmarkError(OnnxCompressError):
     """A model could not be compiled or run for benchmarking."""
 
     stage = "benchmark"
+
+
+class TrainingError(OnnxCompressError):
+    """Fine-tuning on the private onnxruntime-training runtime failed: artifact generation, a step, or the worker."""
+
+    stage = "training"
+
+
+class TrainingRuntimeMissing(TrainingError):
+    """The private onnxruntime-training runtime is not installed here, or cannot be on this machine."""
