@@ -23,8 +23,9 @@ class Role(enum.Enum):
     #: Elementwise op that runtimes fuse into the preceding compute op (bias Add, ReLU, Clip...): quantizers go
     #: after it, never between it and the compute op.
     FUSED_ACTIVATION = "fused_activation"
-    #: Op that moves or selects values without arithmetic (MaxPool, Reshape, Transpose...): it runs on INT8 data
-    #: unchanged, so the quantizer on its input is repeated on its output with the same parameters.
+    #: Op whose outputs stay within its input's range (MaxPool, Reshape, Transpose select or move values;
+    #: AveragePool averages them): it runs on INT8 data, so the quantizer on its input is repeated on its output
+    #: with the same parameters.
     PASSTHROUGH = "passthrough"
     #: Elementwise Add of two activations (residual connection): runtimes need one scale for both inputs.
     ELTWISE_ADD = "eltwise_add"
@@ -69,6 +70,8 @@ OP_TABLE: dict[str, OpSpec] = {
     "Relu": _FUSED,
     "Clip": _FUSED,
     "MaxPool": _PASSTHROUGH,
+    "AveragePool": _PASSTHROUGH,
+    "GlobalAveragePool": _PASSTHROUGH,
     "Reshape": _PASSTHROUGH,
     "Flatten": _PASSTHROUGH,
     "Transpose": _PASSTHROUGH,
