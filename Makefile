@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup
+.PHONY: demo test setup training-runtime
 
 $(BIN)/onnxcompress: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ setup: $(BIN)/onnxcompress
 demo: setup
 	$(BIN)/onnxcompress demo
 
+## The private onnxruntime-training runtime used for fine-tuning (own folder under ~/.cache, own process; see
+## runtime/training_env.py). Idempotent: a complete install is only checked. Skipped where it cannot exist.
+training-runtime: setup
+	$(BIN)/python -m onnxcompress.runtime.training_env --install --skip-unsupported
+
 ## The test suite (what CI runs).
-test: setup
+test: setup training-runtime
 	$(BIN)/python -m pytest -q
