@@ -335,7 +335,8 @@ def main(argv=None) -> int:
             results["models"][name] = {"error": f"prepare: {e}", "run_id": run_id}
             write_json(out, results)
             continue
-        qdir = out.parent / "quantized" / name
+        # one quantized/ tree per results file, so runs with different --out never overwrite each other's files
+        qdir = out.parent / ("quantized" if out.stem == "results" else f"quantized-{out.stem}") / name
         qdir.mkdir(parents=True, exist_ok=True)
         prev = results["models"].get(name, {})
         rec = {"run_id": run_id, "tools": tools, "fp32": {**m, "size_bytes": Path(m["fp32"]).stat().st_size},
