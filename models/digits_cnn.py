@@ -503,6 +503,7 @@ def build(out_dir: Path = DATA_DIR, seed: int = SEED, epochs: int = EPOCHS) -> d
     onnx.save(model, out_dir / "digits_cnn.onnx")
     np.savez_compressed(out_dir / "digits_calib.npz", input=splits["x_calib"])
     np.savez_compressed(out_dir / "digits_test.npz", input=splits["x_test"], labels=splits["y_test"])
+    write_finetune_data(splits, out_dir)
     meta = {
         "name": "digits_cnn",
         "description": "ResNet-style CNN on sklearn digits (8x8 -> bilinear 32x32), trained with NumPy.",
@@ -541,11 +542,16 @@ def build(out_dir: Path = DATA_DIR, seed: int = SEED, epochs: int = EPOCHS) -> d
     return meta
 
 
+def write_finetune_data(splits: dict[str, np.ndarray], out_dir: Path) -> None:
+    """The training split with labels, for fine-tuning (quantization-aware training) of the bundled model."""
+    np.savez_compressed(out_dir / "digits_train.npz", input=splits["x_train"], labels=splits["y_train"])
+
+
 def main() -> None:
     meta = build()
     print(f"test accuracy {meta['test_accuracy']:.4f}  "
           f"(train {meta['training']['train_seconds']}s, total {meta['training']['total_seconds']}s)")
-    print(f"wrote digits_cnn.onnx / .json, digits_calib.npz, digits_test.npz to {DATA_DIR}")
+    print(f"wrote digits_cnn.onnx / .json, digits_calib.npz, digits_test.npz, digits_train.npz to {DATA_DIR}")
 
 
 if __name__ == "__main__":

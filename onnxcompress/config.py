@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -121,3 +121,95 @@ def _describe(error: ValidationError) -> str:
         else:
             problems.append(f"'{where}': {item['msg']}")
     return "; ".join(problems)
+
+
+class QuantizationAwareTrainingConfig(QuantizationConfig):
+    """Quantization-aware training: the post-training settings pick placement and initial ranges, then the
+    ranges train with the weights (NNCF paper §4.1)."""
+
+    algorithm: Literal["quantization"] = Field("quantization", description="Compression algorithm name.")
+    quantizer_lr: float = Field(
+        1e-3, gt=0.0,
+        description="Learning rate of the quantizer ranges, relative to their calibrated size (the model's "
+                    "weights use training.learning_rate; schedules scale both).")
+
+    def post_training(self) -> QuantizationConfig:
+        """The post-training part of these settings (placement, calibration, bias correction)."""
+        values = self.model_dump(exclude={"algorithm", "quantizer_lr"})
+        return QuantizationConfig.model_validate(values)
+
+
+class Optimizer(str, enum.Enum):
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class Schedule(str, enum.Enum):
+    #: Cosine decay to zero over all steps after the warm-up.
+    COSINE = "cosine"
+    #: Multiply by `gamma` every `step_epochs` epochs.
+    STEP = "step"
+    CONSTANT = "constant"
+
+
+class Loss(str, enum.Enum):
+    CROSS_ENTROPY = "cross_entropy"
+    MSE = "mse"
+
+
+class Metric(str, enum.Enum):
+    TOP1 = "top1"
+    #: Validation loss only (lower is better).
+    LOSS = "loss"
+
+
+class Distillation(_Strict):
+    """Knowledge distillation from the original float model: loss = task loss + weight · T² · KL(teacher ‖ student)
+    on temperature-T softmaxes of the logits."""
+
+    enabled: bool = Field(False, description="Add the distillation term to the loss.")
+    temperature: float = Field(4.0, gt=0.0, description="Softmax temperature T of teacher and student.")
+    weight: float = Field(1.0, ge=0.0, description="Weight of the distillation term.")
+
+
+class TrainingConfig(_Strict):
+    """The fine-tuning loop."""
+
+    epochs: int = Field(3, ge=1, description="Passes over the training data.")
+    batch_size: int = Field(32, ge=1, description="Samples per training step.")
+    eval_batch_size: int = Field(256, ge=1, description="Samples per validation step.")
+    optimizer: Optimizer = Field(Optimizer.ADAMW, description="adamw or sgd (onnxruntime-training's optimizers).")
+    learning_rate: float = Field(1e-4, gt=0.0, description="Peak learning rate of the model's weights.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (sgd: must be 0).")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up from 0 to the peak learning rate.")
+    schedule: Schedule = Field(Schedule.COSINE, description="Learning-rate schedule after the warm-up.")
+    step_epochs: int = Field(1, ge=1, description="schedule=step: epochs between decays.")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="schedule=step: decay factor.")
+    loss: Loss = Field(Loss.CROSS_ENTROPY, description="Task loss against the labels: cross_entropy or mse.")
+    metric: Metric = Field(Metric.TOP1, description="Validation metric choosing the best checkpoint.")
+    distillation: Distillation = Field(default_factory=Distillation, description="Knowledge distillation.")
+    seed: int = Field(0, ge=0, description="Seed of the data shuffling.")
+    labels: str = Field("labels", description="Name of the label array in the training and validation data.")
+
+
+class FinetuneConfig(_Strict):
+    """`onnxcompress finetune`: compression algorithms (applied in order) and the training loop."""
+
+    compression: tuple[QuantizationAwareTrainingConfig, ...] = Field(
+        (QuantizationAwareTrainingConfig(),), min_length=1,
+        description="Compression algorithms, each a mapping with an `algorithm` key (only 'quantization' so far).")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training loop settings.")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> FinetuneConfig:
+        return cls.build(read_config_file(path), source=str(path))
+
+    @classmethod
+    def build(cls, values: dict[str, Any], *, source: str = "config") -> FinetuneConfig:
+        try:
+            config = cls.model_validate(values)
+        except ValidationError as error:
+            raise ConfigError(f"invalid {source}: {_describe(error)}") from None
+        if config.training.optimizer is Optimizer.SGD and config.training.weight_decay:
+            raise ConfigError(f"invalid {source}: 'training.weight_decay' needs optimizer adamw")
+        return config

@@ -11,7 +11,16 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.transforms.commands import Command, DequantizeWeight, QuantizeDequantize, SetConstantInput
+from onnxcompress.transforms.commands import (
+    Command,
+    DequantizeWeight,
+    FakeQuantize,
+    FakeQuantizeBias,
+    FakeQuantizeWeight,
+    QuantizeDequantize,
+    SetConstantInput,
+)
+from onnxcompress.transforms.fake_quantize import fake_quantize_bias, fake_quantize_weight, insert_fake_quantize
 from onnxcompress.transforms.graph import set_constant_input, set_input
 
 
@@ -30,6 +39,17 @@ def apply_commands(graph: gs.Graph, commands: Iterable[Command]) -> gs.Graph:
             _dequantize_weight(graph, _node(nodes, command.node), command)
         elif isinstance(command, SetConstantInput):
             _set_constant_input(_node(nodes, command.node), command)
+        elif isinstance(command, FakeQuantize):
+            if command.tensor not in tensors:
+                raise UnknownNameError(f"no tensor named {command.tensor!r}")
+            insert_fake_quantize(graph, tensors, [_node(nodes, name) for name in command.consumers], command)
+        elif isinstance(command, FakeQuantizeWeight):
+            fake_quantize_weight(graph, tensors, _node(nodes, command.node), command)
+        elif isinstance(command, FakeQuantizeBias):
+            if not {command.input_step, command.weight_step} <= tensors.keys():
+                raise UnknownNameError(f"bias of {command.node!r}: no step tensor {command.input_step!r} or "
+                                       f"{command.weight_step!r} (insert its quantizers first)")
+            fake_quantize_bias(graph, tensors, _node(nodes, command.node), command)
         else:
             raise TypeError(f"not a command: {command!r}")
     return graph.cleanup().toposort()

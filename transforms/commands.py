@@ -51,4 +51,71 @@ class SetConstantInput:
     values: np.ndarray
 
 
-Command = QuantizeDequantize | DequantizeWeight | SetConstantInput
+@dataclass(frozen=True, eq=False)
+class TrainableQuantizer:
+    """A fake quantizer with trainable range (NNCF paper §4.1), computed in float so that it can be trained.
+
+    Symmetric (`asymmetric=False`): step s = step0 · max(1 + k·δ, ε) with the trainable δ `{name}.scale_delta`
+    (shaped like `step0`, initially 0); r = s · clamp(round(x / s), q_min, q_max). s · q_max is the paper's
+    `scale`. Asymmetric: range R = range0 · max(1 + k·δ_R, ε), low L = low0 + range0 · k·δ_L (trainable
+    `{name}.range_delta`, `{name}.low_delta`), s = R / q_max, zero-point z = clamp(round(-L / s), 0, q_max)
+    (float zero maps exactly to z, as after the paper's alignment), r = s · (clamp(round(x / s) + z, 0, q_max) - z).
+
+    k = `lr_scale` gives the quantizer its own learning rate: an Adam-family step of size lr moves δ by about lr,
+    so the range moves by about k · lr of its initial size. Round needs a straight-through gradient.
+    The step s (the exported QuantizeLinear scale) is the tensor `step_name`.
+    """
+
+    name: str
+    step0: np.ndarray
+    q_min: int
+    q_max: int
+    lr_scale: float
+    asymmetric: bool = False
+    #: Asymmetric only: the initial zero-point (step0 · zero_point0 = -low0).
+    zero_point0: float = 0.0
+
+    @property
+    def step_name(self) -> str:
+        return f"{self.name}.step"
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        if self.asymmetric:
+            return (f"{self.name}.low_delta", f"{self.name}.range_delta")
+        return (f"{self.name}.scale_delta",)
+
+
+@dataclass(frozen=True, eq=False)
+class FakeQuantize:
+    """Insert `quantizer` after activation `tensor`; `consumers` and `graph_output` as for QuantizeDequantize."""
+
+    tensor: str
+    quantizer: TrainableQuantizer
+    consumers: tuple[str, ...]
+    graph_output: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class FakeQuantizeWeight:
+    """Fake-quantize constant input `port` of `node` (kept float and trainable) per channel along `axis`."""
+
+    node: str
+    port: int
+    quantizer: TrainableQuantizer
+    axis: int
+
+
+@dataclass(frozen=True, eq=False)
+class FakeQuantizeBias:
+    """Round constant input `port` of `node` to the INT32 grid of step `input_step` · `weight_step` (two step
+    tensors of fake quantizers), as the exported INT32 bias will be."""
+
+    node: str
+    port: int
+    input_step: str
+    weight_step: str
+
+
+Command = (QuantizeDequantize | DequantizeWeight | SetConstantInput | FakeQuantize | FakeQuantizeWeight
+           | FakeQuantizeBias)

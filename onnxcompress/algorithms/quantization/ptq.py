@@ -10,6 +10,7 @@ DequantizeLinear pairs. Both OpenVINO and ONNX Runtime turn this QDQ form into i
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -37,11 +38,40 @@ Batches = Iterable[Mapping[str, np.ndarray]]
 _INT32 = np.iinfo(np.int32)
 
 
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """Everything post-training quantization decided, before any graph edit: the preprocessed float `graph`,
+    the quantizer setup, weight commands, activation commands per unified-scale group (index-aligned with
+    `setup.groups`; a group may hold no command), and the corrected float biases. Quantization-aware training
+    starts from the same plan."""
+
+    graph: gs.Graph
+    setup: QuantizerSetup
+    weights: list[DequantizeWeight]
+    activation_groups: list[list[QuantizeDequantize]]
+    corrected_biases: list[SetConstantInput]
+
+    @property
+    def activations(self) -> list[QuantizeDequantize]:
+        return [command for group in self.activation_groups for command in group]
+
+
 def quantize_graph(model: onnx.ModelProto, batches: Batches, config: QuantizationConfig, *,
                    total: int | None = None, progress: bool = True, second_pass: Batches | None = None,
                    batches_for_smoothing: Batches | None = None) -> onnx.ModelProto:
     """Quantize `model` with calibration feeds `batches`; `second_pass` feeds the full bias correction and
     `batches_for_smoothing` the SmoothQuant statistics pass (each an independent pass over the data)."""
+    plan = plan_quantization(model, batches, config, total=total, progress=progress, second_pass=second_pass,
+                             batches_for_smoothing=batches_for_smoothing)
+    commands: list[Command] = [*plan.weights, *plan.activations]
+    apply_commands(plan.graph, commands + _bias_commands(plan.graph, commands, plan.corrected_biases))
+    return export_graph(plan.graph, model)
+
+
+def plan_quantization(model: onnx.ModelProto, batches: Batches, config: QuantizationConfig, *,
+                      total: int | None = None, progress: bool = True, second_pass: Batches | None = None,
+                      batches_for_smoothing: Batches | None = None) -> QuantizationPlan:
+    """Preprocess, place quantizers, calibrate and correct biases (see `quantize_graph`)."""
     graph = preprocess(model)
     ignored = resolve_ignored_scope(graph, config.ignored_scope, original=model)
     if config.smooth_quant_alpha is not None:
@@ -49,16 +79,17 @@ def quantize_graph(model: onnx.ModelProto, batches: Batches, config: Quantizatio
     setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER)
 
     requests = _range_requests(setup, config) + output_mean_requests(graph, setup, config.bias_correction)
-    stats = collect_statistics(_export(graph, model), requests, batches, total=total, progress=progress)
+    stats = collect_statistics(export_graph(graph, model), requests, batches, total=total, progress=progress)
 
-    commands: list[Command] = [*_weight_commands(graph, setup, config), *_activation_commands(setup, stats, config)]
+    weights = _weight_commands(graph, setup, config)
+    activation_groups = _activation_commands(setup, stats, config)
     corrected: list[SetConstantInput] = []
     if config.bias_correction is not BiasCorrection.NONE:
-        float_model = _export(graph, model) if config.bias_correction is BiasCorrection.FULL else None
-        corrected = bias_correction_commands(graph, float_model, setup, commands, stats, config,
+        float_model = export_graph(graph, model) if config.bias_correction is BiasCorrection.FULL else None
+        activations = [command for group in activation_groups for command in group]
+        corrected = bias_correction_commands(graph, float_model, setup, [*weights, *activations], stats, config,
                                              second_pass=second_pass, total=total, progress=progress)
-    apply_commands(graph, commands + _bias_commands(graph, commands, corrected))
-    return _export(graph, model)
+    return QuantizationPlan(graph, setup, weights, activation_groups, corrected)
 
 
 def _smooth(graph: gs.Graph, model: onnx.ModelProto, ignored: frozenset[str], batches: Batches | None,
@@ -68,7 +99,7 @@ def _smooth(graph: gs.Graph, model: onnx.ModelProto, ignored: frozenset[str], ba
         return
     if batches is None:
         raise ValueError("SmoothQuant needs its own pass over the calibration data")
-    stats = collect_statistics(_export(graph, model), abs_max_requests(targets), batches, total=total,
+    stats = collect_statistics(export_graph(graph, model), abs_max_requests(targets), batches, total=total,
                                progress=progress, description="smoothquant")
     apply_commands(graph, smoothing_commands(graph, targets, stats, alpha))
 
@@ -122,16 +153,16 @@ def _weight_commands(graph: gs.Graph, setup: QuantizerSetup, config: Quantizatio
 
 
 def _activation_commands(setup: QuantizerSetup, stats: dict[str, TensorStatistics],
-                         config: QuantizationConfig) -> list[QuantizeDequantize]:
+                         config: QuantizationConfig) -> list[list[QuantizeDequantize]]:
     mode = _mode(config)
-    commands = []
+    groups = []
     for group in setup.groups:
         ranges = [estimate_range(stats[t.tensor], config.calibration, mode=mode,
                                  percentile=config.percentile) for t in group.targets]
         params = unified_activation_params(ranges, mode)
-        commands += [QuantizeDequantize(t.tensor, p.scale, p.zero_point, t.consumers, t.graph_output)
-                     for t, p in zip(group.targets, params) if t.consumers or t.graph_output]
-    return commands
+        groups.append([QuantizeDequantize(t.tensor, p.scale, p.zero_point, t.consumers, t.graph_output)
+                       for t, p in zip(group.targets, params) if t.consumers or t.graph_output])
+    return groups
 
 
 def _bias_commands(graph: gs.Graph, commands: list[Command],
@@ -164,7 +195,7 @@ def _bias_commands(graph: gs.Graph, commands: list[Command],
     return result
 
 
-def _export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export keeping the original's opsets, IR version and metadata (the fine-tuning runtime needs IR <= 10)."""
     model = gs.export_onnx(graph, do_type_check=False)
     del model.opset_import[:]

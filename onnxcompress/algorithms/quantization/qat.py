@@ -1,0 +1,200 @@
+"""Quantization-aware training (NNCF paper §4.1): the post-training plan, made trainable, exported as the same QDQ.
+
+    plan_quantization (preprocess with BN folding, placement, calibration, bias correction)
+    →  training commands: each QDQ pair becomes a FakeQuantize with a trainable range, each INT8 weight a
+       FakeQuantizeWeight on the float weight, each INT32 bias a FakeQuantizeBias on the float bias
+    →  (training)  →  export commands: the same QuantizeDequantize / DequantizeWeight commands post-training
+       quantization emits, with steps and zero-points computed from the trained ranges exactly as the fake
+       quantizers compute them, so the exported model reproduces the fake-quantized one.
+
+Quantizers of one unified-scale group (Concat inputs, residual Add inputs) share their trainable range.
+BatchNorm is folded into the convolutions before training (preprocessing), so the trained graph is the one
+that is deployed and no running statistics drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, export_graph, plan_quantization
+from onnxcompress.algorithms.quantization.scheme import weight_levels
+from onnxcompress.compression.api import CompressionController, Parameters
+from onnxcompress.config import Preset, QuantizationAwareTrainingConfig
+from onnxcompress.transforms.applier import apply_commands
+from onnxcompress.transforms.commands import (
+    Command,
+    DequantizeWeight,
+    FakeQuantize,
+    FakeQuantizeBias,
+    FakeQuantizeWeight,
+    QuantizeDequantize,
+    TrainableQuantizer,
+)
+from onnxcompress.transforms.fake_quantize import parameter_values, trained_step_and_zero_point
+from onnxcompress.transforms.op_table import spec
+
+Batches = Iterable[Mapping[str, np.ndarray]]
+_INT32 = np.iinfo(np.int32)
+_UINT8_MAX = 255
+
+
+@dataclass(frozen=True)
+class _Activation:
+    command: FakeQuantize
+    #: Stored zero-point of the exported uint8 tensor for symmetric quantizers (128 for signed levels).
+    symmetric_offset: int
+
+
+@dataclass(frozen=True)
+class _Constant:
+    """A fake-quantized weight or bias and the name of its (trained) float constant."""
+
+    command: FakeQuantizeWeight | FakeQuantizeBias
+    constant: str
+
+
+class QuantizationController(CompressionController):
+    """Fake quantizers with trainable ranges on a float graph (see the module docstring)."""
+
+    name = "quantization"
+
+    def __init__(self, plan: QuantizationPlan, config: QuantizationAwareTrainingConfig, lr_scale: float) -> None:
+        super().__init__()
+        self.config = config
+        self._activations = _activation_quantizers(plan, config, lr_scale)
+        nodes = {node.name: node for node in plan.graph.nodes}
+        self._weights = [_weight_quantizer(nodes, command, config.weight_bits, lr_scale) for command in plan.weights]
+        self._biases = _bias_quantizers(nodes, self._activations, self._weights)
+
+    @classmethod
+    def build(cls, model: onnx.ModelProto, batches: Batches, config: QuantizationAwareTrainingConfig, *,
+              learning_rate: float, optimizer: str, total: int | None = None,
+              progress: bool = True) -> tuple[QuantizationController, onnx.ModelProto]:
+        """Calibrate `model` and plan its quantizers; returns the controller and the float graph to train
+        (preprocessed, biases corrected) on which its commands apply."""
+        plan = plan_quantization(model, batches, config.post_training(), total=total, progress=progress)
+        apply_commands(plan.graph, plan.corrected_biases)
+        return cls(plan, config, quantizer_lr_scale(config.quantizer_lr, learning_rate, optimizer)), \
+            export_graph(plan.graph, model)
+
+    @property
+    def training_commands(self) -> list[Command]:
+        return [*(a.command for a in self._activations), *(w.command for w in self._weights),
+                *(b.command for b in self._biases)]
+
+    @property
+    def initial_parameters(self) -> dict[str, np.ndarray]:
+        values: dict[str, np.ndarray] = {}
+        for quantizer in self._quantizers():
+            values.update(parameter_values(quantizer))
+        return values
+
+    def statistics(self, parameters: Parameters) -> dict[str, float]:
+        """Mean relative change of the activation and weight ranges since calibration."""
+        stats = {"activation_quantizers": float(len({a.command.quantizer.name for a in self._activations})),
+                 "weight_quantizers": float(len(self._weights))}
+        for kind, quantizers in (("activation", [a.command.quantizer for a in self._activations]),
+                                 ("weight", [w.command.quantizer for w in self._weights])):
+            ratios = [trained_step_and_zero_point(q, parameters)[0] / q.step0 for q in quantizers]
+            if ratios:
+                stats[f"{kind}_range_change"] = float(np.mean([np.abs(r - 1).mean() for r in ratios]))
+        return stats
+
+    def export_commands(self, parameters: Parameters) -> list[Command]:
+        """QDQ activations, INT8 weights and INT32 biases from the trained ranges and weights."""
+        steps: dict[str, np.ndarray] = {}
+        commands: list[Command] = []
+        for activation in self._activations:
+            command = activation.command
+            step, zero_point = trained_step_and_zero_point(command.quantizer, parameters)
+            steps[command.quantizer.step_name] = step
+            if not command.quantizer.asymmetric:
+                zero_point = np.float32(activation.symmetric_offset)
+            commands.append(QuantizeDequantize(command.tensor, step, np.asarray(zero_point).astype(np.uint8),
+                                               command.consumers, command.graph_output))
+        for weight in self._weights:
+            command = weight.command
+            step, _ = trained_step_and_zero_point(command.quantizer, parameters)
+            steps[command.quantizer.step_name] = step
+            values = parameters[weight.constant]
+            levels = np.round(values / step.reshape(_broadcast_shape(values.ndim, command.axis)))
+            quantized = np.clip(levels, command.quantizer.q_min, command.quantizer.q_max).astype(np.int8)
+            commands.append(DequantizeWeight(command.node, command.port, quantized, step, command.axis))
+        for bias in self._biases:
+            command = bias.command
+            step = (steps[command.input_step] * steps[command.weight_step]).astype(np.float32)
+            quantized = np.clip(np.round(parameters[bias.constant] / step), _INT32.min, _INT32.max)
+            commands.append(DequantizeWeight(command.node, command.port, quantized.astype(np.int32), step, axis=0))
+        return commands
+
+    def _quantizers(self) -> list[TrainableQuantizer]:
+        unique = {a.command.quantizer.name: a.command.quantizer for a in self._activations}
+        return [*unique.values(), *(w.command.quantizer for w in self._weights)]
+
+
+def quantizer_lr_scale(quantizer_lr: float, learning_rate: float, optimizer: str) -> float:
+    """k such that the relative range u = 1 + k·δ learns at `quantizer_lr` while δ learns at `learning_rate`.
+
+    Adam-family steps move δ by about the learning rate whatever the gradient's size, so u moves by k·lr;
+    SGD on δ is SGD on u with rate k²·lr.
+    """
+    ratio = quantizer_lr / learning_rate
+    return float(ratio if optimizer == "adamw" else np.sqrt(ratio))
+
+
+def _broadcast_shape(ndim: int, axis: int) -> tuple[int, ...]:
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return tuple(shape)
+
+
+def _activation_quantizers(plan: QuantizationPlan, config: QuantizationAwareTrainingConfig,
+                           lr_scale: float) -> list[_Activation]:
+    asymmetric = config.preset is Preset.MIXED
+    activations = []
+    for group in plan.activation_groups:
+        if not group:
+            continue
+        name = f"{group[0].tensor}.quantizer"
+        for command in group:
+            zero_point = int(command.zero_point)
+            signed = not asymmetric and zero_point != 0
+            quantizer = TrainableQuantizer(
+                name=name, step0=np.asarray(command.scale, np.float32),
+                q_min=-128 if signed else 0, q_max=127 if signed else _UINT8_MAX,
+                lr_scale=lr_scale, asymmetric=asymmetric, zero_point0=float(zero_point) if asymmetric else 0.0)
+            fake = FakeQuantize(command.tensor, quantizer, command.consumers, command.graph_output)
+            activations.append(_Activation(fake, zero_point if not asymmetric else 0))
+    return activations
+
+
+def _weight_quantizer(nodes: dict[str, gs.Node], command: DequantizeWeight, bits: int,
+                      lr_scale: float) -> _Constant:
+    levels = weight_levels(bits)
+    node = nodes[command.node]
+    quantizer = TrainableQuantizer(f"{node.inputs[command.port].name}.quantizer",
+                                   np.asarray(command.scale, np.float32), levels.q_min, levels.q_max, lr_scale)
+    return _Constant(FakeQuantizeWeight(command.node, command.port, quantizer, command.axis),
+                     node.inputs[command.port].name)
+
+
+def _bias_quantizers(nodes: dict[str, gs.Node], activations: list[_Activation],
+                     weights: list[_Constant]) -> list[_Constant]:
+    """Biases of compute ops whose input and weight are both quantized: they are exported as INT32."""
+    input_steps = {(consumer, a.command.tensor): a.command.quantizer.step_name
+                   for a in activations for consumer in a.command.consumers}
+    biases = []
+    for weight in weights:
+        node = nodes[weight.command.node]
+        port = spec(node).bias_port
+        has_bias = port is not None and len(node.inputs) > port and isinstance(node.inputs[port], gs.Constant)
+        input_step = input_steps.get((node.name, node.inputs[0].name))
+        if has_bias and input_step is not None:
+            command = FakeQuantizeBias(node.name, port, input_step, weight.command.quantizer.step_name)
+            biases.append(_Constant(command, node.inputs[port].name))
+    return biases

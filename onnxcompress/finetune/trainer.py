@@ -1,0 +1,343 @@
+"""The fine-tuning loop: compress, train with onnxruntime-training, keep checkpoints, export the best.
+
+    create_compressed_model (calibration on the first training samples)  →  training graph = compressed graph +
+    loss  →  artifacts (once per checkpoint folder)  →  epochs: seeded shuffle, per-step learning rate,
+    train steps, scheduler steps, validation metric, checkpoint (weights + optimizer state) and run state  →
+    best checkpoint  →  exported deployable model
+
+Resuming: the checkpoint folder holds the artifacts, `last.ckpt` (with optimizer state), `best.ckpt` and
+`run.json` (finished epochs, history, best metric, scheduler states, a fingerprint of model and settings).
+A resumed run restarts the interrupted epoch from its beginning, with the same order and learning rates, so it
+ends where an uninterrupted run ends. Every file is written atomically; `run.json` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from onnxcompress.algorithms.quantization.ptq import export_graph
+from onnxcompress.compression.registry import CompressedModel, create_compressed_model
+from onnxcompress.config import FinetuneConfig, Loss, Metric, Schedule, TrainingConfig
+from onnxcompress.data import model_inputs
+from onnxcompress.errors import ConfigError, OutputError
+from onnxcompress.finetune.data import Batch, LabelledData, LabelSpec
+from onnxcompress.finetune.loss import LABELS_INPUT, TEACHER_INPUT, LossBuilder, add_loss
+from onnxcompress.runtime.outputs import write_text_atomic
+from onnxcompress.runtime.training import TrainingRuntimeSession
+from onnxcompress.transforms.op_table import Role, spec
+
+MetricFunction = Callable[[np.ndarray, np.ndarray], float]
+RUN_STATE = "run.json"
+ARTIFACTS = "artifacts"
+LAST, BEST = "last.ckpt", "best.ckpt"
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    metric: float
+    learning_rate: float
+    statistics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    fingerprint: str
+    #: Validation metric of the compressed model before training (the post-training starting point).
+    initial_metric: float | None = None
+    epochs_done: int = 0
+    best_epoch: int | None = None
+    best_metric: float | None = None
+    history: list[EpochRecord] = field(default_factory=list)
+    schedulers: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: Path) -> RunState:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["history"] = [EpochRecord(**record) for record in data["history"]]
+        return cls(**data)
+
+    def write(self, path: Path) -> None:
+        write_text_atomic(path, json.dumps(asdict(self), indent=2))
+
+
+@dataclass
+class FinetuneResult:
+    model: onnx.ModelProto
+    compressed: CompressedModel
+    history: list[EpochRecord]
+    best_epoch: int
+    best_metric: float
+    #: Validation metric of the fake-quantized model before training (the post-training starting point).
+    initial_metric: float
+    #: Largest |exported - fake-quantized| validation logit difference relative to the logit range, with ONNX
+    #: Runtime running the exported QDQ model in float (exact arithmetic) and with its fused integer kernels.
+    export_error_float_path: float
+    export_error_integer_kernels: float
+
+
+def learning_rate_at(step: int, steps_per_epoch: int, config: TrainingConfig) -> float:
+    """The learning rate of global step `step`: linear warm-up, then the configured schedule."""
+    peak = config.learning_rate
+    if step < config.warmup_steps:
+        return peak * (step + 1) / config.warmup_steps
+    if config.schedule is Schedule.CONSTANT:
+        return peak
+    if config.schedule is Schedule.STEP:
+        return peak * config.gamma ** ((step // steps_per_epoch) // config.step_epochs)
+    total = max(config.epochs * steps_per_epoch - config.warmup_steps, 1)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * (step - config.warmup_steps) / total))
+
+
+def trainable_weights(model: onnx.ModelProto) -> list[str]:
+    """Float constants the task trains: weights and biases of compute ops (op table) and LayerNorm affines."""
+    graph = gs.import_onnx(model)
+    names: dict[str, None] = {}
+    for node in graph.nodes:
+        entry = spec(node)
+        ports = [entry.weight_port, entry.bias_port] if entry.role is Role.COMPUTE else []
+        if node.op == "LayerNormalization":
+            ports = [1, 2]
+        for port in ports:
+            if port is not None and port < len(node.inputs):
+                tensor = node.inputs[port]
+                if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32:
+                    names[tensor.name] = None
+    return list(names)
+
+
+class Trainer:
+    """One fine-tuning run; see the module docstring. Use `run()`."""
+
+    def __init__(self, model: onnx.ModelProto, train: Any, val: Any, config: FinetuneConfig, checkpoint_dir: Path,
+                 *, resume: bool = False, progress: bool = True, loss: LossBuilder | None = None,
+                 metric: MetricFunction | None = None, session: TrainingRuntimeSession | None = None) -> None:
+        self.model, self.config, self.settings = model, config, config.training
+        self.checkpoint_dir, self.resume, self.progress = Path(checkpoint_dir), resume, progress
+        self.custom_loss, self.custom_metric = loss, metric
+        self.inputs = model_inputs(model)
+        label_spec = LabelSpec(self.settings.loss, _output_shape(model))
+        label_name = self.settings.labels
+        self.train = LabelledData(train, self.inputs, label_spec, label_name=label_name, what="training data")
+        self.val = LabelledData(val, self.inputs, label_spec, label_name=label_name, what="validation data")
+        self._session = session
+        self._teacher: ort.InferenceSession | None = None
+
+    # ------------------------------------------------------------------------------------------------ run
+
+    def run(self) -> FinetuneResult:
+        self._prepare_folder()
+        compressed = create_compressed_model(
+            self.model, self.config.compression, self._calibration_batches, learning_rate=self.settings.learning_rate,
+            optimizer=self.settings.optimizer.value, total=self._calibration_count(), progress=self.progress)
+        training_model = self._training_model(compressed)
+        state = self._load_or_start(training_model)
+        if self.settings.distillation.enabled:
+            self._teacher = ort.InferenceSession(compressed.float_model.SerializeToString(),
+                                                 providers=["CPUExecutionProvider"])
+        owns_session = self._session is None
+        session = self._session or TrainingRuntimeSession()
+        try:
+            self._open(session, compressed, training_model, state)
+            if state.initial_metric is None:
+                state.initial_metric, _ = self._evaluate(session)
+            for epoch in range(state.epochs_done, self.settings.epochs):
+                self._train_epoch(session, compressed, state, epoch)
+            session.open(self.checkpoint_dir / ARTIFACTS, checkpoint=self.checkpoint_dir / BEST)
+            parameters = session.get_parameters()
+            exported = compressed.export(parameters)
+            errors = self._export_errors(session, exported)
+        finally:
+            if owns_session:
+                session.close()
+        assert state.best_epoch is not None and state.best_metric is not None
+        return FinetuneResult(exported, compressed, state.history, state.best_epoch, state.best_metric,
+                              state.initial_metric, *errors)
+
+    # ------------------------------------------------------------------------------------------- set-up
+
+    def _prepare_folder(self) -> None:
+        folder = self.checkpoint_dir
+        if (folder / RUN_STATE).exists() and not self.resume:
+            raise ConfigError(f"checkpoint folder {folder} holds a run already: resume it (--resume) or remove it")
+        if self.resume and not (folder / RUN_STATE).exists():
+            raise ConfigError(f"nothing to resume: {folder / RUN_STATE} does not exist")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise OutputError(f"checkpoint folder {folder} is not writable: {error.strerror or error}") from None
+
+    def _calibration_count(self) -> int:
+        subset = min(c.subset_size for c in self.config.compression)
+        return min(subset, len(self.train)) if self.train.shuffled else subset
+
+    def _calibration_batches(self):
+        """Single-sample feeds of the first training samples, in file order."""
+        remaining = self._calibration_count()
+        for feeds, _ in self.train.batches(self.settings.batch_size):
+            for row in range(len(next(iter(feeds.values())))):
+                if remaining == 0:
+                    return
+                remaining -= 1
+                yield {name: array[row:row + 1] for name, array in feeds.items()}
+
+    def _training_model(self, compressed: CompressedModel) -> onnx.ModelProto:
+        graph = gs.import_onnx(compressed.training_model)
+        label_dtype = np.int64 if self.settings.loss is Loss.CROSS_ENTROPY else np.float32
+        add_loss(graph, loss=self.custom_loss or self.settings.loss, distillation=self.settings.distillation,
+                 compression_losses=compressed.loss_outputs, label_dtype=label_dtype)
+        model = export_graph(graph, compressed.training_model)
+        # The new tensors carry a type without a shape, which the training runtime's checker rejects.
+        del model.graph.value_info[:]
+        return model
+
+    def _fingerprint(self, training_model: onnx.ModelProto) -> str:
+        digest = hashlib.sha256(training_model.SerializeToString(deterministic=True))
+        digest.update(self.config.model_dump_json().encode())
+        return digest.hexdigest()
+
+    def _load_or_start(self, training_model: onnx.ModelProto) -> RunState:
+        fingerprint = self._fingerprint(training_model)
+        path = self.checkpoint_dir / RUN_STATE
+        if not self.resume:
+            shutil.rmtree(self.checkpoint_dir / ARTIFACTS, ignore_errors=True)
+            return RunState(fingerprint)
+        state = RunState.read(path)
+        if state.fingerprint != fingerprint:
+            raise ConfigError(f"cannot resume from {self.checkpoint_dir}: it was made for a different model, data or "
+                              "configuration")
+        return state
+
+    def _open(self, session: TrainingRuntimeSession, compressed: CompressedModel, training_model: onnx.ModelProto,
+              state: RunState) -> None:
+        artifacts = self.checkpoint_dir / ARTIFACTS
+        if not (artifacts / "artifacts.json").exists():
+            model_path = self.checkpoint_dir / "training_model.onnx"
+            model_path.write_bytes(training_model.SerializeToString())
+            session.register_gradient("Round")  # the straight-through estimator of the fake quantizers
+            trainable = trainable_weights(compressed.float_model) + list(compressed.compression_parameters)
+            session.generate_artifacts(model_path, artifacts, trainable=trainable, loss="none",
+                                       optimizer=self.settings.optimizer.value,
+                                       weight_decay=self.settings.weight_decay)
+            model_path.unlink()
+        checkpoint = self.checkpoint_dir / LAST if state.epochs_done else None
+        session.open(artifacts, checkpoint=checkpoint, learning_rate=self.settings.learning_rate)
+        for controller, scheduler_state in zip(compressed.controllers, state.schedulers):
+            controller.scheduler.load_state(scheduler_state)
+
+    # ------------------------------------------------------------------------------------------- epochs
+
+    def _train_epoch(self, session: TrainingRuntimeSession, compressed: CompressedModel, state: RunState,
+                     epoch: int) -> None:
+        settings = self.settings
+        steps = self.train.steps(settings.batch_size)
+        seed = settings.seed * 1_000_003 + epoch if self.train.shuffled else None
+        batches = self.train.batches(settings.batch_size, seed)
+        bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step",
+                   disable=not self.progress, leave=False)
+        losses, learning_rate = [], settings.learning_rate
+        for index, batch in enumerate(bar):
+            learning_rate = learning_rate_at(epoch * (steps or 0) + index, steps or 1, settings)
+            session.set_lr(learning_rate)
+            losses.append(session.train_step(self._feeds(batch)).loss)
+            for controller in compressed.controllers:
+                if changes := controller.scheduler.step():
+                    session.set_parameters(changes)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.close()
+        for controller in compressed.controllers:
+            if changes := controller.scheduler.epoch_step():
+                session.set_parameters(changes)
+        metric, val_loss = self._evaluate(session)
+        statistics = compressed.statistics(session.get_parameters(list(compressed.compression_parameters)))
+        record = EpochRecord(epoch + 1, float(np.mean(losses)), val_loss, metric, learning_rate, statistics)
+        self._checkpoint(session, compressed, state, record)
+        if self.progress:
+            tqdm.write(f"epoch {record.epoch}/{settings.epochs}: train loss {record.train_loss:.4f}, val loss "
+                       f"{val_loss:.4f}, {settings.metric.value} {metric:.4f}")
+
+    def _checkpoint(self, session: TrainingRuntimeSession, compressed: CompressedModel, state: RunState,
+                    record: EpochRecord) -> None:
+        folder = self.checkpoint_dir
+        session.save_checkpoint(folder / LAST, include_optimizer_state=True)
+        if state.best_metric is None or self._better(record.metric, state.best_metric):
+            session.save_checkpoint(folder / BEST)
+            state.best_epoch, state.best_metric = record.epoch, record.metric
+        state.epochs_done = record.epoch
+        state.history.append(record)
+        state.schedulers = [controller.scheduler.state() for controller in compressed.controllers]
+        state.write(folder / RUN_STATE)
+
+    def _better(self, metric: float, best: float) -> bool:
+        return metric < best if self.settings.metric is Metric.LOSS else metric > best
+
+    # ---------------------------------------------------------------------------------------- evaluation
+
+    def _feeds(self, batch: Batch) -> dict[str, np.ndarray]:
+        feeds, labels = batch
+        feeds = {**feeds, LABELS_INPUT: labels}
+        if self._teacher is not None:
+            feeds[TEACHER_INPUT] = self._teacher.run(None, {spec.name: feeds[spec.name] for spec in self.inputs})[0]
+        return feeds
+
+    def _evaluate(self, session: TrainingRuntimeSession) -> tuple[float, float]:
+        """(metric, mean loss) of the current weights on the validation data, through the eval model."""
+        logits, labels, losses, counts = self._predict(session)
+        loss = float(np.average(losses, weights=counts))
+        if self.settings.metric is Metric.LOSS:
+            return loss, loss
+        metric = self.custom_metric or top1
+        return float(metric(logits, labels)), loss
+
+    def _predict(self, session: TrainingRuntimeSession) -> tuple[np.ndarray, np.ndarray, list[float], list[int]]:
+        outputs, labels, losses, counts = [], [], [], []
+        for batch in self.val.batches(self.settings.eval_batch_size):
+            result = session.eval_step(self._feeds(batch))
+            outputs.append(next(iter(result.outputs.values())))
+            labels.append(batch[1])
+            losses.append(result.loss)
+            counts.append(len(batch[1]))
+        return np.concatenate(outputs), np.concatenate(labels), losses, counts
+
+    def _export_errors(self, session: TrainingRuntimeSession, exported: onnx.ModelProto) -> tuple[float, float]:
+        """Max |ORT(exported) - fake-quantized eval| over the validation logits, relative to their range, without
+        and with ONNX Runtime's graph optimizations (which fuse QDQ into integer kernels)."""
+        fake_quantized, _, _, _ = self._predict(session)
+        value_range = float(fake_quantized.max() - fake_quantized.min()) or 1.0
+        errors = []
+        for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = level
+            runner = ort.InferenceSession(exported.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            logits = np.concatenate([runner.run(None, feeds)[0]
+                                     for feeds, _ in self.val.batches(self.settings.eval_batch_size)])
+            errors.append(float(np.abs(logits - fake_quantized).max() / value_range))
+        return errors[0], errors[1]
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.reshape(len(labels), -1).argmax(axis=1) == labels).mean())
+
+
+def _output_shape(model: onnx.ModelProto) -> tuple[int | None, ...]:
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
