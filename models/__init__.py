@@ -16,13 +16,15 @@ class Sample:
     """A bundled model with its calibration and held-out test data.
 
     ``calibration_path`` is an ``.npz`` whose arrays are keyed by model input name
-    (axis 0 enumerates samples); ``test_path`` additionally holds ``labels``.
+    (axis 0 enumerates samples); ``test_path`` and ``train_path`` (fine-tuning data) additionally
+    hold ``labels``.
     """
 
     name: str
     model_path: Path
     calibration_path: Path
     test_path: Path
+    train_path: Path
     description: str
 
     def load_test(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -38,12 +40,13 @@ class Sample:
             return {k: data[k] for k in data.files}
 
 
-# name -> (model file, calibration file, test file, description); files live in data/.
-_SAMPLES: dict[str, tuple[str, str, str, str]] = {
+# name -> (model file, calibration file, test file, training file, description); files live in data/.
+_SAMPLES: dict[str, tuple[str, str, str, str, str]] = {
     "digits_cnn": (
         "digits_cnn.onnx",
         "digits_calib.npz",
         "digits_test.npz",
+        "digits_train.npz",
         "ResNet-style CNN (Conv+BN+ReLU, residual Add) on sklearn digits upsampled to "
         "32x32; input 'input' [N,1,32,32] = pixel/16, output 'logits' [N,10]. "
         "Rebuild with `python -m onnxcompress.models.digits_cnn`.",
@@ -65,7 +68,7 @@ def available() -> list[str]:
 def sample(name: str = "digits_cnn") -> Sample:
     """Look up a bundled sample by name; raises ``ValueError`` listing the known names."""
     try:
-        model, calib, test, description = _SAMPLES[name]
+        model, calib, test, train, description = _SAMPLES[name]
     except KeyError:
         raise ValueError(f"unknown sample {name!r}; available: {', '.join(available())}") from None
     data = _data_dir()
@@ -74,6 +77,7 @@ def sample(name: str = "digits_cnn") -> Sample:
         model_path=data / model,
         calibration_path=data / calib,
         test_path=data / test,
+        train_path=data / train,
         description=description,
     )
 

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
 from onnxcompress.algorithms.quantization.ptq import quantize_graph
-from onnxcompress.config import BiasCorrection, QuantizationConfig
+from onnxcompress.config import BiasCorrection, FinetuneConfig, QuantizationConfig
 from onnxcompress.data import calibration_batches, count_samples, model_inputs
 from onnxcompress.errors import DatasetError
 from onnxcompress.models import sample_for_model
 from onnxcompress.runtime.model_io import load_model
 
 ModelLike = onnx.ModelProto | str | os.PathLike
+
+if TYPE_CHECKING:
+    from onnxcompress.finetune.loss import LossBuilder
+    from onnxcompress.finetune.trainer import FinetuneResult, MetricFunction
 
 
 def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None, *,
@@ -47,6 +51,32 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
                            "folder, not a one-shot iterator")
     return quantize_graph(proto, batches(), config, total=total, progress=progress, second_pass=second_pass,
                           batches_for_smoothing=smoothing_pass)
+
+
+def finetune(model: ModelLike, train: Any = None, val: Any = None, config: FinetuneConfig | None = None, *,
+             checkpoint_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
+             loss: LossBuilder | None = None, metric: MetricFunction | None = None) -> FinetuneResult:
+    """Compress `model` with the configured algorithms and fine-tune it; the result holds the deployable model.
+
+    `train`/`val` are labelled data (an .npz or .npy folder with the model inputs plus `labels`, a `(feeds,
+    labels)` pair, or an iterable of batched pairs); the bundled samples bring their own. `loss` replaces the
+    task loss by a graph builder `(graph, logits, labels) -> scalar tensor`, `metric` the top-1 metric by a
+    function `(logits, labels) -> float` (higher is better). Checkpoints go to `checkpoint_dir`; `resume`
+    continues the run found there.
+    """
+    from onnxcompress.finetune.trainer import Trainer
+
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    bundled = sample_for_model(model) if not isinstance(model, onnx.ModelProto) else None
+    if train is None or val is None:
+        if bundled is None:
+            raise DatasetError("fine-tuning needs training and validation data (only the bundled samples bring "
+                               "their own)")
+        train = bundled.train_path if train is None else train
+        val = bundled.test_path if val is None else val
+    trainer = Trainer(proto, train, val, config or FinetuneConfig(), Path(checkpoint_dir), resume=resume,
+                      progress=progress, loss=loss, metric=metric)
+    return trainer.run()
 
 
 def _merge(config: QuantizationConfig | None, options: dict[str, Any]) -> QuantizationConfig:

@@ -1,4 +1,4 @@
-"""The `onnxcompress` command line: quantize, export, benchmark, compare, inspect, demo.
+"""The `onnxcompress` command line: quantize, finetune, export, benchmark, compare, inspect, demo.
 
 Every command builds the same typed objects as the Python API. Errors of the OnnxCompressError family print one
 line naming the failed stage and exit non-zero; no traceback reaches the user.
@@ -64,6 +64,47 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
     saved = save_model(quantized, output)
     before, after = model_file_size(model), model_file_size(saved)
     click.echo(f"wrote {saved} ({after / 1e6:.2f} MB, {after / before:.2f}× of {before / 1e6:.2f} MB)")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output .onnx (default: <model>.qat.int8.onnx).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="YAML/JSON FinetuneConfig: compression algorithms and training settings.")
+@click.option("--train", "train_data", help="Training data: .npz (model inputs + labels) or a folder of .npy files.")
+@click.option("--val", "val_data", help="Validation data, same form.")
+@click.option("--epochs", type=int, help="Override training.epochs.")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path),
+              help="Checkpoints and run state (default: <output>.checkpoints).")
+@click.option("--resume", is_flag=True, help="Continue the run in the checkpoint folder.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def finetune(model: Path, output: Path | None, config_file: Path | None, train_data: str | None,
+             val_data: str | None, epochs: int | None, checkpoint_dir: Path | None, resume: bool,
+             no_progress: bool) -> None:
+    """Compress MODEL and fine-tune it (quantization-aware training); writes the deployable model."""
+    from onnxcompress.api import finetune as run_finetune
+    from onnxcompress.config import FinetuneConfig, read_config_file
+    from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
+
+    values = read_config_file(config_file) if config_file else {}
+    if epochs is not None:
+        values = {**values, "training": {**values.get("training", {}), "epochs": epochs}}
+    config = FinetuneConfig.build(values, source=str(config_file or "options"))
+    output = output or model.with_name(model.stem + ".qat.int8.onnx")
+    check_output_path(model, output)
+    checkpoint_dir = checkpoint_dir or output.with_name(output.name + ".checkpoints")
+    result = run_finetune(model, train_data, val_data, config, checkpoint_dir=checkpoint_dir, resume=resume,
+                          progress=not no_progress)
+    saved = save_model(result.model, output)
+    metric = config.training.metric.value
+    click.echo(f"{metric}: compressed before training {result.initial_metric:.4f}, best {result.best_metric:.4f} "
+               f"(epoch {result.best_epoch}); exported vs fake-quantized logits: max error "
+               f"{result.export_error_float_path:.2e} (float path), {result.export_error_integer_kernels:.2e} "
+               "(ONNX Runtime integer kernels) of the logit range")
+    before, after = model_file_size(model), model_file_size(saved)
+    click.echo(f"wrote {saved} ({after / 1e6:.2f} MB, {after / before:.2f}× of {before / 1e6:.2f} MB); "
+               f"checkpoints in {checkpoint_dir}")
 
 
 @cli.command()

@@ -201,6 +201,7 @@ class Trainer:
 
     def _training_model(self, compressed: CompressedModel) -> onnx.ModelProto:
         graph = gs.import_onnx(compressed.training_model)
+        _expose_layer_norm_statistics(graph)
         label_dtype = np.int64 if self.settings.loss is Loss.CROSS_ENTROPY else np.float32
         add_loss(graph, loss=self.custom_loss or self.settings.loss, distillation=self.settings.distillation,
                  compression_losses=compressed.loss_outputs, label_dtype=label_dtype)
@@ -331,6 +332,14 @@ class Trainer:
                                      for feeds, _ in self.val.batches(self.settings.eval_batch_size)])
             errors.append(float(np.abs(logits - fake_quantized).max() / value_range))
         return errors[0], errors[1]
+
+
+def _expose_layer_norm_statistics(graph: gs.Graph) -> None:
+    """onnxruntime-training's LayerNormalization gradient reads the optional Mean and InvStdDev outputs."""
+    for node in graph.nodes:
+        if node.op == "LayerNormalization" and len(node.outputs) == 1:
+            node.outputs += [gs.Variable(f"{node.name}.mean", dtype=np.float32),
+                             gs.Variable(f"{node.name}.inv_std_dev", dtype=np.float32)]
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:

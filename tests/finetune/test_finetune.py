@@ -1,0 +1,144 @@
+"""Quantization-aware fine-tuning end to end, through the real onnxruntime-training worker.
+
+Models: the ResNet-style tiny CNN of conftest (Conv+BN+ReLU, residual Add, Gemm) and the transformer block of the
+model zoo (MatMul, LayerNorm, Softmax, GELU). Labels come from the float model itself, so the float accuracy is
+100% by construction and any loss of accuracy is quantization's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import TINY_CNN_INPUT, build_tiny_cnn
+
+from onnxcompress.api import finetune
+from onnxcompress.config import FinetuneConfig
+from onnxcompress.errors import TrainingRuntimeMissing
+from onnxcompress.models.transformer_block import build_transformer_block
+from onnxcompress.runtime.ort_kernels import ort_kernel_summary
+from onnxcompress.runtime.training import TrainingRuntimeSession
+from onnxcompress.runtime.training_env import TrainingRuntime, ensure_training_runtime
+
+
+@pytest.fixture(scope="module")
+def runtime() -> TrainingRuntime:
+    try:
+        return ensure_training_runtime(install=True)
+    except TrainingRuntimeMissing as exc:
+        pytest.skip(f"onnxruntime-training cannot be installed on this machine: {exc}")
+
+
+def float_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+
+
+def cnn_data(model: onnx.ModelProto, samples: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    x = np.random.default_rng(seed).standard_normal((samples, 3, 16, 16)).astype(np.float32)
+    return {TINY_CNN_INPUT: x}, float_outputs(model, {TINY_CNN_INPUT: x}).argmax(axis=1).astype(np.int64)
+
+
+def config(**training: Any) -> FinetuneConfig:
+    settings = {"epochs": 2, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 2, **training}
+    return FinetuneConfig.build({"compression": [{"algorithm": "quantization", "subset_size": 32,
+                                                  "quantizer_lr": 1e-2}], "training": settings})
+
+
+@pytest.fixture(scope="module")
+def cnn() -> onnx.ModelProto:
+    return build_tiny_cnn(seed=3)
+
+
+def test_qat_of_a_resnet_style_cnn_exports_integer_qdq(runtime: TrainingRuntime, cnn: onnx.ModelProto,
+                                                        tmp_path: Path) -> None:
+    result = finetune(cnn, cnn_data(cnn, 128, 1), cnn_data(cnn, 64, 2), config(), checkpoint_dir=tmp_path / "ckpt",
+                      progress=False)
+    assert [record.epoch for record in result.history] == [1, 2]
+    assert result.best_metric >= result.initial_metric - 0.05 and result.best_metric >= 0.85
+    statistics = result.history[-1].statistics
+    assert statistics["quantization/activation_range_change"] > 0  # the ranges trained
+    assert statistics["quantization/weight_range_change"] > 0
+    # The export is the fake-quantized model, exactly, when ONNX Runtime computes the QDQ graph in float.
+    assert result.export_error_float_path < 1e-6
+    assert result.export_error_integer_kernels < 0.02
+
+    model = result.model
+    onnx.checker.check_model(model, full_check=True)
+    ops = [node.op_type for node in model.graph.node]
+    assert "BatchNormalization" not in ops  # folded before training
+    int8_weights = [i.name for i in model.graph.initializer
+                    if i.data_type == onnx.TensorProto.INT8 and i.name.endswith("_q")]
+    assert len(int8_weights) == 3  # conv1, conv2, fc
+    path = tmp_path / "qat.onnx"
+    onnx.save(model, path)
+    assert ort_kernel_summary(path).all_integer
+
+
+def test_qat_of_a_transformer_block_with_mse(runtime: TrainingRuntime, tmp_path: Path) -> None:
+    model = build_transformer_block(dim=32, heads=2, hidden=64)
+    rng = np.random.default_rng(0)
+
+    def data(samples: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        tokens = rng.standard_normal((samples, 6, 32)).astype(np.float32)
+        return {"tokens": tokens}, float_outputs(model, {"tokens": tokens})
+
+    settings = FinetuneConfig.build({
+        "compression": [{"algorithm": "quantization", "model_type": "transformer", "subset_size": 16}],
+        "training": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-4, "loss": "mse", "metric": "loss"}})
+    result = finetune(model, data(48), data(16), settings, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert result.best_metric <= result.initial_metric * 1.05
+    assert result.export_error_float_path < 1e-6
+    quantized_matmuls = [n for n in result.model.graph.node if n.op_type == "MatMul"
+                         and any(i.endswith("_dq") for i in n.input)]
+    assert len(quantized_matmuls) >= 6  # Q, K, V, output and the two MLP projections (plus attention products)
+    layer_norms = [n for n in result.model.graph.node if n.op_type == "LayerNormalization"]
+    assert layer_norms and not any(i.endswith("_dq") for n in layer_norms for i in n.input[:1])
+
+
+class InterruptAfter:
+    """A session that raises (like a kill) after `steps` training steps; everything else is the real one."""
+
+    def __init__(self, session: TrainingRuntimeSession, steps: int) -> None:
+        self._session, self._left = session, steps
+
+    def train_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._left == 0:
+            raise KeyboardInterrupt
+        self._left -= 1
+        return self._session.train_step(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+@pytest.fixture()
+def session(runtime: TrainingRuntime) -> Iterator[TrainingRuntimeSession]:
+    with TrainingRuntimeSession(runtime) as opened:
+        yield opened
+
+
+def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(
+        runtime: TrainingRuntime, cnn: onnx.ModelProto, tmp_path: Path, session: TrainingRuntimeSession) -> None:
+    train, val = cnn_data(cnn, 96, 1), cnn_data(cnn, 32, 2)
+    settings = config(epochs=3)
+    straight = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "straight", progress=False)
+
+    from onnxcompress.finetune.trainer import Trainer
+
+    steps_per_epoch = 96 // 16
+    interrupted = Trainer(cnn, train, val, settings, tmp_path / "resumed", progress=False,
+                          session=InterruptAfter(session, steps_per_epoch + 2))  # type: ignore[arg-type]
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run()
+    resumed = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "resumed", resume=True, progress=False)
+
+    assert [r.metric for r in resumed.history] == [r.metric for r in straight.history]
+    assert [r.train_loss for r in resumed.history] == pytest.approx([r.train_loss for r in straight.history],
+                                                                    rel=1e-6)
+    for a, b in zip(straight.model.graph.initializer, resumed.model.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), err_msg=a.name)
