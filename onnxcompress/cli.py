@@ -37,13 +37,14 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Activation range estimator.")
 @click.option("--model-type", type=click.Choice(["cnn", "transformer"]), help="Quantization rules to follow.")
 @click.option("--bias-correction", type=click.Choice(["none", "fast", "full"]), help="Bias correction variant.")
+@click.option("--weight-bits", type=click.IntRange(2, 8), help="Bit width of the weights (default 8).")
 @click.option("--smooth-quant-alpha", type=float, help="Enable SmoothQuant for MatMul inputs with this alpha.")
 @click.option("--ignore-names", multiple=True, help="Node names to keep in float (repeat or comma-separate).")
 @click.option("--ignore-types", multiple=True, help="Op types to keep in float.")
 @click.option("--ignore-patterns", multiple=True, help="Regexes over node names to keep in float.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
-             calibration, model_type, bias_correction, smooth_quant_alpha, ignore_names, ignore_types,
+             calibration, model_type, bias_correction, weight_bits, smooth_quant_alpha, ignore_names, ignore_types,
              ignore_patterns, no_progress: bool) -> None:
     """Post-training INT8 quantization of MODEL."""
     from onnxcompress.api import quantize as run_quantize
@@ -52,7 +53,8 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
 
     options = {key: value for key, value in {
         "preset": preset, "subset_size": subset_size, "calibration": calibration, "model_type": model_type,
-        "bias_correction": bias_correction, "smooth_quant_alpha": smooth_quant_alpha}.items() if value is not None}
+        "bias_correction": bias_correction, "weight_bits": weight_bits,
+        "smooth_quant_alpha": smooth_quant_alpha}.items() if value is not None}
     scope = {"names": _split(ignore_names), "types": _split(ignore_types), "patterns": _split(ignore_patterns)}
     if any(scope.values()):
         options["ignored_scope"] = scope
@@ -78,10 +80,11 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path),
               help="Checkpoints and run state (default: <output>.checkpoints).")
 @click.option("--resume", is_flag=True, help="Continue the run in the checkpoint folder.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write metrics, history and export errors as JSON.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def finetune(model: Path, output: Path | None, config_file: Path | None, train_data: str | None,
              val_data: str | None, epochs: int | None, checkpoint_dir: Path | None, resume: bool,
-             no_progress: bool) -> None:
+             report: Path | None, no_progress: bool) -> None:
     """Compress MODEL and fine-tune it (quantization-aware training); writes the deployable model."""
     from onnxcompress.api import finetune as run_finetune
     from onnxcompress.config import FinetuneConfig, read_config_file
@@ -97,6 +100,10 @@ def finetune(model: Path, output: Path | None, config_file: Path | None, train_d
     result = run_finetune(model, train_data, val_data, config, checkpoint_dir=checkpoint_dir, resume=resume,
                           progress=not no_progress)
     saved = save_model(result.model, output)
+    if report:
+        from onnxcompress.runtime.outputs import write_text_atomic
+
+        write_text_atomic(report, json.dumps(result.summary(), indent=2))
     metric = config.training.metric.value
     click.echo(f"{metric}: compressed before training {result.initial_metric:.4f}, best {result.best_metric:.4f} "
                f"(epoch {result.best_epoch}); exported vs fake-quantized logits: max error "

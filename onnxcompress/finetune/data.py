@@ -145,7 +145,8 @@ def _read_arrays(path: Path, names: list[str], what: str) -> dict[str, np.ndarra
         with np.load(path, allow_pickle=False) as archive:
             missing = [name for name in names if name not in archive.files]
             if missing:
-                raise DatasetError(f"{what}: {path} has arrays {archive.files}, missing {missing}")
+                raise DatasetError(f"{what}: {path} has arrays {archive.files}, missing {missing} (it needs one "
+                                   f"array per model input plus the labels, axis 0 enumerating samples)")
             return {name: archive[name] for name in names}
     except (OSError, ValueError) as error:
         raise DatasetError(f"{what}: cannot read {path}: {error}") from None

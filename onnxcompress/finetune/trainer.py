@@ -78,6 +78,8 @@ class RunState:
 
 @dataclass
 class FinetuneResult:
+    """The deployable model and how the run went (`summary()` gives the numbers as JSON-ready data)."""
+
     model: onnx.ModelProto
     compressed: CompressedModel
     history: list[EpochRecord]
@@ -89,6 +91,12 @@ class FinetuneResult:
     #: Runtime running the exported QDQ model in float (exact arithmetic) and with its fused integer kernels.
     export_error_float_path: float
     export_error_integer_kernels: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"initial_metric": self.initial_metric, "best_epoch": self.best_epoch, "best_metric": self.best_metric,
+                "export_error_float_path": self.export_error_float_path,
+                "export_error_integer_kernels": self.export_error_integer_kernels,
+                "history": [asdict(record) for record in self.history]}
 
 
 def learning_rate_at(step: int, steps_per_epoch: int, config: TrainingConfig) -> float:
@@ -102,6 +110,21 @@ def learning_rate_at(step: int, steps_per_epoch: int, config: TrainingConfig) ->
         return peak * config.gamma ** ((step // steps_per_epoch) // config.step_epochs)
     total = max(config.epochs * steps_per_epoch - config.warmup_steps, 1)
     return peak * 0.5 * (1.0 + math.cos(math.pi * (step - config.warmup_steps) / total))
+
+
+def build_training_model(model: onnx.ModelProto, settings: TrainingConfig, compression_losses: list[str],
+                         custom_loss: LossBuilder | None = None) -> onnx.ModelProto:
+    """`model` with the loss of `settings` (its first output becomes `loss`) in the form the training runtime
+    differentiates."""
+    graph = gs.import_onnx(model)
+    _expose_layer_norm_statistics(graph)
+    label_dtype = np.int64 if settings.loss is Loss.CROSS_ENTROPY else np.float32
+    add_loss(graph, loss=custom_loss or settings.loss, distillation=settings.distillation,
+             compression_losses=compression_losses, label_dtype=label_dtype)
+    training_model = export_graph(graph, model)
+    # The new tensors carry a type without a shape, which the training runtime's checker rejects.
+    del training_model.graph.value_info[:]
+    return training_model
 
 
 def trainable_weights(model: onnx.ModelProto) -> list[str]:
@@ -141,7 +164,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self) -> FinetuneResult:
-        self._prepare_folder()
+        created = self._prepare_folder()
+        try:
+            return self._run()
+        except BaseException:
+            # A run that failed before its first checkpoint leaves nothing behind.
+            if created and not (self.checkpoint_dir / RUN_STATE).exists():
+                shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            raise
+
+    def _run(self) -> FinetuneResult:
         compressed = create_compressed_model(
             self.model, self.config.compression, self._calibration_batches, learning_rate=self.settings.learning_rate,
             optimizer=self.settings.optimizer.value, total=self._calibration_count(), progress=self.progress)
@@ -171,12 +203,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- set-up
 
-    def _prepare_folder(self) -> None:
+    def _prepare_folder(self) -> bool:
+        """Check the checkpoint folder; returns whether it was created."""
         folder = self.checkpoint_dir
         if (folder / RUN_STATE).exists() and not self.resume:
             raise ConfigError(f"checkpoint folder {folder} holds a run already: resume it (--resume) or remove it")
         if self.resume and not (folder / RUN_STATE).exists():
             raise ConfigError(f"nothing to resume: {folder / RUN_STATE} does not exist")
+        created = not folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
             probe = folder / ".write-test"
@@ -184,6 +218,7 @@ class Trainer:
             probe.unlink()
         except OSError as error:
             raise OutputError(f"checkpoint folder {folder} is not writable: {error.strerror or error}") from None
+        return created
 
     def _calibration_count(self) -> int:
         subset = min(c.subset_size for c in self.config.compression)
@@ -200,15 +235,8 @@ class Trainer:
                 yield {name: array[row:row + 1] for name, array in feeds.items()}
 
     def _training_model(self, compressed: CompressedModel) -> onnx.ModelProto:
-        graph = gs.import_onnx(compressed.training_model)
-        _expose_layer_norm_statistics(graph)
-        label_dtype = np.int64 if self.settings.loss is Loss.CROSS_ENTROPY else np.float32
-        add_loss(graph, loss=self.custom_loss or self.settings.loss, distillation=self.settings.distillation,
-                 compression_losses=compressed.loss_outputs, label_dtype=label_dtype)
-        model = export_graph(graph, compressed.training_model)
-        # The new tensors carry a type without a shape, which the training runtime's checker rejects.
-        del model.graph.value_info[:]
-        return model
+        return build_training_model(compressed.training_model, self.settings, compressed.loss_outputs,
+                                    self.custom_loss)
 
     def _fingerprint(self, training_model: onnx.ModelProto) -> str:
         digest = hashlib.sha256(training_model.SerializeToString(deterministic=True))
@@ -235,10 +263,12 @@ class Trainer:
             model_path.write_bytes(training_model.SerializeToString())
             session.register_gradient("Round")  # the straight-through estimator of the fake quantizers
             trainable = trainable_weights(compressed.float_model) + list(compressed.compression_parameters)
-            session.generate_artifacts(model_path, artifacts, trainable=trainable, loss="none",
-                                       optimizer=self.settings.optimizer.value,
-                                       weight_decay=self.settings.weight_decay)
-            model_path.unlink()
+            try:
+                session.generate_artifacts(model_path, artifacts, trainable=trainable, loss="none",
+                                           optimizer=self.settings.optimizer.value,
+                                           weight_decay=self.settings.weight_decay)
+            finally:
+                model_path.unlink()
         checkpoint = self.checkpoint_dir / LAST if state.epochs_done else None
         session.open(artifacts, checkpoint=checkpoint, learning_rate=self.settings.learning_rate)
         for controller, scheduler_state in zip(compressed.controllers, state.schedulers):

@@ -1,0 +1,133 @@
+"""Bad input to `onnxcompress finetune`, through the real console entry point: one `error: [stage] ...` line,
+exit code 2, no traceback, and the folder exactly as before (no output, no checkpoint folder, no temporary)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from conftest import TINY_CNN_INPUT, save_tiny_cnn
+from onnx import TensorProto, helper, numpy_helper
+from test_cli_errors import OUTPUT, assert_clean_failure
+
+from onnxcompress.runtime.training_env import DIR_ENV
+
+
+def _data(tmp: Path, name: str, *, inputs: str = TINY_CNN_INPUT, labels: np.ndarray | None = None) -> None:
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp / name, **{inputs: x, "labels": np.arange(8) % 10 if labels is None else labels})
+
+
+def _setup(tmp: Path, config: dict | None = None, **data_options: object) -> list[str]:
+    save_tiny_cnn(tmp / "model.onnx")
+    _data(tmp, "train.npz", **data_options)
+    _data(tmp, "val.npz")
+    args = ["finetune", "model.onnx", "--train", "train.npz", "--val", "val.npz", "-o", OUTPUT, "--no-progress"]
+    if config is not None:
+        (tmp / "qat.yaml").write_text(yaml.safe_dump(config))
+        args += ["--config", "qat.yaml"]
+    return args
+
+
+def _quantization(**options: object) -> dict:
+    return {"compression": [{"algorithm": "quantization", **options}], "training": {"epochs": 1}}
+
+
+def case_bits_1(tmp: Path) -> list[str]:
+    return _setup(tmp, _quantization(weight_bits=1))
+
+
+def case_bits_9(tmp: Path) -> list[str]:
+    return _setup(tmp, _quantization(weight_bits=9))
+
+
+def case_negative_epochs(tmp: Path) -> list[str]:
+    return _setup(tmp, {"training": {"epochs": -2}})
+
+
+def case_unknown_keys(tmp: Path) -> list[str]:
+    return _setup(tmp, {"compression": [{"algorithm": "quantization", "bitz": 4}], "training": {"epochz": 1}})
+
+
+def case_unknown_algorithm(tmp: Path) -> list[str]:
+    return _setup(tmp, {"compression": [{"algorithm": "sparsity"}]})
+
+
+def case_train_wrong_input(tmp: Path) -> list[str]:
+    return _setup(tmp, inputs="image")
+
+
+def case_labels_out_of_range(tmp: Path) -> list[str]:
+    return _setup(tmp, labels=np.full(8, 12))
+
+
+def case_labels_float(tmp: Path) -> list[str]:
+    return _setup(tmp, labels=np.zeros(8, np.float32))
+
+
+def case_checkpoint_folder_unwritable(tmp: Path) -> list[str]:
+    (tmp / "plainfile").write_text("a regular file, so nothing can be created under it, even by root\n")
+    return [*_setup(tmp), "--checkpoint-dir", "plainfile/ckpt"]
+
+
+def case_nothing_to_resume(tmp: Path) -> list[str]:
+    return [*_setup(tmp), "--resume"]
+
+
+def case_op_without_gradient(tmp: Path) -> list[str]:
+    """Gemm → Sign → Gemm: the first Gemm's weights need a gradient through Sign, which has none."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", [TINY_CNN_INPUT], ["flat"], name="flatten"),
+         helper.make_node("Gemm", ["flat", "w1"], ["h"], name="fc1", transB=1),
+         helper.make_node("Sign", ["h"], ["s"], name="sign_gate"),
+         helper.make_node("Gemm", ["s", "w2"], ["logits"], name="fc2", transB=1)],
+        "sign", [helper.make_tensor_value_info(TINY_CNN_INPUT, TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(rng.standard_normal((4, 768)).astype(np.float32) * 0.05, "w1"),
+         numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    args = _setup(tmp)
+    onnx.save(model, tmp / "model.onnx")
+    return args
+
+
+Builder = Callable[[Path], list[str]]
+CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
+    "bits-1": (case_bits_1, "config", ("'compression.0.weight_bits'", "greater than or equal to 2")),
+    "bits-9": (case_bits_9, "config", ("'compression.0.weight_bits'", "less than or equal to 8")),
+    "negative-epochs": (case_negative_epochs, "config", ("'training.epochs'", "greater than or equal to 1")),
+    "unknown-keys": (case_unknown_keys, "config", ("unknown key 'compression.0.bitz'",
+                                                   "unknown key 'training.epochz'")),
+    "unknown-algorithm": (case_unknown_algorithm, "config", ("'compression.0.algorithm'", "'quantization'")),
+    "train-wrong-input": (case_train_wrong_input, "data", ("training data", "has arrays ['image', 'labels']",
+                                                           "missing ['x']")),
+    "labels-out-of-range": (case_labels_out_of_range, "data", ("labels range over [12, 12]",
+                                                               "logits have 10 classes")),
+    "labels-float": (case_labels_float, "data", ("1-D integer array of class indices", "float32[8]")),
+    "checkpoint-folder-unwritable": (case_checkpoint_folder_unwritable, "output",
+                                     ("checkpoint folder plainfile/ckpt is not writable",)),
+    "nothing-to-resume": (case_nothing_to_resume, "config", ("nothing to resume",)),
+    "op-without-gradient": (case_op_without_gradient, "training", ("no gradient is registered for op Sign",
+                                                                   "'sign_gate'")),
+}
+
+
+@pytest.mark.parametrize(("build", "stage", "fragments"),
+                         [pytest.param(*case, id=name) for name, case in CASES.items()])
+def test_bad_finetune_input_fails_cleanly(tmp_path: Path, build: Builder, stage: str,
+                                          fragments: tuple[str, ...]) -> None:
+    assert_clean_failure(tmp_path, build(tmp_path), stage, fragments)
+
+
+def test_missing_training_runtime_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(os.environ, DIR_ENV, str(tmp_path / "no-runtime-here"))
+    args = _setup(tmp_path)
+    assert_clean_failure(tmp_path, args, "training", ("onnxruntime-training 1.19.2 runtime", "is not installed",
+                                                      "--install"))
