@@ -34,7 +34,10 @@ def _const(name: str, value: object, dtype: type = np.float32) -> gs.Constant:
 
 
 def cross_entropy(graph: gs.Graph, logits: gs.Tensor, labels: gs.Variable) -> gs.Tensor:
-    return _op(graph, "SoftmaxCrossEntropyLoss", [logits, labels], "loss.cross_entropy", reduction="mean")
+    loss = _op(graph, "SoftmaxCrossEntropyLoss", [logits, labels], "loss.cross_entropy", reduction="mean")
+    # onnxruntime-training's gradient of this op reads its optional log-probability output.
+    graph.nodes[-1].outputs.append(gs.Variable("loss.log_prob", dtype=np.float32))
+    return loss
 
 
 def mean_squared_error(graph: gs.Graph, outputs: gs.Tensor, targets: gs.Variable) -> gs.Tensor:
