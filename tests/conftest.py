@@ -14,6 +14,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcompress.errors import TrainingRuntimeMissing
+from onnxcompress.runtime.training_env import TrainingRuntime, ensure_training_runtime
+
 TINY_CNN_OPSET = 17
 TINY_CNN_IR_VERSION = 8
 TINY_CNN_INPUT = "x"
@@ -120,3 +123,12 @@ def save_tiny_cnn_models(folder: Path, samples: int = 8, seed: int = 1) -> dict[
     onnx.save(model, str(paths["fp32"]))
     onnx.save(quantize(model, dataset, progress=False), str(paths["int8"]))
     return paths
+
+
+@pytest.fixture(scope="session")
+def runtime() -> TrainingRuntime:
+    """The private onnxruntime-training runtime (installed on first use); skips where it cannot exist."""
+    try:
+        return ensure_training_runtime(install=True)
+    except TrainingRuntimeMissing as exc:
+        pytest.skip(f"onnxruntime-training cannot be installed on this machine: {exc}")

@@ -19,19 +19,10 @@ from conftest import TINY_CNN_INPUT, build_tiny_cnn
 
 from onnxcompress.api import finetune
 from onnxcompress.config import FinetuneConfig
-from onnxcompress.errors import TrainingRuntimeMissing
 from onnxcompress.models.transformer_block import build_transformer_block
 from onnxcompress.runtime.ort_kernels import ort_kernel_summary
 from onnxcompress.runtime.training import TrainingRuntimeSession
-from onnxcompress.runtime.training_env import TrainingRuntime, ensure_training_runtime
-
-
-@pytest.fixture(scope="module")
-def runtime() -> TrainingRuntime:
-    try:
-        return ensure_training_runtime(install=True)
-    except TrainingRuntimeMissing as exc:
-        pytest.skip(f"onnxruntime-training cannot be installed on this machine: {exc}")
+from onnxcompress.runtime.training_env import TrainingRuntime
 
 
 def float_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:

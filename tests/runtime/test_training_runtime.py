@@ -62,14 +62,6 @@ def toy_data(samples: int = 128, seed: int = 1) -> tuple[np.ndarray, np.ndarray]
 
 
 @pytest.fixture(scope="session")
-def runtime() -> TrainingRuntime:
-    try:
-        return ensure_training_runtime(install=True)
-    except TrainingRuntimeMissing as exc:
-        pytest.skip(f"onnxruntime-training cannot be installed on this machine: {exc}")
-
-
-@pytest.fixture(scope="session")
 def mlp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "mlp.onnx"
     onnx.save(build_mlp(), path)
