@@ -1,3 +1,19 @@
-"""onnxcompress: compress ONNX models (post-training INT8 quantization first) and deploy them with OpenVINO and ONNX Runtime."""
+"""onnxcompress: compress ONNX models (post-training quantization, quantization-aware fine-tuning) and deploy them
+with OpenVINO and ONNX Runtime.
+
+`onnxcompress.quantize` and `onnxcompress.finetune` are the Python API (`onnxcompress.api`); they are imported on
+first use so that `import onnxcompress` (and the CLI's start) stays cheap.
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["finetune", "quantize"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from onnxcompress import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'onnxcompress' has no attribute {name!r}")

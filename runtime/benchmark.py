@@ -29,7 +29,6 @@ import io
 import math
 import os
 import platform
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence

@@ -88,12 +88,17 @@ class TrainableQuantizer:
 
 @dataclass(frozen=True, eq=False)
 class FakeQuantize:
-    """Insert `quantizer` after activation `tensor`; `consumers` and `graph_output` as for QuantizeDequantize."""
+    """Insert `quantizer` after activation `tensor`; `consumers` and `graph_output` as for QuantizeDequantize.
+
+    With `unsigned`, an asymmetric quantizer's step is used with zero-point 0 and levels [0, q_max]: a
+    non-negative member (a ReLU output) of a group that shares one asymmetric range.
+    """
 
     tensor: str
     quantizer: TrainableQuantizer
     consumers: tuple[str, ...]
     graph_output: bool = False
+    unsigned: bool = False
 
 
 @dataclass(frozen=True, eq=False)

@@ -71,12 +71,12 @@ def _range_factor(b: _Builder, delta: gs.Tensor, lr_scale: float) -> gs.Variable
 
 
 def build_quantizer(graph: gs.Graph, x: gs.Tensor, quantizer: TrainableQuantizer, tensors: dict[str, gs.Tensor],
-                    parameter_shape: tuple[int, ...] | None = None) -> gs.Variable:
+                    parameter_shape: tuple[int, ...] | None = None, *, unsigned: bool = False) -> gs.Variable:
     """Append the fake quantizer reading `x`; returns the fake-quantized tensor.
 
     `parameter_shape` reshapes the step for broadcasting against `x` (per-channel weights); the trainable
     parameters and the `step_name` tensor keep `step0`'s shape. Quantizers with the same name share the step
-    (and parameters) built by the first of them, which is recorded in `tensors`.
+    (and parameters) built by the first of them, which is recorded in `tensors`. `unsigned`: see FakeQuantize.
     """
     b = _Builder(graph, f"{quantizer.name}.{x.name}")
     q_max = b.const("q_max", quantizer.q_max)
@@ -86,12 +86,13 @@ def build_quantizer(graph: gs.Graph, x: gs.Tensor, quantizer: TrainableQuantizer
         shape = gs.Constant(f"{quantizer.name}.broadcast_shape", np.asarray(parameter_shape, np.int64))
         broadcast_step = b.op("Reshape", step, shape)
     scaled = b.op("Div", x, broadcast_step)
-    if low is not None:
+    if low is not None and not unsigned:
         zero = b.const("zero", 0.0)
         zero_point = b.op("Clip", b.op("Round", b.op("Div", b.op("Neg", low), step)), zero, q_max)
         levels = b.op("Clip", b.op("Add", b.op("Round", scaled), zero_point), zero, q_max)
         return b.op("Mul", b.op("Sub", levels, zero_point), broadcast_step)
-    levels = b.op("Round", b.op("Clip", scaled, b.const("q_min", quantizer.q_min), q_max))
+    q_min = 0 if unsigned else quantizer.q_min
+    levels = b.op("Round", b.op("Clip", scaled, b.const("q_min", q_min), q_max))
     return b.op("Mul", levels, broadcast_step)
 
 
@@ -121,7 +122,7 @@ def _build_step(graph: gs.Graph, quantizer: TrainableQuantizer,
 def insert_fake_quantize(graph: gs.Graph, tensors: dict[str, gs.Tensor], readers: list[gs.Node],
                          cmd: FakeQuantize) -> None:
     source = tensors[cmd.tensor]
-    output = build_quantizer(graph, source, cmd.quantizer, tensors)
+    output = build_quantizer(graph, source, cmd.quantizer, tensors, unsigned=cmd.unsigned)
     for reader in readers:
         for index, tensor in enumerate(reader.inputs):
             if tensor is source:

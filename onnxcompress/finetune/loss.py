@@ -62,15 +62,19 @@ def _distillation(graph: gs.Graph, logits: gs.Tensor, teacher: gs.Variable, sett
     return _op(graph, "Mul", [kl, factor], "kd.loss")
 
 
-def add_loss(graph: gs.Graph, *, loss: Loss | LossBuilder, distillation: Distillation,
-             compression_losses: list[str], label_dtype: type) -> None:
-    """Append the loss nodes to `graph` (see the module docstring); the first graph output is the logits."""
+def add_loss(graph: gs.Graph, *, task: Loss, distillation: Distillation, compression_losses: list[str],
+             custom: LossBuilder | None = None) -> None:
+    """Append the loss nodes to `graph` (see the module docstring); the first graph output is the logits.
+
+    `task` decides the labels' form (and the loss, unless `custom` replaces it)."""
     logits = graph.outputs[0]
     tensors = graph.tensors()
-    labels = gs.Variable(LABELS_INPUT, dtype=label_dtype, shape=_label_shape(logits, loss))
+    if task is Loss.CROSS_ENTROPY:
+        labels = gs.Variable(LABELS_INPUT, dtype=np.int64, shape=None if logits.shape is None else [logits.shape[0]])
+    else:
+        labels = gs.Variable(LABELS_INPUT, dtype=np.float32, shape=logits.shape)
     graph.inputs.append(labels)
-    builders = {Loss.CROSS_ENTROPY: cross_entropy, Loss.MSE: mean_squared_error}
-    build = builders[loss] if isinstance(loss, Loss) else loss
+    build = custom or {Loss.CROSS_ENTROPY: cross_entropy, Loss.MSE: mean_squared_error}[task]
     terms = [build(graph, logits, labels)]
     if distillation.enabled:
         teacher = gs.Variable(TEACHER_INPUT, dtype=np.float32, shape=logits.shape)
@@ -84,10 +88,3 @@ def add_loss(graph: gs.Graph, *, loss: Loss | LossBuilder, distillation: Distill
     final.shape = []
     graph.outputs = [final, *graph.outputs]
 
-
-def _label_shape(logits: gs.Tensor, loss: Loss | LossBuilder) -> list[object] | None:
-    if logits.shape is None:
-        return None
-    if loss is Loss.CROSS_ENTROPY:
-        return [logits.shape[0]]
-    return list(logits.shape)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from onnxcompress.algorithms.quantization.ptq import export_graph
 from onnxcompress.compression.registry import CompressedModel, create_compressed_model
-from onnxcompress.config import FinetuneConfig, Loss, Metric, Schedule, TrainingConfig
+from onnxcompress.config import FinetuneConfig, Metric, Schedule, TrainingConfig
 from onnxcompress.data import model_inputs
 from onnxcompress.errors import ConfigError, OutputError
 from onnxcompress.finetune.data import Batch, LabelledData, LabelSpec
@@ -118,9 +118,8 @@ def build_training_model(model: onnx.ModelProto, settings: TrainingConfig, compr
     differentiates."""
     graph = gs.import_onnx(model)
     _expose_layer_norm_statistics(graph)
-    label_dtype = np.int64 if settings.loss is Loss.CROSS_ENTROPY else np.float32
-    add_loss(graph, loss=custom_loss or settings.loss, distillation=settings.distillation,
-             compression_losses=compression_losses, label_dtype=label_dtype)
+    add_loss(graph, task=settings.loss, distillation=settings.distillation, compression_losses=compression_losses,
+             custom=custom_loss)
     training_model = export_graph(graph, model)
     # The new tensors carry a type without a shape, which the training runtime's checker rejects.
     del training_model.graph.value_info[:]

@@ -50,4 +50,6 @@ def test_unified_group_shares_one_step_and_keeps_relu_members_unsigned():
     assert params[0].scale == params[1].scale == pytest.approx(3.0 / 127)
     assert (int(params[0].zero_point), int(params[1].zero_point)) == (0, 128)
     asym = unified_activation_params([(0.0, 3.0), (-1.0, 2.0)], Mode.ASYMMETRIC)
-    assert asym[0].scale == asym[1].scale and asym[0].zero_point == asym[1].zero_point
+    assert asym[0].scale == asym[1].scale == pytest.approx(4.0 / 255, rel=0.02)  # aligned: slightly wider
+    assert int(asym[0].zero_point) == 0  # the ReLU-like member
+    assert int(asym[1].zero_point) == round(1.0 / float(asym[1].scale)) == 63

@@ -17,7 +17,10 @@ import onnxruntime as ort
 import pytest
 from conftest import TINY_CNN_INPUT, build_tiny_cnn
 
+import onnx_graphsurgeon as gs
+
 from onnxcompress.api import finetune
+from onnxcompress.finetune.loss import cross_entropy
 from onnxcompress.config import FinetuneConfig
 from onnxcompress.models.transformer_block import build_transformer_block
 from onnxcompress.runtime.ort_kernels import ort_kernel_summary
@@ -34,9 +37,9 @@ def cnn_data(model: onnx.ModelProto, samples: int, seed: int) -> tuple[dict[str,
     return {TINY_CNN_INPUT: x}, float_outputs(model, {TINY_CNN_INPUT: x}).argmax(axis=1).astype(np.int64)
 
 
-def config(**training: Any) -> FinetuneConfig:
+def config(preset: str = "performance", **training: Any) -> FinetuneConfig:
     settings = {"epochs": 2, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 2, **training}
-    return FinetuneConfig.build({"compression": [{"algorithm": "quantization", "subset_size": 32,
+    return FinetuneConfig.build({"compression": [{"algorithm": "quantization", "subset_size": 32, "preset": preset,
                                                   "quantizer_lr": 1e-2}], "training": settings})
 
 
@@ -45,10 +48,11 @@ def cnn() -> onnx.ModelProto:
     return build_tiny_cnn(seed=3)
 
 
+@pytest.mark.parametrize("preset", ["performance", "mixed"])  # trainable scale / trainable low and range
 def test_qat_of_a_resnet_style_cnn_exports_integer_qdq(runtime: TrainingRuntime, cnn: onnx.ModelProto,
-                                                        tmp_path: Path) -> None:
-    result = finetune(cnn, cnn_data(cnn, 128, 1), cnn_data(cnn, 64, 2), config(), checkpoint_dir=tmp_path / "ckpt",
-                      progress=False)
+                                                        tmp_path: Path, preset: str) -> None:
+    result = finetune(cnn, cnn_data(cnn, 128, 1), cnn_data(cnn, 64, 2), config(preset),
+                      checkpoint_dir=tmp_path / "ckpt", progress=False)
     assert [record.epoch for record in result.history] == [1, 2]
     assert result.best_metric >= result.initial_metric - 0.05 and result.best_metric >= 0.85
     statistics = result.history[-1].statistics
@@ -68,6 +72,31 @@ def test_qat_of_a_resnet_style_cnn_exports_integer_qdq(runtime: TrainingRuntime,
     path = tmp_path / "qat.onnx"
     onnx.save(model, path)
     assert ort_kernel_summary(path).all_integer
+
+
+def test_custom_loss_and_metric_hooks(runtime: TrainingRuntime, cnn: onnx.ModelProto, tmp_path: Path) -> None:
+    """A custom loss of twice the cross-entropy doubles the validation loss; the metric hook sees the logits."""
+    train, val = cnn_data(cnn, 32, 1), cnn_data(cnn, 32, 2)
+    settings = config(epochs=1, learning_rate=1e-12)
+    seen: list[tuple[int, ...]] = []
+
+    def doubled(graph: gs.Graph, logits: gs.Tensor, labels: gs.Variable) -> gs.Tensor:
+        output = gs.Variable("doubled_loss", dtype=np.float32)
+        two = gs.Constant("two", np.array(2.0, np.float32))
+        graph.nodes.append(gs.Node("Mul", "double", inputs=[cross_entropy(graph, logits, labels), two],
+                                   outputs=[output]))
+        return output
+
+    def agreement(logits: np.ndarray, labels: np.ndarray) -> float:
+        seen.append(logits.shape)
+        return float((logits.argmax(axis=1) == labels).mean())
+
+    plain = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "plain", progress=False)
+    custom = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "custom", progress=False, loss=doubled,
+                      metric=agreement)
+    assert custom.history[0].val_loss == pytest.approx(2 * plain.history[0].val_loss, rel=1e-4)
+    assert custom.history[0].metric == plain.history[0].metric
+    assert seen and all(shape == (32, 10) for shape in seen)
 
 
 def test_qat_of_a_transformer_block_with_mse(runtime: TrainingRuntime, tmp_path: Path) -> None:

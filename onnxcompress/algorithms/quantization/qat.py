@@ -46,7 +46,7 @@ _UINT8_MAX = 255
 @dataclass(frozen=True)
 class _Activation:
     command: FakeQuantize
-    #: Stored zero-point of the exported uint8 tensor for symmetric quantizers (128 for signed levels).
+    #: Stored zero-point of the exported uint8 tensor for symmetric and unsigned quantizers (128: signed levels).
     symmetric_offset: int
 
 
@@ -113,7 +113,7 @@ class QuantizationController(CompressionController):
             command = activation.command
             step, zero_point = trained_step_and_zero_point(command.quantizer, parameters)
             steps[command.quantizer.step_name] = step
-            if not command.quantizer.asymmetric:
+            if not command.quantizer.asymmetric or command.unsigned:
                 zero_point = np.float32(activation.symmetric_offset)
             commands.append(QuantizeDequantize(command.tensor, step, np.asarray(zero_point).astype(np.uint8),
                                                command.consumers, command.graph_output))
@@ -155,21 +155,31 @@ def _broadcast_shape(ndim: int, axis: int) -> tuple[int, ...]:
 
 def _activation_quantizers(plan: QuantizationPlan, config: QuantizationAwareTrainingConfig,
                            lr_scale: float) -> list[_Activation]:
+    """One trainable quantizer per unified group, read by every member's FakeQuantize.
+
+    Symmetric members keep their own signed or unsigned levels on the shared step; asymmetric members share the
+    group's range, except non-negative ones, which keep zero-point 0 on its step (as post-training does).
+    """
     asymmetric = config.preset is Preset.MIXED
     activations = []
     for group in plan.activation_groups:
         if not group:
             continue
         name = f"{group[0].tensor}.quantizer"
+        shared = max(group, key=lambda command: int(command.zero_point))  # asymmetric: the group's zero-point
         for command in group:
             zero_point = int(command.zero_point)
-            signed = not asymmetric and zero_point != 0
-            quantizer = TrainableQuantizer(
-                name=name, step0=np.asarray(command.scale, np.float32),
-                q_min=-128 if signed else 0, q_max=127 if signed else _UINT8_MAX,
-                lr_scale=lr_scale, asymmetric=asymmetric, zero_point0=float(zero_point) if asymmetric else 0.0)
-            fake = FakeQuantize(command.tensor, quantizer, command.consumers, command.graph_output)
-            activations.append(_Activation(fake, zero_point if not asymmetric else 0))
+            if asymmetric:
+                quantizer = TrainableQuantizer(name, np.asarray(shared.scale, np.float32), 0, _UINT8_MAX, lr_scale,
+                                               asymmetric=True, zero_point0=float(int(shared.zero_point)))
+                unsigned = zero_point == 0 and int(shared.zero_point) != 0
+            else:
+                signed = zero_point != 0
+                quantizer = TrainableQuantizer(name, np.asarray(command.scale, np.float32), -128 if signed else 0,
+                                               127 if signed else _UINT8_MAX, lr_scale)
+                unsigned = False
+            fake = FakeQuantize(command.tensor, quantizer, command.consumers, command.graph_output, unsigned)
+            activations.append(_Activation(fake, 0 if asymmetric else zero_point))
     return activations
 
 

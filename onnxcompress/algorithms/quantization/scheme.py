@@ -102,12 +102,16 @@ def activation_params(r_min: float, r_max: float, mode: Mode, bits: int = 8) -> 
 def unified_activation_params(ranges: list[tuple[float, float]], mode: Mode, bits: int = 8) -> list[QuantParams]:
     """Parameters for tensors that must share one scale (Concat, residual Add), one entry per range.
 
-    Asymmetric: one aligned range for all. Symmetric: one step size from the joint range; each tensor keeps
-    signed levels (zero-point 2^(b-1)) only if its own range goes below zero, so a ReLU output stays unsigned.
+    Asymmetric: one aligned range, hence one step, for all; a member whose own range does not go below zero
+    (a ReLU output) keeps zero-point 0 on that step. Symmetric: one step size from the joint range; each tensor
+    keeps signed levels (zero-point 2^(b-1)) only if its own range goes below zero. Either way a ReLU output
+    stays unsigned, which lets ONNX Runtime fold the ReLU into the integer kernel before it.
     """
     low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
     if mode is Mode.ASYMMETRIC:
-        return [asymmetric_params(low, high, bits)] * len(ranges)
+        shared = asymmetric_params(low, high, bits)
+        unsigned = QuantParams(shared.scale, np.zeros((), np.uint8), shared.levels)
+        return [unsigned if r_min >= 0 else shared for r_min, _ in ranges]
     group_signed = low < 0
     levels = activation_levels(bits, signed=group_signed)
     abs_max = max(abs(low), abs(high)) if group_signed else high
