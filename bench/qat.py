@@ -31,7 +31,7 @@ from common import REPO_DIR, log, write_json  # noqa: E402
 
 from onnxcompress.compression.registry import create_compressed_model  # noqa: E402
 from onnxcompress.config import FinetuneConfig  # noqa: E402
-from onnxcompress.finetune.loss import LABELS_INPUT  # noqa: E402
+from onnxcompress.finetune.loss import LABELS_INPUT, TEACHER_INPUT  # noqa: E402
 from onnxcompress.finetune.trainer import build_training_model, trainable_weights  # noqa: E402
 from onnxcompress.models import sample  # noqa: E402
 from onnxcompress.runtime.openvino import compile_model, int8_summary, runtime_precisions  # noqa: E402
@@ -78,6 +78,9 @@ def step_times(out: Path, rounds: int, steps: int) -> dict:
         learning_rate=settings.learning_rate, optimizer=settings.optimizer.value, total=300, progress=False)
     weights = trainable_weights(compressed.float_model)
     feeds = {"input": x[:settings.batch_size], LABELS_INPUT: y[:settings.batch_size]}
+    if settings.distillation.enabled:
+        teacher = ort.InferenceSession(compressed.float_model.SerializeToString())
+        feeds[TEACHER_INPUT] = teacher.run(None, {"input": feeds["input"]})[0]
     graphs = {"fp32": (build_training_model(compressed.float_model, settings, []), weights),
               "qat": (build_training_model(compressed.training_model, settings, compressed.loss_outputs),
                       weights + list(compressed.compression_parameters))}
@@ -136,14 +139,32 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO_DIR / "bench" / "out" / "qat.json")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--parts", default="accuracy,resume,step_time",
+                        help="comma list of accuracy, resume, step_time; results merge into --out")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     folder = args.out.parent / "qat"
     folder.mkdir(parents=True, exist_ok=True)
     digits = sample("digits_cnn")
     test = np.load(digits.test_path)
     x, labels = test["input"], test["labels"]
-    results: dict = {"fp32": {"top1": accuracy(ort_logits(digits.model_path, x), labels)}}
+    results: dict = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if "accuracy" in parts:
+        results.update(accuracy_part(folder, x, labels))
+    if "resume" in parts:
+        log("kill -9 and resume")
+        subprocess.run(["rm", "-rf", str(folder / "qat_int8_resumed.ckpt")], check=True)
+        results["kill_and_resume"] = kill_and_resume(folder, folder / "qat_int8.onnx")
+    if "step_time" in parts:
+        log("training step time")
+        results["step_time"] = step_times(folder, args.rounds, args.steps)
+    write_json(args.out, results)
+    print(json.dumps(results, indent=2))
 
+
+def accuracy_part(folder: Path, x: np.ndarray, labels: np.ndarray) -> dict:
+    digits = sample("digits_cnn")
+    results: dict = {"fp32": {"top1": accuracy(ort_logits(digits.model_path, x), labels)}}
     for name, bits in (("ptq_int8", 8), ("ptq_w4a8", 4)):
         path = folder / f"{name}.onnx"
         log(f"post-training {name}")
@@ -165,14 +186,7 @@ def main() -> None:
                                              "export_error_float_path", "export_error_integer_kernels")},
             "history": [{k: r[k] for k in ("epoch", "train_loss", "val_loss", "metric")} for r in summary["history"]],
             "openvino": openvino_check(path, x, logits)}
-
-    log("kill -9 and resume")
-    subprocess.run(["rm", "-rf", str(folder / "qat_int8_resumed.ckpt")], check=True)
-    results["kill_and_resume"] = kill_and_resume(folder, folder / "qat_int8.onnx")
-    log("training step time")
-    results["step_time"] = step_times(folder, args.rounds, args.steps)
-    write_json(args.out, results)
-    print(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":
