@@ -37,6 +37,27 @@ def test_statistics_match_numpy_across_batches_and_dynamic_shapes(opset):
     assert histogram.high >= max(x.max() for x in xs)
 
 
+@pytest.mark.parametrize("opset", [13, 18])
+def test_image_statistics_through_global_pooling_match_numpy(opset):
+    """NCHW tensors with static channels and pixels take the pooling path; results equal the plain reductions."""
+    model = _model(opset)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 5]))
+    model.graph.value_info.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 3, 4, 5]))
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(n, 3, 4, 5)).astype(np.float32) for n in (1, 3, 2)]
+    requests = [StatisticRequest("x", Statistic.MIN_MAX), StatisticRequest("r", Statistic.MIN_MAX),
+                StatisticRequest("x", Statistic.CHANNEL_MEAN, axis=1, channels=3),
+                StatisticRequest("r", Statistic.CHANNEL_MEAN, axis=1)]
+    stats = collect_statistics(model, requests, [{"x": x} for x in xs], progress=False)
+    for name, values in (("x", xs), ("r", [np.maximum(x, 0) for x in xs])):
+        rows = np.concatenate([v.reshape(len(v), -1) for v in values])
+        np.testing.assert_array_equal(np.concatenate(stats[name].sample_min), rows.min(axis=1))
+        np.testing.assert_array_equal(np.concatenate(stats[name].sample_max), rows.max(axis=1))
+        channels = np.concatenate([v.transpose(1, 0, 2, 3).reshape(3, -1) for v in values], axis=1)
+        np.testing.assert_allclose(stats[name].channel_mean, channels.mean(axis=1), rtol=1e-5, atol=1e-7)
+        assert stats[name].channel_count == channels.shape[1]
+
+
 def test_histogram_widening_keeps_counts_exact():
     histogram = Histogram(bins=8)
     histogram.add(np.array([0.1, 0.2, 0.9]))
