@@ -53,6 +53,9 @@ class LabelledData:
         elif isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], Mapping):
             self._set_arrays(dict(source[0]), np.asarray(source[1]))
         elif isinstance(source, Iterable):
+            if iter(source) is source:
+                raise DatasetError(f"{what}: a one-shot iterator cannot be read once per epoch (and once for "
+                                   "calibration); pass a list or another re-iterable collection of batches")
             self._iterable = source
         else:
             raise DatasetError(f"{what}: unsupported source of type {type(source).__name__} (an .npz, a folder "

@@ -74,6 +74,11 @@ def test_a_bad_batch_of_an_iterable_is_named() -> None:
         list(data.batches(4))
 
 
+def test_a_one_shot_iterator_is_refused() -> None:
+    with pytest.raises(DatasetError, match="one-shot iterator cannot be read once per epoch"):
+        LabelledData(iter([({"x": X}, Y)]), INPUTS, CLASSES)
+
+
 def test_npy_folder_without_labels(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", X)
     with pytest.raises(DatasetError, match="has no labels.npy"):
