@@ -10,6 +10,7 @@ bins when new data falls outside it.
 from __future__ import annotations
 
 import enum
+import functools
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -344,8 +345,22 @@ def _session_from_files(model: onnx.ModelProto) -> ort.InferenceSession:
         return _session(str(path))
 
 
+@functools.cache
+def _register_exact_arena() -> None:
+    """Register (once per process) a CPU arena that grows by exactly the requested size.
+
+    The default arena doubles each extension, so a calibration pass over large activations ends up holding up
+    to twice what it uses (densenet121, batch 4: peak RSS 1015 MB against 879 MB, same speed). ONNX Runtime's
+    allocators belong to its process-wide environment; sessions opt in with `session.use_env_allocators`.
+    """
+    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    same_as_requested = 1  # arena_extend_strategy: 0 = next power of two, 1 = same as requested
+    ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, same_as_requested, -1, -1))
+
+
 def _session(model: bytes | str) -> ort.InferenceSession:
     """A CPU session for a serialized model or a model file."""
+    _register_exact_arena()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -353,6 +368,7 @@ def _session(model: bytes | str) -> ort.InferenceSession:
     # (about 40% of the calibration time of a ResNet). The memory pattern stays off: it preallocates one block
     # per batch shape for every tensor the plan keeps alive, a higher peak than the arena reusing freed chunks.
     options.enable_mem_pattern = False
+    options.add_session_config_entry("session.use_env_allocators", "1")
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as error:
