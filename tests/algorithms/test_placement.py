@@ -54,3 +54,27 @@ def test_transformer_keeps_layernorm_softmax_and_residual_add_float():
     attention = {"attn_scores", "attn_context"}
     assert attention <= readers, "both activation inputs of attention MatMuls are quantized"
     assert len(setup.weights) == 6
+
+
+def _conv_concat_graph() -> gs.Graph:
+    """x → conv_a, conv_b → Concat → y: the Conv outputs are quantized only for ORT's QLinearConv."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((2, 3, 1, 1)).astype(np.float32), f"w_{n}")
+               for n in "ab"]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w_a"], ["a"], name="conv_a"),
+         helper.make_node("Conv", ["x", "w_b"], ["b"], name="conv_b"),
+         helper.make_node("Concat", ["a", "b"], ["y"], name="concat", axis=1)],
+        "conv_concat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], weights)
+    return preprocess(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+
+
+def test_groups_know_whether_a_compute_op_reads_them():
+    setup = plan_quantizers(_conv_concat_graph(), frozenset())
+    feeds = {t.tensor: g.feeds_compute for g in setup.groups for t in g.targets}
+    assert feeds == {"x": True, "a": False, "b": False}

@@ -151,3 +151,25 @@ def test_smooth_quant_keeps_float_function_and_helps_outlier_channels():
     ln = next(n for n in smoothed.graph.node if n.op_type == "LayerNormalization")
     gamma = next(i for i in smoothed.graph.initializer if i.name == ln.input[1])
     assert not np.allclose(onnx.numpy_helper.to_array(gamma), 1.0)  # the migration was folded into LayerNorm
+
+
+def test_quantizers_no_compute_op_reads_use_mean_per_sample_ranges():
+    """Conv outputs into a Concat (quantized only for QLinearConv) take the mean of per-sample extremes, so one
+    outlier sample does not stretch their range; the Conv input keeps the plain min-max range."""
+    from onnx import helper, numpy_helper
+
+    weight = np.ones((1, 1, 1, 1), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["a"], name="conv"),
+         helper.make_node("Concat", ["a", "x"], ["y"], name="concat", axis=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    maxima = [1.0, 1.0, 1.0, 9.0]  # per-sample maxima; all values are non-negative
+    feeds = [{"x": np.full((1, 1, 2, 2), m, np.float32) * np.array([0, 0.5, 0.75, 1], np.float32).reshape(1, 1, 2, 2)}
+             for m in maxima]
+    quantized = quantize(model, feeds, progress=False, bias_correction="none")
+    scales = {i.name: float(onnx.numpy_helper.to_array(i)) for i in quantized.graph.initializer
+              if i.name in ("a_scale", "x_scale")}
+    assert scales["x_scale"] == pytest.approx(9.0 / 255)  # read by the Conv: min-max
+    assert scales["a_scale"] == pytest.approx(np.mean(maxima) / 255)  # read only by the Concat

@@ -49,9 +49,14 @@ class ActivationTarget:
 
 @dataclass(frozen=True)
 class QuantizerGroup:
-    """Quantizers that must share one scale and zero-point."""
+    """Quantizers that must share one scale and zero-point.
+
+    `feeds_compute` is false for a group that no compute op reads: Conv outputs quantized only so that ONNX
+    Runtime can fuse QLinearConv, on their way into a Concat or a float op.
+    """
 
     targets: tuple[ActivationTarget, ...]
+    feeds_compute: bool = True
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,10 @@ class _Planner:
         for name, tensor in self.tensors.items():
             target = ActivationTarget(name, self._readers(tensor), name in self.quantized_outputs)
             members.setdefault(self._find(name), []).append(target)
-        return tuple(QuantizerGroup(tuple(targets)) for targets in members.values())
+        nodes = {n.name: n for n in self.graph.nodes}
+        return tuple(QuantizerGroup(tuple(targets), any(spec(nodes[reader]).role is Role.COMPUTE
+                                                        for target in targets for reader in target.consumers))
+                     for targets in members.values())
 
     # -- weights and biases ---------------------------------------------------------------------------------
 

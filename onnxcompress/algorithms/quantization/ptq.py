@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.algorithms.quantization.bias_correction import bias_correction_commands, output_mean_requests
 from onnxcompress.algorithms.quantization.placement import QuantizerSetup, plan_quantizers
-from onnxcompress.algorithms.quantization.ranges import estimate_range
+from onnxcompress.algorithms.quantization.ranges import RangeMethod, estimate_range
 from onnxcompress.algorithms.quantization.smooth_quant import (
     abs_max_requests,
     smoothing_commands,
@@ -157,8 +157,13 @@ def _activation_commands(setup: QuantizerSetup, stats: dict[str, TensorStatistic
     mode = _mode(config)
     groups = []
     for group in setup.groups:
-        ranges = [estimate_range(stats[t.tensor], config.calibration, mode=mode,
-                                 percentile=config.percentile) for t in group.targets]
+        method = config.calibration
+        if method is RangeMethod.MINMAX and not group.feeds_compute:
+            # Quantizers that only enable fused kernels add error without a compute op reading them; averaged
+            # per-sample extremes clip rare outliers (densenet121: 15.1 -> 16.1 dB).
+            method = RangeMethod.MEAN_MINMAX
+        ranges = [estimate_range(stats[t.tensor], method, mode=mode, percentile=config.percentile)
+                  for t in group.targets]
         params = unified_activation_params(ranges, mode)
         groups.append([QuantizeDequantize(t.tensor, p.scale, p.zero_point, t.consumers, t.graph_output)
                        for t, p in zip(group.targets, params) if t.consumers or t.graph_output])
