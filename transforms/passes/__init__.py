@@ -11,12 +11,15 @@ from onnxcompress.transforms.passes.fold_channel_affine import fold_channel_affi
 from onnxcompress.transforms.passes.fold_constants import fold_constants
 from onnxcompress.transforms.passes.infer_shapes import infer_shapes
 from onnxcompress.transforms.passes.name_nodes import name_nodes
+from onnxcompress.transforms.passes.relu_before_concat import relu_before_concat
 from onnxcompress.transforms.passes.remove_identity import remove_identity
 from onnxcompress.transforms.passes.sum_to_add import sum_to_add
 
-GRAPH_PASSES = (remove_identity, fold_constants, fold_batchnorm, fold_channel_affine, sum_to_add, name_nodes)
+GRAPH_PASSES = (remove_identity, fold_constants, fold_batchnorm, fold_channel_affine, sum_to_add, relu_before_concat,
+                name_nodes)
 
-__all__ = ["fold_batchnorm", "fold_channel_affine", "fold_constants", "infer_shapes", "name_nodes", "remove_identity", "sum_to_add", "preprocess", "GRAPH_PASSES"]
+__all__ = ["fold_batchnorm", "fold_channel_affine", "fold_constants", "infer_shapes", "name_nodes", "relu_before_concat",
+           "remove_identity", "sum_to_add", "preprocess", "GRAPH_PASSES"]
 
 
 def preprocess(model: onnx.ModelProto) -> gs.Graph:
