@@ -51,9 +51,14 @@ class OpSpec:
     #: ONNX Runtime only emits a fused integer kernel (QLinearConv) when the op's output is quantized too; Gemm and
     #: MatMul have kernels with float output (QGemm, MatMulIntegerToFloat).
     integer_kernel_needs_quantized_output: bool = False
+    #: A pass-through op that only rearranges values (no arithmetic). Chains of them get quantizers at their ends
+    #: only: OpenVINO fuses a Reshape → Transpose → Reshape channel shuffle into ShuffleChannels only when no
+    #: quantizer sits inside it, and ONNX Runtime moves Q/DQ through such ops by itself.
+    layout_only: bool = False
 
 
 _PASSTHROUGH = OpSpec(Role.PASSTHROUGH)
+_LAYOUT = OpSpec(Role.PASSTHROUGH, layout_only=True)
 _FUSED = OpSpec(Role.FUSED_ACTIVATION)
 
 OP_TABLE: dict[str, OpSpec] = {
@@ -72,12 +77,12 @@ OP_TABLE: dict[str, OpSpec] = {
     "MaxPool": _PASSTHROUGH,
     "AveragePool": _PASSTHROUGH,
     "GlobalAveragePool": _PASSTHROUGH,
-    "Reshape": _PASSTHROUGH,
-    "Flatten": _PASSTHROUGH,
-    "Transpose": _PASSTHROUGH,
-    "Squeeze": _PASSTHROUGH,
-    "Unsqueeze": _PASSTHROUGH,
-    "Identity": _PASSTHROUGH,
+    "Reshape": _LAYOUT,
+    "Flatten": _LAYOUT,
+    "Transpose": _LAYOUT,
+    "Squeeze": _LAYOUT,
+    "Unsqueeze": _LAYOUT,
+    "Identity": _LAYOUT,
     "Add": OpSpec(Role.ELTWISE_ADD, activation_ports=(0, 1)),
     "Concat": OpSpec(Role.CONCAT, activation_ports=()),
 }

@@ -78,3 +78,28 @@ def test_groups_know_whether_a_compute_op_reads_them():
     setup = plan_quantizers(_conv_concat_graph(), frozenset())
     feeds = {t.tensor: g.feeds_compute for g in setup.groups for t in g.targets}
     assert feeds == {"x": True, "a": False, "b": False}
+
+
+def test_a_chain_of_layout_ops_is_quantized_at_its_ends_only():
+    """conv_a → Reshape → Transpose → Reshape → conv_b (a channel shuffle): no quantizer inside the chain, so
+    OpenVINO can fuse it into ShuffleChannels; the chain's input and output share one quantizer group."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    initializers = [numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), f"w_{n}")
+                    for n in "ab"]
+    initializers += [numpy_helper.from_array(np.array(s, np.int64), n)
+                     for n, s in (("split", [1, 2, 2, 2, 2]), ("merge", [1, 4, 2, 2]))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w_a"], ["a"], name="conv_a"),
+         helper.make_node("Reshape", ["a", "split"], ["r1"], name="split_groups"),
+         helper.make_node("Transpose", ["r1"], ["t"], name="swap_groups", perm=[0, 2, 1, 3, 4]),
+         helper.make_node("Reshape", ["t", "merge"], ["r2"], name="merge_groups"),
+         helper.make_node("Conv", ["r2", "w_b"], ["y"], name="conv_b")],
+        "shuffle", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])], initializers)
+    setup = plan_quantizers(preprocess(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])),
+                            frozenset())
+    assert sorted(_groups(setup)) == [["a", "r2"], ["x"], ["y"]]

@@ -129,12 +129,24 @@ class _Planner:
             return
         self.parent[tensor.name] = tensor.name
         self.tensors[tensor.name] = tensor
+        upstream = self._upstream(tensor)
+        if upstream is not None and self._quantizable_activation(upstream):
+            self._require(upstream)
+            self._union(tensor.name, upstream.name)
+
+    def _upstream(self, tensor: gs.Tensor) -> gs.Tensor | None:
+        """The tensor a quantizer on `tensor` is pulled up to: the input of its pass-through producer, or of the
+        first op of a chain of layout-only ops whose intermediate tensors nothing else reads."""
         producer = tensor.inputs[0] if tensor.inputs else None
-        if producer is not None and spec(producer).role is Role.PASSTHROUGH and producer.name not in self.ignored:
-            upstream = producer.inputs[0]
-            if self._quantizable_activation(upstream):
-                self._require(upstream)
-                self._union(tensor.name, upstream.name)
+        if producer is None or spec(producer).role is not Role.PASSTHROUGH or producer.name in self.ignored:
+            return None
+        upstream = producer.inputs[0]
+        while spec(producer).layout_only and len(upstream.outputs) == 1 and upstream.name not in self.graph_outputs:
+            parent = upstream.inputs[0] if upstream.inputs else None
+            if parent is None or not spec(parent).layout_only or parent.name in self.ignored:
+                break
+            producer, upstream = parent, parent.inputs[0]
+        return upstream
 
     def _quantizable_activation(self, tensor: gs.Tensor) -> bool:
         if isinstance(tensor, gs.Constant) or not tensor.name:
