@@ -17,6 +17,13 @@ from onnxcompress.transforms.commands import FakeQuantize, FakeQuantizeBias, Fak
 MIN_RANGE_FACTOR = np.float32(1e-3)
 
 
+def channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector along `axis` of an `ndim`-dimensional tensor."""
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return tuple(shape)
+
+
 def parameter_values(quantizer: TrainableQuantizer) -> dict[str, np.ndarray]:
     """Initial values of the quantizer's trainable parameters (all zero: the calibrated range)."""
     return {name: np.zeros_like(quantizer.step0, dtype=np.float32) for name in quantizer.parameter_names}
@@ -138,9 +145,8 @@ def fake_quantize_weight(graph: gs.Graph, tensors: dict[str, gs.Tensor], node: g
     weight = node.inputs[cmd.port]
     if not isinstance(weight, gs.Constant):
         raise ValueError(f"input {cmd.port} of node {node.name!r} is not a constant")
-    shape = [1] * weight.values.ndim
-    shape[cmd.axis % weight.values.ndim] = -1
-    node.inputs[cmd.port] = build_quantizer(graph, weight, cmd.quantizer, tensors, tuple(shape))
+    shape = channel_shape(weight.values.ndim, cmd.axis)
+    node.inputs[cmd.port] = build_quantizer(graph, weight, cmd.quantizer, tensors, shape)
 
 
 def fake_quantize_bias(graph: gs.Graph, tensors: dict[str, gs.Tensor], node: gs.Node,

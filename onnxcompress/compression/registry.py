@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
@@ -68,14 +67,14 @@ class CompressedModel:
 
 def create_compressed_model(model: onnx.ModelProto, configs: Iterable[AlgorithmConfig], batches: BatchesFactory, *,
                             learning_rate: float, optimizer: str, total: int | None = None,
-                            progress: bool = True, **options: Any) -> CompressedModel:
+                            progress: bool = True) -> CompressedModel:
     """Build every configured algorithm on `model`; `batches()` gives a fresh pass over calibration feeds."""
     controllers = []
     float_model = model
     for config in configs:
         controller, float_model = ALGORITHMS[config.algorithm](
             float_model, batches(), config, learning_rate=learning_rate, optimizer=optimizer, total=total,
-            progress=progress, **options)
+            progress=progress)
         controllers.append(controller)
     graph = gs.import_onnx(float_model)
     for controller in controllers:

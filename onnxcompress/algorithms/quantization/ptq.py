@@ -28,7 +28,7 @@ from onnxcompress.algorithms.quantization.smooth_quant import (
 from onnxcompress.algorithms.quantization.scheme import Mode, quantize_weight, unified_activation_params
 from onnxcompress.config import BiasCorrection, IgnoredScope, ModelType, Preset, QuantizationConfig
 from onnxcompress.errors import ConfigError
-from onnxcompress.runtime.calibration import Statistic, StatisticRequest, TensorStatistics, collect_statistics
+from onnxcompress.runtime.calibration import StatisticRequest, TensorStatistics, collect_statistics
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import Command, DequantizeWeight, QuantizeDequantize, SetConstantInput
 from onnxcompress.transforms.op_table import spec

@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, export_graph, plan_quantization
-from onnxcompress.algorithms.quantization.scheme import weight_levels
+from onnxcompress.algorithms.quantization.scheme import activation_levels, weight_levels
 from onnxcompress.compression.api import CompressionController, Parameters
 from onnxcompress.config import Preset, QuantizationAwareTrainingConfig
 from onnxcompress.transforms.applier import apply_commands
@@ -35,12 +35,11 @@ from onnxcompress.transforms.commands import (
     QuantizeDequantize,
     TrainableQuantizer,
 )
-from onnxcompress.transforms.fake_quantize import parameter_values, trained_step_and_zero_point
+from onnxcompress.transforms.fake_quantize import channel_shape, parameter_values, trained_step_and_zero_point
 from onnxcompress.transforms.op_table import spec
 
 Batches = Iterable[Mapping[str, np.ndarray]]
 _INT32 = np.iinfo(np.int32)
-_UINT8_MAX = 255
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,6 @@ class QuantizationController(CompressionController):
 
     def __init__(self, plan: QuantizationPlan, config: QuantizationAwareTrainingConfig, lr_scale: float) -> None:
         super().__init__()
-        self.config = config
         self._activations = _activation_quantizers(plan, config, lr_scale)
         nodes = {node.name: node for node in plan.graph.nodes}
         self._weights = [_weight_quantizer(nodes, command, config.weight_bits, lr_scale) for command in plan.weights]
@@ -122,7 +120,7 @@ class QuantizationController(CompressionController):
             step, _ = trained_step_and_zero_point(command.quantizer, parameters)
             steps[command.quantizer.step_name] = step
             values = parameters[weight.constant]
-            levels = np.round(values / step.reshape(_broadcast_shape(values.ndim, command.axis)))
+            levels = np.round(values / step.reshape(channel_shape(values.ndim, command.axis)))
             quantized = np.clip(levels, command.quantizer.q_min, command.quantizer.q_max).astype(np.int8)
             commands.append(DequantizeWeight(command.node, command.port, quantized, step, command.axis))
         for bias in self._biases:
@@ -147,12 +145,6 @@ def quantizer_lr_scale(quantizer_lr: float, learning_rate: float, optimizer: str
     return float(ratio if optimizer == "adamw" else np.sqrt(ratio))
 
 
-def _broadcast_shape(ndim: int, axis: int) -> tuple[int, ...]:
-    shape = [1] * ndim
-    shape[axis % ndim] = -1
-    return tuple(shape)
-
-
 def _activation_quantizers(plan: QuantizationPlan, config: QuantizationAwareTrainingConfig,
                            lr_scale: float) -> list[_Activation]:
     """One trainable quantizer per unified group, read by every member's FakeQuantize.
@@ -161,6 +153,7 @@ def _activation_quantizers(plan: QuantizationPlan, config: QuantizationAwareTrai
     group's range, except non-negative ones, which keep zero-point 0 on its step (as post-training does).
     """
     asymmetric = config.preset is Preset.MIXED
+    unsigned_levels = activation_levels(signed=False)
     activations = []
     for group in plan.activation_groups:
         if not group:
@@ -170,13 +163,14 @@ def _activation_quantizers(plan: QuantizationPlan, config: QuantizationAwareTrai
         for command in group:
             zero_point = int(command.zero_point)
             if asymmetric:
-                quantizer = TrainableQuantizer(name, np.asarray(shared.scale, np.float32), 0, _UINT8_MAX, lr_scale,
-                                               asymmetric=True, zero_point0=float(int(shared.zero_point)))
+                quantizer = TrainableQuantizer(name, np.asarray(shared.scale, np.float32), unsigned_levels.q_min,
+                                               unsigned_levels.q_max, lr_scale, asymmetric=True,
+                                               zero_point0=float(int(shared.zero_point)))
                 unsigned = zero_point == 0 and int(shared.zero_point) != 0
             else:
-                signed = zero_point != 0
-                quantizer = TrainableQuantizer(name, np.asarray(command.scale, np.float32), -128 if signed else 0,
-                                               127 if signed else _UINT8_MAX, lr_scale)
+                levels = activation_levels(signed=zero_point != 0)  # stored uint8 with zero-point 128 if signed
+                quantizer = TrainableQuantizer(name, np.asarray(command.scale, np.float32), levels.q_min,
+                                               levels.q_max, lr_scale)
                 unsigned = False
             fake = FakeQuantize(command.tensor, quantizer, command.consumers, command.graph_output, unsigned)
             activations.append(_Activation(fake, 0 if asymmetric else zero_point))
