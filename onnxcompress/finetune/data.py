@@ -10,7 +10,7 @@ Accepted sources:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,8 +86,13 @@ class LabelledData:
             yield {name: np.ascontiguousarray(array[rows]) for name, array in self._arrays.items()}, \
                 np.ascontiguousarray(self._labels[rows])
 
-    def steps(self, batch_size: int) -> int | None:
-        return None if self._labels is None else -(-len(self._labels) // batch_size)
+    def steps(self, batch_size: int) -> int:
+        """Batches per epoch; an iterable's own count (it is re-iterable, so one uncounted pass if unsized)."""
+        if self._labels is not None:
+            return -(-len(self._labels) // batch_size)
+        if isinstance(self._iterable, Sized):
+            return len(self._iterable)
+        return sum(1 for _ in self._iterable)
 
     # -- validation
 

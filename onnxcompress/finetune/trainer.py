@@ -285,7 +285,7 @@ class Trainer:
                    disable=not self.progress, leave=False)
         losses, learning_rate = [], settings.learning_rate
         for index, batch in enumerate(bar):
-            learning_rate = learning_rate_at(epoch * (steps or 0) + index, steps or 1, settings)
+            learning_rate = learning_rate_at(epoch * steps + index, steps, settings)
             session.set_lr(learning_rate)
             losses.append(session.train_step(self._feeds(batch)).loss)
             for controller in compressed.controllers:
