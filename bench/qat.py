@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def step_times(out: Path, rounds: int, steps: int) -> dict:
         session.register_gradient("Round")
         path = out / f"step-{name}.onnx"
         path.write_bytes(training_model.SerializeToString())
-        subprocess.run(["rm", "-rf", str(out / f"step-artifacts-{name}")], check=True)
+        shutil.rmtree(out / f"step-artifacts-{name}", ignore_errors=True)
         artifacts = session.generate_artifacts(path, out / f"step-artifacts-{name}", trainable=trainable,
                                                loss="none")
         session.open(artifacts.directory, learning_rate=1e-5)
@@ -153,7 +154,7 @@ def main() -> None:
         results.update(accuracy_part(folder, x, labels))
     if "resume" in parts:
         log("kill -9 and resume")
-        subprocess.run(["rm", "-rf", str(folder / "qat_int8_resumed.ckpt")], check=True)
+        shutil.rmtree(folder / "qat_int8_resumed.ckpt", ignore_errors=True)
         results["kill_and_resume"] = kill_and_resume(folder, folder / "qat_int8.onnx")
     if "step_time" in parts:
         log("training step time")
@@ -174,7 +175,7 @@ def accuracy_part(folder: Path, x: np.ndarray, labels: np.ndarray) -> dict:
     for name, config in (("qat_int8", "digits_qat_int8.yaml"), ("qat_w4a8", "digits_qat_w4a8.yaml")):
         path, checkpoints = folder / f"{name}.onnx", folder / f"{name}.ckpt"
         log(f"fine-tuning {name}")
-        subprocess.run(["rm", "-rf", str(checkpoints)], check=True)
+        shutil.rmtree(checkpoints, ignore_errors=True)
         report = folder / f"{name}.report.json"
         seconds = run_cli("finetune", str(digits.model_path), "--config", str(CONFIGS / config), "-o", str(path),
                           "--checkpoint-dir", str(checkpoints), "--report", str(report))
