@@ -176,7 +176,8 @@ class Trainer:
         compressed = create_compressed_model(
             self.model, self.config.compression, self._calibration_batches, learning_rate=self.settings.learning_rate,
             optimizer=self.settings.optimizer.value, total=self._calibration_count(), progress=self.progress)
-        training_model = self._training_model(compressed)
+        # Serialized once: it is both fingerprinted and handed to the training runtime.
+        training_model = self._training_model(compressed).SerializeToString(deterministic=True)
         state = self._load_or_start(training_model)
         if self.settings.distillation.enabled:
             self._teacher = ort.InferenceSession(compressed.float_model.SerializeToString(),
@@ -237,12 +238,12 @@ class Trainer:
         return build_training_model(compressed.training_model, self.settings, compressed.loss_outputs,
                                     self.custom_loss)
 
-    def _fingerprint(self, training_model: onnx.ModelProto) -> str:
-        digest = hashlib.sha256(training_model.SerializeToString(deterministic=True))
+    def _fingerprint(self, training_model: bytes) -> str:
+        digest = hashlib.sha256(training_model)
         digest.update(self.config.model_dump_json().encode())
         return digest.hexdigest()
 
-    def _load_or_start(self, training_model: onnx.ModelProto) -> RunState:
+    def _load_or_start(self, training_model: bytes) -> RunState:
         fingerprint = self._fingerprint(training_model)
         path = self.checkpoint_dir / RUN_STATE
         if not self.resume:
@@ -254,12 +255,12 @@ class Trainer:
                               "configuration")
         return state
 
-    def _open(self, session: TrainingRuntimeSession, compressed: CompressedModel, training_model: onnx.ModelProto,
+    def _open(self, session: TrainingRuntimeSession, compressed: CompressedModel, training_model: bytes,
               state: RunState) -> None:
         artifacts = self.checkpoint_dir / ARTIFACTS
         if not (artifacts / "artifacts.json").exists():
             model_path = self.checkpoint_dir / "training_model.onnx"
-            model_path.write_bytes(training_model.SerializeToString())
+            model_path.write_bytes(training_model)
             session.register_gradient("Round")  # the straight-through estimator of the fake quantizers
             trainable = trainable_weights(compressed.float_model) + list(compressed.compression_parameters)
             try:
