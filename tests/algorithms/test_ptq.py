@@ -86,6 +86,33 @@ def test_bias_correction_reduces_mean_output_error():
     assert errors["full"] < errors["none"]
 
 
+def _linear_chain(depth: int, width: int = 32) -> onnx.ModelProto:
+    """Gemm layers with no activation between them: every layer's output error propagates linearly."""
+    rng = np.random.default_rng(11)
+    weights = [onnx.numpy_helper.from_array((rng.normal(size=(width, width)) / np.sqrt(width)).astype(np.float32),
+                                            f"w{i}") for i in range(depth)]
+    nodes = [onnx.helper.make_node("Gemm", ["x" if i == 0 else f"h{i}", f"w{i}"],
+                                   [f"h{i + 1}" if i < depth - 1 else "y"], transB=1) for i in range(depth)]
+    graph = onnx.helper.make_graph(nodes, "chain", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+                                   [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])], weights)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_full_bias_correction_does_not_correct_upstream_error_twice():
+    model = _linear_chain(depth=6)
+    rng = np.random.default_rng(5)
+    calib = [{"x": (1 + rng.normal(size=(1, 32))).astype(np.float32)} for _ in range(64)]
+    test = (1 + rng.normal(size=(256, 32))).astype(np.float32)
+    reference = np.concatenate([_run(model, {"x": row[None]}) for row in test])
+    mean_error = {}
+    for mode in ("none", "full"):
+        quantized = quantize(model, calib, progress=False, bias_correction=mode, weight_bits=4)
+        out = np.concatenate([_run(quantized, {"x": row[None]}) for row in test])
+        mean_error[mode] = np.abs((out - reference).mean(axis=0)).mean()
+    # Each layer removes its own shift; counting upstream shifts again would leave a larger opposite one.
+    assert mean_error["full"] < 0.5 * mean_error["none"], mean_error
+
+
 def test_mixed_preset_aligns_zero_points():
     quantized = quantize(build_tiny_cnn(), CALIB, progress=False, preset="mixed")
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}

@@ -1,8 +1,8 @@
 """Bias correction: remove the per-channel mean shift that quantization adds to a layer's output.
 
-- full (the lecture's procedure): run the quantized model on the calibration data, compare each layer's
-  per-channel output mean E[ŷ] with the float model's E[y], and subtract E[ŷ] - E[y] from the bias.
-  Costs one more inference pass over the (second-pass) samples.
+- full (the lecture's procedure, all layers in one pass): run the quantized model on the calibration data with a
+  float copy of each layer beside it reading the same input, and subtract the difference of their per-channel
+  output means, E[ŷ] - E[y], from the bias. Costs one more inference pass over the (second-pass) samples.
 - fast: E[ŷ] - E[y] ≈ (Ŵ - W) · E[x], from the float input means gathered in the calibration pass itself (exact
   for Gemm; for Conv it ignores zero padding at the borders). Costs no extra pass.
 """
@@ -22,14 +22,11 @@ from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import Command, DequantizeWeight, SetConstantInput
 
 
-def output_mean_requests(graph: gs.Graph, setup: QuantizerSetup, mode: BiasCorrection) -> list[StatisticRequest]:
-    """Statistics the calibration pass must also collect for `mode`."""
+def input_mean_requests(setup: QuantizerSetup, mode: BiasCorrection) -> list[StatisticRequest]:
+    """Statistics the calibration pass must also collect for `mode` (the full variant makes its own pass)."""
     if mode is BiasCorrection.FAST:
         return [StatisticRequest(t.input_tensor, Statistic.CHANNEL_MEAN, t.input_axis, t.input_channels)
                 for t in setup.bias_targets]
-    if mode is BiasCorrection.FULL:
-        nodes = {n.name: n for n in graph.nodes}
-        return [_output_request(nodes[t.node], t) for t in setup.bias_targets]
     return []
 
 
@@ -44,12 +41,12 @@ def bias_correction_commands(graph: gs.Graph, float_model: onnx.ModelProto | Non
         shifts = {t.node: _weight_error_shift(nodes[t.node], weights[t.node], stats[t.input_tensor].channel_mean)
                   for t in setup.bias_targets if t.input_tensor in stats}
     else:
-        shifts = _measured_shifts(float_model, nodes, setup, commands, stats, second_pass, total, progress)
+        shifts = _measured_shifts(float_model, nodes, setup, commands, second_pass, total, progress)
     return [SetConstantInput(t.node, t.bias_port, (_bias(nodes[t.node], t) - shifts[t.node]).astype(np.float32))
             for t in setup.bias_targets if t.node in shifts]
 
 
-def _output_request(node: gs.Node, target: BiasTarget) -> StatisticRequest:
+def _output_mean_request(node: gs.Node) -> StatisticRequest:
     weight = node.inputs[1].values
     if node.op == "Conv":
         return StatisticRequest(node.outputs[0].name, Statistic.CHANNEL_MEAN, 1, weight.shape[0])
@@ -90,18 +87,39 @@ def _weight_error_shift(node: gs.Node, command: DequantizeWeight, input_mean: np
 
 
 def _measured_shifts(float_model: onnx.ModelProto | None, nodes: dict[str, gs.Node], setup: QuantizerSetup,
-                     commands: list[Command], stats: dict[str, TensorStatistics],
-                     batches: Iterable[Mapping[str, np.ndarray]] | None, total: int | None,
+                     commands: list[Command], batches: Iterable[Mapping[str, np.ndarray]] | None, total: int | None,
                      progress: bool) -> dict[str, np.ndarray]:
     if batches is None or float_model is None:
         raise ValueError("full bias correction needs the float model and a second pass over the data")
-    requests = [_output_request(nodes[t.node], t) for t in setup.bias_targets]
     quantized_graph = apply_commands(gs.import_onnx(float_model), commands)
+    requests = []
+    for target in setup.bias_targets:
+        measured = _output_mean_request(nodes[target.node])
+        reference = _add_float_reference(quantized_graph, nodes[target.node], target)
+        requests.append((measured, StatisticRequest(reference, measured.statistic, measured.axis, measured.channels)))
     quantized_model = gs.export_onnx(quantized_graph, do_type_check=False)
     quantized_model.ClearField("opset_import")
     quantized_model.opset_import.extend(float_model.opset_import)
     quantized_model.ir_version = float_model.ir_version
-    measured = collect_statistics(quantized_model, requests, batches, total=total, progress=progress,
-                                  description="bias correction")
-    return {t.node: measured[r.tensor].channel_mean - stats[r.tensor].channel_mean
-            for t, r in zip(setup.bias_targets, requests)}
+    means = collect_statistics(quantized_model, [r for pair in requests for r in pair], batches, total=total,
+                               progress=progress, description="bias correction")
+    return {t.node: means[measured.tensor].channel_mean - means[reference.tensor].channel_mean
+            for t, (measured, reference) in zip(setup.bias_targets, requests)}
+
+
+def _add_float_reference(quantized_graph: gs.Graph, float_node: gs.Node, target: BiasTarget) -> str:
+    """Add a float copy of the layer reading the same (unquantized) input as the quantized layer; return its
+    output name.
+
+    Comparing against this copy, not against the float model's own output, measures only the error the layer's
+    quantizers add. The float model's output also differs by the upstream layers' error, which those layers
+    correct themselves: counting it again over-corrects, the more the deeper the network (densenet121:
+    15.5 dB uncorrected, 8.5 dB that way).
+    """
+    source = quantized_graph.tensors()[target.input_tensor]
+    constants = [gs.Constant(f"{float_node.name}/float_reference/{i}", np.asarray(t.values))
+                 for i, t in enumerate(float_node.inputs[1:], start=1)]
+    output = gs.Variable(f"{float_node.name}/float_reference", dtype=np.float32)
+    quantized_graph.nodes.append(gs.Node(float_node.op, f"{float_node.name}/float_reference",
+                                         dict(float_node.attrs), [source, *constants], [output]))
+    return output.name

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.algorithms.quantization.bias_correction import bias_correction_commands, output_mean_requests
+from onnxcompress.algorithms.quantization.bias_correction import bias_correction_commands, input_mean_requests
 from onnxcompress.algorithms.quantization.placement import QuantizerSetup, plan_quantizers
 from onnxcompress.algorithms.quantization.ranges import RangeMethod, estimate_range
 from onnxcompress.algorithms.quantization.smooth_quant import (
@@ -78,7 +78,7 @@ def plan_quantization(model: onnx.ModelProto, batches: Batches, config: Quantiza
         _smooth(graph, model, ignored, batches_for_smoothing, config.smooth_quant_alpha, total, progress)
     setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER)
 
-    requests = _range_requests(setup, config) + output_mean_requests(graph, setup, config.bias_correction)
+    requests = _range_requests(setup, config) + input_mean_requests(setup, config.bias_correction)
     stats = collect_statistics(export_graph(graph, model), requests, batches, total=total, progress=progress)
 
     weights = _weight_commands(graph, setup, config)
