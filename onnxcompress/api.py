@@ -40,11 +40,13 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
     dataset = _default_dataset(model) if dataset is None else dataset
     inputs = model_inputs(proto)
 
-    def batches():
-        return calibration_batches(dataset, inputs, subset_size=config.subset_size, batch_size=config.batch_size)
+    def batches(subset_size: int = config.subset_size):
+        return calibration_batches(dataset, inputs, subset_size=subset_size, batch_size=config.batch_size)
 
     total = count_samples(dataset, inputs, config.subset_size)
-    second_pass = batches() if config.bias_correction is BiasCorrection.FULL else None
+    second_pass = None
+    if config.bias_correction is BiasCorrection.FULL:
+        second_pass = batches(min(config.subset_size, config.bias_correction_subset_size))
     smoothing_pass = batches() if config.smooth_quant_alpha is not None else None
     if (second_pass or smoothing_pass) and not _reiterable(dataset):
         raise DatasetError("full bias correction and SmoothQuant read the data twice; pass a list, a file or a "

@@ -9,6 +9,7 @@ bins when new data falls outside it.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import tempfile
@@ -25,11 +26,13 @@ from tqdm.auto import tqdm
 
 from onnxcompress.errors import CalibrationError
 from onnxcompress.runtime.model_io import needs_external_data
+from onnxcompress.transforms.op_table import NON_NEGATIVE_OUTPUT_OPS
 
 class Statistic(enum.Enum):
     """What to measure on one tensor."""
 
-    #: Per-sample minimum and maximum (axis 0 enumerates samples).
+    #: Per-sample minimum and maximum (axis 0 enumerates samples). Every range includes zero, so the minimum of
+    #: an op that never outputs negatives (ReLU) is recorded as 0 without measuring it.
     MIN_MAX = "min_max"
     #: Per-channel mean along `StatisticRequest.axis` (bias correction, SmoothQuant uses ABS_MAX).
     CHANNEL_MEAN = "channel_mean"
@@ -47,6 +50,9 @@ class StatisticRequest:
     axis: int | None = None
     #: Number of channels along `axis` (needed to reshape when the axis is last).
     channels: int | None = None
+    #: Measure only the first samples (at least this many, whole batches): for averages that settle early. Once
+    #: every such request has its samples, ONNX Runtime skips the nodes that compute it.
+    max_samples: int | None = None
 
 
 @dataclass
@@ -144,17 +150,21 @@ def collect_statistics(
         # A fresh export passed in (as quantization does) is freed here, before ONNX Runtime copies the weights.
         del model
         session = _session(serialized)
-    output_names = [r.output for r in readers]
     results = {r.tensor: TensorStatistics() for r in requests}
+    seen = 0
     with tqdm(total=total, desc=description, unit="sample", disable=not progress, leave=False) as bar:
         for feed in batches:
+            active = [r for r in readers if r.max_samples is None or seen < r.max_samples]
             try:
-                outputs = session.run(output_names, dict(feed))
+                outputs = session.run([r.output for r in active], dict(feed))
             except Exception as error:  # ORT raises several unrelated types for bad feeds
                 raise CalibrationError(f"ONNX Runtime failed on a calibration batch: {error}") from error
-            for reader, value in zip(readers, outputs):
+            for reader, value in zip(active, outputs):
                 reader.consume(results[reader.tensor], value)
+            seen += _batch_size(feed)
             bar.update(_batch_size(feed))
+            if all(r.max_samples is not None and seen >= r.max_samples for r in readers):
+                break
     return results
 
 
@@ -170,12 +180,16 @@ class _Reader:
     tensor: str
     output: str
     kind: str
+    max_samples: int | None = None
 
     def consume(self, stats: TensorStatistics, value: np.ndarray) -> None:
         if self.kind == "min":
             stats.sample_min.append(np.atleast_1d(value).astype(np.float32))
         elif self.kind == "max":
             stats.sample_max.append(np.atleast_1d(value).astype(np.float32))
+        elif self.kind == "max_of_non_negative":
+            stats.sample_max.append(np.atleast_1d(value).astype(np.float32))
+            stats.sample_min.append(np.zeros_like(stats.sample_max[-1]))
         elif self.kind == "sum":
             stats.channel_sum = value.astype(np.float64) + (0 if stats.channel_sum is None else stats.channel_sum)
         elif self.kind == "count":
@@ -196,7 +210,7 @@ def _augment(model: onnx.ModelProto, requests: Sequence[StatisticRequest]) -> li
     builder = _ReductionBuilder(model.graph, opset)
     readers: list[_Reader] = []
     for request in requests:
-        readers.extend(builder.add(request))
+        readers.extend(dataclasses.replace(r, max_samples=request.max_samples) for r in builder.add(request))
     _schedule_after_producers(model.graph, builder.nodes)
     return readers
 
@@ -249,7 +263,7 @@ class _ReductionBuilder:
 
     def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
         self.graph, self.opset, self.count = graph, opset, 0
-        self.producers = {output for node in graph.node for output in node.output}
+        self.producers = {output: node.op_type for node in graph.node for output in node.output}
         self.images = _ImageShape.of_graph(graph)
         #: New nodes by the tensor they measure ("" for graph inputs), to be scheduled after its producer.
         self.nodes: dict[str, list[onnx.NodeProto]] = {}
@@ -270,15 +284,18 @@ class _ReductionBuilder:
     def _min_max(self, t: str) -> list[_Reader]:
         """Per-sample extremes; image tensors go through global pooling (see `_ImageShape`)."""
         image = self.images.get(t)
+        rows = None if image else self._node("Flatten", [t], axis=1)
+        high = self._image_max(t) if image else self._reduce("ReduceMax", rows, [1])
+        if self.producers.get(t) in NON_NEGATIVE_OUTPUT_OPS:
+            return [self._output(t, "max_of_non_negative", high)]
         if image is None:
-            rows = self._node("Flatten", [t], axis=1)
-            return [self._output(t, "min", self._reduce("ReduceMin", rows, [1])),
-                    self._output(t, "max", self._reduce("ReduceMax", rows, [1]))]
-        # min(x) = -max(-x); the negation is a depthwise 1x1 convolution, which stays in the blocked layout.
-        negated = self._node("Conv", [t, self._constant(-np.ones((image.channels, 1, 1, 1), np.float32))],
-                             group=image.channels)
-        return [self._output(t, "min", self._node("Neg", [self._image_max(negated)])),
-                self._output(t, "max", self._image_max(t))]
+            low = self._reduce("ReduceMin", rows, [1])
+        else:
+            # min(x) = -max(-x); the negation is a depthwise 1x1 convolution, which stays in the blocked layout.
+            negated = self._node("Conv", [t, self._constant(-np.ones((image.channels, 1, 1, 1), np.float32))],
+                                 group=image.channels)
+            low = self._node("Neg", [self._image_max(negated)])
+        return [self._output(t, "min", low), self._output(t, "max", high)]
 
     def _image_max(self, tensor: str) -> str:
         return self._reduce("ReduceMax", self._node("GlobalMaxPool", [tensor]), [1, 2, 3])

@@ -90,8 +90,8 @@ def load_model(path: PathLike, *, target_opset_min: int = 13, target_opset_max: 
         raise ValueError(f"target_opset_min {target_opset_min} > target_opset_max {target_opset_max}")
     model_path = Path(path)
     model = _parse(model_path)
-    has_external_data = bool(_external_data_files(model, model_path.parent))
-    _run_checker(model, model_path, has_external_data)
+    _external_data_files(model, model_path.parent)  # refuses unsafe or missing locations before anything reads them
+    _run_checker(model_path)
     # Converting before the external data is loaded keeps the converter's protobuf copies small.
     model = _convert_opset(model, target_opset_min, target_opset_max)
     _lower_ir_version(model)
@@ -151,14 +151,12 @@ def _safe_data_file(tensor: onnx.TensorProto, model_dir: Path) -> Path:
     return candidate
 
 
-def _run_checker(model: onnx.ModelProto, path: Path, has_external_data: bool) -> None:
+def _run_checker(path: Path) -> None:
     """Run the ONNX checker on the model as it is on disk."""
-    # With external data the checker must get the path: given a proto, it looks for the data
-    # files relative to the current directory. A model only exceeds protobuf's 2 GiB limit through
-    # external data, so this also covers the models too big to check in memory.
-    subject: onnx.ModelProto | str = os.fspath(path) if has_external_data else model
+    # Given the path, the checker reads the file itself (and finds external data beside it); given a proto it
+    # would serialize the whole model first, and look for external data relative to the current directory.
     try:
-        onnx.checker.check_model(subject)
+        onnx.checker.check_model(os.fspath(path))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ModelLoadError(f"model fails the ONNX checker: {exc}") from exc
 
@@ -272,14 +270,24 @@ def _require_writable_folder(target: Path) -> None:
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
     """Whether the model is too big to be encoded as a single protobuf."""
-    # upb computes ByteSize by encoding the whole message, so a multi-GB model would be copied just
-    # to learn it is too big: sum the raw tensor payloads first.
-    if sum(len(tensor.raw_data) for tensor in _tensors(model)) > _SINGLE_FILE_LIMIT:
+    # upb computes ByteSize by encoding the whole message (0.1 s for a ResNet-50, a multi-GB copy for a model too
+    # big to encode): tensor payloads dominate any real model, so the exact size is only computed near the limit.
+    payload = sum(_payload_bytes(tensor) for tensor in _tensors(model))
+    if payload > _SINGLE_FILE_LIMIT:
         return True
+    nodes = sum(len(graph.node) for graph in _graphs(model)) + sum(len(f.node) for f in model.functions)
+    if payload < _SINGLE_FILE_LIMIT // 2 and nodes < 100_000:
+        return False
     try:
         return bool(model.ByteSize() > _SINGLE_FILE_LIMIT)
     except EncodeError:  # upb refuses to encode anything beyond 2 GiB
         return True
+
+
+def _payload_bytes(tensor: onnx.TensorProto) -> int:
+    wide = len(tensor.int64_data) + len(tensor.double_data) + len(tensor.uint64_data)
+    return (len(tensor.raw_data) + 4 * (len(tensor.float_data) + len(tensor.int32_data)) + 8 * wide
+            + sum(len(s) for s in tensor.string_data))
 
 
 def _write_atomically(model: onnx.ModelProto, target: Path, external_data: bool, temporaries: list[Path]) -> None:

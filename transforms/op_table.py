@@ -87,6 +87,9 @@ OP_TABLE: dict[str, OpSpec] = {
     "Concat": OpSpec(Role.CONCAT, activation_ports=()),
 }
 
+#: Ops whose output is never negative.
+NON_NEGATIVE_OUTPUT_OPS = frozenset({"Relu", "Sigmoid", "Softmax"})
+
 #: Ops whose inputs must stay float in transformer models: OpenVINO cannot run them on quantized inputs without
 #: an extra dequantization, and their inputs are outlier-heavy.
 TRANSFORMER_FLOAT_OPS = frozenset({"LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Div", "Erf"})

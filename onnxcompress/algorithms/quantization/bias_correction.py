@@ -22,11 +22,11 @@ from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import Command, DequantizeWeight, SetConstantInput
 
 
-def input_mean_requests(setup: QuantizerSetup, mode: BiasCorrection) -> list[StatisticRequest]:
-    """Statistics the calibration pass must also collect for `mode` (the full variant makes its own pass)."""
-    if mode is BiasCorrection.FAST:
-        return [StatisticRequest(t.input_tensor, Statistic.CHANNEL_MEAN, t.input_axis, t.input_channels)
-                for t in setup.bias_targets]
+def input_mean_requests(setup: QuantizerSetup, config: QuantizationConfig) -> list[StatisticRequest]:
+    """Statistics the calibration pass must also collect (the full variant makes its own pass)."""
+    if config.bias_correction is BiasCorrection.FAST:
+        return [StatisticRequest(t.input_tensor, Statistic.CHANNEL_MEAN, t.input_axis, t.input_channels,
+                                 max_samples=config.bias_correction_subset_size) for t in setup.bias_targets]
     return []
 
 
@@ -68,22 +68,22 @@ def _out_channels(node: gs.Node) -> int:
     return weight.shape[0]
 
 
-def _dequantized(command: DequantizeWeight) -> np.ndarray:
-    shape = [1] * command.quantized.ndim
-    shape[command.axis] = -1
-    return command.quantized.astype(np.float64) * command.scale.reshape(shape)
-
-
 def _weight_error_shift(node: gs.Node, command: DequantizeWeight, input_mean: np.ndarray) -> np.ndarray:
-    error = _dequantized(command) - node.inputs[1].values.astype(np.float64)
+    weight = node.inputs[1].values
+    shape = [1] * weight.ndim
+    shape[command.axis] = -1
+    # float32 like the runtimes; each output channel's error sum is over at most a few thousand terms.
+    error = command.quantized * command.scale.reshape(shape) - weight
     if node.op == "Gemm":
         return error @ input_mean if node.attrs.get("transB", 0) else input_mean @ error
     # Conv: each output channel sums its kernel's error over space, weighted by its group's input means.
+    out_channels, group_inputs = weight.shape[:2]
+    error = error.reshape(out_channels, group_inputs, -1).sum(axis=2)  # [O, I/g]
     groups = node.attrs.get("group", 1)
-    per_input = error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2)  # [O, I/g]
-    group_of_output = np.arange(error.shape[0]) // (error.shape[0] // groups)
-    means = input_mean.reshape(groups, -1)[group_of_output]  # [O, I/g]
-    return (per_input * means).sum(axis=1)
+    if groups == 1:
+        return error @ input_mean
+    means = input_mean.reshape(groups, -1)[np.arange(out_channels) // (out_channels // groups)]  # [O, I/g]
+    return (error * means).sum(axis=1)
 
 
 def _measured_shifts(float_model: onnx.ModelProto | None, nodes: dict[str, gs.Node], setup: QuantizerSetup,

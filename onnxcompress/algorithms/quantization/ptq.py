@@ -78,7 +78,7 @@ def plan_quantization(model: onnx.ModelProto, batches: Batches, config: Quantiza
         _smooth(graph, model, ignored, batches_for_smoothing, config.smooth_quant_alpha, total, progress)
     setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER)
 
-    requests = _range_requests(setup, config) + input_mean_requests(setup, config.bias_correction)
+    requests = _range_requests(setup, config) + input_mean_requests(setup, config)
     stats = collect_statistics(export_graph(graph, model), requests, batches, total=total, progress=progress)
 
     weights = _weight_commands(graph, setup, config)
