@@ -96,6 +96,17 @@ def test_npz_yields_one_feed_per_sample_as_a_batch_of_one(tmp_path: Path, inputs
         np.testing.assert_array_equal(feed["x"], data[index:index + 1])
 
 
+def test_npz_samples_are_read_on_demand_not_mapped(tmp_path: Path, inputs: list[InputSpec]) -> None:
+    # A memory map would keep every page it touched resident: memory would grow with the samples fed.
+    path = make_calib_npz(tmp_path / "calib.npz", samples=3)
+    fortran = tmp_path / "fortran.npz"
+    np.savez(fortran, x=np.asfortranarray(np.load(path)["x"]))
+    for feed in feeds_from(path, inputs):
+        assert not isinstance(feed["x"], np.memmap) and feed["x"].base is None
+    # Fortran-ordered members cannot be read row by row: they are loaded whole.
+    assert [f["x"].shape for f in feeds_from(fortran, inputs)] == [(1, 3, 16, 16)] * 3
+
+
 def test_npz_with_several_inputs_slices_each_array(tmp_path: Path) -> None:
     ids = np.arange(12, dtype=np.int64).reshape(3, 4)
     mask = np.ones((3, 4), np.float32) * np.arange(3, dtype=np.float32)[:, None]
