@@ -67,8 +67,8 @@ class QuantizationConfig(_Strict):
     bias_correction: BiasCorrection = Field(
         BiasCorrection.FAST, description="Correct the mean output shift that weight quantization causes.")
     bias_correction_subset_size: int = Field(
-        100, ge=1, description="Calibration samples that bias correction measures means on (the first N; means "
-                               "settle long before ranges do, and the full variant's extra pass costs less).")
+        100, ge=1, description="Calibration samples (the first N) the full bias correction's extra pass runs on; "
+                               "output means settle long before ranges do.")
     smooth_quant_alpha: float | None = Field(
         None, ge=0.0, le=1.0,
         description="SmoothQuant migration strength for MatMul inputs (transformers); None disables it.")

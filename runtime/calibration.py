@@ -9,7 +9,6 @@ bins when new data falls outside it.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import functools
 import tempfile
@@ -50,9 +49,6 @@ class StatisticRequest:
     axis: int | None = None
     #: Number of channels along `axis` (needed to reshape when the axis is last).
     channels: int | None = None
-    #: Measure only the first samples (at least this many, whole batches): for averages that settle early. Once
-    #: every such request has its samples, ONNX Runtime skips the nodes that compute it.
-    max_samples: int | None = None
 
 
 @dataclass
@@ -150,21 +146,17 @@ def collect_statistics(
         # A fresh export passed in (as quantization does) is freed here, before ONNX Runtime copies the weights.
         del model
         session = _session(serialized)
+    output_names = [r.output for r in readers]
     results = {r.tensor: TensorStatistics() for r in requests}
-    seen = 0
     with tqdm(total=total, desc=description, unit="sample", disable=not progress, leave=False) as bar:
         for feed in batches:
-            active = [r for r in readers if r.max_samples is None or seen < r.max_samples]
             try:
-                outputs = session.run([r.output for r in active], dict(feed))
+                outputs = session.run(output_names, dict(feed))
             except Exception as error:  # ORT raises several unrelated types for bad feeds
                 raise CalibrationError(f"ONNX Runtime failed on a calibration batch: {error}") from error
-            for reader, value in zip(active, outputs):
+            for reader, value in zip(readers, outputs):
                 reader.consume(results[reader.tensor], value)
-            seen += _batch_size(feed)
             bar.update(_batch_size(feed))
-            if all(r.max_samples is not None and seen >= r.max_samples for r in readers):
-                break
     return results
 
 
@@ -180,7 +172,6 @@ class _Reader:
     tensor: str
     output: str
     kind: str
-    max_samples: int | None = None
 
     def consume(self, stats: TensorStatistics, value: np.ndarray) -> None:
         if self.kind == "min":
@@ -210,7 +201,7 @@ def _augment(model: onnx.ModelProto, requests: Sequence[StatisticRequest]) -> li
     builder = _ReductionBuilder(model.graph, opset)
     readers: list[_Reader] = []
     for request in requests:
-        readers.extend(dataclasses.replace(r, max_samples=request.max_samples) for r in builder.add(request))
+        readers.extend(builder.add(request))
     _schedule_after_producers(model.graph, builder.nodes)
     return readers
 

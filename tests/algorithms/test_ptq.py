@@ -113,6 +113,25 @@ def test_full_bias_correction_does_not_correct_upstream_error_twice():
     assert mean_error["full"] < 0.5 * mean_error["none"], mean_error
 
 
+def test_full_bias_correction_pass_reads_only_its_subset():
+    class CountingDataset:
+        def __init__(self):
+            self.reads = 0
+
+        def __len__(self):
+            return len(CALIB)
+
+        def __iter__(self):
+            for feed in CALIB:
+                self.reads += 1
+                yield feed
+
+    dataset = CountingDataset()
+    quantize(build_tiny_cnn(), dataset, progress=False, bias_correction="full", bias_correction_subset_size=8,
+             batch_size=1)
+    assert dataset.reads == len(CALIB) + 8
+
+
 def test_mixed_preset_aligns_zero_points():
     quantized = quantize(build_tiny_cnn(), CALIB, progress=False, preset="mixed")
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}

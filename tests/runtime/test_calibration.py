@@ -67,21 +67,6 @@ def test_relu_output_minimum_is_zero_without_measuring_it():
     np.testing.assert_array_equal(np.concatenate(stats["r"].sample_max), xs[0].reshape(2, -1).max(axis=1))
 
 
-def test_requests_limited_to_the_first_samples_stop_early():
-    feeds = [{"x": np.full((2, 3, 4, 5), value, np.float32)} for value in (1.0, 2.0, 3.0)]
-    requests = [StatisticRequest("x", Statistic.CHANNEL_MEAN, axis=1, max_samples=3),
-                StatisticRequest("y", Statistic.MIN_MAX)]
-    stats = collect_statistics(_model(13), requests, feeds, progress=False)
-    # Whole batches: the first two (4 samples) cover 3; the ranges still see all three batches.
-    np.testing.assert_allclose(stats["x"].channel_mean, [1.5, 1.5, 1.5])
-    assert stats["y"].min == -3.0
-
-    consumed = []
-    only_limited = collect_statistics(_model(13), requests[:1], (consumed.append(f) or f for f in feeds),
-                                      progress=False)
-    assert len(consumed) == 2 and only_limited["x"].channel_count == 4 * 4 * 5
-
-
 def test_histogram_widening_keeps_counts_exact():
     histogram = Histogram(bins=8)
     histogram.add(np.array([0.1, 0.2, 0.9]))

@@ -25,8 +25,8 @@ from onnxcompress.transforms.commands import Command, DequantizeWeight, SetConst
 def input_mean_requests(setup: QuantizerSetup, config: QuantizationConfig) -> list[StatisticRequest]:
     """Statistics the calibration pass must also collect (the full variant makes its own pass)."""
     if config.bias_correction is BiasCorrection.FAST:
-        return [StatisticRequest(t.input_tensor, Statistic.CHANNEL_MEAN, t.input_axis, t.input_channels,
-                                 max_samples=config.bias_correction_subset_size) for t in setup.bias_targets]
+        return [StatisticRequest(t.input_tensor, Statistic.CHANNEL_MEAN, t.input_axis, t.input_channels)
+                for t in setup.bias_targets]
     return []
 
 
