@@ -29,7 +29,8 @@ class Role(enum.Enum):
     PASSTHROUGH = "passthrough"
     #: Elementwise Add of two activations (residual connection): runtimes need one scale for both inputs.
     ELTWISE_ADD = "eltwise_add"
-    #: Concat: all inputs and the output share one scale, so the op is a plain copy of INT8 data.
+    #: Concat: all inputs and the output share one scale, so the op is a plain copy of INT8 data. When the output
+    #: is read in float, the inputs keep their own scales but are all quantized, so the copy is still INT8.
     CONCAT = "concat"
     #: Everything else runs in float.
     FLOAT = "float"
@@ -55,6 +56,9 @@ class OpSpec:
     #: only: OpenVINO fuses a Reshape → Transpose → Reshape channel shuffle into ShuffleChannels only when no
     #: quantizer sits inside it, and ONNX Runtime moves Q/DQ through such ops by itself.
     layout_only: bool = False
+    #: ONNX Runtime fuses the op into an integer kernel only with uint8 activations: a signed input is stored as
+    #: uint8 with zero-point 128 (the same levels) rather than int8.
+    uint8_activations: bool = False
 
 
 _PASSTHROUGH = OpSpec(Role.PASSTHROUGH)
@@ -67,9 +71,10 @@ OP_TABLE: dict[str, OpSpec] = {
     "ConvTranspose": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1,
                             integer_kernel_needs_quantized_output=True),
     # Gemm's channel axis depends on transB; `weight_channel_axis()` resolves it.
-    "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0),
+    "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0, uint8_activations=True),
     # MatMul with a constant weight [.., in, out]; with two activations (attention) both inputs are quantized.
-    "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, activation_ports=(0, 1)),
+    "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, activation_ports=(0, 1),
+                     uint8_activations=True),
     # Only activations both runtimes fuse in front of a QuantizeLinear: ONNX Runtime drops Relu/Clip before a
     # quantizer whose range starts at zero; other activations (Sigmoid, HardSwish...) would leave Conv in float.
     "Relu": _FUSED,

@@ -103,3 +103,28 @@ def test_a_chain_of_layout_ops_is_quantized_at_its_ends_only():
     setup = plan_quantizers(preprocess(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])),
                             frozenset())
     assert sorted(_groups(setup)) == [["a", "r2"], ["x"], ["y"]]
+
+
+def test_concat_read_in_float_gets_all_its_inputs_quantized():
+    """densenet's pattern: Concat(Concat(MaxPool(x), conv_a), conv_b) read by a float op. The Conv outputs are
+    quantized for ORT's QLinearConv; the pool output must be too, or OpenVINO concatenates in bf16. The inner
+    Concat's output is INT8 already and gets no quantizer of its own."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((2, 3, 1, 1)).astype(np.float32), f"w_{n}")
+               for n in "ab"]
+    graph = helper.make_graph(
+        [helper.make_node("MaxPool", ["x"], ["p"], name="pool", kernel_shape=[1, 1]),
+         helper.make_node("Conv", ["x", "w_a"], ["a"], name="conv_a"),
+         helper.make_node("Concat", ["p", "a"], ["c1"], name="concat_1", axis=1),
+         helper.make_node("Conv", ["x", "w_b"], ["b"], name="conv_b"),
+         helper.make_node("Concat", ["c1", "b"], ["c2"], name="concat_2", axis=1),
+         helper.make_node("Sigmoid", ["c2"], ["y"], name="float_reader")],
+        "dense_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 7, 4, 4])], weights)
+    setup = plan_quantizers(preprocess(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])),
+                            frozenset())
+    assert sorted(_groups(setup)) == [["a"], ["b"], ["p", "x"]]

@@ -140,6 +140,28 @@ def test_mixed_preset_aligns_zero_points():
             assert inits[node.input[2]].dtype == np.uint8
 
 
+def test_signed_activations_are_int8_except_where_onnxruntime_needs_uint8(cnn_pair):
+    _, quantized, _ = cnn_pair
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    readers = {}
+    for node in quantized.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    stored = {}
+    for q in (n for n in quantized.graph.node if n.op_type == "QuantizeLinear"):
+        dequantized = readers[q.output[0]][0].output[0]
+        ops = {r.op_type for r in readers.get(dequantized, [])}
+        stored[q.input[0]] = (inits[q.input[2]].dtype, int(inits[q.input[2]]), ops)
+    # The signed model input feeds a Conv: int8, no zero-point shift (OpenVINO keeps Concat/Add in INT8).
+    assert stored["x"][:2] == (np.int8, 0)
+    # MatMul/Gemm readers get uint8: signed ones shifted by 128, ONNX Runtime fuses them only that way.
+    assert all(dtype == np.uint8 for dtype, _, ops in stored.values() if ops & {"Gemm", "MatMul"})
+    transformer = quantize(build_transformer_block(), [{"tokens": np.random.default_rng(0).normal(
+        size=(1, 8, 64)).astype(np.float32)} for _ in range(8)], progress=False, model_type="transformer")
+    zero_points = [onnx.numpy_helper.to_array(i) for i in transformer.graph.initializer if i.name.endswith("_zp")]
+    assert any(z.ndim == 0 and int(z) == 128 and z.dtype == np.uint8 for z in zero_points)
+
+
 def test_ignored_scope_leaves_gemm_float_and_rejects_unmatched_entries():
     quantized = quantize(build_tiny_cnn(), CALIB, progress=False, ignored_scope={"types": ["Gemm"]})
     gemm = next(n for n in quantized.graph.node if n.op_type == "Gemm")

@@ -40,15 +40,15 @@ def test_weights_are_symmetric_per_channel_within_127():
 def test_symmetric_activations_pick_signed_or_unsigned_levels():
     relu_like = activation_params(0.0, 6.0, Mode.SYMMETRIC)
     assert relu_like.zero_point == 0 and relu_like.scale == pytest.approx(6.0 / 255)
+    assert relu_like.zero_point.dtype == np.uint8
     signed = activation_params(-2.0, 4.0, Mode.SYMMETRIC)
-    # Stored as uint8 with zero-point 128: level q in [-128, 127] becomes q + 128.
-    assert signed.zero_point == 128 and signed.scale == pytest.approx(4.0 / 127)
+    assert signed.zero_point == 0 and signed.zero_point.dtype == np.int8 and signed.scale == pytest.approx(4.0 / 127)
 
 
 def test_unified_group_shares_one_step_and_keeps_relu_members_unsigned():
     params = unified_activation_params([(0.0, 3.0), (-1.0, 2.0)], Mode.SYMMETRIC)
     assert params[0].scale == params[1].scale == pytest.approx(3.0 / 127)
-    assert (int(params[0].zero_point), int(params[1].zero_point)) == (0, 128)
+    assert [p.zero_point.dtype for p in params] == [np.uint8, np.int8]
     asym = unified_activation_params([(0.0, 3.0), (-1.0, 2.0)], Mode.ASYMMETRIC)
     assert asym[0].scale == asym[1].scale == pytest.approx(4.0 / 255, rel=0.02)  # aligned: slightly wider
     assert int(asym[0].zero_point) == 0  # the ReLU-like member

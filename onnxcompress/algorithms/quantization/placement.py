@@ -203,11 +203,20 @@ class _Planner:
 
     def _unify_concat(self, node: gs.Node) -> bool:
         output = node.outputs[0]
-        if output.name not in self.parent:
-            return False
         if not all(self._quantizable_activation(t) for t in node.inputs):
             return False
-        return self._unify([*node.inputs, output])
+        if output.name in self.parent:
+            return self._unify([*node.inputs, output])
+        if not any(t.name in self.parent for t in node.inputs):
+            return False
+        # The output is read in float (densenet: by a BatchNormalization), so the inputs keep their own scales;
+        # but all must be INT8: one float input makes OpenVINO concatenate, and run what follows, in bf16. An
+        # input that is itself such a Concat's output is INT8 already (its own inputs are quantized).
+        before = len(self.parent)
+        for tensor in node.inputs:
+            if not (tensor.inputs and spec(tensor.inputs[0]).role is Role.CONCAT):
+                self._require(tensor)
+        return len(self.parent) != before
 
     def _unify(self, tensors: list[gs.Tensor]) -> bool:
         before = len(self.parent), len({self._find(t) for t in self.parent})

@@ -18,14 +18,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.algorithms.quantization.bias_correction import bias_correction_commands, input_mean_requests
-from onnxcompress.algorithms.quantization.placement import QuantizerSetup, plan_quantizers
+from onnxcompress.algorithms.quantization.placement import ActivationTarget, QuantizerSetup, plan_quantizers
 from onnxcompress.algorithms.quantization.ranges import RangeMethod, estimate_range
 from onnxcompress.algorithms.quantization.smooth_quant import (
     abs_max_requests,
     smoothing_commands,
     smoothing_targets,
 )
-from onnxcompress.algorithms.quantization.scheme import Mode, quantize_weight, unified_activation_params
+from onnxcompress.algorithms.quantization.scheme import Mode, QuantParams, quantize_weight, unified_activation_params
 from onnxcompress.config import BiasCorrection, IgnoredScope, ModelType, Preset, QuantizationConfig
 from onnxcompress.errors import ConfigError
 from onnxcompress.runtime.calibration import StatisticRequest, TensorStatistics, collect_statistics
@@ -82,7 +82,8 @@ def plan_quantization(model: onnx.ModelProto, batches: Batches, config: Quantiza
     stats = collect_statistics(export_graph(graph, model), requests, batches, total=total, progress=progress)
 
     weights = _weight_commands(graph, setup, config)
-    activation_groups = _activation_commands(setup, stats, config)
+    uint8_readers = frozenset(n.name for n in graph.nodes if spec(n).uint8_activations)
+    activation_groups = _activation_commands(setup, stats, config, uint8_readers)
     corrected: list[SetConstantInput] = []
     if config.bias_correction is not BiasCorrection.NONE:
         float_model = export_graph(graph, model) if config.bias_correction is BiasCorrection.FULL else None
@@ -152,8 +153,8 @@ def _weight_commands(graph: gs.Graph, setup: QuantizerSetup, config: Quantizatio
     return commands
 
 
-def _activation_commands(setup: QuantizerSetup, stats: dict[str, TensorStatistics],
-                         config: QuantizationConfig) -> list[list[QuantizeDequantize]]:
+def _activation_commands(setup: QuantizerSetup, stats: dict[str, TensorStatistics], config: QuantizationConfig,
+                         uint8_readers: frozenset[str]) -> list[list[QuantizeDequantize]]:
     mode = _mode(config)
     groups = []
     for group in setup.groups:
@@ -165,9 +166,17 @@ def _activation_commands(setup: QuantizerSetup, stats: dict[str, TensorStatistic
         ranges = [estimate_range(stats[t.tensor], method, mode=mode, percentile=config.percentile)
                   for t in group.targets]
         params = unified_activation_params(ranges, mode)
-        groups.append([QuantizeDequantize(t.tensor, p.scale, p.zero_point, t.consumers, t.graph_output)
+        groups.append([QuantizeDequantize(t.tensor, p.scale, _stored_zero_point(p, t, uint8_readers), t.consumers,
+                                          t.graph_output)
                        for t, p in zip(group.targets, params) if t.consumers or t.graph_output])
     return groups
+
+
+def _stored_zero_point(params: QuantParams, target: ActivationTarget, uint8_readers: frozenset[str]) -> np.ndarray:
+    """Signed levels as int8, or as uint8 shifted by 128 for readers ONNX Runtime only fuses on uint8 input."""
+    if params.zero_point.dtype == np.int8 and uint8_readers.intersection(target.consumers):
+        return np.array(128, np.uint8)
+    return params.zero_point
 
 
 def _bias_commands(graph: gs.Graph, commands: list[Command],

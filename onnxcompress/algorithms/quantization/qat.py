@@ -45,8 +45,8 @@ _INT32 = np.iinfo(np.int32)
 @dataclass(frozen=True)
 class _Activation:
     command: FakeQuantize
-    #: Stored zero-point of the exported uint8 tensor for symmetric and unsigned quantizers (128: signed levels).
-    symmetric_offset: int
+    #: Exported zero-point of symmetric and unsigned quantizers: 0, as int8 for signed levels, else uint8.
+    fixed_zero_point: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,11 @@ class QuantizationController(CompressionController):
             command = activation.command
             step, zero_point = trained_step_and_zero_point(command.quantizer, parameters)
             steps[command.quantizer.step_name] = step
+            zero_point = np.asarray(zero_point).astype(np.uint8)
             if not command.quantizer.asymmetric or command.unsigned:
-                zero_point = np.float32(activation.symmetric_offset)
-            commands.append(QuantizeDequantize(command.tensor, step, np.asarray(zero_point).astype(np.uint8),
-                                               command.consumers, command.graph_output))
+                zero_point = activation.fixed_zero_point
+            commands.append(QuantizeDequantize(command.tensor, step, zero_point, command.consumers,
+                                               command.graph_output))
         for weight in self._weights:
             command = weight.command
             step, _ = trained_step_and_zero_point(command.quantizer, parameters)
@@ -161,19 +162,19 @@ def _activation_quantizers(plan: QuantizationPlan, config: QuantizationAwareTrai
         name = f"{group[0].tensor}.quantizer"
         shared = max(group, key=lambda command: int(command.zero_point))  # asymmetric: the group's zero-point
         for command in group:
-            zero_point = int(command.zero_point)
             if asymmetric:
                 quantizer = TrainableQuantizer(name, np.asarray(shared.scale, np.float32), unsigned_levels.q_min,
                                                unsigned_levels.q_max, lr_scale, asymmetric=True,
                                                zero_point0=float(int(shared.zero_point)))
-                unsigned = zero_point == 0 and int(shared.zero_point) != 0
+                unsigned = int(command.zero_point) == 0 and int(shared.zero_point) != 0
             else:
-                levels = activation_levels(signed=zero_point != 0)  # stored uint8 with zero-point 128 if signed
+                # Signed levels are int8, or uint8 shifted by 128 where ONNX Runtime needs uint8 (see ptq).
+                levels = activation_levels(signed=command.zero_point.dtype == np.int8 or int(command.zero_point) != 0)
                 quantizer = TrainableQuantizer(name, np.asarray(command.scale, np.float32), levels.q_min,
                                                levels.q_max, lr_scale)
                 unsigned = False
             fake = FakeQuantize(command.tensor, quantizer, command.consumers, command.graph_output, unsigned)
-            activations.append(_Activation(fake, 0 if asymmetric else zero_point))
+            activations.append(_Activation(fake, np.zeros((), np.uint8) if asymmetric else command.zero_point))
     return activations
 
 
