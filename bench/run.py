@@ -126,6 +126,9 @@ def onnxcompress_cmd(args) -> list[str] | None:
 def run_measured(cmd: list[str], log_path: Path, timeout: float, env=None) -> dict:
     """Run cmd in a fresh process; wall time, peak RSS (wait4 ru_maxrss; psutil tree sampling)."""
     import psutil
+    # Linux keeps ru_maxrss across fork+exec: a child's value is at least this process's RSS at the fork. When
+    # it is no larger, the child never exceeded it and the sampled tree peak is the real figure.
+    inherited = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     with open(log_path, "w") as lf:
         p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env)
@@ -153,8 +156,10 @@ def run_measured(cmd: list[str], log_path: Path, timeout: float, env=None) -> di
             time.sleep(0.1)
         p.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
+    peak = ru.ru_maxrss * 1024 if ru.ru_maxrss * 1024 > inherited * 1.01 else peak_tree
     return {"returncode": p.returncode, "timed_out": timed_out, "wall_s": wall,
-            "peak_rss_mb": ru.ru_maxrss / 1024.0, "peak_rss_tree_sampled_mb": peak_tree / 2 ** 20,
+            "peak_rss_mb": peak / 2 ** 20, "peak_rss_tree_sampled_mb": peak_tree / 2 ** 20,
+            "ru_maxrss_mb": ru.ru_maxrss / 1024.0,
             "cpu_user_s": ru.ru_utime, "cpu_sys_s": ru.ru_stime}
 
 

@@ -56,9 +56,6 @@ class OpSpec:
     #: only: OpenVINO fuses a Reshape → Transpose → Reshape channel shuffle into ShuffleChannels only when no
     #: quantizer sits inside it, and ONNX Runtime moves Q/DQ through such ops by itself.
     layout_only: bool = False
-    #: ONNX Runtime fuses the op into an integer kernel only with uint8 activations: a signed input is stored as
-    #: uint8 with zero-point 128 (the same levels) rather than int8.
-    uint8_activations: bool = False
 
 
 _PASSTHROUGH = OpSpec(Role.PASSTHROUGH)
@@ -71,10 +68,9 @@ OP_TABLE: dict[str, OpSpec] = {
     "ConvTranspose": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1,
                             integer_kernel_needs_quantized_output=True),
     # Gemm's channel axis depends on transB; `weight_channel_axis()` resolves it.
-    "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0, uint8_activations=True),
+    "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0),
     # MatMul with a constant weight [.., in, out]; with two activations (attention) both inputs are quantized.
-    "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, activation_ports=(0, 1),
-                     uint8_activations=True),
+    "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, activation_ports=(0, 1)),
     # Only activations both runtimes fuse in front of a QuantizeLinear: ONNX Runtime drops Relu/Clip before a
     # quantizer whose range starts at zero; other activations (Sigmoid, HardSwish...) would leave Conv in float.
     "Relu": _FUSED,

@@ -140,7 +140,7 @@ def test_mixed_preset_aligns_zero_points():
             assert inits[node.input[2]].dtype == np.uint8
 
 
-def test_signed_activations_are_int8_except_where_onnxruntime_needs_uint8(cnn_pair):
+def test_signed_activations_are_uint8_plus_128_where_compute_ops_read_them_else_int8(cnn_pair):
     _, quantized, _ = cnn_pair
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}
     readers = {}
@@ -152,10 +152,11 @@ def test_signed_activations_are_int8_except_where_onnxruntime_needs_uint8(cnn_pa
         dequantized = readers[q.output[0]][0].output[0]
         ops = {r.op_type for r in readers.get(dequantized, [])}
         stored[q.input[0]] = (inits[q.input[2]].dtype, int(inits[q.input[2]]), ops)
-    # The signed model input feeds a Conv: int8, no zero-point shift (OpenVINO keeps Concat/Add in INT8).
-    assert stored["x"][:2] == (np.int8, 0)
-    # MatMul/Gemm readers get uint8: signed ones shifted by 128, ONNX Runtime fuses them only that way.
-    assert all(dtype == np.uint8 for dtype, _, ops in stored.values() if ops & {"Gemm", "MatMul"})
+    # Compute ops read uint8 (signed levels shifted by 128: the signed model input feeding a Conv) ...
+    assert stored["x"][:2] == (np.uint8, 128)
+    assert all(dtype == np.uint8 for dtype, _, ops in stored.values() if ops & {"Conv", "Gemm", "MatMul"})
+    # ... while signed tensors only added (the Conv output into the residual Add) stay int8.
+    assert any(dtype == np.int8 and zero_point == 0 and ops == {"Add"} for dtype, zero_point, ops in stored.values())
     transformer = quantize(build_transformer_block(), [{"tokens": np.random.default_rng(0).normal(
         size=(1, 8, 64)).astype(np.float32)} for _ in range(8)], progress=False, model_type="transformer")
     zero_points = [onnx.numpy_helper.to_array(i) for i in transformer.graph.initializer if i.name.endswith("_zp")]

@@ -31,7 +31,7 @@ from onnxcompress.errors import ConfigError
 from onnxcompress.runtime.calibration import StatisticRequest, TensorStatistics, collect_statistics
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import Command, DequantizeWeight, QuantizeDequantize, SetConstantInput
-from onnxcompress.transforms.op_table import spec
+from onnxcompress.transforms.op_table import Role, spec
 from onnxcompress.transforms.passes import preprocess
 
 Batches = Iterable[Mapping[str, np.ndarray]]
@@ -82,8 +82,8 @@ def plan_quantization(model: onnx.ModelProto, batches: Batches, config: Quantiza
     stats = collect_statistics(export_graph(graph, model), requests, batches, total=total, progress=progress)
 
     weights = _weight_commands(graph, setup, config)
-    uint8_readers = frozenset(n.name for n in graph.nodes if spec(n).uint8_activations)
-    activation_groups = _activation_commands(setup, stats, config, uint8_readers)
+    compute_ops = frozenset(n.name for n in graph.nodes if spec(n).role is Role.COMPUTE)
+    activation_groups = _activation_commands(setup, stats, config, compute_ops)
     corrected: list[SetConstantInput] = []
     if config.bias_correction is not BiasCorrection.NONE:
         float_model = export_graph(graph, model) if config.bias_correction is BiasCorrection.FULL else None
@@ -154,7 +154,7 @@ def _weight_commands(graph: gs.Graph, setup: QuantizerSetup, config: Quantizatio
 
 
 def _activation_commands(setup: QuantizerSetup, stats: dict[str, TensorStatistics], config: QuantizationConfig,
-                         uint8_readers: frozenset[str]) -> list[list[QuantizeDequantize]]:
+                         compute_ops: frozenset[str]) -> list[list[QuantizeDequantize]]:
     mode = _mode(config)
     groups = []
     for group in setup.groups:
@@ -166,15 +166,20 @@ def _activation_commands(setup: QuantizerSetup, stats: dict[str, TensorStatistic
         ranges = [estimate_range(stats[t.tensor], method, mode=mode, percentile=config.percentile)
                   for t in group.targets]
         params = unified_activation_params(ranges, mode)
-        groups.append([QuantizeDequantize(t.tensor, p.scale, _stored_zero_point(p, t, uint8_readers), t.consumers,
+        groups.append([QuantizeDequantize(t.tensor, p.scale, _stored_zero_point(p, t, compute_ops), t.consumers,
                                           t.graph_output)
                        for t, p in zip(group.targets, params) if t.consumers or t.graph_output])
     return groups
 
 
-def _stored_zero_point(params: QuantParams, target: ActivationTarget, uint8_readers: frozenset[str]) -> np.ndarray:
-    """Signed levels as int8, or as uint8 shifted by 128 for readers ONNX Runtime only fuses on uint8 input."""
-    if params.zero_point.dtype == np.int8 and uint8_readers.intersection(target.consumers):
+def _stored_zero_point(params: QuantParams, target: ActivationTarget, compute_ops: frozenset[str]) -> np.ndarray:
+    """How signed levels are stored: uint8 shifted by 128 where a Conv/Gemm/MatMul reads them, int8 elsewhere.
+
+    Both runtimes multiply uint8 activations by int8 weights natively (x86 VNNI); int8 activations cost OpenVINO
+    a compensation pass (bvlc_alexnet: -5% throughput) and keep ONNX Runtime's MatMul in float. A tensor only
+    added or concatenated is better int8: OpenVINO keeps such Concats INT8 only without a zero-point shift.
+    """
+    if params.zero_point.dtype == np.int8 and compute_ops.intersection(target.consumers):
         return np.array(128, np.uint8)
     return params.zero_point
 

@@ -5,10 +5,9 @@ ONNX's QuantizeLinear computes q = saturate(round(r / s) + z); the paper's symme
 range) becomes s = scale / q_max, and its asymmetric (r_min, r_max) becomes s = (r_max - r_min) / (2^bits - 1),
 z = -r_min / s after alignment.
 
-Symmetric activations are int8 (zero-point 0) when their range goes below zero and uint8 otherwise. On x86, ONNX
-Runtime turns int8 activations into uint8 with zero-point 128 before fusing integer kernels (same arithmetic);
-OpenVINO keeps int8 tensors without a zero-point shift, so a Concat of int8 inputs stays an INT8 copy (with
-uint8 + 128 it falls back to bf16 and drags the ops after it along: densenet121 -5% throughput).
+Symmetric activations get signed levels (int8, zero-point 0) when their range goes below zero and unsigned ones
+(uint8) otherwise. Where a compute op reads signed levels, post-training quantization stores them as uint8 with
+zero-point 128, the same arithmetic in the form both runtimes' integer kernels prefer (see `ptq`).
 """
 
 from __future__ import annotations
