@@ -72,7 +72,7 @@ def render(res: dict) -> str:
                  "load + calibration + quantization + save. *load→save* = the same without interpreter start and "
                  "imports (peers only). *Quantize call* = the `nncf.quantize` / "
                  "`quantize_static` call alone (ORT's `quant_pre_process` runs before it and is counted in "
-                 "load→save only; the onnxcompress CLI reports no phases). Peak RSS = `ru_maxrss` of that process (wait4); *tree* = psutil-sampled RSS of the process "
+                 "load→save only; the onnxcompress CLI reports no phases). Peak RSS = `ru_maxrss` of that process (wait4), or the tree figure when `ru_maxrss` only repeats the harness's own peak (Linux carries it over the spawn); *tree* = psutil-sampled RSS of the process "
                  "tree (every 0.1 s).\n\n" + table(
                      ["model", "tool", "process wall s", "load→save s", "quantize call s", "peak RSS MB", "tree RSS MB",
                       "size MB (int8 / fp32)", "size ratio"], rows))

@@ -126,9 +126,11 @@ def onnxcompress_cmd(args) -> list[str] | None:
 def run_measured(cmd: list[str], log_path: Path, timeout: float, env=None) -> dict:
     """Run cmd in a fresh process; wall time, peak RSS (wait4 ru_maxrss; psutil tree sampling)."""
     import psutil
-    # Linux keeps ru_maxrss across fork+exec: a child's value is at least this process's RSS at the fork. When
-    # it is no larger, the child never exceeded it and the sampled tree peak is the real figure.
-    inherited = psutil.Process().memory_info().rss
+    # Linux keeps ru_maxrss across the spawn: a child's value is at least this process's own peak (subprocess
+    # spawns with vfork, sharing our memory until exec). When it is no larger, the child never exceeded it and
+    # the sampled tree peak is the real figure.
+    import resource
+    inherited = max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     t0 = time.perf_counter()
     with open(log_path, "w") as lf:
         p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env)
