@@ -41,7 +41,8 @@ def bias_correction_commands(graph: gs.Graph, float_model: onnx.ModelProto | Non
         shifts = {t.node: _weight_error_shift(nodes[t.node], weights[t.node], stats[t.input_tensor].channel_mean)
                   for t in setup.bias_targets if t.input_tensor in stats}
     else:
-        shifts = _measured_shifts(float_model, nodes, setup, commands, second_pass, total, progress)
+        subset = min(total, config.bias_correction_subset_size) if total is not None else None
+        shifts = _measured_shifts(float_model, nodes, setup, commands, second_pass, subset, progress)
     return [SetConstantInput(t.node, t.bias_port, (_bias(nodes[t.node], t) - shifts[t.node]).astype(np.float32))
             for t in setup.bias_targets if t.node in shifts]
 
