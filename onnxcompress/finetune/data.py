@@ -46,6 +46,7 @@ class LabelledData:
         self._arrays: dict[str, np.ndarray] | None = None
         self._labels: np.ndarray | None = None
         self._iterable: Iterable[Batch] | None = None
+        self._iterable_steps: int | None = None
         if isinstance(source, (str, Path)):
             arrays = _read_arrays(Path(source), [i.name for i in inputs] + [label_name], what)
             labels_array = arrays.pop(label_name)
@@ -87,12 +88,14 @@ class LabelledData:
                 np.ascontiguousarray(self._labels[rows])
 
     def steps(self, batch_size: int) -> int:
-        """Batches per epoch; an iterable's own count (it is re-iterable, so one uncounted pass if unsized)."""
+        """Batches per epoch; an iterable's own count (it is re-iterable, so one counting pass, once, if unsized)."""
         if self._labels is not None:
             return -(-len(self._labels) // batch_size)
         if isinstance(self._iterable, Sized):
             return len(self._iterable)
-        return sum(1 for _ in self._iterable)
+        if self._iterable_steps is None:
+            self._iterable_steps = sum(1 for _ in self._iterable)
+        return self._iterable_steps
 
     # -- validation
 

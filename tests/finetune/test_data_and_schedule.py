@@ -54,6 +54,19 @@ def test_an_iterable_of_batches_is_read_in_order() -> None:
     assert rows(data, 99, seed=1) == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
 
 
+def test_an_unsized_iterable_is_counted_once() -> None:
+    class Batches:
+        passes = 0
+
+        def __iter__(self):
+            Batches.passes += 1
+            yield {"x": X[:6]}, Y[:6]
+            yield {"x": X[6:]}, Y[6:]
+
+    data = LabelledData(Batches(), INPUTS, CLASSES)
+    assert [data.steps(4) for _ in range(3)] == [2, 2, 2] and Batches.passes == 1
+
+
 @pytest.mark.parametrize(("source", "spec", "message"), [
     (({"x": X.astype(np.float64)}, Y), CLASSES, "input 'x' is float64, the model expects float32"),
     (({"x": X.reshape(10, 2, 1)}, Y), CLASSES, r"has shape \[10, 2, 1\], the model expects \[\?, 2\]"),
