@@ -189,3 +189,20 @@ def test_ratio_arithmetic_on_synthetic_report():
     text = format_report(synthetic, "fp32")
     row = next(line for line in text.splitlines() if line.startswith("int8/ov-default/latency"))
     assert row.split()[-2:] == ["4.00x", "2.00x"]  # vs fp32/ov-f32, vs fp32/ov-default
+
+
+def test_rounds_rotate_which_variant_runs_first():
+    from onnxcompress.runtime.benchmark import _measure, _Round, _Variant
+
+    calls: list[str] = []
+
+    def variant(label: str) -> _Variant:
+        def run(seconds: float) -> _Round:
+            calls.append(label)
+            return _Round([1.0], 1, seconds)
+        return _Variant(label, "m", "ov", "ov-f32", "f32", "latency", run)
+
+    _measure([variant("a"), variant("b"), variant("c")], rounds=3, round_seconds=0.1, progress=False)
+    warmup, measured = calls[:3], calls[3:]
+    assert warmup == ["a", "b", "c"]
+    assert measured == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
