@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.errors import CalibrationError
 from onnxcompress.runtime.calibration import Histogram, Statistic, StatisticRequest, collect_statistics
@@ -83,3 +83,22 @@ def test_bad_feed_is_a_calibration_error():
     with pytest.raises(CalibrationError, match="failed on a calibration batch"):
         collect_statistics(_model(17), [StatisticRequest("x", Statistic.MIN_MAX)],
                            [{"x": np.zeros((1, 4, 4, 5), np.float32)}], progress=False)
+
+
+def test_large_weights_reach_the_session_as_arrays_and_give_exact_statistics():
+    """A weight over the in-memory threshold leaves the serialized model; the statistics are still exact."""
+    rng = np.random.default_rng(2)
+    weight = rng.normal(size=(64, 128)).astype(np.float32)  # 32 KiB: handed over as an array
+    offset = rng.normal(size=(128,)).astype(np.float32)  # 512 B: stays in the model
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(offset, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    xs = [rng.normal(size=(n, 64)).astype(np.float32) for n in (2, 5)]
+    stats = collect_statistics(model, [StatisticRequest("y", Statistic.MIN_MAX)], [{"x": x} for x in xs],
+                               progress=False)
+    expected = np.concatenate([x @ weight + offset for x in xs])
+    np.testing.assert_allclose(np.concatenate(stats["y"].sample_max), expected.max(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(np.concatenate(stats["y"].sample_min), expected.min(axis=1), rtol=1e-5)
