@@ -2,7 +2,7 @@
 
 Builds a chain of float32 [N, N] MatMuls (3 x 14000^2 x 4 B = 2.35 GB by default), saves it with
 automatic external data, loads it back, checks every weight and the onnxruntime output against
-numpy, quantizes it to INT8 (calibration through an external-data session) and checks the INT8 output's
+numpy, quantizes it to INT8 (the calibration session gets the weights as arrays) and checks the INT8 output's
 SQNR, and prints the time and memory of each step. All files are deleted at the end.
 
     .venv/bin/python bench/big_model_io.py [--dir DIR] [--size 14000] [--layers 3]

@@ -124,19 +124,21 @@ def collect_statistics(
     requests: Sequence[StatisticRequest],
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
+    weights: Mapping[str, np.ndarray] | None = None,
     total: int | None = None,
     progress: bool = True,
     description: str = "calibration",
 ) -> dict[str, TensorStatistics]:
     """Run `model` on every feed of `batches` and return the requested statistics by tensor name.
 
-    `model` is consumed: its graph is turned into the statistics graph in place, and the proto is released before
-    ONNX Runtime loads the weights, so a model of several GB is never held twice. Pass a copy (or a fresh export)
-    when you still need it.
+    `weights` holds the data of the model's initializers made with `in_memory_initializer`. `model` is consumed:
+    its graph is turned into the statistics graph in place, and the proto is released before ONNX Runtime loads
+    the weights, so a model of several GB is never held twice. Pass a copy (or a fresh export) when you still
+    need it.
     """
     requests = list(dict.fromkeys(requests))  # a tensor read by several layers is measured once
     readers = _augment(model, requests)
-    weights = _take_weights(model)
+    weights = {**(weights or {}), **_take_weights(model)}
     serialized = model.SerializeToString()
     # A fresh export passed in (as quantization does) is freed here: only `weights` hold the weights from now on.
     del model
@@ -342,13 +344,23 @@ class _ReductionBuilder:
         return f"onnxcompress_stat/{stem}_{self.count}"
 
 
-#: Initializers from this size on are handed to ONNX Runtime as arrays instead of inside the serialized model.
-_IN_MEMORY_WEIGHT_BYTES = 16 * 1024
+#: Initializers from this size on (bytes) are handed to ONNX Runtime as arrays instead of inside the serialized model.
+IN_MEMORY_WEIGHT_BYTES = 16 * 1024
 _TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 
 
+_IN_MEMORY_LOCATION = "onnxcompress-in-memory"
+
+
+def in_memory_initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """An initializer without data, whose values `collect_statistics` receives as `array` (`weights=`)."""
+    tensor = onnx.TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+    _mark_in_memory(tensor)
+    return tensor
+
+
 def _take_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Move the data of `model`'s large initializers into arrays and mark those initializers as external.
+    """Move the data of `model`'s large initializers into arrays and mark those initializers as in memory.
 
     ONNX Runtime then uses the arrays in place (`add_external_initializers`): the weights are neither serialized
     nor parsed again (0.3 s for ResNet-50), and a model over the 2 GB protobuf limit needs no temporary files.
@@ -357,15 +369,24 @@ def _take_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     weights = {}
     for tensor in model.graph.initializer:
         if (tensor.data_type == onnx.TensorProto.STRING or tensor.name in graph_inputs
-                or tensor.ByteSize() < _IN_MEMORY_WEIGHT_BYTES):
+                or tensor.data_location == onnx.TensorProto.EXTERNAL or _nbytes(tensor) < IN_MEMORY_WEIGHT_BYTES):
             continue
         weights[tensor.name] = numpy_helper.to_array(tensor)
         for data_field in _TENSOR_DATA_FIELDS:
             tensor.ClearField(data_field)
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        del tensor.external_data[:]
-        tensor.external_data.add(key="location", value="onnxcompress-in-memory")
+        _mark_in_memory(tensor)
     return weights
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    """Size of the tensor's values, from its shape: measuring the proto would copy the data."""
+    return int(np.prod(tensor.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _mark_in_memory(tensor: onnx.TensorProto) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    tensor.external_data.add(key="location", value=_IN_MEMORY_LOCATION)
 
 
 @functools.cache
