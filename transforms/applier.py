@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.transforms.commands import (
     Command,
+    DequantizeBias,
     DequantizeWeight,
     FakeQuantize,
     FakeQuantizeBias,
@@ -22,6 +23,7 @@ from onnxcompress.transforms.commands import (
 )
 from onnxcompress.transforms.fake_quantize import fake_quantize_bias, fake_quantize_weight, insert_fake_quantize
 from onnxcompress.transforms.graph import set_constant_input, set_input
+from onnxcompress.transforms.op_table import spec
 
 
 class UnknownNameError(KeyError):
@@ -37,6 +39,8 @@ def apply_commands(graph: gs.Graph, commands: Iterable[Command]) -> gs.Graph:
             _insert_qdq(graph, tensors, nodes, command)
         elif isinstance(command, DequantizeWeight):
             _dequantize_weight(graph, _node(nodes, command.node), command)
+        elif isinstance(command, DequantizeBias):
+            _dequantize_bias(graph, _node(nodes, command.node), command)
         elif isinstance(command, SetConstantInput):
             _set_constant_input(_node(nodes, command.node), command)
         elif isinstance(command, FakeQuantize):
@@ -96,8 +100,8 @@ def _dequantize_weight(graph: gs.Graph, node: gs.Node, cmd: DequantizeWeight) ->
     quantized = gs.Constant(f"{stem}_q", np.ascontiguousarray(cmd.quantized))
     scale = gs.Constant(f"{stem}_scale", np.asarray(cmd.scale, np.float32))
     inputs = [quantized, scale]
-    if cmd.quantized.dtype != np.int32:
-        # INT32 biases omit the zero-point (0 by default): it would cost 4 bytes per channel in the file.
+    # The zero-point is 0, the default when it is left out; stored only where a runtime's fusion needs it.
+    if cmd.quantized.dtype != np.int32 and spec(node).integer_kernel_needs_weight_zero_point:
         inputs.append(gs.Constant(f"{stem}_zp", np.zeros(cmd.scale.shape, cmd.quantized.dtype)))
     dequantized = gs.Variable(f"{stem}_dq", dtype=np.float32, shape=list(cmd.quantized.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs={"axis": cmd.axis},
@@ -106,6 +110,34 @@ def _dequantize_weight(graph: gs.Graph, node: gs.Node, cmd: DequantizeWeight) ->
         set_input(node, cmd.port, dequantized)
     except IndexError as error:
         raise UnknownNameError(str(error)) from None
+
+
+def _dequantize_bias(graph: gs.Graph, node: gs.Node, cmd: DequantizeBias) -> None:
+    weight_port = spec(node).weight_port
+    input_scale = _dequantized_scale(node.inputs[0] if node.inputs else None)
+    weight_scale = _dequantized_scale(node.inputs[weight_port] if weight_port is not None and
+                                      weight_port < len(node.inputs) else None)
+    if input_scale is None or weight_scale is None:
+        raise UnknownNameError(f"bias of {node.name!r}: its input and weight must be dequantized first")
+    stem = _constant_input_stem(node, cmd.port)
+    scale = gs.Variable(f"{stem}_scale", dtype=np.float32, shape=list(weight_scale.shape))
+    graph.nodes.append(gs.Node("Mul", f"{stem}_scale_Mul", inputs=[input_scale, weight_scale], outputs=[scale]))
+    quantized = gs.Constant(f"{stem}_q", np.ascontiguousarray(cmd.quantized, np.int32))
+    dequantized = gs.Variable(f"{stem}_dq", dtype=np.float32, shape=list(cmd.quantized.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs={"axis": 0},
+                               inputs=[quantized, scale], outputs=[dequantized]))
+    try:
+        set_input(node, cmd.port, dequantized)
+    except IndexError as error:
+        raise UnknownNameError(str(error)) from None
+
+
+def _dequantized_scale(tensor: gs.Tensor | None) -> gs.Constant | None:
+    """The scale constant of the DequantizeLinear that produces `tensor`, if one does."""
+    producer = tensor.inputs[0] if tensor is not None and tensor.inputs else None
+    if producer is None or producer.op != "DequantizeLinear" or not isinstance(producer.inputs[1], gs.Constant):
+        return None
+    return producer.inputs[1]
 
 
 def _constant_input_stem(node: gs.Node, port: int) -> str:

@@ -43,6 +43,26 @@ class DequantizeWeight:
 
 
 @dataclass(frozen=True, eq=False)
+class DequantizeBias:
+    """Replace bias input `port` of `node` by INT32 levels read through DequantizeLinear.
+
+    Their scale is the node's input scale times its weight scale (`bias_scale`), as integer kernels require. It is
+    computed in the graph, a Mul of the two scale initializers that both runtimes fold when they load the model,
+    instead of being stored: on a depthwise convolution it would cost 4 bytes per channel, as much again as the
+    weight scales (shufflenet: 57 KB, 3.7% of the INT8 file). Apply after the node's input and weight quantizers.
+    """
+
+    node: str
+    port: int
+    quantized: np.ndarray
+
+
+def bias_scale(input_scale: np.ndarray, weight_scale: np.ndarray) -> np.ndarray:
+    """The scale of INT32 bias levels, computed as the runtime computes `DequantizeBias`'s Mul (float32)."""
+    return np.asarray(input_scale, np.float32) * np.asarray(weight_scale, np.float32)
+
+
+@dataclass(frozen=True, eq=False)
 class SetConstantInput:
     """Set constant input `port` of `node` to `values`, adding the input if the node has fewer (a missing bias)."""
 
@@ -122,5 +142,5 @@ class FakeQuantizeBias:
     weight_step: str
 
 
-Command = (QuantizeDequantize | DequantizeWeight | SetConstantInput | FakeQuantize | FakeQuantizeWeight
-           | FakeQuantizeBias)
+Command = (QuantizeDequantize | DequantizeWeight | DequantizeBias | SetConstantInput | FakeQuantize
+           | FakeQuantizeWeight | FakeQuantizeBias)

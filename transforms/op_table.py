@@ -52,6 +52,10 @@ class OpSpec:
     #: ONNX Runtime only emits a fused integer kernel (QLinearConv) when the op's output is quantized too; Gemm and
     #: MatMul have kernels with float output (QGemm, MatMulIntegerToFloat).
     integer_kernel_needs_quantized_output: bool = False
+    #: ONNX Runtime fuses Gemm into QGemm only when the weight's DequantizeLinear has an explicit zero-point;
+    #: QLinearConv fusion takes the default. Elsewhere the all-zero tensor is left out of the file (MatMul and
+    #: ConvTranspose keep it: not measured without).
+    integer_kernel_needs_weight_zero_point: bool = False
     #: A pass-through op that only rearranges values (no arithmetic). Chains of them get quantizers at their ends
     #: only: OpenVINO fuses a Reshape → Transpose → Reshape channel shuffle into ShuffleChannels only when no
     #: quantizer sits inside it, and ONNX Runtime moves Q/DQ through such ops by itself.
@@ -66,11 +70,13 @@ OP_TABLE: dict[str, OpSpec] = {
     "Conv": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0,
                    integer_kernel_needs_quantized_output=True),
     "ConvTranspose": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1,
-                            integer_kernel_needs_quantized_output=True),
+                            integer_kernel_needs_quantized_output=True, integer_kernel_needs_weight_zero_point=True),
     # Gemm's channel axis depends on transB; `weight_channel_axis()` resolves it.
-    "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0),
+    "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0,
+                   integer_kernel_needs_weight_zero_point=True),
     # MatMul with a constant weight [.., in, out]; with two activations (attention) both inputs are quantized.
-    "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, activation_ports=(0, 1)),
+    "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, activation_ports=(0, 1),
+                     integer_kernel_needs_weight_zero_point=True),
     # Only activations both runtimes fuse in front of a QuantizeLinear: ONNX Runtime drops Relu/Clip before a
     # quantizer whose range starts at zero; other activations (Sigmoid, HardSwish...) would leave Conv in float.
     "Relu": _FUSED,

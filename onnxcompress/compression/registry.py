@@ -62,7 +62,7 @@ class CompressedModel:
                 tensor.values = np.asarray(parameters[tensor.name])
         for controller in self.controllers:
             apply_commands(graph, controller.export_commands(parameters))
-        return export_graph(graph, self.float_model)
+        return export_graph(graph, self.float_model, shapes=False)
 
 
 def create_compressed_model(model: onnx.ModelProto, configs: Iterable[AlgorithmConfig], batches: BatchesFactory, *,

@@ -50,6 +50,23 @@ def test_weights_stored_as_int8_without_float_copies(cnn_pair):
     assert floats < 200  # only scales remain in float
 
 
+def test_file_leaves_out_what_runtimes_derive(cnn_pair):
+    """No stored bias scales (input scale × weight scale is a Mul), Conv weight zero-points or tensor shapes."""
+    _, quantized, _ = cnn_pair
+    initializers = {i.name: i for i in quantized.graph.initializer}
+    produced_by = {output: node for node in quantized.graph.node for output in node.output}
+    for node in quantized.graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        weight_dq, bias_dq = produced_by[node.input[1]], produced_by[node.input[2]]
+        assert len(weight_dq.input) == (3 if node.op_type == "Gemm" else 2)
+        assert initializers[bias_dq.input[0]].data_type == TensorProto.INT32
+        scale = produced_by[bias_dq.input[1]]
+        assert scale.op_type == "Mul" and scale.input[1] == weight_dq.input[1]
+        assert scale.input[0] == produced_by[node.input[0]].input[1]  # the input's DequantizeLinear scale
+    assert not quantized.graph.value_info  # preprocessing inferred them all
+
+
 def test_runs_integer_kernels_in_both_runtimes(cnn_pair):
     _, _, path = cnn_pair
     kernels = ort_kernel_summary(path)

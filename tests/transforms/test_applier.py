@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.transforms.applier import UnknownNameError, apply_commands
-from onnxcompress.transforms.commands import DequantizeWeight, QuantizeDequantize, SetConstantInput
+from onnxcompress.transforms.commands import DequantizeBias, DequantizeWeight, QuantizeDequantize, SetConstantInput
 
 
 def _conv_without_bias():
@@ -27,15 +27,41 @@ def test_commands_quantize_weights_add_a_missing_bias_and_insert_qdq():
     commands = [
         QuantizeDequantize("x", np.array(0.1, np.float32), np.array(128, np.uint8), ("conv",)),
         DequantizeWeight("conv", 1, np.array([[[[100]]], [[[-50]]]], np.int8), np.array([0.005, 0.01], np.float32), 0),
-        DequantizeWeight("conv", 2, np.array([10, -20], np.int32), np.array([0.1, 0.1], np.float32), 0),
+        DequantizeBias("conv", 2, np.array([10000, -20000], np.int32)),
     ]
     apply_commands(graph, commands)
     ops = sorted(n.op for n in graph.nodes)
-    assert ops == ["Conv", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "QuantizeLinear"]
+    assert ops == ["Conv", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Mul", "QuantizeLinear"]
+    conv = next(n for n in graph.nodes if n.op == "Conv")
+    weight_dq, bias_dq = conv.inputs[1].inputs[0], conv.inputs[2].inputs[0]
+    assert len(weight_dq.inputs) == 2  # Conv weights: the all-zero zero-point is left out
+    # The bias scale is not stored: it is the product of the input and weight scales, computed in the graph.
+    bias_scale_mul = bias_dq.inputs[1].inputs[0]
+    assert bias_scale_mul.op == "Mul" and len(bias_dq.inputs) == 2
+    assert bias_scale_mul.inputs == [conv.inputs[0].inputs[0].inputs[1], weight_dq.inputs[1]]
     x = np.array([[[[1.0, -1.0], [0.25, 12.0]]]], np.float32)  # 12.0 saturates at 127 levels × 0.1
     q = np.clip(np.round(x / 0.1) + 128, 0, 255) - 128
-    expected = np.stack([q * 0.1 * 0.5 + 1.0, q * 0.1 * -0.5 - 2.0], axis=1)[:, :, 0]
+    expected = np.stack([q * 0.1 * 0.5 + 5.0, q * 0.1 * -0.5 - 20.0], axis=1)[:, :, 0]
     np.testing.assert_allclose(_run(graph, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_weights_keep_their_zero_point_for_onnx_runtime_fusion():
+    w = numpy_helper.from_array(np.full((3, 2), 0.5, np.float32), "w")
+    graph = gs.import_onnx(helper.make_model(helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w]),
+        opset_imports=[helper.make_opsetid("", 17)]))
+    apply_commands(graph, [DequantizeWeight("fc", 1, np.full((3, 2), 64, np.int8), np.array([0.5, 0.25], np.float32),
+                                            1)])
+    weight_dq = next(n for n in graph.nodes if n.op == "DequantizeLinear")
+    assert len(weight_dq.inputs) == 3 and not weight_dq.inputs[2].values.any()
+
+
+def test_bias_needs_dequantized_input_and_weight():
+    graph = _conv_without_bias()
+    with pytest.raises(UnknownNameError, match="bias of 'conv': its input and weight must be dequantized first"):
+        apply_commands(graph, [DequantizeBias("conv", 2, np.array([1, 2], np.int32))])
 
 
 def test_set_constant_input_and_unknown_names():

@@ -12,12 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.transforms.applier import UnknownNameError, apply_commands
 from onnxcompress.transforms.commands import (
+    DequantizeBias,
     DequantizeWeight,
     FakeQuantize,
     FakeQuantizeBias,
     FakeQuantizeWeight,
     QuantizeDequantize,
     TrainableQuantizer,
+    bias_scale,
 )
 from onnxcompress.transforms.fake_quantize import trained_step_and_zero_point
 
@@ -67,11 +69,11 @@ def exported(asymmetric: bool, deltas: dict[str, np.ndarray]) -> onnx.ModelProto
     a_step, a_zero = trained_step_and_zero_point(activation, deltas)
     w_step, _ = trained_step_and_zero_point(weight, deltas)
     w_q = np.clip(np.round(WEIGHT / w_step[:, None]), -7, 7).astype(np.int8)
-    b_step = (a_step * w_step).astype(np.float32)
+    b_step = bias_scale(a_step, w_step)
     graph = gs.import_onnx(build_gemm())
     apply_commands(graph, [QuantizeDequantize("r", a_step, np.asarray(a_zero).astype(np.uint8), ("fc",)),
                            DequantizeWeight("fc", 1, w_q, w_step, 0),
-                           DequantizeWeight("fc", 2, np.round(BIAS / b_step).astype(np.int32), b_step, 0)])
+                           DequantizeBias("fc", 2, np.round(BIAS / b_step).astype(np.int32))])
     return gs.export_onnx(graph)
 
 

@@ -37,7 +37,14 @@ from onnxcompress.runtime.calibration import (
     in_memory_initializer,
 )
 from onnxcompress.transforms.applier import apply_commands
-from onnxcompress.transforms.commands import Command, DequantizeWeight, QuantizeDequantize, SetConstantInput
+from onnxcompress.transforms.commands import (
+    Command,
+    DequantizeBias,
+    DequantizeWeight,
+    QuantizeDequantize,
+    SetConstantInput,
+    bias_scale,
+)
 from onnxcompress.transforms.op_table import Role, spec
 from onnxcompress.transforms.passes import preprocess
 
@@ -72,7 +79,7 @@ def quantize_graph(model: onnx.ModelProto, batches: Batches, config: Quantizatio
                              batches_for_smoothing=batches_for_smoothing)
     commands: list[Command] = [*plan.weights, *plan.activations]
     apply_commands(plan.graph, commands + _bias_commands(plan.graph, commands, plan.corrected_biases))
-    return export_graph(plan.graph, model)
+    return export_graph(plan.graph, model, shapes=False)
 
 
 def plan_quantization(model: onnx.ModelProto, batches: Batches, config: QuantizationConfig, *,
@@ -216,10 +223,10 @@ def _bias_commands(graph: gs.Graph, commands: list[Command],
         if source not in input_scales:
             result.append(SetConstantInput(weight.node, bias_port, np.asarray(bias, np.float32)))
             continue
-        scale = (input_scales[source] * weight.scale).astype(np.float32)
+        scale = bias_scale(input_scales[source], weight.scale)
         bias = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), scale.shape)
         quantized = np.clip(np.round(bias / scale), _INT32.min, _INT32.max).astype(np.int32)
-        result.append(DequantizeWeight(weight.node, bias_port, quantized, scale, axis=0))
+        result.append(DequantizeBias(weight.node, bias_port, quantized))
     return result
 
 
@@ -247,9 +254,15 @@ def export_for_calibration(graph: gs.Graph, original: onnx.ModelProto) -> tuple[
             tensor._values = values  # noqa: SLF001
 
 
-def export_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
-    """Export keeping the original's opsets, IR version and metadata (the fine-tuning runtime needs IR <= 10)."""
+def export_graph(graph: gs.Graph, original: onnx.ModelProto, *, shapes: bool = True) -> onnx.ModelProto:
+    """Export keeping the original's opsets, IR version and metadata (the fine-tuning runtime needs IR <= 10).
+
+    `shapes=False` leaves out the intermediate tensors' shapes (value_info), for deployable files: runtimes infer
+    them, and in a small INT8 model they are 1% of the file.
+    """
     model = gs.export_onnx(graph, do_type_check=False)
+    if not shapes:
+        del model.graph.value_info[:]
     del model.opset_import[:]
     model.opset_import.extend(original.opset_import)
     model.ir_version = original.ir_version

@@ -28,12 +28,14 @@ from onnxcompress.config import Preset, QuantizationAwareTrainingConfig
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import (
     Command,
+    DequantizeBias,
     DequantizeWeight,
     FakeQuantize,
     FakeQuantizeBias,
     FakeQuantizeWeight,
     QuantizeDequantize,
     TrainableQuantizer,
+    bias_scale,
 )
 from onnxcompress.transforms.fake_quantize import channel_shape, parameter_values, trained_step_and_zero_point
 from onnxcompress.transforms.op_table import spec
@@ -126,9 +128,9 @@ class QuantizationController(CompressionController):
             commands.append(DequantizeWeight(command.node, command.port, quantized, step, command.axis))
         for bias in self._biases:
             command = bias.command
-            step = (steps[command.input_step] * steps[command.weight_step]).astype(np.float32)
+            step = bias_scale(steps[command.input_step], steps[command.weight_step])
             quantized = np.clip(np.round(parameters[bias.constant] / step), _INT32.min, _INT32.max)
-            commands.append(DequantizeWeight(command.node, command.port, quantized.astype(np.int32), step, axis=0))
+            commands.append(DequantizeBias(command.node, command.port, quantized.astype(np.int32)))
         return commands
 
     def _quantizers(self) -> list[TrainableQuantizer]:
