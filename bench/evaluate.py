@@ -16,13 +16,14 @@ INT8 exec: OpenVINO: Convolution/GroupConvolution/Deconvolution/FullyConnected/M
            ORT_ENABLE_ALL (ORT_ENABLE_EXTENDED if that fails), integer vs float compute ops.
 Speed    : OpenVINO throughput (AsyncInferQueue, PERFORMANCE_HINT=THROUGHPUT, batch 1 requests),
            OpenVINO latency (sync, PERFORMANCE_HINT=LATENCY, batch 1) and ORT CPU latency (batch 1),
-           variants interleaved in rounds (start rotated each round); medians across rounds.
+           variants interleaved in rounds (a new seeded order each round); medians across rounds.
            Variants: fp32_f32 (OV only, f32 hint), fp32 (OV default precision; ORT), each tool's file.
 """
 from __future__ import annotations
 
 import collections
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -313,10 +314,11 @@ def main(spec_path, out_path):
     for _kind, _v, fn, _s in meas:
         fn(0.2)
     samples = collections.defaultdict(list)
+    # A new (seeded) order each round: in a fixed or rotated cycle every measurement follows the same neighbour,
+    # whose after-effects (ORT threads spinning down, caches full of its weights) would then hit it every round.
+    shuffler = random.Random(BENCH_INPUT_SEED)
     for r in range(rounds):
-        k = r % len(meas)
-        order = meas[k:] + meas[:k]
-        for kind, v, fn, sec in order:
+        for kind, v, fn, sec in shuffler.sample(meas, len(meas)):
             samples[(kind, v)].append(fn(sec))
         log(f"  [{spec['model']}] speed round {r + 1}/{rounds} done")
     speed = {v: dict(info.get(v, {})) for v in variants}

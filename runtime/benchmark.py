@@ -29,6 +29,7 @@ import io
 import math
 import os
 import platform
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -422,18 +423,19 @@ def _run_safely(variant: _Variant, seconds: float) -> _Round:
 
 
 def _measure(variants: Sequence[_Variant], rounds: int, round_seconds: float, progress: bool) -> None:
-    """Warm every variant up, then interleave: each round runs every variant once.
+    """Warm every variant up, then interleave: each round runs every variant once, in a new order.
 
-    Each round starts one variant later than the one before, so every variant takes every position in a round in
-    turn and drift within a round (clock boost, a neighbour's load) does not always land on the same one. Measured
-    here: in a fixed order, two files that later measured equal differed by 9% in OpenVINO latency.
+    The order is shuffled (seeded, so runs repeat) rather than fixed or rotated: with a fixed cycle each variant
+    always runs right after the same neighbour, whose after-effects (a runtime's threads still spinning, caches
+    filled with its weights) then land on it in every round. Measured here: in a fixed order, two files that later
+    measured equal differed by 9% in OpenVINO latency.
     """
     for variant in variants:
         _run_safely(variant, min(_WARMUP_SECONDS, round_seconds))
+    order = random.Random(0)
     with tqdm(total=rounds * len(variants), desc="benchmark", unit="run", disable=not progress) as bar:
         for round_index in range(rounds):
-            start = round_index % len(variants)
-            for variant in [*variants[start:], *variants[:start]]:
+            for variant in order.sample(list(variants), len(variants)):
                 bar.set_postfix_str(f"round {round_index + 1}/{rounds} {variant.label}")
                 variant.rounds.append(_run_safely(variant, round_seconds))
                 bar.update()

@@ -191,7 +191,7 @@ def test_ratio_arithmetic_on_synthetic_report():
     assert row.split()[-2:] == ["4.00x", "2.00x"]  # vs fp32/ov-f32, vs fp32/ov-default
 
 
-def test_rounds_rotate_which_variant_runs_first():
+def test_rounds_run_every_variant_once_in_a_changing_order():
     from onnxcompress.runtime.benchmark import _measure, _Round, _Variant
 
     calls: list[str] = []
@@ -202,7 +202,11 @@ def test_rounds_rotate_which_variant_runs_first():
             return _Round([1.0], 1, seconds)
         return _Variant(label, "m", "ov", "ov-f32", "f32", "latency", run)
 
-    _measure([variant("a"), variant("b"), variant("c")], rounds=3, round_seconds=0.1, progress=False)
-    warmup, measured = calls[:3], calls[3:]
-    assert warmup == ["a", "b", "c"]
-    assert measured == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    labels = ["a", "b", "c", "d"]
+    _measure([variant(label) for label in labels], rounds=6, round_seconds=0.1, progress=False)
+    warmup, measured = calls[:4], calls[4:]
+    assert warmup == labels
+    rounds = [measured[i:i + 4] for i in range(0, len(measured), 4)]
+    assert all(sorted(r) == labels for r in rounds)
+    followers_of_a = {r[r.index("a") + 1] for r in rounds if r[-1] != "a"}
+    assert len({tuple(r) for r in rounds}) > 2 and len(followers_of_a) > 1
