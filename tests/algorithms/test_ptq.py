@@ -259,3 +259,27 @@ def test_quantizers_no_compute_op_reads_use_mean_per_sample_ranges():
               if i.name in ("a_scale", "x_scale")}
     assert scales["x_scale"] == pytest.approx(9.0 / 255)  # read by the Conv: min-max
     assert scales["a_scale"] == pytest.approx(np.mean(maxima) / 255)  # read only by the Concat
+
+
+def test_export_for_calibration_leaves_large_constants_out_and_restores_them():
+    import onnx_graphsurgeon as gs
+    from onnx import helper, numpy_helper
+
+    from onnxcompress.algorithms.quantization.ptq import export_for_calibration, export_graph
+
+    big = np.arange(64 * 128, dtype=np.float32).reshape(64, 128)  # 32 KiB: left out
+    small = np.ones(128, np.float32)  # 512 B: stays in the proto
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])],
+        [numpy_helper.from_array(big, "w"), numpy_helper.from_array(small, "b")]))
+    graph = gs.import_onnx(model)
+    exported, weights = export_for_calibration(graph, model)
+    stored = {t.name: t for t in exported.graph.initializer}
+    assert stored["w"].data_location == TensorProto.EXTERNAL and not stored["w"].raw_data
+    assert list(stored["w"].dims) == [64, 128]
+    np.testing.assert_array_equal(weights["w"], big)
+    assert "b" not in weights and numpy_helper.to_array(stored["b"]).tolist() == small.tolist()
+    restored = {t.name: t for t in export_graph(graph, model).graph.initializer}
+    np.testing.assert_array_equal(numpy_helper.to_array(restored["w"]), big)
