@@ -132,9 +132,9 @@ def collect_statistics(
     """Run `model` on every feed of `batches` and return the requested statistics by tensor name.
 
     `weights` holds the data of the model's initializers made with `in_memory_initializer`. `model` is consumed:
-    its graph is turned into the statistics graph in place, and the proto is released before ONNX Runtime loads
-    the weights, so a model of several GB is never held twice. Pass a copy (or a fresh export) when you still
-    need it.
+    its graph becomes the statistics graph in place and its other large initializers move out into arrays, which
+    ONNX Runtime reads where they are, so a model of several GB is never held twice. Pass a copy (or a fresh
+    export) when you still need it.
     """
     requests = list(dict.fromkeys(requests))  # a tensor read by several layers is measured once
     readers = _augment(model, requests)
@@ -347,8 +347,6 @@ class _ReductionBuilder:
 #: Initializers from this size on (bytes) are handed to ONNX Runtime as arrays instead of inside the serialized model.
 IN_MEMORY_WEIGHT_BYTES = 16 * 1024
 _TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data")
-
-
 _IN_MEMORY_LOCATION = "onnxcompress-in-memory"
 
 

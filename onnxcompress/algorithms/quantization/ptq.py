@@ -93,8 +93,10 @@ def plan_quantization(model: onnx.ModelProto, batches: Batches, config: Quantiza
     setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER)
 
     requests = _range_requests(setup, config) + input_mean_requests(setup, config)
-    calibration_model, weights = export_for_calibration(graph, model)
-    stats = collect_statistics(calibration_model, requests, batches, weights=weights, total=total, progress=progress)
+    calibration_model, calibration_weights = export_for_calibration(graph, model)
+    stats = collect_statistics(calibration_model, requests, batches, weights=calibration_weights, total=total,
+                               progress=progress)
+    del calibration_weights  # the float arrays are not needed past calibration
 
     weights = _weight_commands(graph, setup, config)
     compute_ops = frozenset(n.name for n in graph.nodes if spec(n).role is Role.COMPUTE)
