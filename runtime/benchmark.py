@@ -432,10 +432,10 @@ def _measure(variants: Sequence[_Variant], rounds: int, round_seconds: float, pr
     """
     for variant in variants:
         _run_safely(variant, min(_WARMUP_SECONDS, round_seconds))
-    order = random.Random(0)
+    shuffler = random.Random(0)
     with tqdm(total=rounds * len(variants), desc="benchmark", unit="run", disable=not progress) as bar:
         for round_index in range(rounds):
-            for variant in order.sample(list(variants), len(variants)):
+            for variant in shuffler.sample(list(variants), len(variants)):
                 bar.set_postfix_str(f"round {round_index + 1}/{rounds} {variant.label}")
                 variant.rounds.append(_run_safely(variant, round_seconds))
                 bar.update()

@@ -101,7 +101,7 @@ def _dequantize_weight(graph: gs.Graph, node: gs.Node, cmd: DequantizeWeight) ->
     scale = gs.Constant(f"{stem}_scale", np.asarray(cmd.scale, np.float32))
     inputs = [quantized, scale]
     # The zero-point is 0, the default when it is left out; stored only where a runtime's fusion needs it.
-    if cmd.quantized.dtype != np.int32 and spec(node).integer_kernel_needs_weight_zero_point:
+    if spec(node).integer_kernel_needs_weight_zero_point:
         inputs.append(gs.Constant(f"{stem}_zp", np.zeros(cmd.scale.shape, cmd.quantized.dtype)))
     dequantized = gs.Variable(f"{stem}_dq", dtype=np.float32, shape=list(cmd.quantized.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs={"axis": cmd.axis},
