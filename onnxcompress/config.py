@@ -73,7 +73,9 @@ class QuantizationConfig(_Strict):
         None, ge=0.0, le=1.0,
         description="SmoothQuant migration strength for MatMul inputs (transformers); None disables it.")
     weight_bits: int = Field(8, ge=2, le=8, description="Bit width of weights (symmetric per-channel).")
-    batch_size: int = Field(4, ge=1, description="Calibration samples fed to ONNX Runtime at once when shapes allow.")
+    batch_size: int = Field(
+        2, ge=1, description="Calibration samples per ONNX Runtime run when shapes allow (two runs go at once on "
+                             "machines with two cores or more).")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> QuantizationConfig:

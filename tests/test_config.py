@@ -33,7 +33,7 @@ def test_defaults() -> None:
     assert config.bias_correction is BiasCorrection.FAST
     assert config.smooth_quant_alpha is None
     assert config.weight_bits == 8
-    assert config.batch_size == 4
+    assert config.batch_size == 2
     assert QuantizationConfig.build({}) == config
 
 
@@ -68,16 +68,16 @@ ignored_scope:
                                                 types=("Softmax",))
     assert not config.ignored_scope.empty
     # Keys the file does not set keep their defaults.
-    assert config.weight_bits == 8 and config.batch_size == 4
+    assert config.weight_bits == 8 and config.batch_size == 2
 
 
 def test_from_json(tmp_path: Path) -> None:
     path = write(tmp_path, "config.json", json.dumps(
-        {"preset": "mixed", "calibration": "mse", "batch_size": 2, "ignored_scope": {"types": ["Gemm"]}}))
+        {"preset": "mixed", "calibration": "mse", "batch_size": 8, "ignored_scope": {"types": ["Gemm"]}}))
     config = QuantizationConfig.from_file(str(path))
     assert config.preset is Preset.MIXED
     assert config.calibration is RangeMethod.MSE
-    assert config.batch_size == 2
+    assert config.batch_size == 8
     assert config.ignored_scope.types == ("Gemm",) and config.ignored_scope.names == ()
     assert config.subset_size == 300
 

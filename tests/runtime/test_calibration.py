@@ -3,7 +3,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.errors import CalibrationError
-from onnxcompress.runtime.calibration import Histogram, Statistic, StatisticRequest, collect_statistics
+from onnxcompress.runtime.calibration import Histogram, Statistic, StatisticRequest, _run_in_order, collect_statistics
 
 
 def _model(opset: int):
@@ -79,10 +79,41 @@ def test_histogram_widening_keeps_counts_exact():
     assert histogram.counts[:zero].sum() == 1 and histogram.counts[zero:].sum() == 4
 
 
-def test_bad_feed_is_a_calibration_error():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_feed_is_a_calibration_error(workers):
+    good = {"x": np.zeros((1, 3, 4, 5), np.float32)}
     with pytest.raises(CalibrationError, match="failed on a calibration batch"):
         collect_statistics(_model(17), [StatisticRequest("x", Statistic.MIN_MAX)],
-                           [{"x": np.zeros((1, 4, 4, 5), np.float32)}], progress=False)
+                           [good, {"x": np.zeros((1, 4, 4, 5), np.float32)}, good], progress=False, workers=workers)
+
+
+def test_concurrent_runs_give_the_statistics_of_one_run_in_feed_order():
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.normal(size=(n, 3, 6, 5)).astype(np.float32)} for n in (2, 1, 3, 2, 2, 1, 4)]
+    requests = [StatisticRequest("y", Statistic.MIN_MAX), StatisticRequest("r", Statistic.CHANNEL_MEAN, axis=1)]
+    one, three = (collect_statistics(_model(17), requests, feeds, progress=False, workers=w) for w in (1, 3))
+    expected_max = np.concatenate([-np.maximum(f["x"], 0).reshape(len(f["x"]), -1).min(axis=1) for f in feeds])
+    np.testing.assert_array_equal(np.concatenate(three["y"].sample_max), expected_max)
+    np.testing.assert_array_equal(np.concatenate(one["y"].sample_max), expected_max)
+    np.testing.assert_allclose(three["r"].channel_mean, one["r"].channel_mean, rtol=1e-6)
+
+
+def test_feeds_in_flight_are_bounded_by_the_workers():
+    """Memory must not grow with the data set: the feeds are read only as runs finish."""
+    pulled = []
+
+    def feeds():
+        for index in range(10):
+            pulled.append(index)
+            yield {"x": np.full((1, 1), index, np.float32)}
+
+    class EchoSession:
+        def run(self, names, feed):
+            return [feed["x"]]
+
+    for done, (samples, outputs) in enumerate(_run_in_order(EchoSession(), ["x"], feeds(), workers=3)):
+        assert samples == 1 and outputs[0][0, 0] == done  # in feed order
+        assert len(pulled) - done <= 3
 
 
 def test_large_weights_reach_the_session_as_arrays_and_give_exact_statistics():
