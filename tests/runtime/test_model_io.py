@@ -232,11 +232,14 @@ def test_load_rejects_unreadable_file(tmp_path: Path) -> None:
         load_model(path)
 
 
-def test_load_rejects_model_failing_the_checker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("external_data", [False, True])
+def test_load_rejects_model_failing_the_checker(tmp_path: Path, external_data: bool) -> None:
+    """The checker reads the bytes already loaded, or the file itself when its data lies beside it."""
     model = make_model()
     model.graph.node[1].input[0] = "undefined"
     path = tmp_path / "model.onnx"
-    onnx.save(model, path)
+    onnx.save(model, path, save_as_external_data=external_data, location="model.onnx.data", size_threshold=0)
+    assert (tmp_path / "model.onnx.data").exists() == external_data
     with pytest.raises(ModelLoadError, match="fails the ONNX checker"):
         load_model(path)
 
