@@ -110,7 +110,7 @@ def model_file_size(path: PathLike) -> int:
     if size and not _may_reference_external_data(model_path):
         return size  # a third of the time of parsing a 100 MB model
     files = _external_data_files(_parse(_read(model_path), model_path), model_path.parent)
-    return model_path.stat().st_size + sum(file.stat().st_size for file in files)
+    return size + sum(file.stat().st_size for file in files)
 
 
 def _may_reference_external_data(path: Path) -> bool:
