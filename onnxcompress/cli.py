@@ -21,6 +21,18 @@ def cli() -> None:
     """Compress ONNX models and deploy them with OpenVINO and ONNX Runtime."""
 
 
+_TARGET_OPTION = click.option(
+    "--target", type=click.Choice(["portable", "vnni"]),
+    help="CPUs the file must be exact on: portable (every x86 CPU, the default) or vnni (VNNI/AMX CPUs only: "
+         "full-range weights, which ONNX Runtime's integer kernels can saturate on older CPUs).")
+
+
+def _note_target_override(flag: str, file_targets: list, config_file: Path) -> None:
+    """Flags win over the config file; say so when they disagree, so neither setting is lost silently."""
+    if any(value is not None and str(value) != flag for value in file_targets):
+        click.echo(f"note: --target {flag} overrides the target set in {config_file}", err=True)
+
+
 def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     """Accept both repeated options and comma-separated lists."""
     return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
@@ -38,23 +50,26 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--model-type", type=click.Choice(["cnn", "transformer"]), help="Quantization rules to follow.")
 @click.option("--bias-correction", type=click.Choice(["none", "fast", "full"]), help="Bias correction variant.")
 @click.option("--weight-bits", type=click.IntRange(2, 8), help="Bit width of the weights (default 8).")
+@_TARGET_OPTION
 @click.option("--smooth-quant-alpha", type=float, help="Enable SmoothQuant for MatMul inputs with this alpha.")
 @click.option("--ignore-names", multiple=True, help="Node names to keep in float (repeat or comma-separate).")
 @click.option("--ignore-types", multiple=True, help="Op types to keep in float.")
 @click.option("--ignore-patterns", multiple=True, help="Regexes over node names to keep in float.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
-             calibration, model_type, bias_correction, weight_bits, smooth_quant_alpha, ignore_names, ignore_types,
-             ignore_patterns, no_progress: bool) -> None:
+             calibration, model_type, bias_correction, weight_bits, target, smooth_quant_alpha, ignore_names,
+             ignore_types, ignore_patterns, no_progress: bool) -> None:
     """Post-training INT8 quantization of MODEL."""
     from onnxcompress.api import quantize as run_quantize
-    from onnxcompress.config import QuantizationConfig
+    from onnxcompress.config import QuantizationConfig, read_config_file
     from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
 
     options = {key: value for key, value in {
         "preset": preset, "subset_size": subset_size, "calibration": calibration, "model_type": model_type,
-        "bias_correction": bias_correction, "weight_bits": weight_bits,
+        "bias_correction": bias_correction, "weight_bits": weight_bits, "target": target,
         "smooth_quant_alpha": smooth_quant_alpha}.items() if value is not None}
+    if config_file and target:
+        _note_target_override(target, [read_config_file(config_file).get("target")], config_file)
     scope = {"names": _split(ignore_names), "types": _split(ignore_types), "patterns": _split(ignore_patterns)}
     if any(scope.values()):
         options["ignored_scope"] = scope
@@ -77,13 +92,14 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
 @click.option("--train", "train_data", help="Training data: .npz (model inputs + labels) or a folder of .npy files.")
 @click.option("--val", "val_data", help="Validation data, same form.")
 @click.option("--epochs", type=int, help="Override training.epochs.")
+@_TARGET_OPTION
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path),
               help="Checkpoints and run state (default: <output>.checkpoints).")
 @click.option("--resume", is_flag=True, help="Continue the run in the checkpoint folder.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write metrics, history and export errors as JSON.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def finetune(model: Path, output: Path | None, config_file: Path | None, train_data: str | None,
-             val_data: str | None, epochs: int | None, checkpoint_dir: Path | None, resume: bool,
+             val_data: str | None, epochs: int | None, target: str | None, checkpoint_dir: Path | None, resume: bool,
              report: Path | None, no_progress: bool) -> None:
     """Compress MODEL and fine-tune it (quantization-aware training); writes the deployable model."""
     from onnxcompress.api import finetune as run_finetune
@@ -92,7 +108,13 @@ def finetune(model: Path, output: Path | None, config_file: Path | None, train_d
 
     values = read_config_file(config_file) if config_file else {}
     if epochs is not None:
-        values = {**values, "training": {**values.get("training", {}), "epochs": epochs}}
+        values = {**values, "training": {**_mapping(values.get("training")), "epochs": epochs}}
+    if target is not None:
+        algorithms = values.get("compression", [{"algorithm": "quantization"}])
+        if isinstance(algorithms, list) and all(isinstance(a, dict) for a in algorithms):
+            if config_file:
+                _note_target_override(target, [a.get("target") for a in algorithms], config_file)
+            values = {**values, "compression": [{**a, "target": target} for a in algorithms]}
     config = FinetuneConfig.build(values, source=str(config_file or "options"))
     output = output or model.with_name(model.stem + ".qat.int8.onnx")
     check_output_path(model, output)
@@ -156,6 +178,11 @@ def benchmark(models: tuple[Path, ...], batch: int, rounds: int, round_seconds: 
         write_text_atomic(report, json.dumps(result.to_dict(), indent=2))
     if plot:
         plot_report(result, plot)
+
+
+def _mapping(value: object) -> dict:
+    """A config section to extend with a flag; a malformed one is left for validation to report."""
+    return value if isinstance(value, dict) else {}
 
 
 def _labels(models: tuple[Path, ...]) -> list[str]:

@@ -37,6 +37,17 @@ class BiasCorrection(str, enum.Enum):
     FULL = "full"
 
 
+class Target(str, enum.Enum):
+    """The CPUs a quantized file must run correctly on."""
+
+    #: Every x86 CPU. Without VNNI, ONNX Runtime's u8×s8 kernels add products in int16 pairs and can saturate;
+    #: weights of those kernels keep each pair within int16, at a small cost in weight resolution.
+    PORTABLE = "portable"
+    #: Only CPUs with VNNI (AVX512-VNNI, AVX-VNNI) or AMX: full-range weights. On older CPUs ONNX Runtime's integer
+    #: kernels may saturate and lose accuracy (OpenVINO is unaffected).
+    VNNI = "vnni"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
@@ -73,6 +84,10 @@ class QuantizationConfig(_Strict):
         None, ge=0.0, le=1.0,
         description="SmoothQuant migration strength for MatMul inputs (transformers); None disables it.")
     weight_bits: int = Field(8, ge=2, le=8, description="Bit width of weights (symmetric per-channel).")
+    target: Target = Field(
+        Target.PORTABLE,
+        description="portable: exact in ONNX Runtime and OpenVINO on every x86 CPU; vnni: full-range weights for "
+                    "CPUs with VNNI or AMX only (ONNX Runtime's integer kernels can saturate on older CPUs).")
     batch_size: int = Field(
         2, ge=1, description="Calibration samples per ONNX Runtime run when shapes allow (two runs go at once on "
                              "machines with two cores or more).")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from onnx import helper
 
+from onnxcompress.portability import Portability, check_portability
 from onnxcompress.runtime.model_io import load_model, model_file_size
 from onnxcompress.runtime.openvino import Int8Summary, compile_model, int8_summary, runtime_precisions
 from onnxcompress.runtime.ort_kernels import OrtKernelSummary, ort_kernel_summary
@@ -28,6 +29,7 @@ class Inspection:
     weight_bytes_by_type: dict[str, int]
     openvino: Int8Summary | None
     onnxruntime: OrtKernelSummary | None
+    portability: Portability
 
 
 def inspect_model(path: str | Path, *, runtimes: bool = True) -> Inspection:
@@ -44,7 +46,7 @@ def inspect_model(path: str | Path, *, runtimes: bool = True) -> Inspection:
         onnxruntime = ort_kernel_summary(path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return Inspection(path, model_file_size(path), opset, ops, ops.get("QuantizeLinear", 0), dict(weight_bytes),
-                      openvino, onnxruntime)
+                      openvino, onnxruntime, check_portability(model))
 
 
 def format_inspection(report: Inspection) -> str:
@@ -59,4 +61,5 @@ def format_inspection(report: Inspection) -> str:
         lines += [f"  not INT8: {name} ({precision})" for name, precision in zip(ov.not_int8, ov.not_int8_precisions)]
     if report.onnxruntime is not None:
         lines.append(f"ONNX Runtime: {report.onnxruntime.describe()}")
+    lines.append(f"CPU portability: {report.portability.describe()}")
     return "\n".join(lines)

@@ -60,6 +60,11 @@ class OpSpec:
     #: only: OpenVINO fuses a Reshape → Transpose → Reshape channel shuffle into ShuffleChannels only when no
     #: quantizer sits inside it, and ONNX Runtime moves Q/DQ through such ops by itself.
     layout_only: bool = False
+    #: ONNX Runtime's x86 kernel for this op, on CPUs without VNNI, multiplies u8 activations by s8 weights with
+    #: VPMADDUBSW, which adds each two neighbouring products in int16 and saturates (255 · 127 · 2 > 32767).
+    #: Depthwise convolutions run a widening kernel instead (`int16_pair_accumulation` resolves it). Measured
+    #: with bench/isa_probe.py under an emulated AVX2 CPU.
+    int16_pairs: bool = False
 
 
 _PASSTHROUGH = OpSpec(Role.PASSTHROUGH)
@@ -68,15 +73,17 @@ _FUSED = OpSpec(Role.FUSED_ACTIVATION)
 
 OP_TABLE: dict[str, OpSpec] = {
     "Conv": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0,
-                   integer_kernel_needs_quantized_output=True),
+                   integer_kernel_needs_quantized_output=True, int16_pairs=True),
+    # ONNX Runtime runs ConvTranspose in float (no QDQ fusion), so it needs no int16 headroom.
     "ConvTranspose": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1,
                             integer_kernel_needs_quantized_output=True, integer_kernel_needs_weight_zero_point=True),
     # Gemm's channel axis depends on transB; `weight_channel_axis()` resolves it.
     "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0,
-                   integer_kernel_needs_weight_zero_point=True),
+                   integer_kernel_needs_weight_zero_point=True, int16_pairs=True),
     # MatMul with a constant weight [.., in, out]; with two activations (attention) both inputs are quantized.
+    # Two activations are both uint8 in our files: ONNX Runtime's u8u8 kernel widens to int16 first (exact).
     "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, activation_ports=(0, 1),
-                     integer_kernel_needs_weight_zero_point=True),
+                     integer_kernel_needs_weight_zero_point=True, int16_pairs=True),
     # Only activations both runtimes fuse in front of a QuantizeLinear: ONNX Runtime drops Relu/Clip before a
     # quantizer whose range starts at zero; other activations (Sigmoid, HardSwish...) would leave Conv in float.
     "Relu": _FUSED,
@@ -115,6 +122,25 @@ def weight_channel_axis(node: gs.Node) -> int | None:
     if node.op == "Gemm":
         return 0 if node.attrs.get("transB", 0) else 1
     return entry.weight_channel_axis
+
+
+def int16_pair_accumulation(node: gs.Node, weight_shape: tuple[int, ...] | None = None) -> bool:
+    """Whether ONNX Runtime's integer kernel for `node` can saturate on CPUs without VNNI (see `OpSpec.int16_pairs`).
+
+    A depthwise convolution (one input channel per group, one output channel per group) runs a kernel that widens
+    to int16 before multiplying, so it is exact. `weight_shape` is the constant weight's shape when the node
+    itself no longer holds it (an already quantized file).
+    """
+    if not spec(node).int16_pairs:
+        return False
+    if node.op == "Conv":
+        group = node.attrs.get("group", 1)
+        if weight_shape is None:
+            weight = constant_weight(node)
+            weight_shape = tuple(weight.shape) if weight is not None else None
+        if group > 1 and weight_shape is not None and weight_shape[1] == 1 and weight_shape[0] == group:
+            return False
+    return True
 
 
 def constant_weight(node: gs.Node) -> gs.Constant | None:

@@ -10,6 +10,8 @@
 - Scales are unified where a runtime needs one scale: both inputs of a residual Add (when either is quantized)
   and all inputs and the output of a Concat whose output is quantized.
 - In transformer models Add stays float, and LayerNorm/Softmax and friends keep reading float tensors.
+- For files that must be exact on every x86 CPU (`portable`), weights of ops whose ONNX Runtime kernel adds
+  products in int16 pairs on CPUs without VNNI get a pair budget (`scheme.INT16_PAIR_BUDGET`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxcompress.algorithms.quantization.scheme import INT16_PAIR_BUDGET
 from onnxcompress.transforms.op_table import (
     TRANSFORMER_FLOAT_OPS,
     Role,
     constant_weight,
+    int16_pair_accumulation,
     spec,
     weight_channel_axis,
 )
@@ -32,9 +36,13 @@ _FLOAT_TYPES = (np.float32, np.float16, np.float64)
 
 @dataclass(frozen=True)
 class WeightTarget:
+    """A constant weight quantized per channel along `axis`. With `pair_budget`, no two same-sign levels of a
+    channel add up to more (the op's integer kernel may add products in int16 pairs)."""
+
     node: str
     port: int
     axis: int
+    pair_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -82,14 +90,18 @@ class QuantizerSetup:
         return [t.tensor for g in self.groups for t in g.targets]
 
 
-def plan_quantizers(graph: gs.Graph, ignored: frozenset[str], *, transformer: bool = False) -> QuantizerSetup:
-    """Decide every quantizer for `graph`; nodes named in `ignored` stay float and add no requirement."""
-    return _Planner(graph, ignored, transformer).plan()
+def plan_quantizers(graph: gs.Graph, ignored: frozenset[str], *, transformer: bool = False,
+                    portable: bool = True) -> QuantizerSetup:
+    """Decide every quantizer for `graph`; nodes named in `ignored` stay float and add no requirement.
+
+    `portable` keeps every integer kernel exact on x86 CPUs without VNNI (see `WeightTarget.pair_budget`).
+    """
+    return _Planner(graph, ignored, transformer, portable).plan()
 
 
 class _Planner:
-    def __init__(self, graph: gs.Graph, ignored: frozenset[str], transformer: bool) -> None:
-        self.graph, self.ignored, self.transformer = graph, ignored, transformer
+    def __init__(self, graph: gs.Graph, ignored: frozenset[str], transformer: bool, portable: bool) -> None:
+        self.graph, self.ignored, self.transformer, self.portable = graph, ignored, transformer, portable
         self.graph_outputs = {t.name for t in graph.outputs}
         self.parent: dict[str, str] = {}  # union-find over tensor names: unified-scale groups
         self.tensors: dict[str, gs.Tensor] = {}
@@ -254,7 +266,8 @@ class _Planner:
             return None
         if node.op == "Gemm" and node.attrs.get("transA", 0):
             return None
-        return WeightTarget(node.name, spec(node).weight_port, axis % weight.values.ndim)
+        budget = INT16_PAIR_BUDGET if self.portable and int16_pair_accumulation(node) else None
+        return WeightTarget(node.name, spec(node).weight_port, axis % weight.values.ndim, budget)
 
     def _bias_target(self, node: gs.Node) -> BiasTarget | None:
         entry = spec(node)

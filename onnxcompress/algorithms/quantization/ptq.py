@@ -27,7 +27,7 @@ from onnxcompress.algorithms.quantization.smooth_quant import (
     smoothing_targets,
 )
 from onnxcompress.algorithms.quantization.scheme import Mode, QuantParams, quantize_weight, unified_activation_params
-from onnxcompress.config import BiasCorrection, IgnoredScope, ModelType, Preset, QuantizationConfig
+from onnxcompress.config import BiasCorrection, IgnoredScope, ModelType, Preset, QuantizationConfig, Target
 from onnxcompress.errors import ConfigError
 from onnxcompress.runtime.calibration import (
     IN_MEMORY_WEIGHT_BYTES,
@@ -90,7 +90,8 @@ def plan_quantization(model: onnx.ModelProto, batches: Batches, config: Quantiza
     ignored = resolve_ignored_scope(graph, config.ignored_scope, original=model)
     if config.smooth_quant_alpha is not None:
         _smooth(graph, model, ignored, batches_for_smoothing, config.smooth_quant_alpha, total, progress)
-    setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER)
+    setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER,
+                            portable=config.target is Target.PORTABLE)
 
     requests = _range_requests(setup, config) + input_mean_requests(setup, config)
     calibration_model, calibration_weights = export_for_calibration(graph, model)
@@ -166,7 +167,7 @@ def _weight_commands(graph: gs.Graph, setup: QuantizerSetup, config: Quantizatio
     commands = []
     for target in setup.weights:
         weight = nodes[target.node].inputs[target.port].values
-        quantized, params = quantize_weight(weight, target.axis, config.weight_bits)
+        quantized, params = quantize_weight(weight, target.axis, config.weight_bits, pair_budget=target.pair_budget)
         commands.append(DequantizeWeight(target.node, target.port, quantized, params.scale, target.axis))
     return commands
 

@@ -68,7 +68,9 @@ class QuantizationController(CompressionController):
         super().__init__()
         self._activations = _activation_quantizers(plan, config, lr_scale)
         nodes = {node.name: node for node in plan.graph.nodes}
-        self._weights = [_weight_quantizer(nodes, command, config.weight_bits, lr_scale) for command in plan.weights]
+        budgets = {target.node: target.pair_budget for target in plan.setup.weights}
+        self._weights = [_weight_quantizer(nodes, command, config.weight_bits, lr_scale, budgets[command.node])
+                         for command in plan.weights]
         self._biases = _bias_quantizers(nodes, self._activations, self._weights)
 
     @classmethod
@@ -180,12 +182,21 @@ def _activation_quantizers(plan: QuantizationPlan, config: QuantizationAwareTrai
     return activations
 
 
-def _weight_quantizer(nodes: dict[str, gs.Node], command: DequantizeWeight, bits: int,
-                      lr_scale: float) -> _Constant:
+def _weight_quantizer(nodes: dict[str, gs.Node], command: DequantizeWeight, bits: int, lr_scale: float,
+                      pair_budget: int | None) -> _Constant:
+    """A trainable per-channel weight quantizer. Under a pair budget the levels are ±budget/2, so that any two
+    trained levels stay within it (post-training's tighter per-channel fit depends on the weights, which change
+    while training); the initial step covers the channel's largest weight on those levels."""
     levels = weight_levels(bits)
     node = nodes[command.node]
-    quantizer = TrainableQuantizer(f"{node.inputs[command.port].name}.quantizer",
-                                   np.asarray(command.scale, np.float32), levels.q_min, levels.q_max, lr_scale)
+    step0 = np.asarray(command.scale, np.float32)
+    q_min, q_max = levels.q_min, levels.q_max
+    if pair_budget is not None and 2 * q_max > pair_budget:
+        q_min, q_max = -(pair_budget // 2), pair_budget // 2
+        weight = node.inputs[command.port].values
+        abs_max = np.abs(np.moveaxis(weight, command.axis, 0).reshape(weight.shape[command.axis], -1)).max(axis=1)
+        step0 = np.maximum(step0, (abs_max / np.float32(q_max)).astype(np.float32))
+    quantizer = TrainableQuantizer(f"{node.inputs[command.port].name}.quantizer", step0, q_min, q_max, lr_scale)
     return _Constant(FakeQuantizeWeight(command.node, command.port, quantizer, command.axis),
                      node.inputs[command.port].name)
 

@@ -124,16 +124,61 @@ def unified_activation_params(ranges: list[tuple[float, float]], mode: Mode, bit
     return params
 
 
-def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8) -> tuple[np.ndarray, QuantParams]:
-    """Per-channel symmetric weight quantization along `axis`; returns the integer tensor and its parameters."""
+#: The largest sum of two same-sign weight levels whose products with u8 activations (up to 255) fit in int16:
+#: 255 · 128 = 32640 ≤ 32767. Kernels that add products in pairs (`op_table.int16_pair_accumulation`) stay exact
+#: when every output channel keeps its two largest positive and its two largest negative levels within it.
+INT16_PAIR_BUDGET = 32767 // 255
+
+
+def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8, *,
+                    pair_budget: int | None = None) -> tuple[np.ndarray, QuantParams]:
+    """Per-channel symmetric weight quantization along `axis`; returns the integer tensor and its parameters.
+
+    With `pair_budget`, a channel whose two largest same-sign levels would add up to more than the budget gets a
+    coarser step, just enough that they do not, whichever two weights a kernel pairs. Channels within the budget
+    keep the full range.
+    """
     axis = axis % weight.ndim
     reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
     abs_max = np.abs(weight).max(axis=reduce_axes) if reduce_axes else np.abs(weight)
-    params = symmetric_params(abs_max, weight_levels(bits), axis=axis)
+    levels = weight_levels(bits)
+    params = symmetric_params(abs_max, levels, axis=axis)
+    q = _round_to_levels(weight, params)
+    if pair_budget is not None and 2 * levels.q_max > pair_budget:
+        params = _fit_pair_budget(weight, axis, params, pair_budget)
+        q = _round_to_levels(weight, params)
+    return q, params
+
+
+def _round_to_levels(weight: np.ndarray, params: QuantParams) -> np.ndarray:
     shape = [1] * weight.ndim
-    shape[axis] = -1
+    shape[params.axis] = -1
     q = np.clip(np.round(weight / params.scale.reshape(shape)), params.levels.q_min, params.levels.q_max)
-    return q.astype(np.int8), params
+    return q.astype(np.int8)
+
+
+def top_pair_sums(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel along `axis`: the sum of the two largest positive values and of the two largest magnitudes of
+    negative values (zero where a channel has fewer)."""
+    rows = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+    if rows.shape[1] < 2:
+        return np.maximum(rows, 0).sum(axis=1), np.maximum(-rows, 0).sum(axis=1)
+    positive = np.partition(np.maximum(rows, 0), -2, axis=1)[:, -2:].sum(axis=1)
+    negative = np.partition(np.maximum(-rows, 0), -2, axis=1)[:, -2:].sum(axis=1)
+    return positive, negative
+
+
+def _fit_pair_budget(weight: np.ndarray, axis: int, params: QuantParams, budget: int) -> QuantParams:
+    """The smallest steps that keep every channel's top same-sign pair within `budget` levels after rounding."""
+    positive, negative = top_pair_sums(weight.astype(np.float32), axis)
+    pair = np.maximum(positive, negative)
+    scale = np.maximum(params.scale, (pair / np.float32(budget)).astype(np.float32))
+    candidate = QuantParams(scale, params.zero_point, params.levels, axis)
+    # Rounding can lift a pair one level over the budget; one level less of headroom guarantees it.
+    q_positive, q_negative = top_pair_sums(_round_to_levels(weight, candidate).astype(np.int32), axis)
+    over = np.maximum(q_positive, q_negative) > budget
+    scale = np.where(over, np.maximum(params.scale, pair / np.float32(budget - 1)), scale).astype(np.float32)
+    return QuantParams(scale, params.zero_point, params.levels, axis)
 
 
 def fake_quantize(values: np.ndarray, params: QuantParams) -> np.ndarray:
