@@ -7,7 +7,7 @@ SPEC: {"model", "fp32", "test", "input_name", "variants": {tool: path}, "rounds"
 
 Fidelity : logits of every variant on the test inputs (batch 1) vs the FP32 model in ONNX Runtime
            (the reference). SQNR dB = 10 log10(sum ref^2 / sum (ref-q)^2) over all test outputs, in
-           ORT, in OpenVINO with the default CPU config (bf16 inference precision where the CPU has it)
+           ORT, in OpenVINO with the default CPU config (the precision OpenVINO picks on this CPU, recorded in the results)
            and in OpenVINO with INFERENCE_PRECISION_HINT=f32 (pure quantization error). Top-1 agreement
            with the reference, and top-1 accuracy when the test npz has "labels".
 INT8 exec: OpenVINO: Convolution/GroupConvolution/Deconvolution/FullyConnected/MatMul layers of

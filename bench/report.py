@@ -38,6 +38,13 @@ def table(headers, rows):
     return "\n".join(out)
 
 
+def _ov_default(host: dict) -> str:
+    """OpenVINO's default precision as the run recorded it."""
+    features = host.get("cpu_features", "")
+    marker = "OpenVINO default precision "
+    return features.split(marker, 1)[1].split(";", 1)[0] if marker in features else "precision not recorded"
+
+
 def render(res: dict) -> str:
     models = res.get("models", {})
     meta = res.get("meta", {})
@@ -48,6 +55,7 @@ def render(res: dict) -> str:
                  f"Main venv: onnxruntime {v.get('main', {}).get('onnxruntime')}, openvino "
                  f"{v.get('main', {}).get('openvino')}; peers venv: nncf {v.get('peers', {}).get('nncf')}. "
                  f"Calibration subset: {meta.get('subset_size')} samples. Last command: `{meta.get('last_command')}`")
+    parts.append(f"{h.get('cpu_features', 'CPU features: not recorded (older run)')}.")
 
     # ---------------------------------------------------------------- quantization cost
     rows = []
@@ -93,7 +101,7 @@ def render(res: dict) -> str:
             rows.append([name, TOOL_LABEL[t], _f(d.get("sqnr_ort")), _f(d.get("sqnr_ov")), _f(d.get("sqnr_ov_f32")),
                          _f(d.get("top1_agree_ort"), "{:.2f}"), _f(d.get("top1_agree_ov"), "{:.2f}")])
     parts.append("### Output fidelity (logits vs FP32 in ORT, test inputs)\n\nSQNR in dB (higher is better). "
-                 "*OV* = OpenVINO CPU default config (bf16 inference precision on this CPU for non-quantized parts); "
+                 f"*OV* = OpenVINO CPU default config ({_ov_default(h)} for non-quantized parts); "
                  "*OV f32* = `INFERENCE_PRECISION_HINT=f32` (quantization error alone). The FP32 row's *OV f32* "
                  "column is the FP32 model in OV with the f32 hint. Top-1 agree = fraction of test inputs whose "
                  "argmax equals the FP32 reference's.\n\n" + table(
@@ -132,7 +140,7 @@ def render(res: dict) -> str:
             s = sp.get(var)
             if not s:
                 continue
-            label = {"fp32_f32": "FP32 (OV f32 hint)", "fp32": "FP32 (OV default=bf16)"}.get(var, TOOL_LABEL.get(var))
+            label = {"fp32_f32": "FP32 (OV f32 hint)", "fp32": f"FP32 (OV default={_ov_default(h)})"}.get(var, TOOL_LABEL.get(var))
             if _ov_dynamic(rec, var):
                 label += " †"
                 dyn_note = True
@@ -148,7 +156,7 @@ def render(res: dict) -> str:
                  f"(OV throughput: AsyncInferQueue, `PERFORMANCE_HINT=THROUGHPUT`, batch-1 requests) and "
                  f"~{cfg.get('lat_s', '?')} s per latency measurement (batch 1, sync; OV `PERFORMANCE_HINT=LATENCY`; "
                  "ORT CPU EP, default threads, ORT_ENABLE_ALL). Ratios are vs FP32 with OV's default precision "
-                 "(bf16) / vs FP32 in ORT, measured in the same run.\n\n" + table(
+                 f"({_ov_default(h)}) / vs FP32 in ORT, measured in the same run.\n\n" + table(
                      ["model", "variant", "OV fps", "OV fps vs FP32", "OV lat ms", "ORT lat ms",
                       "ORT speedup vs FP32"], rows)
                  + ("\n\n† OpenVINO `compile_model` crashed (SIGSEGV) on this file with the static batch-1 shape, so "
@@ -206,7 +214,7 @@ def plot(res: dict, path: Path) -> None:
         return
     tools = [t for t in TOOL_ORDER if any(t in res["models"][m].get("quant", {}) and
                                           res["models"][m]["quant"][t].get("status") == "ok" for m in models)]
-    panels = [("OpenVINO throughput vs FP32 (bf16 default), same run", "ov_tput_vs_fp32", "x"),
+    panels = [(f"OpenVINO throughput vs FP32 ({_ov_default(res.get('meta', {}).get('host', {}))} default), same run", "ov_tput_vs_fp32", "x"),
               ("ONNX Runtime latency speedup vs FP32, same run", "ort_lat_speedup_vs_fp32", "x"),
               ("Logit SQNR vs FP32 (ORT), dB", "sqnr_ort", "dB")]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.3 * len(models) + 3), 3.2 * len(panels)))

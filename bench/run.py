@@ -298,8 +298,9 @@ def host_info() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except Exception:  # noqa: BLE001
         pass
+    from onnxcompress.runtime.cpu import cpu_features
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "mem_gb": round(psutil.virtual_memory().total / 2 ** 30, 1),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "cpu_features": cpu_features().describe()}
 
 
 def main(argv=None) -> int:

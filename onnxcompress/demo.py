@@ -10,6 +10,8 @@ import click
 
 from onnxcompress.api import quantize
 from onnxcompress.models import sample
+from onnxcompress.portability import check_portability
+from onnxcompress.runtime.cpu import cpu_features
 from onnxcompress.runtime.benchmark import benchmark, format_report, plot_report
 from onnxcompress.runtime.evaluate import predict_onnxruntime, predict_openvino, top1
 from onnxcompress.runtime.model_io import model_file_size, save_model
@@ -18,7 +20,9 @@ from onnxcompress.runtime.openvino import compile_model, export_openvino, int8_s
 
 def run_demo(output_dir: Path, *, rounds: int, round_seconds: float) -> None:
     digits = sample("digits_cnn")
+    cpu = cpu_features()
     output_dir.mkdir(parents=True, exist_ok=True)
+    click.echo(cpu.describe())
     click.echo(f"model: {digits.model_path.name} — {digits.description}")
 
     started = time.perf_counter()
@@ -50,7 +54,7 @@ def run_demo(output_dir: Path, *, rounds: int, round_seconds: float) -> None:
              f"{'file size':14}{fp32_size / 1e3:>10.0f}kB{int8_size / 1e3:>10.0f}kB  ({int8_size / fp32_size:.2f}×)"]
     for mode in ("latency", "throughput"):
         int8 = report.find("int8", "ov-default", mode)
-        for backend, label in (("ov-f32", "FP32 f32 hint"), ("ov-default", "FP32 default (bf16 here)")):
+        for backend, label in (("ov-f32", "FP32 f32 hint"), ("ov-default", f"FP32 default ({cpu.openvino_default_precision})")):
             base = report.find("fp32", backend, mode)
             ratio = base.median_ms / int8.median_ms if mode == "latency" else int8.throughput_fps / base.throughput_fps
             lines.append(f"OpenVINO {mode} speed-up INT8 vs {label}: {ratio:.2f}×")
@@ -58,4 +62,5 @@ def run_demo(output_dir: Path, *, rounds: int, round_seconds: float) -> None:
     lines.append(f"ONNX Runtime latency: {ort_fp32.median_ms:.3f} ms → {ort_int8.median_ms:.3f} ms "
                  f"({ort_fp32.median_ms / ort_int8.median_ms:.2f}×)")
     lines.append(f"OpenVINO INT8 heavy layers: {summary.int8_count}/{summary.heavy_total}; chart: {plot}")
+    lines.append(f"CPU portability of the INT8 file: {check_portability(quantized).describe()}")
     click.echo("\n".join(lines))

@@ -45,6 +45,7 @@ import psutil
 from tqdm.auto import tqdm
 
 from onnxcompress.errors import BenchmarkError, OutputError
+from onnxcompress.runtime.cpu import cpu_features
 from onnxcompress.runtime.outputs import write_bytes_atomic
 from onnxcompress.runtime.openvino import (
     HEAVY_LAYER_TYPES,
@@ -455,25 +456,13 @@ def _aggregate(variant: _Variant, batch: int) -> Measurement:
     )
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _environment() -> dict[str, str]:
-    default_precision = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
     return {
-        "cpu": _cpu_name(),
+        **cpu_features().to_dict(),
         "logical_cores": str(psutil.cpu_count(logical=True)),
         "physical_cores": str(psutil.cpu_count(logical=False)),
         "openvino": ov.get_version(),
         "onnxruntime": ort.__version__,
-        "openvino_default_precision": default_precision.get_type_name(),
         "python": platform.python_version(),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -563,6 +552,7 @@ def format_report(report: BenchmarkReport, baseline: str) -> str:
         f"ov-f32 = OpenVINO with INFERENCE_PRECISION_HINT=f32; ov-default = no hint (CPU plugin default: "
         f"{env.get('openvino_default_precision', '?')}); ort = ONNX Runtime CPU, ORT_ENABLE_ALL.",
         "kernels = runtime precision of the heavy layers (Convolution/FullyConnected/MatMul) x count.",
+        _describe_cpu(env),
         "Speed-up vs <baseline variant>: baseline median latency / median latency (latency rows), "
         "fps / baseline fps (throughput rows); >1 is faster. Same run only.",
     ]
@@ -583,6 +573,12 @@ def format_report(report: BenchmarkReport, baseline: str) -> str:
         lines += ["", f"{mode} mode" + (" (sync, 1 request)" if mode == LATENCY else " (async queue)")]
         lines += _table(rows)
     return "\n".join(lines) + "\n"
+
+
+def _describe_cpu(env: Mapping[str, str]) -> str:
+    flags = ", ".join(f"{label} {'yes' if env.get(key) == 'True' else 'no'}" for label, key in (
+        ("AVX2", "avx2"), ("AVX512", "avx512"), ("VNNI", "vnni"), ("AMX", "amx"), ("bf16", "bf16")))
+    return f"CPU features: {flags}."
 
 
 def _bar_colors(measurements: Sequence[Measurement]) -> list[str]:
