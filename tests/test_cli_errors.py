@@ -197,6 +197,12 @@ def case_config_unknown_key(tmp: Path) -> list[str]:
     return _quantize("model.onnx", "calib.npz", "--config", "config.yaml")
 
 
+def case_config_unknown_target(tmp: Path) -> list[str]:
+    _good_model_and_data(tmp)
+    (tmp / "config.yaml").write_text("target: avx2\n")
+    return _quantize("model.onnx", "calib.npz", "--config", "config.yaml")
+
+
 def case_config_unknown_nested_key(tmp: Path) -> list[str]:
     _good_model_and_data(tmp)
     (tmp / "config.yaml").write_text("ignored_scope:\n  namez: [conv1]\n")
@@ -251,6 +257,7 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "npy-folder-wrong-shape": (case_npy_folder_wrong_shape, "data", ("sample 1", "shape [2, 3, 16, 12]",
                                                                      "[?, 3, 16, 16]")),
     "config-unknown-key": (case_config_unknown_key, "config", ("unknown key 'presett'",)),
+    "config-unknown-target": (case_config_unknown_target, "config", ("'target'", "'portable' or 'vnni'")),
     "config-unknown-nested-key": (case_config_unknown_nested_key, "config",
                                   ("unknown key 'ignored_scope.namez'",)),
     "config-subset-size-zero": (case_config_subset_size_zero, "config", ("'subset_size'",
@@ -321,3 +328,27 @@ def test_quantize_succeeds_and_leaves_the_input_untouched(tmp_path: Path) -> Non
     assert [o.name for o in quantized.graph.output] == ["logits"]
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert leftovers == ["tiny.npz", "tiny_cnn.int8.onnx", "tiny_cnn.onnx"]
+
+
+def test_unknown_target_flag_is_refused_before_any_work(tmp_path: Path) -> None:
+    _good_model_and_data(tmp_path)
+    before = snapshot(tmp_path)
+    result = run_cli(tmp_path, *_quantize("model.onnx", "calib.npz", "--target", "avx2"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Invalid value for '--target'" in result.stderr and "'portable', 'vnni'" in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_target_flag_wins_over_the_config_file_and_says_so(tmp_path: Path) -> None:
+    from onnxcompress.portability import check_portability
+
+    _good_model_and_data(tmp_path)
+    (tmp_path / "config.yaml").write_text("target: vnni\nsubset_size: 10\n")
+    result = run_cli(tmp_path, *_quantize("model.onnx", "calib.npz", "--config", "config.yaml", "--target",
+                                          "portable"))
+    assert result.returncode == 0, result.stderr
+    assert "note: --target portable overrides the target set in config.yaml" in result.stderr
+    assert check_portability(onnx.load(tmp_path / OUTPUT)).safe_without_vnni
+    vnni = run_cli(tmp_path, *_quantize("model.onnx", "calib.npz", "--config", "config.yaml", "-o", "vnni.onnx"))
+    assert vnni.returncode == 0 and "note:" not in vnni.stderr  # no flag: the file's setting, silently
+    assert not check_portability(onnx.load(tmp_path / "vnni.onnx")).safe_without_vnni

@@ -23,6 +23,7 @@ from onnxcompress.api import finetune
 from onnxcompress.finetune.loss import cross_entropy
 from onnxcompress.config import FinetuneConfig
 from onnxcompress.models.transformer_block import build_transformer_block
+from onnxcompress.portability import check_portability
 from onnxcompress.runtime.ort_kernels import ort_kernel_summary
 from onnxcompress.runtime.training import TrainingRuntimeSession
 from onnxcompress.runtime.training_env import TrainingRuntime
@@ -69,6 +70,10 @@ def test_qat_of_a_resnet_style_cnn_exports_integer_qdq(runtime: TrainingRuntime,
     int8_weights = [i.name for i in model.graph.initializer
                     if i.data_type == onnx.TensorProto.INT8 and i.name.endswith("_q")]
     assert len(int8_weights) == 3  # conv1, conv2, fc
+    # Exact on x86 CPUs without VNNI: trained weight levels of int16-pair kernels stay within ±64.
+    assert check_portability(model).safe_without_vnni
+    levels = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name in int8_weights]
+    assert max(int(np.abs(v.astype(np.int32)).max()) for v in levels) == 64
     path = tmp_path / "qat.onnx"
     onnx.save(model, path)
     assert ort_kernel_summary(path).all_integer

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import TINY_CNN_INPUT, save_tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
-from test_cli_errors import OUTPUT, assert_clean_failure
+from test_cli_errors import OUTPUT, assert_clean_failure, run_cli
 
 from onnxcompress.runtime.training_env import DIR_ENV
 
@@ -52,6 +52,17 @@ def case_negative_epochs(tmp: Path) -> list[str]:
 
 def case_unknown_keys(tmp: Path) -> list[str]:
     return _setup(tmp, {"compression": [{"algorithm": "quantization", "bitz": 4}], "training": {"epochz": 1}})
+
+
+def case_unknown_target(tmp: Path) -> list[str]:
+    return _setup(tmp, _quantization(target="avx2"))
+
+
+def case_target_flag_overrides_the_file(tmp: Path) -> list[str]:
+    """The note that the flag wins comes before the run, which then stops at the missing training data."""
+    args = _setup(tmp, _quantization(target="vnni"))
+    (tmp / "train.npz").unlink()
+    return [*args, "--target", "portable"]
 
 
 def case_unknown_algorithm(tmp: Path) -> list[str]:
@@ -105,6 +116,7 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "negative-epochs": (case_negative_epochs, "config", ("'training.epochs'", "greater than or equal to 1")),
     "unknown-keys": (case_unknown_keys, "config", ("unknown key 'compression.0.bitz'",
                                                    "unknown key 'training.epochz'")),
+    "unknown-target": (case_unknown_target, "config", ("'compression.0.target'", "'portable' or 'vnni'")),
     "unknown-algorithm": (case_unknown_algorithm, "config", ("'compression.0.algorithm'", "'quantization'")),
     "train-wrong-input": (case_train_wrong_input, "data", ("training data", "has arrays ['image', 'labels']",
                                                            "missing ['x']")),
@@ -131,3 +143,9 @@ def test_missing_training_runtime_says_how_to_install_it(tmp_path: Path, monkeyp
     args = _setup(tmp_path)
     assert_clean_failure(tmp_path, args, "training", ("onnxruntime-training 1.19.2 runtime", "is not installed",
                                                       "--install"))
+
+
+def test_target_flag_overrides_the_config_file_and_says_so(tmp_path: Path) -> None:
+    assert_clean_failure(tmp_path, case_target_flag_overrides_the_file(tmp_path), "data", ("train.npz",))
+    result = run_cli(tmp_path, *case_target_flag_overrides_the_file(tmp_path))
+    assert "note: --target portable overrides the target set in qat.yaml" in result.stderr
