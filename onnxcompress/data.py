@@ -23,6 +23,7 @@ import onnx
 from onnx import helper
 
 from onnxcompress.errors import DatasetError
+from onnxcompress.runtime.model_io import static_dim
 
 Feed = dict[str, np.ndarray]
 
@@ -51,7 +52,7 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         if value.name in initializers:
             continue
         tensor_type = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        dims = tuple(static_dim(d) for d in tensor_type.shape.dim)
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         specs.append(InputSpec(value.name, dtype, dims))
     return specs

@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
 from onnxcompress.errors import CalibrationError
+from onnxcompress.runtime.model_io import static_dim
 from onnxcompress.transforms.op_table import NON_NEGATIVE_OUTPUT_OPS
 
 class Statistic(enum.Enum):
@@ -281,9 +282,9 @@ class _ImageShape:
         for value in (*graph.input, *graph.value_info):
             tensor_type = value.type.tensor_type
             dims = tensor_type.shape.dim
-            if tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or not dims[1].dim_value:
+            if tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or static_dim(dims[1]) is None:
                 continue
-            spatial = [d.dim_value for d in dims[2:]]
+            spatial = [static_dim(d) for d in dims[2:]]
             images[value.name] = cls(dims[1].dim_value, spatial[0] * spatial[1] if all(spatial) else None)
         return images
 

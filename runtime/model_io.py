@@ -484,3 +484,9 @@ def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     sparse_tensors.append(attribute.sparse_tensor)
                 for sparse in sparse_tensors:
                     yield from (sparse.values, sparse.indices)
+
+
+def static_dim(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """A dimension's size, or None when it is unknown: symbolic, absent, or zero/negative (exporters such as
+    Paddle2ONNX write -1 for a dynamic batch; ONNX Runtime and OpenVINO read it as dynamic)."""
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None

@@ -35,6 +35,7 @@ from onnxcompress.data import model_inputs
 from onnxcompress.errors import ConfigError, OutputError
 from onnxcompress.finetune.data import Batch, LabelledData, LabelSpec
 from onnxcompress.finetune.loss import LABELS_INPUT, TEACHER_INPUT, LossBuilder, add_loss
+from onnxcompress.runtime.model_io import static_dim
 from onnxcompress.runtime.outputs import write_text_atomic
 from onnxcompress.runtime.training import TrainingRuntimeSession
 from onnxcompress.transforms.op_table import Role, spec
@@ -378,5 +379,5 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def _output_shape(model: onnx.ModelProto) -> tuple[int | None, ...]:
     dims = model.graph.output[0].type.tensor_type.shape.dim
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return tuple(static_dim(d) for d in dims)
 
