@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup training-runtime
+.PHONY: demo test test-no-vnni setup training-runtime
 
 $(BIN)/onnxcompress: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ demo: setup
 training-runtime: setup
 	$(BIN)/python -m onnxcompress.runtime.training_env --install --skip-unsupported
 
-## The test suite (what CI runs).
+## The test suite (what CI runs), then its CPU-sensitive part again on an emulated CPU without VNNI.
 test: setup training-runtime
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-no-vnni
+
+## The quantization tests on an emulated x86 CPU with AVX2 and no VNNI (qemu-user), where ONNX Runtime's integer
+## kernels add products in int16 pairs: a VNNI machine still proves the files exact on older CPUs.
+NO_VNNI_CPU := Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-rtm,-invpcid
+test-no-vnni: setup
+	@if command -v qemu-x86_64 >/dev/null; then \
+		qemu-x86_64 -cpu $(NO_VNNI_CPU) $(BIN)/python -m pytest -q -p no:cacheprovider \
+			tests/algorithms/test_int16_pairs.py tests/algorithms/test_ptq.py; \
+	else echo "SKIPPED the emulated no-VNNI run: qemu-user is not installed (apt-get install qemu-user)"; fi
