@@ -44,9 +44,11 @@ def _model_files(name: str) -> tuple[Path, Path, Path]:
         OUT / "data" / f"{name}_test.npz"
 
 
-def prepare(quantized: Path) -> None:
+def prepare(quantized: Path, models: list[str] | None) -> None:
     """Quantize every model of the run again with `--target vnni` (our full-range file), natively."""
     for folder in sorted(p for p in quantized.iterdir() if p.is_dir()):
+        if models and folder.name not in models:
+            continue
         fp32, calib, _ = _model_files(folder.name)
         output = folder / "onnxcompress_vnni.onnx"
         if not output.exists():
@@ -118,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("prepare", "measure"):
         command = commands.add_parser(name)
         command.add_argument("--quantized", type=Path, default=OUT / "quantized-isa")
+        command.add_argument("--models", help="comma-separated subset")
     commands.choices["measure"].add_argument("--out", type=Path, required=True)
     commands.choices["measure"].add_argument("--samples", type=int, default=8)
-    commands.choices["measure"].add_argument("--models", help="comma-separated subset")
     commands.add_parser("report").add_argument("runs", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        prepare(args.quantized)
+        prepare(args.quantized, args.models.split(",") if args.models else None)
     elif args.command == "measure":
         measure(args.quantized, args.out, args.samples, args.models.split(",") if args.models else None)
     else:

@@ -52,6 +52,8 @@ def main(argv=None):
     ap.add_argument("--data", required=True)
     ap.add_argument("--subset-size", type=int, default=300)
     ap.add_argument("--report")
+    ap.add_argument("--model-type", choices=["cnn", "transformer"], default="cnn",
+                    help="nncf: model_type=nncf.ModelType.TRANSFORMER for transformer (its SmoothQuant included)")
     args = ap.parse_args(argv)
 
     phases = {}
@@ -82,7 +84,8 @@ def main(argv=None):
 
     if args.tool == "nncf":
         t = time.perf_counter()
-        qmodel = nncf.quantize(model, nncf.Dataset(samples), subset_size=args.subset_size)
+        options = {"model_type": nncf.ModelType.TRANSFORMER} if args.model_type == "transformer" else {}
+        qmodel = nncf.quantize(model, nncf.Dataset(samples), subset_size=args.subset_size, **options)
         phases["quantize_s"] = time.perf_counter() - t
         t = time.perf_counter()
         onnx.save(qmodel, args.output)

@@ -172,7 +172,9 @@ class _Planner:
         for consumer in tensor.outputs:
             if consumer.name in self.ignored:
                 continue
-            if self.transformer and consumer.op in TRANSFORMER_FLOAT_OPS:
+            # Transformers keep LayerNorm/Softmax inputs and the residual stream float: an Add reading the
+            # dequantized value would add quantization noise to the residual stream in every block.
+            if self.transformer and (consumer.op in TRANSFORMER_FLOAT_OPS or spec(consumer).role is Role.ELTWISE_ADD):
                 continue
             readers.append(consumer.name)
         return tuple(dict.fromkeys(readers))
