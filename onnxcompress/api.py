@@ -47,7 +47,7 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
     second_pass = None
     if config.bias_correction is BiasCorrection.FULL:
         second_pass = batches(min(config.subset_size, config.bias_correction_subset_size))
-    smoothing_pass = batches() if config.smooth_quant_alpha is not None else None
+    smoothing_pass = batches() if config.effective_smooth_quant_alpha is not None else None
     if (second_pass or smoothing_pass) and not _reiterable(dataset):
         raise DatasetError("full bias correction and SmoothQuant read the data twice; pass a list, a file or a "
                            "folder, not a one-shot iterator")

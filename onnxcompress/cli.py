@@ -51,14 +51,16 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--bias-correction", type=click.Choice(["none", "fast", "full"]), help="Bias correction variant.")
 @click.option("--weight-bits", type=click.IntRange(2, 8), help="Bit width of the weights (default 8).")
 @_TARGET_OPTION
-@click.option("--smooth-quant-alpha", type=float, help="Enable SmoothQuant for MatMul inputs with this alpha.")
+@click.option("--smooth-quant-alpha", type=float,
+              help="SmoothQuant strength for MatMul inputs (default: 0.95 with --model-type transformer, else off).")
+@click.option("--no-smooth-quant", "smooth_quant", flag_value=False, default=None, help="Turn SmoothQuant off.")
 @click.option("--ignore-names", multiple=True, help="Node names to keep in float (repeat or comma-separate).")
 @click.option("--ignore-types", multiple=True, help="Op types to keep in float.")
 @click.option("--ignore-patterns", multiple=True, help="Regexes over node names to keep in float.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
-             calibration, model_type, bias_correction, weight_bits, target, smooth_quant_alpha, ignore_names,
-             ignore_types, ignore_patterns, no_progress: bool) -> None:
+             calibration, model_type, bias_correction, weight_bits, target, smooth_quant_alpha, smooth_quant,
+             ignore_names, ignore_types, ignore_patterns, no_progress: bool) -> None:
     """Post-training INT8 quantization of MODEL."""
     from onnxcompress.api import quantize as run_quantize
     from onnxcompress.config import QuantizationConfig, read_config_file
@@ -67,7 +69,7 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
     options = {key: value for key, value in {
         "preset": preset, "subset_size": subset_size, "calibration": calibration, "model_type": model_type,
         "bias_correction": bias_correction, "weight_bits": weight_bits, "target": target,
-        "smooth_quant_alpha": smooth_quant_alpha}.items() if value is not None}
+        "smooth_quant_alpha": smooth_quant_alpha, "smooth_quant": smooth_quant}.items() if value is not None}
     if config_file and target:
         _note_target_override(target, [read_config_file(config_file).get("target")], config_file)
     scope = {"names": _split(ignore_names), "types": _split(ignore_types), "patterns": _split(ignore_patterns)}

@@ -54,7 +54,8 @@ def run_demo(output_dir: Path, *, rounds: int, round_seconds: float) -> None:
              f"{'file size':14}{fp32_size / 1e3:>10.0f}kB{int8_size / 1e3:>10.0f}kB  ({int8_size / fp32_size:.2f}×)"]
     for mode in ("latency", "throughput"):
         int8 = report.find("int8", "ov-default", mode)
-        for backend, label in (("ov-f32", "FP32 f32 hint"), ("ov-default", f"FP32 default ({cpu.openvino_default_precision})")):
+        default = f"FP32 default ({cpu.openvino_default_precision})"
+        for backend, label in (("ov-f32", "FP32 f32 hint"), ("ov-default", default)):
             base = report.find("fp32", backend, mode)
             ratio = base.median_ms / int8.median_ms if mode == "latency" else int8.throughput_fps / base.throughput_fps
             lines.append(f"OpenVINO {mode} speed-up INT8 vs {label}: {ratio:.2f}×")

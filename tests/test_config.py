@@ -211,3 +211,15 @@ def test_ignored_scope_accepts_names_of_nodes_folded_by_preprocessing() -> None:
     feeds = [{"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}]
     quantized = quantize(build_tiny_cnn(), feeds, ignored_scope={"names": ["bn1"]}, progress=False)
     assert any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
+
+
+def test_smooth_quant_is_on_for_transformers_by_default_and_can_be_turned_off():
+    from onnxcompress.config import TRANSFORMER_SMOOTH_QUANT_ALPHA, QuantizationConfig
+
+    assert QuantizationConfig().effective_smooth_quant_alpha is None
+    transformer = QuantizationConfig(model_type="transformer")
+    assert transformer.effective_smooth_quant_alpha == TRANSFORMER_SMOOTH_QUANT_ALPHA
+    assert QuantizationConfig(model_type="transformer", smooth_quant_alpha=0.5).effective_smooth_quant_alpha == 0.5
+    assert QuantizationConfig(model_type="transformer", smooth_quant=False).effective_smooth_quant_alpha is None
+    with pytest.raises(ConfigError, match="smooth_quant is false but smooth_quant_alpha is set"):
+        QuantizationConfig.build({"smooth_quant": False, "smooth_quant_alpha": 0.8})

@@ -19,6 +19,7 @@ from onnxcompress.transforms.commands import (
     FakeQuantizeBias,
     FakeQuantizeWeight,
     QuantizeDequantize,
+    ScaleActivation,
     SetConstantInput,
 )
 from onnxcompress.transforms.fake_quantize import fake_quantize_bias, fake_quantize_weight, insert_fake_quantize
@@ -43,6 +44,8 @@ def apply_commands(graph: gs.Graph, commands: Iterable[Command]) -> gs.Graph:
             _dequantize_bias(graph, _node(nodes, command.node), command)
         elif isinstance(command, SetConstantInput):
             _set_constant_input(_node(nodes, command.node), command)
+        elif isinstance(command, ScaleActivation):
+            _scale_activation(graph, tensors, nodes, command)
         elif isinstance(command, FakeQuantize):
             if command.tensor not in tensors:
                 raise UnknownNameError(f"no tensor named {command.tensor!r}")
@@ -87,6 +90,19 @@ def _insert_qdq(graph: gs.Graph, tensors: dict, nodes: dict[str, gs.Node], cmd: 
         dequantized.name, source.name = source.name, f"{source.name}_float"
         tensors[source.name] = source
         tensors[dequantized.name] = dequantized
+
+
+def _scale_activation(graph: gs.Graph, tensors: dict, nodes: dict[str, gs.Node], cmd: ScaleActivation) -> None:
+    if cmd.tensor not in tensors:
+        raise UnknownNameError(f"no tensor named {cmd.tensor!r}")
+    source = tensors[cmd.tensor]
+    readers = [_node(nodes, name) for name in cmd.consumers]
+    factor = gs.Constant(f"{cmd.tensor}_smooth_factor", np.asarray(cmd.factor, np.float32))
+    scaled = gs.Variable(f"{cmd.tensor}_smooth", dtype=source.dtype, shape=source.shape)
+    graph.nodes.append(gs.Node("Mul", f"{cmd.tensor}_smooth_Mul", inputs=[source, factor], outputs=[scaled]))
+    for reader in readers:
+        _replace_input(reader, source, scaled)
+    tensors[scaled.name] = scaled
 
 
 def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:

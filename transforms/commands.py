@@ -72,6 +72,16 @@ class SetConstantInput:
 
 
 @dataclass(frozen=True, eq=False)
+class ScaleActivation:
+    """Insert `tensor` · `factor` (a Mul by a constant broadcast along the last axis) for `consumers` only; other
+    readers keep reading `tensor`."""
+
+    tensor: str
+    factor: np.ndarray
+    consumers: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
 class TrainableQuantizer:
     """A fake quantizer with trainable range (NNCF paper §4.1), computed in float so that it can be trained.
 
@@ -142,5 +152,5 @@ class FakeQuantizeBias:
     weight_step: str
 
 
-Command = (QuantizeDequantize | DequantizeWeight | DequantizeBias | SetConstantInput | FakeQuantize
+Command = (QuantizeDequantize | DequantizeWeight | DequantizeBias | SetConstantInput | ScaleActivation | FakeQuantize
            | FakeQuantizeWeight | FakeQuantizeBias)

@@ -1,9 +1,9 @@
 """The one place compression algorithms are registered, and `create_compressed_model`, which stacks them.
 
 A new algorithm is one module with a controller (`api.CompressionController`) and one entry in `ALGORITHMS`:
-a build function `(model, calibration batches, config, *, learning_rate, optimizer, total, progress)` →
-`(controller, float graph its commands apply to)`. Algorithms build in config order, each on the float
-graph the previous one returned.
+a build function `(model, batches factory, config, *, learning_rate, optimizer, total, progress)` →
+`(controller, float graph its commands apply to)`; the factory gives a fresh pass over the calibration feeds on
+every call. Algorithms build in config order, each on the float graph the previous one returned.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def create_compressed_model(model: onnx.ModelProto, configs: Iterable[AlgorithmC
     float_model = model
     for config in configs:
         controller, float_model = ALGORITHMS[config.algorithm](
-            float_model, batches(), config, learning_rate=learning_rate, optimizer=optimizer, total=total,
+            float_model, batches, config, learning_rate=learning_rate, optimizer=optimizer, total=total,
             progress=progress)
         controllers.append(controller)
     graph = gs.import_onnx(float_model)

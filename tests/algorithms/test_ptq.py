@@ -230,7 +230,8 @@ def test_smooth_quant_keeps_float_function_and_helps_outlier_channels():
     calib = [{"tokens": tokens(12)} for _ in range(24)]
     x = np.concatenate([tokens(12) for _ in range(4)])
     reference = _run(model, {"tokens": x})
-    plain = quantize(model, calib, progress=False, model_type="transformer", bias_correction="none")
+    plain = quantize(model, calib, progress=False, model_type="transformer", bias_correction="none",
+                     smooth_quant=False)
     smoothed = quantize(model, calib, progress=False, model_type="transformer", bias_correction="none",
                         smooth_quant_alpha=0.5)
     assert sqnr_db(reference, _run(smoothed, {"tokens": x})) > sqnr_db(reference, _run(plain, {"tokens": x}))
@@ -301,3 +302,38 @@ def test_negative_or_zero_dims_are_unknown_dims(batch_dim):
     # ONNX Runtime refuses a batch of 1 for a literal 0, so the reference is the same model with dynamic dims.
     reference, result = _run(build_tiny_cnn(dynamic_spatial=True), feeds[2]), _run(quantized, feeds[2])
     assert sqnr_db(reference, result) > 15
+
+
+def test_smooth_quant_scales_a_shared_activation_for_its_matmuls_only():
+    """A post-LN block's LayerNorm output also feeds the residual Add: the migration becomes a Mul read by the
+    MatMul alone, the residual keeps the original tensor, and the float function is unchanged."""
+    from onnx import helper, numpy_helper
+
+    from onnxcompress.algorithms.quantization.smooth_quant import smoothing_commands, smoothing_targets
+    from onnxcompress.runtime.calibration import TensorStatistics
+    from onnxcompress.transforms.applier import apply_commands
+    from onnxcompress.transforms.passes import preprocess
+    import onnx_graphsurgeon as gs
+
+    rng = np.random.default_rng(4)
+    initializers = [numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "g"),
+                    numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "b"),
+                    numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")]
+    graph = helper.make_graph(
+        [helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], name="ln", axis=-1),
+         helper.make_node("MatMul", ["ln", "w"], ["h"], name="dense"),
+         helper.make_node("Add", ["ln", "h"], ["y"], name="residual")],
+        "post_ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(1, 4, 8)).astype(np.float32)
+    reference = _run(model, {"x": x})
+    graph = preprocess(model)
+    targets = smoothing_targets(graph, frozenset())
+    assert [(t.tensor, t.matmuls, t.layer_norm) for t in targets] == [("ln", ("dense",), None)]
+    stats = {"ln": TensorStatistics(channel_abs_max=rng.uniform(0.1, 30, 8).astype(np.float32))}
+    apply_commands(graph, smoothing_commands(graph, targets, stats, alpha=0.8))
+    nodes = {n.name: n for n in graph.nodes}
+    assert nodes["dense"].inputs[0].inputs[0].op == "Mul" and nodes["residual"].inputs[0].name == "ln"
+    smoothed = gs.export_onnx(graph)
+    np.testing.assert_allclose(_run(smoothed, {"x": x}), reference, rtol=1e-4, atol=1e-4)

@@ -88,8 +88,8 @@ def plan_quantization(model: onnx.ModelProto, batches: Batches, config: Quantiza
     """Preprocess, place quantizers, calibrate and correct biases (see `quantize_graph`)."""
     graph = preprocess(model)
     ignored = resolve_ignored_scope(graph, config.ignored_scope, original=model)
-    if config.smooth_quant_alpha is not None:
-        _smooth(graph, model, ignored, batches_for_smoothing, config.smooth_quant_alpha, total, progress)
+    if config.effective_smooth_quant_alpha is not None:
+        _smooth(graph, model, ignored, batches_for_smoothing, config.effective_smooth_quant_alpha, total, progress)
     setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER,
                             portable=config.target is Target.PORTABLE)
 

@@ -14,7 +14,7 @@ that is deployed and no running statistics drift.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,12 +74,16 @@ class QuantizationController(CompressionController):
         self._biases = _bias_quantizers(nodes, self._activations, self._weights)
 
     @classmethod
-    def build(cls, model: onnx.ModelProto, batches: Batches, config: QuantizationAwareTrainingConfig, *,
-              learning_rate: float, optimizer: str, total: int | None = None,
+    def build(cls, model: onnx.ModelProto, batches: Callable[[], Batches], config: QuantizationAwareTrainingConfig,
+              *, learning_rate: float, optimizer: str, total: int | None = None,
               progress: bool = True) -> tuple[QuantizationController, onnx.ModelProto]:
         """Calibrate `model` and plan its quantizers; returns the controller and the float graph to train
-        (preprocessed, biases corrected) on which its commands apply."""
-        plan = plan_quantization(model, batches, config.post_training(), total=total, progress=progress)
+        (preprocessed, biases corrected, smoothed) on which its commands apply. `batches()` gives a fresh pass
+        over the calibration feeds (SmoothQuant takes one of its own)."""
+        settings = config.post_training()
+        smoothing = batches() if settings.effective_smooth_quant_alpha is not None else None
+        plan = plan_quantization(model, batches(), settings, total=total, progress=progress,
+                                 batches_for_smoothing=smoothing)
         apply_commands(plan.graph, plan.corrected_biases)
         return cls(plan, config, quantizer_lr_scale(config.quantizer_lr, learning_rate, optimizer)), \
             export_graph(plan.graph, model)
