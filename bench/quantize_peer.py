@@ -29,6 +29,9 @@ T_START = time.perf_counter()
 def _samples(npz_path, input_names, n):
     import numpy as np
 
+    if os.path.isdir(npz_path):  # a folder of .npy files: one complete feed of a single-input model each
+        files = sorted(f for f in os.listdir(npz_path) if f.endswith(".npy"))[:n]
+        return [{input_names[0]: np.load(os.path.join(npz_path, f))} for f in files]
     with np.load(npz_path) as z:
         arrays = {}
         keys = [k for k in z.files if k != "labels"]

@@ -143,11 +143,9 @@ def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8, *,
     abs_max = np.abs(weight).max(axis=reduce_axes) if reduce_axes else np.abs(weight)
     levels = weight_levels(bits)
     params = symmetric_params(abs_max, levels, axis=axis)
-    q = _round_to_levels(weight, params)
     if pair_budget is not None and 2 * levels.q_max > pair_budget:
         params = _fit_pair_budget(weight, axis, params, pair_budget)
-        q = _round_to_levels(weight, params)
-    return q, params
+    return _round_to_levels(weight, params), params
 
 
 def _round_to_levels(weight: np.ndarray, params: QuantParams) -> np.ndarray:
@@ -157,26 +155,42 @@ def _round_to_levels(weight: np.ndarray, params: QuantParams) -> np.ndarray:
     return q.astype(np.int8)
 
 
+def top_pairs(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel along `axis`: the two largest positive values and the two largest magnitudes of negative
+    values (zero where a channel has fewer), each as an array [channels, 2] in descending order."""
+    rows = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+    return _top_two(np.maximum(rows, 0)), _top_two(np.maximum(-rows, 0))
+
+
+def _top_two(rows: np.ndarray) -> np.ndarray:
+    """The two largest values of each row (of a private, non-negative copy, which it edits): argmax and two maxima
+    instead of a partition, several times faster on large weights."""
+    channels = np.arange(rows.shape[0])
+    first = rows.argmax(axis=1)
+    top = rows[channels, first]
+    rows[channels, first] = 0
+    second = rows.max(axis=1) if rows.shape[1] > 1 else np.zeros_like(top)
+    return np.stack([top, second], axis=1)
+
+
 def top_pair_sums(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Per channel along `axis`: the sum of the two largest positive values and of the two largest magnitudes of
-    negative values (zero where a channel has fewer)."""
-    rows = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
-    if rows.shape[1] < 2:
-        return np.maximum(rows, 0).sum(axis=1), np.maximum(-rows, 0).sum(axis=1)
-    positive = np.partition(np.maximum(rows, 0), -2, axis=1)[:, -2:].sum(axis=1)
-    negative = np.partition(np.maximum(-rows, 0), -2, axis=1)[:, -2:].sum(axis=1)
-    return positive, negative
+    negative values."""
+    positive, negative = top_pairs(values, axis)
+    return positive.sum(axis=1), negative.sum(axis=1)
 
 
 def _fit_pair_budget(weight: np.ndarray, axis: int, params: QuantParams, budget: int) -> QuantParams:
     """The smallest steps that keep every channel's top same-sign pair within `budget` levels after rounding."""
-    positive, negative = top_pair_sums(weight.astype(np.float32), axis)
-    pair = np.maximum(positive, negative)
+    positive, negative = top_pairs(weight.astype(np.float32, copy=False), axis)
+    pair = np.maximum(positive.sum(axis=1), negative.sum(axis=1))
     scale = np.maximum(params.scale, (pair / np.float32(budget)).astype(np.float32))
-    candidate = QuantParams(scale, params.zero_point, params.levels, axis)
-    # Rounding can lift a pair one level over the budget; one level less of headroom guarantees it.
-    q_positive, q_negative = top_pair_sums(_round_to_levels(weight, candidate).astype(np.int32), axis)
-    over = np.maximum(q_positive, q_negative) > budget
+    # Rounding is monotonic, so the rounded top pair is the rounded pair of top values; rounding can lift it one
+    # level over the budget, and one level less of headroom then guarantees it.
+    def rounded_pair(values: np.ndarray) -> np.ndarray:
+        return np.minimum(np.round(values / scale[:, None]), params.levels.q_max).sum(axis=1)
+
+    over = np.maximum(rounded_pair(positive), rounded_pair(negative)) > budget
     scale = np.where(over, np.maximum(params.scale, pair / np.float32(budget - 1)), scale).astype(np.float32)
     return QuantParams(scale, params.zero_point, params.levels, axis)
 
