@@ -193,23 +193,35 @@ def _labels(models: tuple[Path, ...]) -> list[str]:
 
 
 @cli.command()
-@click.argument("float_model", type=click.Path(path_type=Path))
-@click.argument("quantized_model", type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", required=True, help="Inputs to compare on: folder of .npy feeds or an .npz.")
 @click.option("--samples", type=int, default=32, show_default=True, help="Number of samples to run.")
+@click.option("--runtimes", "across_runtimes", is_flag=True,
+              help="One model: OpenVINO against the ONNX semantics at every quantizer and layer.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of SQNR per layer.")
-def compare(float_model: Path, quantized_model: Path, data: str, samples: int, plot: Path | None) -> None:
-    """Per-layer error: SQNR of every Conv/Gemm/MatMul output of QUANTIZED_MODEL against FLOAT_MODEL."""
+def compare(models: tuple[Path, ...], data: str, samples: int, across_runtimes: bool, plot: Path | None) -> None:
+    """Per-layer error. FLOAT_MODEL QUANTIZED_MODEL: SQNR of every Conv/Gemm/MatMul output of the quantized
+    model against the float one. MODEL --runtimes: where OpenVINO and ONNX Runtime part on the same file."""
     from onnxcompress.data import calibration_batches, model_inputs
-    from onnxcompress.runtime.layer_error import format_layer_errors, layer_errors, plot_layer_error
+    from onnxcompress.errors import ConfigError
+    from onnxcompress.runtime.layer_error import (format_layer_errors, layer_errors, plot_layer_error,
+                                                  runtime_divergence)
     from onnxcompress.runtime.model_io import load_model
 
-    reference, quantized = load_model(float_model), load_model(quantized_model)
-    feeds = calibration_batches(data, model_inputs(reference), subset_size=samples, batch_size=1)
-    errors = layer_errors(reference, quantized, feeds)
+    expected = 1 if across_runtimes else 2
+    if len(models) != expected:
+        raise ConfigError(f"compare takes {'one model with --runtimes' if across_runtimes else 'two models'}, "
+                          f"got {len(models)}")
+    loaded = [load_model(path) for path in models]
+    feeds = calibration_batches(data, model_inputs(loaded[0]), subset_size=samples, batch_size=1)
+    if across_runtimes:
+        errors = runtime_divergence(loaded[0], feeds)
+        titles = {"title": "OpenVINO vs ONNX semantics, same file", "ylabel": "SQNR OpenVINO vs ORT float (dB)"}
+    else:
+        errors, titles = layer_errors(loaded[0], loaded[1], feeds), {}
     click.echo(format_layer_errors(errors))
     if plot:
-        plot_layer_error(errors, plot)
+        plot_layer_error(errors, plot, **titles)
         click.echo(f"wrote {plot}")
 
 

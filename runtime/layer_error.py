@@ -1,8 +1,14 @@
-"""Per-layer quantization error: SQNR of every compute layer's output, quantized model against float model.
+"""Per-layer error, two ways.
 
-Both models are run on the same feeds with the outputs of their heavy layers (Conv, Gemm, MatMul) exposed. The
-quantized model keeps the float model's tensor names, so the layers pair up by name. The worst layers are
-where to look first (candidates for the ignored scope); `plot_layer_error` draws the whole profile.
+* `layer_errors`: SQNR of every compute layer's output, quantized model against float model. Both models run on
+  the same feeds with the outputs of their heavy layers (Conv, Gemm, MatMul) exposed; the quantized model keeps
+  the float model's tensor names, so the layers pair up by name. The worst layers are where to look first
+  (candidates for the ignored scope).
+* `runtime_divergence`: one file in two runtimes. OpenVINO against ONNX Runtime evaluating the QDQ graph in float
+  (ORT_DISABLE_ALL: the ONNX semantics, the same on every CPU), at every dequantized activation and heavy layer
+  output. The first tensors that diverge show which quantizers a runtime executes differently.
+
+`plot_layer_error` draws either profile.
 """
 
 from __future__ import annotations
@@ -50,29 +56,69 @@ def layer_errors(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto,
     return [LayerError(name, op_of[name], _db(signal[name], noise[name])) for name in names]
 
 
+def runtime_divergence(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]]) -> list[LayerError]:
+    """SQNR (dB) of OpenVINO against the ONNX semantics at each dequantized activation, heavy layer output and
+    model output of `model`, in graph order. Exposing a tensor keeps it computed as in the file in both
+    runtimes (OpenVINO's quantizers stay FakeQuantize), so the profile shows where the runtimes part."""
+    from onnxcompress.runtime.openvino import compile_model
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    weights = {i.name for i in model.graph.initializer}
+    layers = [(n.output[0], "quantizer" if n.op_type == "DequantizeLinear" else n.op_type)
+              for n in model.graph.node
+              if n.op_type in _HEAVY or n.op_type == "DequantizeLinear" and n.input[0] in producers
+              and n.input[0] not in weights]
+    layers += [(o.name, "output") for o in model.graph.output]
+    names = list(dict.fromkeys(name for name, _ in layers))
+    exposed = _exposed(model, names)
+    reference = _session(exposed, names, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    compiled = compile_model(exposed, precision_hint="f32")
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    for feed in feeds:
+        results = compiled(dict(feed))
+        measured = {name: results[port] for port in compiled.outputs for name in port.get_names() if name in signal}
+        for name, ref in zip(names, reference.run(names, dict(feed))):
+            ref = ref.astype(np.float64)
+            signal[name] += float(np.sum(ref**2))
+            noise[name] += float(np.sum((ref - measured[name].astype(np.float64)) ** 2))
+    op_of = dict(layers)
+    return [LayerError(name, op_of[name], _db(signal[name], noise[name])) for name in names]
+
+
 def _db(signal: float, noise: float) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
 
 
-def _session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
+def _exposed(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph outputs include `outputs`."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     known = {o.name for o in exposed.graph.output}
     exposed.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs if name not in known)
+    return exposed
+
+
+def _session(model: onnx.ModelProto, outputs: list[str], *,
+             level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.graph_optimization_level = level
+    return ort.InferenceSession(_exposed(model, outputs).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def format_layer_errors(errors: list[LayerError], worst: int = 10) -> str:
     ranked = sorted((e for e in errors if e.op_type != "output"), key=lambda e: e.sqnr_db)[:worst]
-    lines = [f"{'layer output':48} {'op':8} {'SQNR dB':>8}"]
-    lines += [f"{e.tensor[:48]:48} {e.op_type:8} {e.sqnr_db:8.1f}" for e in ranked]
+    lines = [f"{'layer output':48} {'op':9} {'SQNR dB':>8}"]
+    lines += [f"{e.tensor[:48]:48} {e.op_type:9} {e.sqnr_db:8.1f}" for e in ranked]
     lines += [f"model output {e.tensor}: {e.sqnr_db:.1f} dB" for e in errors if e.op_type == "output"]
     return "\n".join(lines)
 
 
-def plot_layer_error(errors: list[LayerError], path: str | os.PathLike) -> None:
+def plot_layer_error(errors: list[LayerError], path: str | os.PathLike, *,
+                     title: str = "Per-layer quantization error", ylabel: str = "SQNR vs float (dB, higher is better)"
+                     ) -> None:
     """Bar chart of SQNR per layer in graph order (PNG, written atomically)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -84,8 +130,8 @@ def plot_layer_error(errors: list[LayerError], path: str | os.PathLike) -> None:
     colors = ["tab:red" if e.op_type == "output" else "tab:blue" for e in errors]
     axes.bar(range(len(errors)), values, color=colors)
     axes.set_xlabel("layer (graph order; red = model output)")
-    axes.set_ylabel("SQNR vs float (dB, higher is better)")
-    axes.set_title("Per-layer quantization error")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     write_bytes_atomic(path, buffer.getvalue())

@@ -31,3 +31,36 @@ def test_compare_command_writes_the_plot(tmp_path):
                              "--data", str(data), "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "SQNR dB" in result.stdout and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runtime_divergence_profiles_one_file_in_both_runtimes(tmp_path):
+    from onnxcompress.runtime.layer_error import runtime_divergence
+
+    model = build_tiny_cnn()
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)} for _ in range(6)]
+    quantized = quantize(model, feeds, progress=False)
+    profile = runtime_divergence(quantized, feeds)
+    kinds = [e.op_type for e in profile]
+    assert kinds.count("Conv") == 2 and kinds.count("quantizer") >= 4 and kinds[-1] == "output"
+    assert all(e.sqnr_db > 30 for e in profile)  # OpenVINO f32 and the ONNX semantics agree on this CNN
+    # Without quantizers the two runtimes differ only by float rounding: the quantized file's lower numbers are
+    # the quantizers' doing, not the comparison's.
+    float_profile = runtime_divergence(model, feeds)
+    assert all(e.sqnr_db > 60 for e in float_profile)
+    assert min(e.sqnr_db for e in profile) < min(e.sqnr_db for e in float_profile)
+
+
+def test_compare_runtimes_takes_one_model(tmp_path):
+    data = make_calib_npz(tmp_path / "d.npz", samples=4)
+    quant_path = tmp_path / "q.onnx"
+    onnx.save(quantize(build_tiny_cnn(), str(data), progress=False), quant_path)
+    run = [sys.executable, "-m", "onnxcompress.cli", "compare"]
+    result = subprocess.run([*run, str(quant_path), "--runtimes", "--data", str(data), "--plot",
+                             str(tmp_path / "r.png")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "quantizer" in result.stdout and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    twice = subprocess.run([*run, str(quant_path), str(quant_path), "--runtimes", "--data", str(data)],
+                           capture_output=True, text=True)
+    assert twice.returncode == 2 and "compare takes one model with --runtimes, got 2" in twice.stderr
+    assert "Traceback" not in twice.stderr
