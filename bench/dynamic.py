@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import PEER_SCRIPT, REPO_DIR, run_measured  # noqa: E402
+from run import PEER_SCRIPT, REPO_DIR, run_interleaved  # noqa: E402
 
 from onnxcompress.runtime.cpu import cpu_features  # noqa: E402
 from onnxcompress.runtime.evaluate import sqnr_db  # noqa: E402
@@ -103,15 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--data", str(work / "calib"), "--subset-size", str(CALIBRATION)],
     }
     tools = args.tools.split(",")
-    runs: dict[str, list[dict]] = {tool: [] for tool in tools}
-    env = {**os.environ, "NNCF_CI": "1"}
-    for _ in range(args.repeats):
-        for tool in tools:
-            run = run_measured(commands[tool], work / f"{tool}.log", 3600, env=env)
-            if run["returncode"] != 0:
-                raise SystemExit(f"{tool} failed, see {work / f'{tool}.log'}")
-            runs[tool].append(run)
-            print(f"{tool}: {run['wall_s']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
+    runs = run_interleaved({tool: commands[tool] for tool in tools}, args.repeats, work, 3600)
 
     reference = features_ort(fp32, test)
     results = {"cpu": cpu_features().describe(), "model": args.model, "calibration_inputs": CALIBRATION,

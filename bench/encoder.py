@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import PEER_SCRIPT, REPO_DIR, run_measured  # noqa: E402
+from run import PEER_SCRIPT, REPO_DIR, run_interleaved  # noqa: E402
 
 from onnxcompress.runtime.cpu import cpu_features  # noqa: E402
 from onnxcompress.runtime.openvino import compile_model  # noqa: E402
@@ -139,15 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     commands = quantize_commands(fp32, calib, folder)
     tools = args.tools.split(",")
-    timing: dict[str, list[dict]] = {tool: [] for tool in tools}
-    env = {**os.environ, "NNCF_CI": "1"}
-    for _ in range(args.repeats):
-        for tool in tools:
-            run = run_measured(commands[tool], folder / f"{tool}.log", 1800, env=env)
-            if run["returncode"] != 0:
-                raise SystemExit(f"{tool} failed, see {folder / f'{tool}.log'}")
-            timing[tool].append(run)
-            print(f"{tool}: {run['wall_s']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
+    timing = run_interleaved({tool: commands[tool] for tool in tools}, args.repeats, folder, 1800)
 
     reference = {"ort": embeddings_ort(fp32, test_data)}
     reference["ov"] = reference["ort"]

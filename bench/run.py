@@ -165,6 +165,21 @@ def run_measured(cmd: list[str], log_path: Path, timeout: float, env=None) -> di
             "cpu_user_s": ru.ru_utime, "cpu_sys_s": ru.ru_stime}
 
 
+def run_interleaved(commands: dict[str, list[str]], repeats: int, log_dir: Path, timeout: float) -> dict[str, list]:
+    """Run each tool's command `repeats` times, tools interleaved (same-run conditions), in fresh processes;
+    returns every run_measured record per tool. A failing tool stops the run, naming its log."""
+    runs: dict[str, list[dict]] = {tool: [] for tool in commands}
+    env = {**os.environ, "NNCF_CI": "1"}  # NNCF telemetry stub
+    for _ in range(repeats):
+        for tool, cmd in commands.items():
+            run = run_measured(cmd, log_dir / f"{tool}.log", timeout, env=env)
+            if run["returncode"] != 0:
+                raise SystemExit(f"{tool} failed, see {log_dir / f'{tool}.log'}")
+            runs[tool].append(run)
+            log(f"{tool}: {run['wall_s']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB")
+    return runs
+
+
 def quantize(tool: str, m: dict, args, qdir: Path) -> dict:
     out = qdir / f"{tool}.onnx"
     for p in (out, Path(str(out) + ".data")):

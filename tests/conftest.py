@@ -132,3 +132,19 @@ def runtime() -> TrainingRuntime:
         return ensure_training_runtime(install=True)
     except TrainingRuntimeMissing as exc:
         pytest.skip(f"onnxruntime-training cannot be installed on this machine: {exc}")
+
+
+def build_post_ln_block(seed: int = 0) -> onnx.ModelProto:
+    """x[1,4,8] → LayerNorm → MatMul, and a residual Add of the LayerNorm output and the MatMul's (a post-LN
+    block, as in BERT): node names ln, dense, residual."""
+    rng = np.random.default_rng(seed)
+    initializers = [numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "g"),
+                    numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "b"),
+                    numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")]
+    graph = helper.make_graph(
+        [helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], name="ln", axis=-1),
+         helper.make_node("MatMul", ["ln", "w"], ["h"], name="dense"),
+         helper.make_node("Add", ["ln", "h"], ["y"], name="residual")],
+        "post_ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -69,11 +69,15 @@ def _node(nodes: dict[str, gs.Node], name: str) -> gs.Node:
         raise UnknownNameError(f"no node named {name!r}") from None
 
 
+def _source_and_readers(tensors: dict, nodes: dict[str, gs.Node], tensor: str,
+                        consumers: tuple[str, ...]) -> tuple[gs.Tensor, list[gs.Node]]:
+    if tensor not in tensors:
+        raise UnknownNameError(f"no tensor named {tensor!r}")
+    return tensors[tensor], [_node(nodes, name) for name in consumers]
+
+
 def _insert_qdq(graph: gs.Graph, tensors: dict, nodes: dict[str, gs.Node], cmd: QuantizeDequantize) -> None:
-    if cmd.tensor not in tensors:
-        raise UnknownNameError(f"no tensor named {cmd.tensor!r}")
-    source = tensors[cmd.tensor]
-    readers = [_node(nodes, name) for name in cmd.consumers]
+    source, readers = _source_and_readers(tensors, nodes, cmd.tensor, cmd.consumers)
     scale = gs.Constant(f"{cmd.tensor}_scale", np.asarray(cmd.scale, np.float32))
     zero_point = gs.Constant(f"{cmd.tensor}_zp", np.asarray(cmd.zero_point))
     quantized = gs.Variable(f"{cmd.tensor}_q", dtype=zero_point.values.dtype, shape=source.shape)
@@ -93,10 +97,7 @@ def _insert_qdq(graph: gs.Graph, tensors: dict, nodes: dict[str, gs.Node], cmd: 
 
 
 def _scale_activation(graph: gs.Graph, tensors: dict, nodes: dict[str, gs.Node], cmd: ScaleActivation) -> None:
-    if cmd.tensor not in tensors:
-        raise UnknownNameError(f"no tensor named {cmd.tensor!r}")
-    source = tensors[cmd.tensor]
-    readers = [_node(nodes, name) for name in cmd.consumers]
+    source, readers = _source_and_readers(tensors, nodes, cmd.tensor, cmd.consumers)
     factor = gs.Constant(f"{cmd.tensor}_smooth_factor", np.asarray(cmd.factor, np.float32))
     scaled = gs.Variable(f"{cmd.tensor}_smooth", dtype=source.dtype, shape=source.shape)
     graph.nodes.append(gs.Node("Mul", f"{cmd.tensor}_smooth_Mul", inputs=[source, factor], outputs=[scaled]))

@@ -133,21 +133,9 @@ def test_concat_read_in_float_gets_all_its_inputs_quantized():
 def test_transformer_residual_add_reads_the_float_layernorm_output():
     """Post-LN blocks (BERT): the LayerNorm output feeds the next MatMuls and the residual Add; only the MatMuls
     read its dequantized value, so the residual stream carries no quantization noise."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from conftest import build_post_ln_block
 
-    rng = np.random.default_rng(0)
-    initializers = [numpy_helper.from_array(np.ones(8, np.float32), "g"),
-                    numpy_helper.from_array(np.zeros(8, np.float32), "b"),
-                    numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")]
-    graph = helper.make_graph(
-        [helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], name="ln", axis=-1),
-         helper.make_node("MatMul", ["ln", "w"], ["h"], name="dense"),
-         helper.make_node("Add", ["ln", "h"], ["y"], name="residual")],
-        "post_ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], initializers)
-    graph = preprocess(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    graph = preprocess(build_post_ln_block())
     setup = plan_quantizers(graph, frozenset(), transformer=True)
     targets = [t for g in setup.groups for t in g.targets]
     assert [(t.tensor, t.consumers) for t in targets] == [("ln", ("dense",))]

@@ -307,25 +307,16 @@ def test_negative_or_zero_dims_are_unknown_dims(batch_dim):
 def test_smooth_quant_scales_a_shared_activation_for_its_matmuls_only():
     """A post-LN block's LayerNorm output also feeds the residual Add: the migration becomes a Mul read by the
     MatMul alone, the residual keeps the original tensor, and the float function is unchanged."""
-    from onnx import helper, numpy_helper
+    import onnx_graphsurgeon as gs
+    from conftest import build_post_ln_block
 
     from onnxcompress.algorithms.quantization.smooth_quant import smoothing_commands, smoothing_targets
     from onnxcompress.runtime.calibration import TensorStatistics
     from onnxcompress.transforms.applier import apply_commands
     from onnxcompress.transforms.passes import preprocess
-    import onnx_graphsurgeon as gs
 
     rng = np.random.default_rng(4)
-    initializers = [numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "g"),
-                    numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "b"),
-                    numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")]
-    graph = helper.make_graph(
-        [helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], name="ln", axis=-1),
-         helper.make_node("MatMul", ["ln", "w"], ["h"], name="dense"),
-         helper.make_node("Add", ["ln", "h"], ["y"], name="residual")],
-        "post_ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = build_post_ln_block(seed=4)
     x = rng.normal(size=(1, 4, 8)).astype(np.float32)
     reference = _run(model, {"x": x})
     graph = preprocess(model)
