@@ -13,6 +13,7 @@ from conftest import save_tiny_cnn_models
 from onnx import TensorProto, helper
 
 from onnxcompress.errors import BenchmarkError, OutputError
+from onnxcompress.runtime.cpu import CpuFeatures, cpu_features
 from onnxcompress.runtime.benchmark import BenchmarkReport, Measurement, benchmark, format_report, plot_report
 
 INPUT_SHAPE = (3, 16, 16)
@@ -96,6 +97,8 @@ def test_format_report_names_variants_and_baselines(report):
         assert column in text
     assert "INFERENCE_PRECISION_HINT=f32" in text
     assert f"CPU plugin default: {report.environment['openvino_default_precision']}" in text
+    features = cpu_features()
+    assert f"VNNI {'yes' if features.vnni else 'no'}" in text and f"bf16 {'yes' if features.bf16 else 'no'}" in text
     baseline_row = next(line for line in text.splitlines() if line.startswith("fp32/ov-f32/latency "))
     assert "1.00x" in baseline_row
     single = format_report(report, "fp32/ov-default")
@@ -210,3 +213,28 @@ def test_rounds_run_every_variant_once_in_a_changing_order():
     assert all(sorted(r) == labels for r in rounds)
     followers_of_a = {r[r.index("a") + 1] for r in rounds if r[-1] != "a"}
     assert len({tuple(r) for r in rounds}) > 2 and len(followers_of_a) > 1
+
+
+def test_cpu_features_come_from_the_processor_and_openvino():
+    """The features are NumPy's CPUID reading (true under emulators too); the default precision is OpenVINO's own."""
+    import openvino as ov
+
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        from numpy.core._multiarray_umath import __cpu_features__
+    features = cpu_features()
+    assert features.avx512 == __cpu_features__["AVX512F"] and features.avx2 == __cpu_features__["AVX2"]
+    assert features.vnni >= __cpu_features__["AVX512VNNI"]
+    default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    assert features.openvino_default_precision == default
+    assert (default == "bf16") <= features.bf16  # OpenVINO picks bf16 only where the CPU has it
+
+
+def test_cpu_description_says_how_ort_multiplies_int8():
+    zen3 = CpuFeatures("Zen 3", avx2=True, avx512=False, vnni=False, amx=False, bf16=False,
+                       openvino_default_precision="f32")
+    zen4 = CpuFeatures("Zen 4", avx2=True, avx512=True, vnni=True, amx=False, bf16=True,
+                       openvino_default_precision="bf16")
+    assert "VPMADDUBSW" in zen3.describe() and "VNNI no" in zen3.describe() and "precision f32" in zen3.describe()
+    assert "exact int32" in zen4.describe() and "bf16 yes" in zen4.describe()
