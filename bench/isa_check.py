@@ -75,6 +75,7 @@ def measure(quantized: Path, out: Path, samples: int, models: list[str] | None) 
         with np.load(test) as data:
             names = [k for k in data.files if k != "labels"]
             feeds = [{k: data[k][i:i + 1] for k in names} for i in range(min(samples, len(data[names[0]])))]
+            labels = data["labels"][:len(feeds)] if "labels" in data.files else None
         started = time.perf_counter()
         reference = _logits(str(fp32), feeds, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         record = {}
@@ -88,10 +89,15 @@ def measure(quantized: Path, out: Path, samples: int, models: list[str] | None) 
             record[tool] = {"sqnr_float_eval": sqnr_db(reference, in_float), "sqnr_integer": sqnr_db(reference, integer),
                             "safe_without_vnni": portability.safe_without_vnni,
                             "risky_layers": len(portability.risks), "checked_layers": portability.checked}
+            if labels is not None:
+                record[tool]["top1_float_eval"] = float((in_float.argmax(1) == labels).mean())
+                record[tool]["top1_integer"] = float((integer.argmax(1) == labels).mean())
+        if labels is not None:
+            record["fp32"] = {"top1": float((reference.argmax(1) == labels).mean())}
         results["models"][folder.name] = record
         print(f"{folder.name}: " + ", ".join(f"{t} {r['sqnr_float_eval']:.1f}/{r['sqnr_integer']:.1f} dB"
-                                             for t, r in record.items()) + f" ({time.perf_counter() - started:.0f} s)",
-              flush=True)
+                                             for t, r in record.items() if t in TOOLS)
+              + f" ({time.perf_counter() - started:.0f} s)", flush=True)
         out.write_text(json.dumps(results, indent=2))
 
 
@@ -110,6 +116,11 @@ def report(paths: list[Path]) -> str:
                              f"({r['sqnr_integer'] - r['sqnr_float_eval']:+.1f})"
                              + ("" if r["safe_without_vnni"] else " ⚠"))
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
+            if "fp32" in record:
+                lines.append(f"| {model} top-1 (FP32 {record['fp32']['top1']:.1%}) | " + " | ".join(
+                    "-" if tool not in record else
+                    f"{record[tool]['top1_float_eval']:.1%} / {record[tool]['top1_integer']:.1%}" for tool in TOOLS)
+                    + " |")
         lines.append("")
     return "\n".join(lines)
 

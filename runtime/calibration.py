@@ -332,18 +332,25 @@ class _ReductionBuilder:
         return self._reduce("ReduceMax", self._node("GlobalMaxPool", [tensor]), [1, 2, 3])
 
     def _channel_mean(self, request: StatisticRequest) -> list[_Reader]:
-        """Per-channel sum and count of values; image tensors with a static spatial size are summed as
-        per-sample channel means (GlobalAveragePool) times the number of pixels."""
+        """Per-channel sum and count of values; image tensors are summed as per-sample channel means
+        (GlobalAveragePool, in the blocked layout) times the number of pixels, read from the shape when H and W
+        are dynamic."""
         t, image = request.tensor, self.images.get(request.tensor)
-        if request.axis != 1 or image is None or image.pixels is None:
+        if request.axis != 1 or image is None:
             total = self._reduce("ReduceSum", self._channels_first(request), [0, 2])
             return [self._output(t, "sum", total), self._output(t, "count", self._per_channel(
                 self._node("Size", [t]), request))]
         means = self._node("GlobalAveragePool", [t])
+        if image.pixels is not None:
+            pixels = self._constant(np.array(image.pixels, np.int64))
+        else:
+            spatial = self._node("Slice", [self._node("Shape", [t]), self._constant(np.array([2], np.int64)),
+                                           self._constant(np.array([4], np.int64))])
+            pixels = self._reduce("ReduceProd", spatial, [0])
         total = self._node("Mul", [self._reduce("ReduceSum", means, [0, 2, 3]),
-                                   self._constant(np.array(image.pixels, np.float32))])
+                                   self._node("Cast", [pixels], to=onnx.TensorProto.FLOAT)])
         samples = self._node("Gather", [self._node("Shape", [means]), self._constant(np.array(0, np.int64))])
-        count = self._node("Mul", [samples, self._constant(np.array(image.pixels, np.int64))])
+        count = self._node("Mul", [samples, pixels])
         return [self._output(t, "sum", total), self._output(t, "count", count)]
 
     def _channels_first(self, request: StatisticRequest) -> str:
