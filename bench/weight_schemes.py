@@ -1,11 +1,13 @@
 """What the int16 headroom costs: logit SQNR vs FP32 (dB) of each weight scheme, the files evaluated in float
 (ORT_DISABLE_ALL, the same on every CPU), on bench models whose `bench/run.py` data exist.
 
-Schemes: full range (`--target vnni`); the shipped pair budget (any two weights of a channel, `--target
-portable`); a budget over adjacent input channels of one tap only (the pairing ONNX Runtime's kernels use today,
-measured with bench/isa_probe.py; not shipped, since it rests on ORT's internal packing); 7-bit weights everywhere
-the budget applies (what ORT's reduce_range and NNCF's overflow fix do). The alternatives replace the budget
-function for the measurement only.
+Schemes, all but the first exact on CPUs without VNNI: full range (`--target vnni`); the shipped rule
+(`--target portable`: a channel whose two largest same-sign levels exceed 128 gets levels within ±64, the others
+keep full range); a step just coarse enough for each channel's own top pair, (w1 + w2) / 128; that step over
+adjacent input channels of one tap only (the pairing ONNX Runtime's kernels use today, measured with
+bench/isa_probe.py; it rests on ORT's internal packing); 7-bit levels on every channel of those layers (what ORT's
+reduce_range and NNCF's overflow fix do). The alternatives replace the budget function for the measurement
+only.
 
     .venv/bin/python bench/weight_schemes.py --models squeezenet,bvlc_alexnet,inception_v1,shufflenet,digits_cnn
 """
@@ -31,11 +33,19 @@ from onnxcompress.runtime.model_io import save_model  # noqa: E402
 SHIPPED = scheme._fit_pair_budget
 
 
+def tight_pair_step(weight, axis, params, budget):
+    """Each channel's step just coarse enough for its own two largest same-sign weights."""
+    positive, negative = scheme.top_pairs(weight.astype(np.float32), axis)
+    pair = np.maximum(positive.sum(axis=1), negative.sum(axis=1))
+    scale = np.maximum(params.scale, (pair / np.float32(budget - 1)).astype(np.float32))
+    return scheme.QuantParams(scale, params.zero_point, params.levels, axis)
+
+
 def adjacent_channels(weight, axis, params, budget):
-    """Budget over pairs (c, c+1) of one tap (Conv) or (k, k+1) (Gemm/MatMul); odd widths keep the shipped rule."""
+    """Budget over pairs (c, c+1) of one tap (Conv) or (k, k+1) (Gemm/MatMul); odd widths use the tight step."""
     rows = np.moveaxis(weight, axis, 0)
     if rows.ndim not in (2, 4) or rows.shape[1] % 2:
-        return SHIPPED(weight, axis, params, budget)
+        return tight_pair_step(weight, axis, params, budget)
     pairs = rows.reshape(rows.shape[0], rows.shape[1] // 2, 2, -1)
     positive = np.maximum(pairs, 0).sum(axis=2).reshape(rows.shape[0], -1).max(axis=1)
     negative = np.maximum(-pairs, 0).sum(axis=2).reshape(rows.shape[0], -1).max(axis=1)
@@ -47,8 +57,8 @@ def seven_bit(weight, axis, params, budget):
     return scheme.QuantParams((params.scale * 127 / 64).astype(np.float32), params.zero_point, params.levels, axis)
 
 
-SCHEMES = {"full range (vnni)": None, "pair budget, any pairing (portable, shipped)": SHIPPED,
-           "pair budget, adjacent channels": adjacent_channels, "7-bit": seven_bit}
+SCHEMES = {"full range (vnni)": None, "shipped (portable)": SHIPPED, "tight pair step": tight_pair_step,
+           "tight step, adjacent channels": adjacent_channels, "7-bit every channel": seven_bit}
 
 
 def main(argv: list[str] | None = None) -> int:
