@@ -195,8 +195,8 @@ def _fit_pair_budget(weight: np.ndarray, axis: int, params: QuantParams, budget:
         return np.minimum(np.round(values / params.scale[:, None]), params.levels.q_max).sum(axis=1)
 
     fits = np.maximum(rounded_pair(positive), rounded_pair(negative)) <= budget
-    abs_max = np.maximum(positive[:, 0], negative[:, 0])
-    half = np.maximum(abs_max / np.float32(budget // 2), params.scale)
+    # The full-range step covers the channel's largest weight on q_max levels; budget/2 levels take it as well.
+    half = (params.scale * np.float32(params.levels.q_max / (budget // 2))).astype(np.float32)
     return QuantParams(np.where(fits, params.scale, half).astype(np.float32), params.zero_point, params.levels, axis)
 
 
