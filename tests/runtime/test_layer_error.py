@@ -44,11 +44,9 @@ def test_runtime_divergence_profiles_one_file_in_both_runtimes(tmp_path):
     kinds = [e.op_type for e in profile]
     assert kinds.count("Conv") == 2 and kinds.count("quantizer") >= 4 and kinds[-1] == "output"
     assert all(e.sqnr_db > 30 for e in profile)  # OpenVINO f32 and the ONNX semantics agree on this CNN
-    # Without quantizers the two runtimes differ only by float rounding: the quantized file's lower numbers are
-    # the quantizers' doing, not the comparison's.
+    # Without quantizers the two runtimes differ only by float rounding.
     float_profile = runtime_divergence(model, feeds)
     assert all(e.sqnr_db > 60 for e in float_profile)
-    assert min(e.sqnr_db for e in profile) < min(e.sqnr_db for e in float_profile)
 
 
 def test_compare_runtimes_takes_one_model(tmp_path):

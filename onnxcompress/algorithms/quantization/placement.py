@@ -201,19 +201,10 @@ class _Planner:
             for node in self.graph.nodes:
                 if node.name in self.ignored:
                     continue
-                role = spec(node).role
-                if role is Role.ELTWISE_ADD and not self.transformer:
-                    changed |= self._unify_add(node)
-                elif role is Role.CONCAT:
+                # Residual Adds keep one scale per input (both runtimes add differently scaled INT8 inputs): a
+                # shared scale coarsens the smaller branch (open_nsfw: 9.7 -> 12.0 dB, docs/benchmarks.md).
+                if spec(node).role is Role.CONCAT:
                     changed |= self._unify_concat(node)
-
-    def _unify_add(self, node: gs.Node) -> bool:
-        inputs = node.inputs[:2]
-        if len(inputs) != 2 or _is_bias_add(node) or not any(t.name in self.parent for t in inputs):
-            return False
-        if not all(self._quantizable_activation(t) for t in inputs):
-            return False
-        return self._unify(inputs)
 
     def _unify_concat(self, node: gs.Node) -> bool:
         output = node.outputs[0]
