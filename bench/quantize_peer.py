@@ -112,7 +112,12 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(prefix="ortq_", dir=os.path.dirname(os.path.abspath(args.output))) as td:
             pre = os.path.join(td, "pre.onnx")
             t = time.perf_counter()
-            quant_pre_process(args.model, pre)
+            try:
+                quant_pre_process(args.model, pre)
+            except Exception as error:  # noqa: BLE001 - ORT's symbolic shape inference raises a bare Exception
+                # What ORT's own error advises for models it cannot infer (YOLO exports with dynamic H/W).
+                print(f"quant_pre_process failed ({error}); retrying with skip_symbolic_shape=True", flush=True)
+                quant_pre_process(args.model, pre, skip_symbolic_shape=True)
             phases["preprocess_s"] = time.perf_counter() - t
             t = time.perf_counter()
             # quantize_static loads, calibrates (augmented model + ORT), quantizes and saves in one call

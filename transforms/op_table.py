@@ -27,7 +27,7 @@ class Role(enum.Enum):
     #: AveragePool averages them): it runs on INT8 data, so the quantizer on its input is repeated on its output
     #: with the same parameters.
     PASSTHROUGH = "passthrough"
-    #: Elementwise Add of two activations (residual connection): runtimes need one scale for both inputs.
+    #: Elementwise Add of two activations (residual connection): both inputs are quantized, each on its own scale.
     ELTWISE_ADD = "eltwise_add"
     #: Concat: all inputs and the output share one scale, so the op is a plain copy of INT8 data. When the output
     #: is read in float, the inputs keep their own scales but are all quantized, so the copy is still INT8.
@@ -103,6 +103,15 @@ OP_TABLE: dict[str, OpSpec] = {
 
 #: Ops whose output is never negative.
 NON_NEGATIVE_OUTPUT_OPS = frozenset({"Relu", "Sigmoid", "Softmax"})
+
+#: Ops whose result depends on their input's shape: Shape, and Resize/Upsample, whose output size OpenVINO computes
+#: from it when H and W are dynamic. OpenVINO moves that ShapeOf back through elementwise ops (`SHAPE_KEEPING_OPS`)
+#: onto the convolution that made the tensor; the convolution then has two readers, its output quantizer stays a
+#: separate FakeQuantize, and with dynamic shapes OpenVINO 2026.4 drops the convolution's bias (YOLOv8 neck: class
+#: scores at -3 dB against the file's own semantics; bench/detector.py, docs/benchmarks.md).
+SHAPE_READING_OPS = frozenset({"Shape", "Resize", "Upsample"})
+SHAPE_KEEPING_OPS = frozenset({"Identity", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu",
+                               "Elu", "Softplus", "Mish", "Mul", "Add", "Sub", "Div"})
 
 #: Ops whose inputs must stay float in transformer models: OpenVINO cannot run them on quantized inputs without
 #: an extra dequantization, and their inputs are outlier-heavy.

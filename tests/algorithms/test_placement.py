@@ -140,3 +140,34 @@ def test_transformer_residual_add_reads_the_float_layernorm_output():
     setup = plan_quantizers(graph, frozenset(), transformer=True)
     targets = [t for g in setup.groups for t in g.targets]
     assert [(t.tensor, t.consumers) for t in targets] == [("ln", ("dense",))]
+
+
+def _silu_conv_model(dynamic: bool):
+    """Conv → SiLU (Sigmoid, Mul) → Conv, the SiLU output's shape read by a Shape op (YOLOv8's anchor grid)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+             for name, shape in (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (4, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c1"], ["g1"], name="sigmoid"),
+             helper.make_node("Mul", ["c1", "g1"], ["a1"], name="silu"),
+             helper.make_node("Conv", ["a1", "w2"], ["y"], name="conv2"),
+             helper.make_node("Shape", ["a1"], ["grid"], name="grid_shape")]
+    spatial = ["H", "W"] if dynamic else [16, 16]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, *spatial])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("grid", TensorProto.INT64, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_conv_output_whose_shape_is_read_stays_float_with_dynamic_shapes():
+    """OpenVINO drops the bias of such a Conv when its output quantizer cannot fuse into it (op_table
+    SHAPE_READING_OPS): with dynamic H/W only the SiLU output is quantized; with static shapes ShapeOf folds to a
+    constant and the Conv output keeps its quantizer (ONNX Runtime's QLinearConv needs it)."""
+    for dynamic, conv_output_quantized in ((True, False), (False, True)):
+        graph = preprocess(_silu_conv_model(dynamic))
+        quantized = set(plan_quantizers(graph, frozenset()).activation_tensors)
+        assert "a1" in quantized and "x" in quantized
+        assert ("c1" in quantized) is conv_output_quantized, f"dynamic={dynamic}"

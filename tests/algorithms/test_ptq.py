@@ -328,3 +328,21 @@ def test_smooth_quant_scales_a_shared_activation_for_its_matmuls_only():
     assert nodes["dense"].inputs[0].inputs[0].op == "Mul" and nodes["residual"].inputs[0].name == "ln"
     smoothed = gs.export_onnx(graph)
     np.testing.assert_allclose(_run(smoothed, {"x": x}), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_signed_conv_output_read_by_a_float_activation_is_stored_uint8_and_fuses_in_ort(tmp_path):
+    """A Conv output quantized for QLinearConv and read by SiLU's Sigmoid/Mul is stored as uint8 + 128, the type of
+    the Conv's input, so ONNX Runtime fuses every Conv (int8 left them in float)."""
+    from onnx import numpy_helper
+    from test_placement import _silu_conv_model
+
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+    quantized = quantize(_silu_conv_model(dynamic=False), feeds, progress=False)
+    quantizers = {n.input[0]: n for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
+    zero_points = {i.name: i for i in quantized.graph.initializer}
+    assert zero_points[quantizers["c1"].input[2]].data_type == TensorProto.UINT8
+    assert numpy_helper.to_array(zero_points[quantizers["c1"].input[2]]) == 128
+    path = tmp_path / "q.onnx"
+    onnx.save(quantized, path)
+    assert ort_kernel_summary(path).describe().startswith("integer kernels: QLinearConv×2")

@@ -23,6 +23,8 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.algorithms.quantization.scheme import INT16_PAIR_BUDGET
 from onnxcompress.transforms.op_table import (
+    SHAPE_KEEPING_OPS,
+    SHAPE_READING_OPS,
     TRANSFORMER_FLOAT_OPS,
     Role,
     constant_weight,
@@ -122,7 +124,9 @@ class _Planner:
                     continue
                 self._require(node.inputs[port])
             if spec(node).integer_kernel_needs_quantized_output and not self.transformer:
-                self._require(self._pattern_end(node), as_output=True)
+                end = self._pattern_end(node)
+                if not (_dynamic_shape(end) and _shape_read(end)):  # see op_table.SHAPE_READING_OPS
+                    self._require(end, as_output=True)
         self._unify_until_stable()
         return QuantizerSetup(tuple(weights), self._groups(), tuple(bias_targets))
 
@@ -276,6 +280,20 @@ class _Planner:
             channels = weight.shape[1] if node.attrs.get("transB", 0) else weight.shape[0]
             return BiasTarget(node.name, entry.bias_port, source.name, -1, channels)
         return None
+
+
+def _dynamic_shape(tensor: gs.Tensor) -> bool:
+    return tensor.shape is None or any(not isinstance(d, int) or d <= 0 for d in tensor.shape)
+
+
+def _shape_read(tensor: gs.Tensor, depth: int = 3) -> bool:
+    """Whether a shape-reading op reads `tensor` or an elementwise result of it within `depth` ops (a SiLU's Mul)."""
+    for reader in tensor.outputs:
+        if reader.op in SHAPE_READING_OPS:
+            return True
+        if depth and reader.op in SHAPE_KEEPING_OPS and any(_shape_read(t, depth - 1) for t in reader.outputs):
+            return True
+    return False
 
 
 def _is_bias_add(node: gs.Node) -> bool:

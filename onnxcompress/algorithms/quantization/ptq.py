@@ -100,8 +100,8 @@ def plan_quantization(model: onnx.ModelProto, batches: Batches, config: Quantiza
     del calibration_weights  # the float arrays are not needed past calibration
 
     weights = _weight_commands(graph, setup, config)
-    compute_ops = frozenset(n.name for n in graph.nodes if spec(n).role is Role.COMPUTE)
-    activation_groups = _activation_commands(setup, stats, config, compute_ops)
+    roles = {n.name: spec(n).role for n in graph.nodes}
+    activation_groups = _activation_commands(setup, stats, config, roles)
     corrected: list[SetConstantInput] = []
     if config.bias_correction is not BiasCorrection.NONE:
         float_model = export_graph(graph, model) if config.bias_correction is BiasCorrection.FULL else None
@@ -173,7 +173,7 @@ def _weight_commands(graph: gs.Graph, setup: QuantizerSetup, config: Quantizatio
 
 
 def _activation_commands(setup: QuantizerSetup, stats: dict[str, TensorStatistics], config: QuantizationConfig,
-                         compute_ops: frozenset[str]) -> list[list[QuantizeDequantize]]:
+                         roles: dict[str, Role]) -> list[list[QuantizeDequantize]]:
     mode = _mode(config)
     groups = []
     for group in setup.groups:
@@ -185,20 +185,23 @@ def _activation_commands(setup: QuantizerSetup, stats: dict[str, TensorStatistic
         ranges = [estimate_range(stats[t.tensor], method, mode=mode, percentile=config.percentile)
                   for t in group.targets]
         params = unified_activation_params(ranges, mode)
-        groups.append([QuantizeDequantize(t.tensor, p.scale, _stored_zero_point(p, t, compute_ops), t.consumers,
+        groups.append([QuantizeDequantize(t.tensor, p.scale, _stored_zero_point(p, t, roles), t.consumers,
                                           t.graph_output)
                        for t, p in zip(group.targets, params) if t.consumers or t.graph_output])
     return groups
 
 
-def _stored_zero_point(params: QuantParams, target: ActivationTarget, compute_ops: frozenset[str]) -> np.ndarray:
-    """How signed levels are stored: uint8 shifted by 128 where a Conv/Gemm/MatMul reads them, int8 elsewhere.
+def _stored_zero_point(params: QuantParams, target: ActivationTarget, roles: dict[str, Role]) -> np.ndarray:
+    """How signed levels are stored: int8 for a tensor that is only added or concatenated, uint8 shifted by 128
+    for every other reader.
 
     ONNX Runtime fuses MatMul into an integer kernel only on uint8 activations (int8 left the transformer block's
-    MatMuls in float), and uint8 + 128 is the form all ten benchmark CNNs were validated in. A tensor only added
-    or concatenated is better int8: OpenVINO keeps such Concats INT8 only without a zero-point shift.
+    MatMuls in float), and a Conv whose output feeds a float activation (SiLU) into QLinearConv only when that
+    output is uint8 like its input (YOLOv8: 7 of 64 Convs integer with int8, 64 with uint8). OpenVINO keeps a
+    Concat INT8 only without a zero-point shift, so tensors only added or concatenated stay int8.
     """
-    if params.zero_point.dtype == np.int8 and compute_ops.intersection(target.consumers):
+    only_joined = all(roles.get(reader) in (Role.ELTWISE_ADD, Role.CONCAT) for reader in target.consumers)
+    if params.zero_point.dtype == np.int8 and not only_joined:
         return np.array(128, np.uint8)
     return params.zero_point
 
