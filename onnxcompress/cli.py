@@ -198,16 +198,22 @@ def _labels(models: tuple[Path, ...]) -> list[str]:
 @click.option("--samples", type=int, default=32, show_default=True, help="Number of samples to run.")
 @click.option("--runtimes", "across_runtimes", is_flag=True,
               help="One model: OpenVINO against the ONNX semantics at every quantizer and layer.")
+@click.option("--isolate", is_flag=True,
+              help="With --runtimes: compile the file once per activation quantizer, that one alone, and rank the "
+                   "quantizers by how far OpenVINO's deployed outputs then part from the ONNX semantics.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of SQNR per layer.")
-def compare(models: tuple[Path, ...], data: str, samples: int, across_runtimes: bool, plot: Path | None) -> None:
+def compare(models: tuple[Path, ...], data: str, samples: int, across_runtimes: bool, isolate: bool,
+            plot: Path | None) -> None:
     """Per-layer error. FLOAT_MODEL QUANTIZED_MODEL: SQNR of every Conv/Gemm/MatMul output of the quantized
     model against the float one. MODEL --runtimes: where OpenVINO and ONNX Runtime part on the same file."""
     from onnxcompress.data import calibration_batches, model_inputs
     from onnxcompress.errors import ConfigError
-    from onnxcompress.runtime.layer_error import (format_layer_errors, layer_errors, plot_layer_error,
-                                                  runtime_divergence)
+    from onnxcompress.runtime.layer_error import (format_isolation, format_layer_errors, isolate_runtime_divergence,
+                                                  layer_errors, plot_layer_error, runtime_divergence)
     from onnxcompress.runtime.model_io import load_model
 
+    if isolate and not across_runtimes:
+        raise ConfigError("--isolate works with --runtimes (one model)")
     expected = 1 if across_runtimes else 2
     if len(models) != expected:
         raise ConfigError(f"compare takes {'one model with --runtimes' if across_runtimes else 'two models'}, "
@@ -220,6 +226,9 @@ def compare(models: tuple[Path, ...], data: str, samples: int, across_runtimes: 
     else:
         errors, titles = layer_errors(loaded[0], loaded[1], feeds), {}
     click.echo(format_layer_errors(errors))
+    if isolate:
+        feeds = calibration_batches(data, model_inputs(loaded[0]), subset_size=samples, batch_size=1)
+        click.echo(format_isolation(isolate_runtime_divergence(loaded[0], feeds)))
     if plot:
         plot_layer_error(errors, plot, **titles)
         click.echo(f"wrote {plot}")

@@ -6,7 +6,12 @@
   (candidates for the ignored scope).
 * `runtime_divergence`: one file in two runtimes. OpenVINO against ONNX Runtime evaluating the QDQ graph in float
   (ORT_DISABLE_ALL: the ONNX semantics, the same on every CPU), at every dequantized activation and heavy layer
-  output. The first tensors that diverge show which quantizers a runtime executes differently.
+  output. The first tensors that diverge show which quantizers a runtime executes differently. Its last entry is
+  the model output as deployed (nothing exposed): exposing tensors changes what OpenVINO fuses, so a problem
+  that only the fused graph has shows there alone.
+* `isolate_runtime_divergence`: for that case, each activation quantizer alone (the others removed, weights kept
+  quantized), the deployed outputs of OpenVINO against the ONNX semantics; the quantizers far below the rest are
+  the ones OpenVINO executes differently.
 
 `plot_layer_error` draws either profile.
 """
@@ -62,6 +67,7 @@ def runtime_divergence(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.n
     runtimes (OpenVINO's quantizers stay FakeQuantize), so the profile shows where the runtimes part."""
     from onnxcompress.runtime.openvino import compile_model
 
+    feeds = [dict(feed) for feed in feeds]  # read twice: instrumented, then as deployed
     producers = {o: n for n in model.graph.node for o in n.output}
     weights = {i.name for i in model.graph.initializer}
     layers = [(n.output[0], "quantizer" if n.op_type == "DequantizeLinear" else n.op_type)
@@ -83,7 +89,62 @@ def runtime_divergence(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.n
             signal[name] += float(np.sum(ref**2))
             noise[name] += float(np.sum((ref - measured[name].astype(np.float64)) ** 2))
     op_of = dict(layers)
-    return [LayerError(name, op_of[name], _db(signal[name], noise[name])) for name in names]
+    profile = [LayerError(name, op_of[name], _db(signal[name], noise[name])) for name in names]
+    return profile + [LayerError(o.name, "deployed", sqnr) for o, sqnr in zip(model.graph.output,
+                                                                               _deployed_agreement(model, feeds))]
+
+
+def isolate_runtime_divergence(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], *,
+                               progress: bool = True) -> list[LayerError]:
+    """For each activation quantizer of `model` alone, the SQNR (dB) of OpenVINO's deployed outputs (all outputs
+    together) against the ONNX semantics, lowest first; the first entry, "none", has no activation quantizer."""
+    from tqdm.auto import tqdm
+
+    feeds = [dict(feed) for feed in feeds]
+    quantizers = [n.input[0] for n in model.graph.node
+                  if n.op_type == "QuantizeLinear" and n.input[0] not in {i.name for i in model.graph.initializer}]
+    results = [LayerError("none", "weights only", min(_deployed_agreement(_keeping(model, None), feeds)))]
+    for tensor in tqdm(quantizers, desc="isolating quantizers", unit="quantizer", disable=not progress, leave=False):
+        sqnr = min(_deployed_agreement(_keeping(model, tensor), feeds))
+        results.append(LayerError(tensor, "quantizer", sqnr))
+    return sorted(results, key=lambda e: e.sqnr_db)
+
+
+def _keeping(model: onnx.ModelProto, tensor: str | None) -> onnx.ModelProto:
+    """A copy of `model` whose activation QuantizeLinear → DequantizeLinear pairs are all removed but the one
+    on `tensor`: readers of a removed pair read the float tensor again."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph, weights = copy.graph, {i.name for i in copy.graph.initializer}
+    quantizers = {n.output[0]: n for n in graph.node
+                  if n.op_type == "QuantizeLinear" and n.input[0] not in weights and n.input[0] != tensor}
+    dropped = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantizers]
+    source = {n.output[0]: quantizers[n.input[0]].input[0] for n in dropped}
+    kept = [n for n in graph.node if n.output[0] not in quantizers and n.output[0] not in source]
+    for node in kept:
+        node.input[:] = [source.get(name, name) for name in node.input]
+    for output in graph.output:
+        output.name = source.get(output.name, output.name)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return copy
+
+
+def _deployed_agreement(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]]) -> list[float]:
+    """Per model output, SQNR (dB) of OpenVINO (model compiled as it is, f32) against the ONNX semantics."""
+    from onnxcompress.runtime.openvino import compile_model
+
+    names = [o.name for o in model.graph.output]
+    reference = _session(model, names, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    compiled = compile_model(model, precision_hint="f32")
+    signal, noise = [0.0] * len(names), [0.0] * len(names)
+    for feed in feeds:
+        results = compiled(dict(feed))
+        for index, ref in enumerate(reference.run(names, dict(feed))):
+            ref = ref.astype(np.float64)
+            signal[index] += float(np.sum(ref**2))
+            noise[index] += float(np.sum((ref - results[compiled.outputs[index]].astype(np.float64)) ** 2))
+    return [_db(s, n) for s, n in zip(signal, noise)]
 
 
 def _db(signal: float, noise: float) -> float:
@@ -109,10 +170,20 @@ def _session(model: onnx.ModelProto, outputs: list[str], *,
 
 
 def format_layer_errors(errors: list[LayerError], worst: int = 10) -> str:
-    ranked = sorted((e for e in errors if e.op_type != "output"), key=lambda e: e.sqnr_db)[:worst]
+    ranked = sorted((e for e in errors if e.op_type not in ("output", "deployed")), key=lambda e: e.sqnr_db)[:worst]
     lines = [f"{'layer output':48} {'op':9} {'SQNR dB':>8}"]
     lines += [f"{e.tensor[:48]:48} {e.op_type:9} {e.sqnr_db:8.1f}" for e in ranked]
     lines += [f"model output {e.tensor}: {e.sqnr_db:.1f} dB" for e in errors if e.op_type == "output"]
+    lines += [f"model output {e.tensor} as deployed (nothing exposed): {e.sqnr_db:.1f} dB"
+              for e in errors if e.op_type == "deployed"]
+    return "\n".join(lines)
+
+
+def format_isolation(results: list[LayerError], worst: int = 10) -> str:
+    baseline = next(e.sqnr_db for e in results if e.tensor == "none")
+    lines = [f"weights only (no activation quantizer): {baseline:.1f} dB",
+             f"{'quantizer alone':60} {'deployed SQNR dB':>16}"]
+    lines += [f"{e.tensor[:60]:60} {e.sqnr_db:16.1f}" for e in results if e.tensor != "none"][:worst]
     return "\n".join(lines)
 
 
@@ -127,7 +198,7 @@ def plot_layer_error(errors: list[LayerError], path: str | os.PathLike, *,
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     values = [min(e.sqnr_db, 100.0) for e in errors]
-    colors = ["tab:red" if e.op_type == "output" else "tab:blue" for e in errors]
+    colors = ["tab:red" if e.op_type in ("output", "deployed") else "tab:blue" for e in errors]
     axes.bar(range(len(errors)), values, color=colors)
     axes.set_xlabel("layer (graph order; red = model output)")
     axes.set_ylabel(ylabel)

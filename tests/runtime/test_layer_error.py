@@ -42,7 +42,7 @@ def test_runtime_divergence_profiles_one_file_in_both_runtimes(tmp_path):
     quantized = quantize(model, feeds, progress=False)
     profile = runtime_divergence(quantized, feeds)
     kinds = [e.op_type for e in profile]
-    assert kinds.count("Conv") == 2 and kinds.count("quantizer") >= 4 and kinds[-1] == "output"
+    assert kinds.count("Conv") == 2 and kinds.count("quantizer") >= 4 and kinds[-2:] == ["output", "deployed"]
     assert all(e.sqnr_db > 30 for e in profile)  # OpenVINO f32 and the ONNX semantics agree on this CNN
     # Without quantizers the two runtimes differ only by float rounding.
     float_profile = runtime_divergence(model, feeds)
@@ -62,3 +62,35 @@ def test_compare_runtimes_takes_one_model(tmp_path):
                            capture_output=True, text=True)
     assert twice.returncode == 2 and "compare takes one model with --runtimes, got 2" in twice.stderr
     assert "Traceback" not in twice.stderr
+
+
+def test_isolation_compiles_each_activation_quantizer_alone():
+    """Each entry is the file with one activation quantizer left (weights stay INT8): on a CNN both runtimes
+    execute alike, so every entry agrees; the structure of the isolated files is checked directly."""
+    from onnxcompress.runtime.layer_error import _keeping, format_isolation, isolate_runtime_divergence
+
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)} for _ in range(3)]
+    quantized = quantize(build_tiny_cnn(), feeds, progress=False)
+    weights = {i.name for i in quantized.graph.initializer}
+    activations = [n.input[0] for n in quantized.graph.node
+                   if n.op_type == "QuantizeLinear" and n.input[0] not in weights]
+    alone = _keeping(quantized, activations[1])
+    assert [n.input[0] for n in alone.graph.node if n.op_type == "QuantizeLinear"
+            and n.input[0] not in weights] == [activations[1]]
+    onnx.checker.check_model(alone)
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] not in weights for n in _keeping(quantized, None).graph.node)
+    results = isolate_runtime_divergence(quantized, feeds, progress=False)
+    assert sorted(e.tensor for e in results) == sorted(["none", *activations])
+    assert all(e.sqnr_db > 30 for e in results)
+    assert "weights only (no activation quantizer)" in format_isolation(results)
+
+
+def test_isolate_needs_runtimes(tmp_path):
+    data = make_calib_npz(tmp_path / "d.npz", samples=2)
+    quant_path = tmp_path / "q.onnx"
+    onnx.save(quantize(build_tiny_cnn(), str(data), progress=False), quant_path)
+    result = subprocess.run([sys.executable, "-m", "onnxcompress.cli", "compare", str(quant_path), str(quant_path),
+                             "--isolate", "--data", str(data)], capture_output=True, text=True)
+    assert result.returncode == 2 and "--isolate works with --runtimes" in result.stderr
+    assert "Traceback" not in result.stderr
