@@ -107,8 +107,8 @@ NON_NEGATIVE_OUTPUT_OPS = frozenset({"Relu", "Sigmoid", "Softmax"})
 #: Ops whose result depends on their input's shape: Shape, and Resize/Upsample, whose output size OpenVINO computes
 #: from it when H and W are dynamic. OpenVINO moves that ShapeOf back through elementwise ops (`SHAPE_KEEPING_OPS`)
 #: onto the convolution that made the tensor; the convolution then has two readers, its output quantizer stays a
-#: separate FakeQuantize, and with dynamic shapes OpenVINO 2026.4 drops the convolution's bias (YOLOv8 neck: class
-#: scores at -3 dB against the file's own semantics; bench/detector.py, docs/benchmarks.md).
+#: separate FakeQuantize, and with dynamic shapes OpenVINO 2026.4 drops the convolution's bias (YOLOv8 neck;
+#: bench/detector.py, docs/benchmarks.md).
 SHAPE_READING_OPS = frozenset({"Shape", "Resize", "Upsample"})
 SHAPE_KEEPING_OPS = frozenset({"Identity", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu",
                                "Elu", "Softplus", "Mish", "Mul", "Add", "Sub", "Div"})

@@ -206,7 +206,7 @@ class _Planner:
                 if node.name in self.ignored:
                     continue
                 # Residual Adds keep one scale per input (both runtimes add differently scaled INT8 inputs): a
-                # shared scale coarsens the smaller branch (open_nsfw: 9.7 -> 12.0 dB, docs/benchmarks.md).
+                # shared scale coarsens the smaller branch (bench/dynamic.py, docs/benchmarks.md).
                 if spec(node).role is Role.CONCAT:
                     changed |= self._unify_concat(node)
 

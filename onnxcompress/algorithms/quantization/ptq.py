@@ -197,7 +197,7 @@ def _stored_zero_point(params: QuantParams, target: ActivationTarget, roles: dic
 
     ONNX Runtime fuses MatMul into an integer kernel only on uint8 activations (int8 left the transformer block's
     MatMuls in float), and a Conv whose output feeds a float activation (SiLU) into QLinearConv only when that
-    output is uint8 like its input (YOLOv8: 7 of 64 Convs integer with int8, 64 with uint8). OpenVINO keeps a
+    output is uint8 like its input (bench/detector.py). OpenVINO keeps a
     Concat INT8 only without a zero-point shift, so tensors only added or concatenated stay int8.
     """
     only_joined = all(roles.get(reader) in (Role.ELTWISE_ADD, Role.CONCAT) for reader in target.consumers)
