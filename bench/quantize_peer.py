@@ -112,12 +112,17 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(prefix="ortq_", dir=os.path.dirname(os.path.abspath(args.output))) as td:
             pre = os.path.join(td, "pre.onnx")
             t = time.perf_counter()
+            # quant_pre_process leaves temporary files in the working directory when it fails: run it in `td`.
+            source, cwd = os.path.abspath(args.model), os.getcwd()
+            os.chdir(td)
             try:
-                quant_pre_process(args.model, pre)
+                quant_pre_process(source, pre)
             except Exception as error:  # noqa: BLE001 - ORT's symbolic shape inference raises a bare Exception
                 # What ORT's own error advises for models it cannot infer (YOLO exports with dynamic H/W).
                 print(f"quant_pre_process failed ({error}); retrying with skip_symbolic_shape=True", flush=True)
-                quant_pre_process(args.model, pre, skip_symbolic_shape=True)
+                quant_pre_process(source, pre, skip_symbolic_shape=True)
+            finally:
+                os.chdir(cwd)
             phases["preprocess_s"] = time.perf_counter() - t
             t = time.perf_counter()
             # quantize_static loads, calibrates (augmented model + ORT), quantizes and saves in one call
