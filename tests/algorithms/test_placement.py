@@ -142,7 +142,7 @@ def test_transformer_residual_add_reads_the_float_layernorm_output():
     assert [(t.tensor, t.consumers) for t in targets] == [("ln", ("dense",))]
 
 
-def _silu_conv_model(dynamic: bool):
+def _silu_conv_model(dynamic: bool, batch: int | str = 1):
     """Conv → SiLU (Sigmoid, Mul) → Conv, the SiLU output's shape read by a Shape op (YOLOv8's anchor grid)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -156,7 +156,7 @@ def _silu_conv_model(dynamic: bool):
              helper.make_node("Conv", ["a1", "w2"], ["y"], name="conv2"),
              helper.make_node("Shape", ["a1"], ["grid"], name="grid_shape")]
     spatial = ["H", "W"] if dynamic else [16, 16]
-    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, *spatial])],
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, *spatial])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
                                helper.make_tensor_value_info("grid", TensorProto.INT64, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -165,9 +165,10 @@ def _silu_conv_model(dynamic: bool):
 def test_conv_output_whose_shape_is_read_stays_float_with_dynamic_shapes():
     """OpenVINO drops the bias of such a Conv when its output quantizer cannot fuse into it (op_table
     SHAPE_READING_OPS): with dynamic H/W only the SiLU output is quantized; with static shapes ShapeOf folds to a
-    constant and the Conv output keeps its quantizer (ONNX Runtime's QLinearConv needs it)."""
-    for dynamic, conv_output_quantized in ((True, False), (False, True)):
-        graph = preprocess(_silu_conv_model(dynamic))
+    constant and the Conv output keeps its quantizer (ONNX Runtime's QLinearConv needs it), also with a dynamic
+    batch alone (PyTorch's `x.view(x.size(0), -1)` reads the shape of most classifiers' last activation)."""
+    for dynamic, batch, conv_output_quantized in ((True, 1, False), (False, 1, True), (False, "N", True)):
+        graph = preprocess(_silu_conv_model(dynamic, batch))
         quantized = set(plan_quantizers(graph, frozenset()).activation_tensors)
         assert "a1" in quantized and "x" in quantized
-        assert ("c1" in quantized) is conv_output_quantized, f"dynamic={dynamic}"
+        assert ("c1" in quantized) is conv_output_quantized, f"dynamic={dynamic} batch={batch}"

@@ -283,7 +283,8 @@ class _Planner:
 
 
 def _dynamic_shape(tensor: gs.Tensor) -> bool:
-    return tensor.shape is None or any(not isinstance(d, int) or d <= 0 for d in tensor.shape)
+    """Whether the spatial size (axes past the channel axis) is unknown; a dynamic batch alone does not count."""
+    return tensor.shape is None or any(not isinstance(d, int) or d <= 0 for d in tensor.shape[2:])
 
 
 def _shape_read(tensor: gs.Tensor, depth: int = 3) -> bool:
