@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     tools = args.tools.split(",")
     count = len(list(calib.glob("*.npy")))
-    timing = {} if args.skip_quantize else run_interleaved(
-        {tool: commands(fp32, calib, folder, count)[tool] for tool in tools}, args.repeats, folder, 3600)
+    every = commands(fp32, calib, folder, count)
+    timing = {} if args.skip_quantize else run_interleaved({tool: every[tool] for tool in tools}, args.repeats,
+                                                           folder, 3600)
 
     _, inputs, ground_truth = load_test_set(WORK / "test")
     precision = None if args.ov_precision == "default" else args.ov_precision

@@ -219,7 +219,7 @@ def compare(models: tuple[Path, ...], data: str, samples: int, across_runtimes: 
         raise ConfigError(f"compare takes {'one model with --runtimes' if across_runtimes else 'two models'}, "
                           f"got {len(models)}")
     loaded = [load_model(path) for path in models]
-    feeds = calibration_batches(data, model_inputs(loaded[0]), subset_size=samples, batch_size=1)
+    feeds = list(calibration_batches(data, model_inputs(loaded[0]), subset_size=samples, batch_size=1))
     if across_runtimes:
         errors = runtime_divergence(loaded[0], feeds)
         titles = {"title": "OpenVINO vs ONNX semantics, same file", "ylabel": "SQNR OpenVINO vs ORT float (dB)"}
@@ -227,7 +227,6 @@ def compare(models: tuple[Path, ...], data: str, samples: int, across_runtimes: 
         errors, titles = layer_errors(loaded[0], loaded[1], feeds), {}
     click.echo(format_layer_errors(errors))
     if isolate:
-        feeds = calibration_batches(data, model_inputs(loaded[0]), subset_size=samples, batch_size=1)
         click.echo(format_isolation(isolate_runtime_divergence(loaded[0], feeds)))
     if plot:
         plot_layer_error(errors, plot, **titles)

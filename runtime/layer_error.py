@@ -101,8 +101,8 @@ def isolate_runtime_divergence(model: onnx.ModelProto, feeds: Iterable[Mapping[s
     from tqdm.auto import tqdm
 
     feeds = [dict(feed) for feed in feeds]
-    quantizers = [n.input[0] for n in model.graph.node
-                  if n.op_type == "QuantizeLinear" and n.input[0] not in {i.name for i in model.graph.initializer}]
+    weights = {i.name for i in model.graph.initializer}
+    quantizers = [n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in weights]
     results = [LayerError("none", "weights only", min(_deployed_agreement(_keeping(model, None), feeds)))]
     for tensor in tqdm(quantizers, desc="isolating quantizers", unit="quantizer", disable=not progress, leave=False):
         sqnr = min(_deployed_agreement(_keeping(model, tensor), feeds))
