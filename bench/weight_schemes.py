@@ -2,12 +2,11 @@
 (ORT_DISABLE_ALL, the same on every CPU), on bench models whose `bench/run.py` data exist.
 
 Schemes, all but the first exact on CPUs without VNNI: full range (`--target vnni`); the shipped rule
-(`--target portable`: a channel whose two largest same-sign levels exceed 128 gets levels within ±64, the others
-keep full range); a step just coarse enough for each channel's own top pair, (w1 + w2) / 128; that step over
-adjacent input channels of one tap only (the pairing ONNX Runtime's kernels use today, measured with
-bench/isa_probe.py; it rests on ORT's internal packing); 7-bit levels on every channel of those layers (what ORT's
-reduce_range and NNCF's overflow fix do). The alternatives replace the budget function for the measurement
-only.
+(`--target portable`: each channel's step just coarse enough that the pairs ONNX Runtime's kernel forms, neighbours
+in `op_table.int16_pair_order`, stay within 128 levels); the rule that holds for any pairing (a channel whose two
+largest same-sign levels exceed 128 gets levels within ±64, the earlier default, still used where the pairing is
+not known); 7-bit levels on every channel of those layers (what ORT's reduce_range and NNCF's overflow fix do).
+The alternatives replace the shipped step function for the measurement only.
 
     .venv/bin/python bench/weight_schemes.py --models squeezenet,bvlc_alexnet,inception_v1,shufflenet,digits_cnn
 """
@@ -30,35 +29,19 @@ import onnxcompress.algorithms.quantization.scheme as scheme  # noqa: E402
 from onnxcompress.runtime.evaluate import sqnr_db  # noqa: E402
 from onnxcompress.runtime.model_io import save_model  # noqa: E402
 
-SHIPPED = scheme._fit_pair_budget
+SHIPPED = scheme._fit_kernel_pairs
 
 
-def tight_pair_step(weight, axis, params, budget):
-    """Each channel's step just coarse enough for its own two largest same-sign weights."""
-    positive, negative = scheme.top_pairs(weight.astype(np.float32), axis)
-    pair = np.maximum(positive.sum(axis=1), negative.sum(axis=1))
-    scale = np.maximum(params.scale, (pair / np.float32(budget - 1)).astype(np.float32))
-    return scheme.QuantParams(scale, params.zero_point, params.levels, axis)
+def any_pair(weight, axis, order, params, budget):
+    return scheme._fit_any_pair(weight, axis, params, budget)
 
 
-def adjacent_channels(weight, axis, params, budget):
-    """Budget over pairs (c, c+1) of one tap (Conv) or (k, k+1) (Gemm/MatMul); odd widths use the tight step."""
-    rows = np.moveaxis(weight, axis, 0)
-    if rows.ndim not in (2, 4) or rows.shape[1] % 2:
-        return tight_pair_step(weight, axis, params, budget)
-    pairs = rows.reshape(rows.shape[0], rows.shape[1] // 2, 2, -1)
-    positive = np.maximum(pairs, 0).sum(axis=2).reshape(rows.shape[0], -1).max(axis=1)
-    negative = np.maximum(-pairs, 0).sum(axis=2).reshape(rows.shape[0], -1).max(axis=1)
-    scale = np.maximum(params.scale, (np.maximum(positive, negative) / np.float32(budget - 1)).astype(np.float32))
-    return scheme.QuantParams(scale, params.zero_point, params.levels, axis)
-
-
-def seven_bit(weight, axis, params, budget):
+def seven_bit(weight, axis, order, params, budget):
     return scheme.QuantParams((params.scale * 127 / 64).astype(np.float32), params.zero_point, params.levels, axis)
 
 
-SCHEMES = {"full range (vnni)": None, "shipped (portable)": SHIPPED, "tight pair step": tight_pair_step,
-           "tight step, adjacent channels": adjacent_channels, "7-bit every channel": seven_bit}
+SCHEMES = {"full range (vnni)": None, "shipped (portable, kernel pairs)": SHIPPED, "any pair (±64)": any_pair,
+           "7-bit every channel": seven_bit}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         reference = _logits(str(fp32), feeds, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         results[model] = {}
         for name, budget in SCHEMES.items():
-            scheme._fit_pair_budget = budget or SHIPPED
+            scheme._fit_kernel_pairs = budget or SHIPPED
             try:
                 quantized = onnxcompress.quantize(fp32, str(calib), progress=False,
                                                   target="vnni" if budget is None else "portable")
             finally:
-                scheme._fit_pair_budget = SHIPPED
+                scheme._fit_kernel_pairs = SHIPPED
             path = OUT / "weight_scheme.onnx"
             save_model(quantized, path)
             results[model][name] = sqnr_db(reference, _logits(str(path), feeds,

@@ -1,10 +1,11 @@
 """Whether a quantized file computes the same in ONNX Runtime on x86 CPUs without VNNI as on those with it.
 
 Without VNNI, ONNX Runtime multiplies u8 activations by s8 weights with VPMADDUBSW, which adds each two
-neighbouring products in int16 and saturates. A layer is exact there when, in every output channel, the two
-largest positive weight levels and the two largest negative ones each add up to at most `INT16_PAIR_BUDGET`
-(then 255 · pair fits in int16 whichever two weights the kernel pairs). Which ops run such kernels is an op-table
-fact (`op_table.int16_pair_accumulation`). OpenVINO handles this inside its own kernels and needs nothing.
+neighbouring products in int16 and saturates. A layer is exact there when the same-sign levels of every pair
+the kernel forms add up to at most `INT16_PAIR_BUDGET` (255 · 128 fits in int16). Which ops run such kernels, and
+which weights they pair, are op-table facts (`op_table.int16_pair_accumulation`, `op_table.int16_pair_order`);
+where the pairing is not known, any two levels of a channel count as a pair. OpenVINO handles this inside its own
+kernels and needs nothing.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.algorithms.quantization.scheme import INT16_PAIR_BUDGET, top_pair_sums
-from onnxcompress.transforms.op_table import int16_pair_accumulation, spec, weight_channel_axis
+from onnxcompress.algorithms.quantization.scheme import INT16_PAIR_BUDGET, largest_pair_sums, top_pair_sums
+from onnxcompress.transforms.op_table import int16_pair_accumulation, int16_pair_order, spec, weight_channel_axis
 
 
 @dataclass(frozen=True)
 class SaturationRisk:
     """A layer whose integer kernel can saturate on CPUs without VNNI: `channels` of `total` output channels hold a
-    same-sign pair of weight levels over the budget, the largest adding up to `worst_pair`."""
+    kernel pair of same-sign weight levels over the budget, the largest adding up to `worst_pair`."""
 
     node: str
     op: str
@@ -65,9 +66,10 @@ def check_portability(model: onnx.ModelProto) -> Portability:
             continue
         checked += 1
         # Kernels pair products within one output channel, whatever the granularity of the weight's scale.
-        axis = weight_channel_axis(node) % weight.values.ndim
-        positive, negative = top_pair_sums(weight.values.astype(np.int32), axis)
-        pair = np.maximum(positive, negative)
+        levels = weight.values.astype(np.int32)
+        axis = weight_channel_axis(node) % levels.ndim
+        order = int16_pair_order(node, levels.ndim)
+        pair = np.maximum(*top_pair_sums(levels, axis)) if order is None else largest_pair_sums(levels, axis, order)
         over = int((pair > INT16_PAIR_BUDGET).sum())
         if over:
             risks.append(SaturationRisk(node.name, node.op, over, len(pair), int(pair.max())))

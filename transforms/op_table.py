@@ -36,6 +36,17 @@ class Role(enum.Enum):
     FLOAT = "float"
 
 
+class PairOrder(enum.Enum):
+    """The order in which ONNX Runtime's x86 integer kernel adds up one output channel's products; VPMADDUBSW adds
+    each two neighbours in it (positions 2i and 2i + 1) in int16."""
+
+    #: QLinearConv reorders each group's filter from OIHW to HWIO before packing it: taps outer, input channels
+    #: inner, so pairs are input channels (2i, 2i + 1) of one tap, and cross taps when the channel count is odd.
+    TAPS_THEN_INPUT_CHANNELS = "taps_then_input_channels"
+    #: QGemm, QLinearMatMul and MatMulIntegerToFloat pack the weight along its input features.
+    INPUT_FEATURES = "input_features"
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """The facts about one op type."""
@@ -61,10 +72,10 @@ class OpSpec:
     #: quantizer sits inside it, and ONNX Runtime moves Q/DQ through such ops by itself.
     layout_only: bool = False
     #: ONNX Runtime's x86 kernel for this op, on CPUs without VNNI, multiplies u8 activations by s8 weights with
-    #: VPMADDUBSW, which adds each two neighbouring products in int16 and saturates (255 · 127 · 2 > 32767).
-    #: Depthwise convolutions run a widening kernel instead (`int16_pair_accumulation` resolves it). Measured
-    #: with bench/isa_probe.py under an emulated AVX2 CPU.
-    int16_pairs: bool = False
+    #: VPMADDUBSW, which adds each two neighbouring products in int16 and saturates (255 · 127 · 2 > 32767); the
+    #: value says which weights are neighbours. Depthwise convolutions run a widening kernel instead
+    #: (`int16_pair_accumulation` resolves it). Measured with bench/isa_probe.py under an emulated AVX2 CPU.
+    int16_pairs: PairOrder | None = None
 
 
 _PASSTHROUGH = OpSpec(Role.PASSTHROUGH)
@@ -73,17 +84,17 @@ _FUSED = OpSpec(Role.FUSED_ACTIVATION)
 
 OP_TABLE: dict[str, OpSpec] = {
     "Conv": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0,
-                   integer_kernel_needs_quantized_output=True, int16_pairs=True),
+                   integer_kernel_needs_quantized_output=True, int16_pairs=PairOrder.TAPS_THEN_INPUT_CHANNELS),
     # ONNX Runtime runs ConvTranspose in float (no QDQ fusion), so it needs no int16 headroom.
     "ConvTranspose": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1,
                             integer_kernel_needs_quantized_output=True, integer_kernel_needs_weight_zero_point=True),
     # Gemm's channel axis depends on transB; `weight_channel_axis()` resolves it.
     "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0,
-                   integer_kernel_needs_weight_zero_point=True, int16_pairs=True),
+                   integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES),
     # MatMul with a constant weight [.., in, out]; with two activations (attention) both inputs are quantized.
     # Two activations are both uint8 in our files: ONNX Runtime's u8u8 kernel widens to int16 first (exact).
     "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, activation_ports=(0, 1),
-                     integer_kernel_needs_weight_zero_point=True, int16_pairs=True),
+                     integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES),
     # Only activations both runtimes fuse in front of a QuantizeLinear: ONNX Runtime drops Relu/Clip before a
     # quantizer whose range starts at zero; other activations (Sigmoid, HardSwish...) would leave Conv in float.
     "Relu": _FUSED,
@@ -150,6 +161,19 @@ def int16_pair_accumulation(node: gs.Node, weight_shape: tuple[int, ...] | None 
         if group > 1 and weight_shape is not None and weight_shape[1] == 1 and weight_shape[0] == group:
             return False
     return True
+
+
+def int16_pair_order(node: gs.Node, weight_ndim: int) -> tuple[int, ...] | None:
+    """The axes of `node`'s weight other than its output-channel axis, in the order the integer kernel adds up the
+    products (see `PairOrder`); None when the layout is not known (a constant MatMul weight with batch axes), and
+    any two weights of a channel must then be taken as a possible pair."""
+    order = spec(node).int16_pairs
+    channel = weight_channel_axis(node) % weight_ndim
+    if order is PairOrder.TAPS_THEN_INPUT_CHANNELS:
+        return (*range(2, weight_ndim), 1)
+    if order is PairOrder.INPUT_FEATURES and weight_ndim == 2:
+        return (1 - channel,)
+    return None
 
 
 def constant_weight(node: gs.Node) -> gs.Constant | None:

@@ -10,12 +10,12 @@ import onnxruntime as ort
 import pytest
 from conftest import build_tiny_cnn
 
-from onnxcompress.algorithms.quantization.scheme import INT16_PAIR_BUDGET, quantize_weight
+from onnxcompress.algorithms.quantization.scheme import INT16_PAIR_BUDGET, kernel_pairs, quantize_weight
 from onnxcompress.api import quantize
 from onnxcompress.models import sample
 from onnxcompress.portability import check_portability
 from onnxcompress.runtime.evaluate import sqnr_db
-from onnxcompress.transforms.op_table import int16_pair_accumulation
+from onnxcompress.transforms.op_table import int16_pair_accumulation, int16_pair_order
 
 RNG = np.random.default_rng(11)
 
@@ -57,6 +57,42 @@ def test_pair_budget_is_exact_whichever_weights_the_kernel_pairs(seed):
         assert (vpmaddubsw_dot(activations, weights) == exact_dot(activations, weights)).all()
 
 
+def _kernel_rows(levels: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
+    """Each output channel's levels in the kernel's order, as `vpmaddubsw_dot` pairs them."""
+    return kernel_pairs(levels, 0, order).reshape(levels.shape[0], -1)
+
+
+@pytest.mark.parametrize(("shape", "order"), [((16, 3, 3, 3), (2, 3, 1)), ((16, 8, 3, 3), (2, 3, 1)),
+                                              ((24, 40), (1,))])
+def test_kernel_pair_budget_is_exact_for_the_pairs_the_kernel_forms(shape, order):
+    weight = RNG.normal(size=shape).astype(np.float32)
+    weight.reshape(shape[0], -1)[::2, :3] *= 8  # outliers next to each other
+    levels, params = quantize_weight(weight, axis=0, pair_budget=INT16_PAIR_BUDGET, pair_order=order)
+    full, full_params = quantize_weight(weight, axis=0)
+    rows = _kernel_rows(levels, order)
+    activations = np.concatenate([np.where(rows > 0, 255, 0), np.where(rows < 0, 255, 0)]).astype(np.uint8)
+    assert (vpmaddubsw_dot(activations, rows) == exact_dot(activations, rows)).all()
+    full_rows = _kernel_rows(full, order)
+    worst_full = np.concatenate([np.where(full_rows > 0, 255, 0), np.where(full_rows < 0, 255, 0)]).astype(np.uint8)
+    assert (vpmaddubsw_dot(worst_full, full_rows) != exact_dot(worst_full, full_rows)).any()
+    # The step is the smallest that fits the largest kernel pair: each channel's worst pair takes 127-128 levels.
+    pairs = kernel_pairs(levels.astype(np.int32), 0, order)
+    worst = np.maximum(np.maximum(pairs, 0).sum(2).max(1), np.maximum(-pairs, 0).sum(2).max(1))
+    coarsened = params.scale > full_params.scale
+    assert coarsened.any() and (worst[coarsened] >= INT16_PAIR_BUDGET - 2).all()
+    assert (params.scale >= full_params.scale).all()
+
+
+def test_kernel_pairs_keep_a_large_weight_at_full_range_beside_a_small_one():
+    """Only neighbours in the kernel's order are paired: a channel whose large weights alternate with small ones
+    keeps (nearly) the full range, where the rule for any pairing would halve its levels."""
+    weight = np.full((2, 8, 1, 1), 0.02, np.float32)
+    weight[:, ::2] = 1.0  # input channels 0, 2, 4, 6 large: pairs (0, 1), (2, 3)... are large + small
+    kernel, _ = quantize_weight(weight, axis=0, pair_budget=INT16_PAIR_BUDGET, pair_order=(2, 3, 1))
+    any_pair, _ = quantize_weight(weight, axis=0, pair_budget=INT16_PAIR_BUDGET)
+    assert kernel.max() >= 124 and any_pair.max() == 64
+
+
 def test_pair_budget_coarsens_only_the_channels_that_need_it():
     weight = RNG.normal(size=(4, 64)).astype(np.float32) * 0.001
     weight[0, 5] = 1.0  # one outlier: its partner is tiny, the channel fits at full range
@@ -87,6 +123,62 @@ def _node(op: str, weight_shape: tuple[int, ...], **attrs) -> gs.Node:
 ])
 def test_op_table_says_which_kernels_add_products_in_int16_pairs(node, pairs):
     assert int16_pair_accumulation(node) is pairs
+
+
+@pytest.mark.parametrize(("node", "order"), [
+    (_node("Conv", (8, 16, 3, 3)), (2, 3, 1)),  # filters reordered OIHW -> HWIO: taps outer, input channels inner
+    (_node("Conv", (8, 3, 5)), (2, 1)),
+    (_node("Gemm", (8, 64), transB=1), (1,)),
+    (_node("Gemm", (64, 8)), (0,)),
+    (_node("MatMul", (64, 8)), (0,)),
+    (_node("MatMul", (2, 64, 8)), None),  # batched weights: pairing not known, any two weights may pair
+])
+def test_op_table_says_which_weights_the_kernel_pairs(node, order):
+    assert int16_pair_order(node, len(node.inputs[1].shape)) == order
+
+
+def _alternating_cnn() -> onnx.ModelProto:
+    """x[1,3,12,12] → Conv 3→16 → Relu → Conv 16→16 → Relu → Flatten → Gemm, all weights positive and, in each
+    kernel's order, large at even positions and small at odd ones: exact only if the kernel pairs neighbours in
+    that order (with any other pairing, two large levels would meet)."""
+    def weight(shape: tuple[int, ...], order: tuple[int, ...]) -> np.ndarray:
+        kernel_shape = (shape[0], *(shape[a] for a in order))
+        large = (np.arange(int(np.prod(kernel_shape[1:]))) % 2 == 0).reshape(kernel_shape[1:])
+        values = np.where(large, RNG.uniform(0.8, 1.0, kernel_shape), RNG.uniform(0.0, 0.05, kernel_shape))
+        return np.transpose(values, np.argsort((0, *order))).astype(np.float32) * 0.1
+
+    inits = [onnx.numpy_helper.from_array(weight((16, 3, 3, 3), (2, 3, 1)), "w1"),
+             onnx.numpy_helper.from_array(weight((16, 16, 3, 3), (2, 3, 1)), "w2"),
+             onnx.numpy_helper.from_array(weight((10, 16 * 144), (1,)), "w3")]
+    nodes = [onnx.helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             onnx.helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             onnx.helper.make_node("Flatten", ["r2"], ["f"], name="flatten"),
+             onnx.helper.make_node("Gemm", ["f", "w3"], ["y"], name="fc", transB=1)]
+    graph = onnx.helper.make_graph(
+        nodes, "alternating", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 12, 12])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 10])], inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_portable_file_is_exact_where_large_weights_alternate_with_small_ones(tmp_path):
+    """The adversarial case for the kernel-pair rule: near full-range levels, ONNX Runtime's integer kernels (fused
+    at ENABLE_ALL) compute what the file gives in float, on CPUs without VNNI too (`make test-no-vnni`)."""
+    calibration = [{"x": RNG.uniform(0, 1, (1, 3, 12, 12)).astype(np.float32)} for _ in range(8)]
+    path = tmp_path / "portable.onnx"
+    onnx.save(quantize(_alternating_cnn(), calibration, progress=False), path)
+    levels = [onnx.numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer]
+    assert min(int(np.abs(v.astype(np.int32)).max()) for v in levels if v.dtype == np.int8 and v.ndim > 1) > 100
+    assert check_portability(onnx.load(path)).safe_without_vnni
+    feeds = {"x": np.concatenate([RNG.uniform(0, 1, (1, 3, 12, 12)).astype(np.float32) for _ in range(4)])}
+    outputs = {}
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        outputs[level] = np.concatenate([session.run(None, {"x": feeds["x"][i:i + 1]})[0] for i in range(4)])
+    assert sqnr_db(*outputs.values()) > 35
 
 
 @pytest.fixture(scope="module")

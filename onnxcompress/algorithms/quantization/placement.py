@@ -29,6 +29,7 @@ from onnxcompress.transforms.op_table import (
     Role,
     constant_weight,
     int16_pair_accumulation,
+    int16_pair_order,
     spec,
     weight_channel_axis,
 )
@@ -38,13 +39,15 @@ _FLOAT_TYPES = (np.float32, np.float16, np.float64)
 
 @dataclass(frozen=True)
 class WeightTarget:
-    """A constant weight quantized per channel along `axis`. With `pair_budget`, no two same-sign levels of a
-    channel add up to more (the op's integer kernel may add products in int16 pairs)."""
+    """A constant weight quantized per channel along `axis`. With `pair_budget`, no two same-sign levels that the
+    op's integer kernel adds up in one int16 exceed it: neighbours in `pair_order` (the weight's other axes in the
+    kernel's order), or any two levels of a channel when that order is None."""
 
     node: str
     port: int
     axis: int
     pair_budget: int | None = None
+    pair_order: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -263,8 +266,10 @@ class _Planner:
             return None
         if node.op == "Gemm" and node.attrs.get("transA", 0):
             return None
-        budget = INT16_PAIR_BUDGET if self.portable and int16_pair_accumulation(node) else None
-        return WeightTarget(node.name, spec(node).weight_port, axis % weight.values.ndim, budget)
+        if not (self.portable and int16_pair_accumulation(node)):
+            return WeightTarget(node.name, spec(node).weight_port, axis % weight.values.ndim)
+        return WeightTarget(node.name, spec(node).weight_port, axis % weight.values.ndim, INT16_PAIR_BUDGET,
+                            int16_pair_order(node, weight.values.ndim))
 
     def _bias_target(self, node: gs.Node) -> BiasTarget | None:
         entry = spec(node)

@@ -167,7 +167,8 @@ def _weight_commands(graph: gs.Graph, setup: QuantizerSetup, config: Quantizatio
     commands = []
     for target in setup.weights:
         weight = nodes[target.node].inputs[target.port].values
-        quantized, params = quantize_weight(weight, target.axis, config.weight_bits, pair_budget=target.pair_budget)
+        quantized, params = quantize_weight(weight, target.axis, config.weight_bits, pair_budget=target.pair_budget,
+                                            pair_order=target.pair_order)
         commands.append(DequantizeWeight(target.node, target.port, quantized, params.scale, target.axis))
     return commands
 

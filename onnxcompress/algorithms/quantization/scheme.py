@@ -130,13 +130,16 @@ def unified_activation_params(ranges: list[tuple[float, float]], mode: Mode, bit
 INT16_PAIR_BUDGET = 32767 // 255
 
 
-def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8, *,
-                    pair_budget: int | None = None) -> tuple[np.ndarray, QuantParams]:
+def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8, *, pair_budget: int | None = None,
+                    pair_order: tuple[int, ...] | None = None) -> tuple[np.ndarray, QuantParams]:
     """Per-channel symmetric weight quantization along `axis`; returns the integer tensor and its parameters.
 
-    With `pair_budget`, a channel whose two largest same-sign levels would add up to more than the budget is
-    quantized to levels within ±budget/2, so that no two of them do, whichever two weights a kernel pairs.
-    Channels within the budget keep the full range.
+    With `pair_budget`, no two weight levels that an integer kernel adds up in one int16 may exceed the budget
+    (same sign). `pair_order` names the kernel's pairs: the other axes of `weight` in the order it adds up the
+    products, neighbours (2i, 2i + 1) of that flattened order forming a pair (`op_table.int16_pair_order`). A
+    channel whose pairs fit keeps the full-range step; another gets the step that just fits its largest pair.
+    Without `pair_order` any two weights of a channel may be paired, and such a channel gets levels within
+    ±budget/2.
     """
     axis = axis % weight.ndim
     reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
@@ -144,7 +147,10 @@ def quantize_weight(weight: np.ndarray, axis: int, bits: int = 8, *,
     levels = weight_levels(bits)
     params = symmetric_params(abs_max, levels, axis=axis)
     if pair_budget is not None and 2 * levels.q_max > pair_budget:
-        params = _fit_pair_budget(weight, axis, params, pair_budget)
+        if pair_order is None:
+            params = _fit_any_pair(weight, axis, params, pair_budget)
+        else:
+            params = _fit_kernel_pairs(weight, axis, pair_order, params, pair_budget)
     return _round_to_levels(weight, params), params
 
 
@@ -180,14 +186,9 @@ def top_pair_sums(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray
     return positive.sum(axis=1), negative.sum(axis=1)
 
 
-def _fit_pair_budget(weight: np.ndarray, axis: int, params: QuantParams, budget: int) -> QuantParams:
+def _fit_any_pair(weight: np.ndarray, axis: int, params: QuantParams, budget: int) -> QuantParams:
     """Channels whose two largest same-sign levels fit within `budget` keep their full-range step; the others get
-    levels within ±budget/2 (twice the step), so that no two of them add up to more, whatever the pairing.
-
-    A step just coarse enough for each channel's own top pair ((w1 + w2) / budget) was measured too: its weights
-    are closer to the float ones, yet the model outputs were no better, and 2 dB worse on the digits CNN
-    (bench/weight_schemes.py, docs/benchmarks.md).
-    """
+    levels within ±budget/2 (twice the step), so that no two of them add up to more, whatever the pairing."""
     positive, negative = top_pairs(weight.astype(np.float32, copy=False), axis)
 
     def rounded_pair(values: np.ndarray) -> np.ndarray:
@@ -198,6 +199,33 @@ def _fit_pair_budget(weight: np.ndarray, axis: int, params: QuantParams, budget:
     # The full-range step covers the channel's largest weight on q_max levels; budget/2 levels take it as well.
     half = (params.scale * np.float32(params.levels.q_max / (budget // 2))).astype(np.float32)
     return QuantParams(np.where(fits, params.scale, half).astype(np.float32), params.zero_point, params.levels, axis)
+
+
+def kernel_pairs(values: np.ndarray, axis: int, order: tuple[int, ...]) -> np.ndarray:
+    """`values` as [channels, pairs, 2]: the neighbours (2i, 2i + 1) of each channel in the kernel's order, the
+    last one completed with a zero when a channel holds an odd number of weights."""
+    rows = np.transpose(values, (axis, *order)).reshape(values.shape[axis], -1)
+    if rows.shape[1] % 2:
+        rows = np.concatenate([rows, np.zeros((rows.shape[0], 1), rows.dtype)], axis=1)
+    return rows.reshape(rows.shape[0], -1, 2)
+
+
+def largest_pair_sums(values: np.ndarray, axis: int, order: tuple[int, ...]) -> np.ndarray:
+    """Per channel, the largest sum of a kernel pair's same-sign magnitudes (positive parts, or negative ones)."""
+    pairs = kernel_pairs(values, axis, order)
+    first, second = pairs[..., 0], pairs[..., 1]
+    positive = (np.maximum(first, 0) + np.maximum(second, 0)).max(axis=1)
+    negative = (np.minimum(first, 0) + np.minimum(second, 0)).min(axis=1)
+    return np.maximum(positive, -negative)
+
+
+def _fit_kernel_pairs(weight: np.ndarray, axis: int, order: tuple[int, ...], params: QuantParams,
+                      budget: int) -> QuantParams:
+    """The full-range step, or, where a channel's largest kernel pair needs it, the step that fits that pair on
+    budget − 1 levels (rounding two weights adds at most one level)."""
+    pair = largest_pair_sums(weight.astype(np.float32, copy=False), axis, order)
+    tight = np.maximum(params.scale, (pair / np.float32(budget - 1)).astype(np.float32))
+    return QuantParams(tight, params.zero_point, params.levels, axis)
 
 
 def fake_quantize(values: np.ndarray, params: QuantParams) -> np.ndarray:
