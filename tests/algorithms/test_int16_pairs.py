@@ -24,7 +24,7 @@ def vpmaddubsw_dot(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """u8 · s8 dot products of rows as VPMADDUBSW computes them: each two neighbouring products are added and
     saturated to int16, then the pairs are summed in int32."""
     products = activations.astype(np.int32)[:, None, :] * weights.astype(np.int32)[None, :, :]
-    pairs = products[..., 0::2] + products[..., 1::2]
+    pairs = products.reshape(*products.shape[:-1], -1, 2).sum(axis=-1)
     return np.clip(pairs, -32768, 32767).sum(axis=-1)
 
 

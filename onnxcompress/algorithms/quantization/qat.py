@@ -189,8 +189,9 @@ def _activation_quantizers(plan: QuantizationPlan, config: QuantizationAwareTrai
 def _weight_quantizer(nodes: dict[str, gs.Node], command: DequantizeWeight, bits: int, lr_scale: float,
                       pair_budget: int | None) -> _Constant:
     """A trainable per-channel weight quantizer. Under a pair budget the levels are ±budget/2, so that any two
-    trained levels stay within it (post-training keeps channels that fit at full range, a property of weights
-    that change while training); the initial step covers the channel's largest weight on those levels."""
+    trained levels stay within it (post-training fits each channel's step to the pairs the kernel forms, a
+    property of weights that change while training); the initial step covers the channel's largest weight on
+    those levels."""
     levels = weight_levels(bits)
     node = nodes[command.node]
     step0 = np.asarray(command.scale, np.float32)

@@ -213,10 +213,10 @@ def kernel_pairs(values: np.ndarray, axis: int, order: tuple[int, ...]) -> np.nd
 def largest_pair_sums(values: np.ndarray, axis: int, order: tuple[int, ...]) -> np.ndarray:
     """Per channel, the largest sum of a kernel pair's same-sign magnitudes (positive parts, or negative ones)."""
     pairs = kernel_pairs(values, axis, order)
-    first, second = pairs[..., 0], pairs[..., 1]
-    positive = (np.maximum(first, 0) + np.maximum(second, 0)).max(axis=1)
-    negative = (np.minimum(first, 0) + np.minimum(second, 0)).min(axis=1)
-    return np.maximum(positive, -negative)
+    # Reductions of contiguous copies only: under qemu's AVX2 emulation NumPy reduces strided views wrongly.
+    positive = np.maximum(pairs, 0).sum(axis=2).max(axis=1)
+    negative = np.maximum(-pairs, 0).sum(axis=2).max(axis=1)
+    return np.maximum(positive, negative)
 
 
 def _fit_kernel_pairs(weight: np.ndarray, axis: int, order: tuple[int, ...], params: QuantParams,
