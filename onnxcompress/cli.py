@@ -78,7 +78,7 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
     config = (QuantizationConfig.from_file(config_file, **options) if config_file
               else QuantizationConfig.build(options, source="options"))
     output = output or model.with_name(model.stem + ".int8.onnx")
-    check_output_path(model, output)
+    check_output_path(model, output, reads=(data, config_file))
     quantized = run_quantize(model, data, config, progress=not no_progress)
     saved = save_model(quantized, output)
     before, after = model_file_size(model), model_file_size(saved)
@@ -119,7 +119,7 @@ def finetune(model: Path, output: Path | None, config_file: Path | None, train_d
             values = {**values, "compression": [{**a, "target": target} for a in algorithms]}
     config = FinetuneConfig.build(values, source=str(config_file or "options"))
     output = output or model.with_name(model.stem + ".qat.int8.onnx")
-    check_output_path(model, output)
+    check_output_path(model, output, reads=(train_data, val_data, config_file))
     checkpoint_dir = checkpoint_dir or output.with_name(output.name + ".checkpoints")
     result = run_finetune(model, train_data, val_data, config, checkpoint_dir=checkpoint_dir, resume=resume,
                           progress=not no_progress)

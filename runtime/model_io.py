@@ -265,14 +265,37 @@ def save_model(model: onnx.ModelProto, path: PathLike, *, external_data: bool | 
     return target
 
 
-def check_output_path(input_path: PathLike, output_path: PathLike) -> Path:
-    """Return the resolved output path after refusing the input model itself or an unwritable folder."""
+def check_output_path(input_path: PathLike, output_path: PathLike, *,
+                      reads: Iterable[PathLike | None] = ()) -> Path:
+    """Return the resolved output path after refusing an unwritable folder, or an output (the model file or its
+    `.data` file) that is a file the command reads: the input model, its external data, or one of `reads`
+    (data, config)."""
     output = Path(output_path).resolve()
     source = Path(input_path).resolve()
-    if output == source or (output.exists() and source.exists() and os.path.samefile(source, output)):
+    written = (output, output.with_name(output.name + ".data"))
+    if any(_same_file(path, source) for path in written):
         raise OutputError(f"output path is the input model: {output_path}")
+    for path in [*_readable_external_data(source), *(Path(r) for r in reads if r is not None)]:
+        clash = next((w for w in written if _same_file(w, path)), None)
+        if clash is not None:
+            raise OutputError(f"output {clash} would overwrite {path}, which this command reads")
     _require_writable_folder(output)
     return output
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def _readable_external_data(source: Path) -> set[Path]:
+    """The external data files of `source`; none when it cannot be read (loading it reports why)."""
+    try:
+        if not source.is_file() or not _may_reference_external_data(source):
+            return set()
+        return _external_data_files(_parse(_read(source), source), source.parent)
+    except (ModelLoadError, OSError, ValueError):
+        return set()
 
 
 def _require_writable_folder(target: Path) -> None:

@@ -227,6 +227,24 @@ def case_output_is_input_other_spelling(tmp: Path) -> list[str]:
     return ["quantize", "dir/model.onnx", "--data", "calib.npz", "-o", "dir/../dir/model.onnx", "--no-progress"]
 
 
+def case_output_is_calibration_data(tmp: Path) -> list[str]:
+    _good_model_and_data(tmp)
+    return ["quantize", "model.onnx", "--data", "calib.npz", "-o", "calib.npz", "--no-progress"]
+
+
+def case_output_is_config(tmp: Path) -> list[str]:
+    _good_model_and_data(tmp)
+    (tmp / "q.yaml").write_text("preset: mixed\n")
+    return ["quantize", "model.onnx", "--data", "calib.npz", "--config", "q.yaml", "-o", "q.yaml", "--no-progress"]
+
+
+def case_output_is_external_data(tmp: Path) -> list[str]:
+    _good_model_and_data(tmp)
+    model = onnx.load(tmp / "model.onnx")
+    onnx.save(model, tmp / "model.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    return ["quantize", "model.onnx", "--data", "calib.npz", "-o", "w.bin", "--no-progress"]
+
+
 def case_output_folder_unwritable(tmp: Path) -> list[str]:
     _good_model_and_data(tmp)
     (tmp / "plainfile").write_text("a regular file, so nothing can be created under it, even by root\n")
@@ -264,6 +282,10 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
                                                                          "greater than or equal to 1")),
     "npz-corrupt": (case_npz_corrupt, "data", ("cannot read", "calib.npz")),
     "output-is-input": (case_output_is_input, "output", ("output path is the input model",)),
+    "output-is-calibration-data": (case_output_is_calibration_data, "output",
+                                   ("would overwrite", "calib.npz", "which this command reads")),
+    "output-is-config": (case_output_is_config, "output", ("would overwrite", "q.yaml")),
+    "output-is-external-data": (case_output_is_external_data, "output", ("would overwrite", "w.bin")),
     "output-is-input-other-spelling": (case_output_is_input_other_spelling, "output",
                                        ("output path is the input model", "dir/../dir/model.onnx")),
     "output-folder-unwritable": (case_output_folder_unwritable, "output", ("cannot write", "plainfile",

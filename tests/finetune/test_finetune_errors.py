@@ -81,6 +81,10 @@ def case_labels_float(tmp: Path) -> list[str]:
     return _setup(tmp, labels=np.zeros(8, np.float32))
 
 
+def case_output_is_validation_data(tmp: Path) -> list[str]:
+    return [*_setup(tmp), "-o", "val.npz"]  # the last -o wins
+
+
 def case_checkpoint_folder_unwritable(tmp: Path) -> list[str]:
     (tmp / "plainfile").write_text("a regular file, so nothing can be created under it, even by root\n")
     return [*_setup(tmp), "--checkpoint-dir", "plainfile/ckpt"]
@@ -111,6 +115,7 @@ def case_op_without_gradient(tmp: Path) -> list[str]:
 
 Builder = Callable[[Path], list[str]]
 CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
+    "output-is-validation-data": (case_output_is_validation_data, "output", ("would overwrite", "val.npz")),
     "bits-1": (case_bits_1, "config", ("'compression.0.weight_bits'", "greater than or equal to 2")),
     "bits-9": (case_bits_9, "config", ("'compression.0.weight_bits'", "less than or equal to 8")),
     "negative-epochs": (case_negative_epochs, "config", ("'training.epochs'", "greater than or equal to 1")),
