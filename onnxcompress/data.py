@@ -190,6 +190,10 @@ def validate_feed(feed: Any, inputs: list[InputSpec], index: int) -> Feed:
         if array.ndim != len(spec.shape) or any(d is not None and d != a for d, a in zip(spec.shape, array.shape)):
             raise DatasetError(f"sample {index}: input '{spec.name}' has shape {list(array.shape)}, "
                                f"the model expects {spec.describe_shape()}")
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = "NaN" if np.isnan(array).any() else "infinite"
+            raise DatasetError(f"sample {index}: input '{spec.name}' holds {bad} values; statistics of it would "
+                               "make every scale meaningless")
         result[spec.name] = array
     return result
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import build_tiny_cnn, make_calib_npz, save_tiny_cnn
+from conftest import TINY_CNN_INPUT, build_tiny_cnn, make_calib_npz, save_tiny_cnn
 from onnx import TensorProto, helper
 
 OUTPUT = "quantized.onnx"
@@ -245,6 +245,22 @@ def case_output_is_external_data(tmp: Path) -> list[str]:
     return ["quantize", "model.onnx", "--data", "calib.npz", "-o", "w.bin", "--no-progress"]
 
 
+def _calibration_with(tmp: Path, value: float) -> list[str]:
+    save_tiny_cnn(tmp / "model.onnx")
+    data = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    data[4, 1, 2, 3] = value
+    np.savez(tmp / "calib.npz", **{TINY_CNN_INPUT: data})
+    return ["quantize", "model.onnx", "--data", "calib.npz", "-o", OUTPUT, "--no-progress"]
+
+
+def case_calibration_nan(tmp: Path) -> list[str]:
+    return _calibration_with(tmp, float("nan"))
+
+
+def case_calibration_inf(tmp: Path) -> list[str]:
+    return _calibration_with(tmp, float("-inf"))
+
+
 def case_output_folder_unwritable(tmp: Path) -> list[str]:
     _good_model_and_data(tmp)
     (tmp / "plainfile").write_text("a regular file, so nothing can be created under it, even by root\n")
@@ -282,6 +298,8 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
                                                                          "greater than or equal to 1")),
     "npz-corrupt": (case_npz_corrupt, "data", ("cannot read", "calib.npz")),
     "output-is-input": (case_output_is_input, "output", ("output path is the input model",)),
+    "calibration-nan": (case_calibration_nan, "data", ("sample 4", "NaN values")),
+    "calibration-inf": (case_calibration_inf, "data", ("sample 4", "infinite values")),
     "output-is-calibration-data": (case_output_is_calibration_data, "output",
                                    ("would overwrite", "calib.npz", "which this command reads")),
     "output-is-config": (case_output_is_config, "output", ("would overwrite", "q.yaml")),
