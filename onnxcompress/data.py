@@ -12,6 +12,8 @@ Runtime, so a wrong data set fails with a message about the data rather than an 
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -88,10 +90,25 @@ def _npy_folder(folder: Path, inputs: list[InputSpec]) -> Iterator[Feed]:
                            "use an .npz with one array per input")
     for file in files:
         try:
+            _check_npy_header(file)
             array = np.load(file, allow_pickle=False)
         except (OSError, ValueError) as error:
             raise DatasetError(f"cannot read {file}: {error}") from None
         yield {inputs[0].name: array}
+
+
+def _check_npy_header(file: Path) -> None:
+    """Refuse a .npy whose header declares more data than the file holds (before allocating it) or no sample."""
+    with open(file, "rb") as stream:
+        version = np.lib.format.read_magic(stream)
+        reader = _HEADER_READERS.get(version, np.lib.format.read_array_header_2_0)
+        shape, _, dtype = reader(stream)
+        available = os.fstat(stream.fileno()).st_size - stream.tell()
+    if not shape or shape[0] == 0:
+        raise ValueError(f"it holds no sample (shape {list(shape)}); axis 0 counts samples")
+    needed = math.prod(shape) * dtype.itemsize
+    if dtype.hasobject or needed > available:
+        raise ValueError(f"its header declares {list(shape)} {dtype} ({needed} bytes), the file holds {available}")
 
 
 def _npz_samples(path: Path) -> Iterator[Feed]:

@@ -253,6 +253,24 @@ def _calibration_with(tmp: Path, value: float) -> list[str]:
     return ["quantize", "model.onnx", "--data", "calib.npz", "-o", OUTPUT, "--no-progress"]
 
 
+def case_npy_without_samples(tmp: Path) -> list[str]:
+    save_tiny_cnn(tmp / "model.onnx")
+    (tmp / "calib").mkdir()
+    np.save(tmp / "calib" / "a.npy", np.zeros((0, 3, 16, 16), np.float32))
+    return ["quantize", "model.onnx", "--data", "calib", "-o", OUTPUT, "--no-progress"]
+
+
+def case_npy_forged_header(tmp: Path) -> list[str]:
+    """A header asking for petabytes: refused from the file size, before any allocation."""
+    save_tiny_cnn(tmp / "model.onnx")
+    (tmp / "calib").mkdir()
+    with open(tmp / "calib" / "a.npy", "wb") as stream:
+        np.lib.format.write_array_header_1_0(stream, {"descr": "<f4", "fortran_order": False,
+                                                      "shape": (10**12, 3, 16, 16)})
+        stream.write(bytes(100))
+    return ["quantize", "model.onnx", "--data", "calib", "-o", OUTPUT, "--no-progress"]
+
+
 def case_calibration_nan(tmp: Path) -> list[str]:
     return _calibration_with(tmp, float("nan"))
 
@@ -298,6 +316,8 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
                                                                          "greater than or equal to 1")),
     "npz-corrupt": (case_npz_corrupt, "data", ("cannot read", "calib.npz")),
     "output-is-input": (case_output_is_input, "output", ("output path is the input model",)),
+    "npy-without-samples": (case_npy_without_samples, "data", ("a.npy", "holds no sample")),
+    "npy-forged-header": (case_npy_forged_header, "data", ("a.npy", "the file holds 100")),
     "calibration-nan": (case_calibration_nan, "data", ("sample 4", "NaN values")),
     "calibration-inf": (case_calibration_inf, "data", ("sample 4", "infinite values")),
     "output-is-calibration-data": (case_output_is_calibration_data, "output",
