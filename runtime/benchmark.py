@@ -66,6 +66,8 @@ THROUGHPUT = "throughput"
 ORT_BACKEND = "ort"
 _DEFAULT_PRECISION = "default"  # "no INFERENCE_PRECISION_HINT": the plugin chooses (bf16 on this CPU)
 _WARMUP_SECONDS = 0.5
+#: An hour per round: longer (or infinite) rounds would never let a benchmark end.
+MAX_ROUND_SECONDS = 3600.0
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -402,8 +404,9 @@ def _validate_arguments(
 ) -> dict[str, Path]:
     if not models:
         raise BenchmarkError("no models to benchmark")
-    if batch < 1 or rounds < 1 or not round_seconds > 0:
-        raise BenchmarkError(f"need batch >= 1, rounds >= 1, round_seconds > 0; got {batch}, {rounds}, {round_seconds}")
+    if batch < 1 or rounds < 1 or not 0 < round_seconds <= MAX_ROUND_SECONDS:
+        raise BenchmarkError(f"need batch >= 1, rounds >= 1, 0 < round_seconds <= {MAX_ROUND_SECONDS:g}; got "
+                             f"{batch}, {rounds}, {round_seconds}")
     if not precisions and not include_ort:
         raise BenchmarkError("nothing to measure: no OpenVINO precisions and include_ort=False")
     paths = {}

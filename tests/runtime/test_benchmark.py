@@ -155,6 +155,9 @@ def test_given_inputs_are_validated(models):
 def test_bad_arguments(models, tmp_path):
     with pytest.raises(BenchmarkError, match="rounds"):
         benchmark(models, rounds=0, progress=False)
+    for endless in (float("inf"), float("nan"), 1e9):  # a round that never ends, or never starts
+        with pytest.raises(BenchmarkError, match="round_seconds <= 3600"):
+            benchmark(models, round_seconds=endless, progress=False)
     with pytest.raises(BenchmarkError, match="not found"):
         benchmark({"ghost": tmp_path / "ghost.onnx"}, progress=False)
     with pytest.raises(BenchmarkError, match="nothing to measure"):
