@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -266,10 +266,10 @@ class _Planner:
             return None
         if node.op == "Gemm" and node.attrs.get("transA", 0):
             return None
+        target = WeightTarget(node.name, spec(node).weight_port, axis % weight.values.ndim)
         if not (self.portable and int16_pair_accumulation(node)):
-            return WeightTarget(node.name, spec(node).weight_port, axis % weight.values.ndim)
-        return WeightTarget(node.name, spec(node).weight_port, axis % weight.values.ndim, INT16_PAIR_BUDGET,
-                            int16_pair_order(node, weight.values.ndim))
+            return target
+        return replace(target, pair_budget=INT16_PAIR_BUDGET, pair_order=int16_pair_order(node, weight.values.ndim))
 
     def _bias_target(self, node: gs.Node) -> BiasTarget | None:
         entry = spec(node)
