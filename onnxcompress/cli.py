@@ -7,17 +7,35 @@ line naming the failed stage and exit non-zero; no traceback reaches the user.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from onnxcompress.errors import OnnxCompressError
+from onnxcompress.errors import InternalError, OnnxCompressError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Runs a command; an exception outside the OnnxCompressError family is a bug in onnxcompress, reported as one
+    line naming the command (the full trace with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (OnnxCompressError, click.exceptions.ClickException, click.exceptions.Exit,
+                click.exceptions.Abort, KeyboardInterrupt):
+            raise
+        except Exception as error:  # the last resort; each known cause has its own typed error
+            if ctx.params.get("debug"):
+                raise
+            raise InternalError(ctx.invoked_subcommand or "onnxcompress", error) from error
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxcompress")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full Python traceback of an unexpected error.")
+def cli(debug: bool) -> None:
     """Compress ONNX models and deploy them with OpenVINO and ONNX Runtime."""
 
 
@@ -25,6 +43,21 @@ _TARGET_OPTION = click.option(
     "--target", type=click.Choice(["portable", "vnni"]),
     help="CPUs the file must be exact on: portable (every x86 CPU, the default) or vnni (VNNI/AMX CPUs only: "
          "full-range weights, which ONNX Runtime's integer kernels can saturate on older CPUs).")
+
+
+class _OutputFile(click.Path):
+    """A file to write: a name ending in a path separator is a folder, so it is refused rather than stripped."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        if isinstance(value, str) and value.endswith(("/", os.sep)):
+            self.fail(f"{value} names a folder; give the path of the file to write", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+_ROUND_SECONDS = click.FloatRange(min=0, min_open=True)  # the upper bound and NaN: benchmark.check_timing
 
 
 def _note_target_override(flag: str, file_targets: list, config_file: Path) -> None:
@@ -40,7 +73,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output .onnx (default: <model>.int8.onnx).")
+@click.option("-o", "--output", type=_OutputFile(), help="Output .onnx (default: <model>.int8.onnx).")
 @click.option("--data", help="Calibration data: folder of .npy feeds or an .npz of per-input arrays.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON QuantizationConfig.")
 @click.option("--preset", type=click.Choice(["performance", "mixed"]), help="Symmetric or asymmetric activations.")
@@ -87,8 +120,7 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Output .onnx (default: <model>.qat.int8.onnx).")
+@click.option("-o", "--output", type=_OutputFile(), help="Output .onnx (default: <model>.qat.int8.onnx).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="YAML/JSON FinetuneConfig: compression algorithms and training settings.")
 @click.option("--train", "train_data", help="Training data: .npz (model inputs + labels) or a folder of .npy files.")
@@ -98,7 +130,7 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path),
               help="Checkpoints and run state (default: <output>.checkpoints).")
 @click.option("--resume", is_flag=True, help="Continue the run in the checkpoint folder.")
-@click.option("--report", type=click.Path(path_type=Path), help="Write metrics, history and export errors as JSON.")
+@click.option("--report", type=_OutputFile(), help="Write metrics, history and export errors as JSON.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def finetune(model: Path, output: Path | None, config_file: Path | None, train_data: str | None,
              val_data: str | None, epochs: int | None, target: str | None, checkpoint_dir: Path | None, resume: bool,
@@ -119,7 +151,9 @@ def finetune(model: Path, output: Path | None, config_file: Path | None, train_d
             values = {**values, "compression": [{**a, "target": target} for a in algorithms]}
     config = FinetuneConfig.build(values, source=str(config_file or "options"))
     output = output or model.with_name(model.stem + ".qat.int8.onnx")
-    check_output_path(model, output, reads=(train_data, val_data, config_file))
+    reads = (train_data, val_data, config_file)
+    check_output_path(model, output, reads=reads)
+    _check_side_outputs((model,), report, reads=(*reads, output))
     checkpoint_dir = checkpoint_dir or output.with_name(output.name + ".checkpoints")
     result = run_finetune(model, train_data, val_data, config, checkpoint_dir=checkpoint_dir, resume=resume,
                           progress=not no_progress)
@@ -153,14 +187,18 @@ def export(model: Path, target: str, output: Path) -> None:
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--rounds", type=int, default=5, show_default=True, help="Interleaved rounds; medians are reported.")
-@click.option("--round-seconds", type=float, default=2.0, show_default=True)
-@click.option("--report", type=click.Path(path_type=Path), help="Write the measurements as JSON.")
-@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG chart of latency and throughput.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved rounds; medians are reported.")
+@click.option("--round-seconds", type=_ROUND_SECONDS, default=2.0, show_default=True)
+@click.option("--inputs", "inputs_path",
+              help="Real inputs (an .npz of per-input arrays or a folder of .npy feeds; the first `--batch` "
+                   "samples are used) instead of seeded random data; needed for dynamic dimensions besides the batch.")
+@click.option("--report", type=_OutputFile(), help="Write the measurements as JSON.")
+@click.option("--plot", type=_OutputFile(), help="Write a PNG chart of latency and throughput.")
 @click.option("--no-progress", is_flag=True)
-def benchmark(models: tuple[Path, ...], batch: int, rounds: int, round_seconds: float, report: Path | None,
-              plot: Path | None, no_progress: bool) -> None:
+def benchmark(models: tuple[Path, ...], batch: int, rounds: int, round_seconds: float, inputs_path: str | None,
+              report: Path | None, plot: Path | None, no_progress: bool) -> None:
     """Benchmark MODELS on OpenVINO (f32, default precision; latency and throughput) and ONNX Runtime.
 
     The first model is the baseline of the ratios.
@@ -170,16 +208,31 @@ def benchmark(models: tuple[Path, ...], batch: int, rounds: int, round_seconds: 
     from onnxcompress.runtime.model_io import load_model
     from onnxcompress.runtime.outputs import write_text_atomic
 
-    for model in models:
-        load_model(model)
+    _check_side_outputs(models, report, plot, reads=(inputs_path,))
+    loaded = [load_model(model) for model in models]
+    inputs = None
+    if inputs_path is not None:
+        from onnxcompress.data import calibration_batches, model_inputs
+
+        inputs = next(calibration_batches(inputs_path, model_inputs(loaded[0]), subset_size=batch, batch_size=batch))
+    del loaded
     labels = _labels(models)
     result = run_benchmark(dict(zip(labels, models)), batch=batch, rounds=rounds, round_seconds=round_seconds,
-                           progress=not no_progress)
+                           inputs=inputs, progress=not no_progress)
     click.echo(format_report(result, baseline=labels[0]))
     if report:
         write_text_atomic(report, json.dumps(result.to_dict(), indent=2))
     if plot:
         plot_report(result, plot)
+
+
+def _check_side_outputs(models: tuple[Path, ...], *outputs: Path | None, reads: tuple) -> None:
+    """Refuse a report or plot path that cannot be written or would replace an input, before the run."""
+    from onnxcompress.runtime.model_io import check_output_path
+
+    for output in (o for o in outputs if o is not None):
+        for model in models:
+            check_output_path(model, output, reads=[r for r in reads if r is not None and r != output])
 
 
 def _mapping(value: object) -> dict:
@@ -195,13 +248,13 @@ def _labels(models: tuple[Path, ...]) -> list[str]:
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", required=True, help="Inputs to compare on: folder of .npy feeds or an .npz.")
-@click.option("--samples", type=int, default=32, show_default=True, help="Number of samples to run.")
+@click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True, help="Number of samples to run.")
 @click.option("--runtimes", "across_runtimes", is_flag=True,
               help="One model: OpenVINO against the ONNX semantics at every quantizer and layer.")
 @click.option("--isolate", is_flag=True,
               help="With --runtimes: compile the file once per activation quantizer, that one alone, and rank the "
                    "quantizers by how far OpenVINO's deployed outputs then part from the ONNX semantics.")
-@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of SQNR per layer.")
+@click.option("--plot", type=_OutputFile(), help="Write a PNG of SQNR per layer.")
 def compare(models: tuple[Path, ...], data: str, samples: int, across_runtimes: bool, isolate: bool,
             plot: Path | None) -> None:
     """Per-layer error. FLOAT_MODEL QUANTIZED_MODEL: SQNR of every Conv/Gemm/MatMul output of the quantized
@@ -218,6 +271,7 @@ def compare(models: tuple[Path, ...], data: str, samples: int, across_runtimes: 
     if len(models) != expected:
         raise ConfigError(f"compare takes {'one model with --runtimes' if across_runtimes else 'two models'}, "
                           f"got {len(models)}")
+    _check_side_outputs(models, plot, reads=(data,))
     loaded = [load_model(path) for path in models]
     feeds = list(calibration_batches(data, model_inputs(loaded[0]), subset_size=samples, batch_size=1))
     if across_runtimes:
@@ -246,8 +300,8 @@ def inspect(model: Path, no_runtimes: bool) -> None:
 @cli.command()
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("onnxcompress-demo"),
               show_default=True, help="Where the quantized model, IR and report go.")
-@click.option("--rounds", type=int, default=5, show_default=True)
-@click.option("--round-seconds", type=float, default=1.0, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--round-seconds", type=_ROUND_SECONDS, default=1.0, show_default=True)
 def demo(output_dir: Path, rounds: int, round_seconds: float) -> None:
     """Quantize the bundled digits CNN, compile it to OpenVINO IR, benchmark it and print a before/after summary."""
     from onnxcompress.demo import run_demo

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,6 +135,33 @@ class QuantizationConfig(_Strict):
             raise ConfigError(f"invalid {source}: {_describe(error)}") from None
 
 
+#: Far beyond any real config (the deepest has 3 levels); deeper ones are refused before validation recurses.
+MAX_CONFIG_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """Levels of nested mappings and lists, without recursion; a YAML alias shared many times is measured once
+    (so alias bombs stay cheap) and an alias cycle counts as unbounded."""
+    heights: dict[int, int] = {}
+    in_progress: set[int] = set()
+    pending: list[tuple[Any, bool]] = [(value, False)]
+    while pending:
+        item, children_done = pending.pop()
+        if not isinstance(item, dict | list) or id(item) in heights:
+            continue
+        children = [c for c in (item.values() if isinstance(item, dict) else item) if isinstance(c, dict | list)]
+        if children_done:
+            in_progress.discard(id(item))
+            heights[id(item)] = 1 + max((heights[id(c)] for c in children), default=0)
+            continue
+        if id(item) in in_progress or any(id(c) in in_progress for c in children):
+            return sys.maxsize
+        in_progress.add(id(item))
+        pending.append((item, True))
+        pending.extend((child, False) for child in children)
+    return heights.get(id(value), 0)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -146,6 +174,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as error:
         raise ConfigError(f"config file {path} is not valid YAML/JSON: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests deeper than the parser can follow") from None
+    if _depth(data) > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"config file {path} nests deeper than {MAX_CONFIG_DEPTH} levels, or a YAML alias refers to itself")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -100,7 +100,10 @@ def _npy_folder(folder: Path, inputs: list[InputSpec]) -> Iterator[Feed]:
 def _check_npy_header(file: Path) -> None:
     """Refuse a .npy whose header declares more data than the file holds (before allocating it) or no sample."""
     with open(file, "rb") as stream:
-        version = np.lib.format.read_magic(stream)
+        try:
+            version = np.lib.format.read_magic(stream)
+        except ValueError:
+            raise ValueError("it is not a .npy file (no NumPy header)") from None
         reader = _HEADER_READERS.get(version, np.lib.format.read_array_header_2_0)
         shape, _, dtype = reader(stream)
         available = os.fstat(stream.fileno()).st_size - stream.tell()

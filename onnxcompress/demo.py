@@ -9,19 +9,21 @@ from pathlib import Path
 import click
 
 from onnxcompress.api import quantize
+from onnxcompress.errors import OutputError
 from onnxcompress.models import sample
 from onnxcompress.portability import check_portability
 from onnxcompress.runtime.cpu import cpu_features
-from onnxcompress.runtime.benchmark import benchmark, format_report, plot_report
+from onnxcompress.runtime.benchmark import benchmark, check_timing, format_report, plot_report
 from onnxcompress.runtime.evaluate import predict_onnxruntime, predict_openvino, top1
 from onnxcompress.runtime.model_io import model_file_size, save_model
 from onnxcompress.runtime.openvino import compile_model, export_openvino, int8_summary, runtime_precisions
 
 
 def run_demo(output_dir: Path, *, rounds: int, round_seconds: float) -> None:
+    check_timing(1, rounds, round_seconds)  # before minutes of work, not after them
+    _make_folder(output_dir)
     digits = sample("digits_cnn")
     cpu = cpu_features()
-    output_dir.mkdir(parents=True, exist_ok=True)
     click.echo(cpu.describe())
     click.echo(f"model: {digits.model_path.name} — {digits.description}")
 
@@ -65,3 +67,12 @@ def run_demo(output_dir: Path, *, rounds: int, round_seconds: float) -> None:
     lines.append(f"OpenVINO INT8 heavy layers: {summary.int8_count}/{summary.heavy_total}; chart: {plot}")
     lines.append(f"CPU portability of the INT8 file: {check_portability(quantized).describe()}")
     click.echo("\n".join(lines))
+
+
+def _make_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"cannot write the demo into {folder}: it is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the demo folder {folder}: {error.strerror or error}") from None

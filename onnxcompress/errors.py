@@ -1,6 +1,7 @@
 """The exception hierarchy: every error names the stage that failed and why.
 
-The CLI turns any OnnxCompressError into a one-line message and a non-zero exit code; anything else is a bug.
+The CLI turns any OnnxCompressError into a one-line message and a non-zero exit code; it reports anything else as
+an InternalError (a bug), in one line unless `--debug` asks for the trace.
 """
 
 
@@ -68,6 +69,12 @@ class BenchmarkError(OnnxCompressError):
     stage = "benchmark"
 
 
+class EvaluationError(OnnxCompressError):
+    """A model could not be run to compare or evaluate it: models that do not match, or a runtime refusing one."""
+
+    stage = "evaluate"
+
+
 class TrainingError(OnnxCompressError):
     """Fine-tuning on the private onnxruntime-training runtime failed: artifact generation, a step, or the worker."""
 
@@ -76,3 +83,19 @@ class TrainingError(OnnxCompressError):
 
 class TrainingRuntimeMissing(TrainingError):
     """The private onnxruntime-training runtime is not installed here, or cannot be on this machine."""
+
+
+class InternalError(OnnxCompressError):
+    """An unexpected exception: a bug in onnxcompress, not a problem with the input."""
+
+    exit_code = 3
+
+    def __init__(self, command: str, cause: BaseException) -> None:
+        self.stage = command
+        super().__init__(f"unexpected {type(cause).__name__}: {first_line(cause)} — this is a bug in onnxcompress; please report "
+                         f"it with the output of `onnxcompress --debug {command} ...`")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message: runtimes append C++ locations and stack dumps."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

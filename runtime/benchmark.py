@@ -182,7 +182,7 @@ def _input_specs(path: Path) -> list[_InputSpec]:
         if value.name in initializers:
             continue
         if not value.type.HasField("tensor_type"):
-            raise BenchmarkError(f"{path.name}: input {value.name!r} is not a tensor; pass `inputs=`")
+            raise BenchmarkError(f"{path.name}: input {value.name!r} is not a tensor; {_GIVE_INPUTS}")
         tensor = value.type.tensor_type
         dims = None
         if tensor.HasField("shape"):
@@ -192,6 +192,11 @@ def _input_specs(path: Path) -> list[_InputSpec]:
             )
         specs.append(_InputSpec(value.name, dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))))
     return specs
+
+
+#: Largest generated random input; a model declaring a bigger static shape is refused before any allocation.
+MAX_RANDOM_FEED_BYTES = 4 << 30
+_GIVE_INPUTS = "give real inputs (`--inputs FILE.npz` on the command line, `inputs=` in Python)"
 
 
 def _random_array(shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
@@ -205,7 +210,7 @@ def _random_array(shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Genera
 
 def _concrete_shape(spec: _InputSpec, batch: int, model: str) -> tuple[int, ...]:
     if spec.dims is None:
-        raise BenchmarkError(f"model {model!r}: input {spec.name!r} has no shape; pass `inputs=`")
+        raise BenchmarkError(f"model {model!r}: input {spec.name!r} has no shape; {_GIVE_INPUTS}")
     shape = []
     for axis, dim in enumerate(spec.dims):
         if isinstance(dim, int):
@@ -215,13 +220,18 @@ def _concrete_shape(spec: _InputSpec, batch: int, model: str) -> tuple[int, ...]
         else:
             raise BenchmarkError(
                 f"model {model!r}: input {spec.name!r} has dynamic dimension {axis} ({dim or '?'}) besides the "
-                f"batch; pass `inputs=` with real arrays"
+                f"batch; {_GIVE_INPUTS}"
             )
     if spec.dims and isinstance(spec.dims[0], int) and spec.dims[0] != batch:
         raise BenchmarkError(
             f"model {model!r}: input {spec.name!r} has a static batch of {spec.dims[0]} but batch={batch} was "
-            f"requested; benchmark with batch={spec.dims[0]} or give `inputs=`"
+            f"requested; benchmark with batch={spec.dims[0]} or {_GIVE_INPUTS}"
         )
+    size = math.prod(shape) * spec.dtype.itemsize
+    if size > MAX_RANDOM_FEED_BYTES:
+        raise BenchmarkError(
+            f"model {model!r}: input {spec.name!r} of shape {list(shape)} needs {size / 2**30:.3g} GiB of data, over "
+            f"the {MAX_RANDOM_FEED_BYTES / 2**30:.0f} GiB limit for generated inputs; {_GIVE_INPUTS}")
     return tuple(shape)
 
 
@@ -398,15 +408,20 @@ def _ort_variant(model: str, path: Path, feeds: Mapping[str, np.ndarray]) -> _Va
 # ------------------------------------------------------------------------------------------------ benchmark
 
 
+def check_timing(batch: int, rounds: int, round_seconds: float) -> None:
+    """Refuse a batch, round count or round length no measurement can have (NaN and infinity included)."""
+    if batch < 1 or rounds < 1 or not 0 < round_seconds <= MAX_ROUND_SECONDS:
+        raise BenchmarkError(f"need batch >= 1, rounds >= 1, 0 < round_seconds <= {MAX_ROUND_SECONDS:g}; got "
+                             f"{batch}, {rounds}, {round_seconds}")
+
+
 def _validate_arguments(
     models: Mapping[str, str | os.PathLike[str]], batch: int, rounds: int, round_seconds: float,
     precisions: Sequence[str], include_ort: bool,
 ) -> dict[str, Path]:
     if not models:
         raise BenchmarkError("no models to benchmark")
-    if batch < 1 or rounds < 1 or not 0 < round_seconds <= MAX_ROUND_SECONDS:
-        raise BenchmarkError(f"need batch >= 1, rounds >= 1, 0 < round_seconds <= {MAX_ROUND_SECONDS:g}; got "
-                             f"{batch}, {rounds}, {round_seconds}")
+    check_timing(batch, rounds, round_seconds)
     if not precisions and not include_ort:
         raise BenchmarkError("nothing to measure: no OpenVINO precisions and include_ort=False")
     paths = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import enum
 import functools
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,6 +53,14 @@ class StatisticRequest:
     channels: int | None = None
 
 
+#: Beyond this magnitude, differences of float32 values can overflow.
+_FLOAT32_SAFE_RANGE = 1e37
+
+
+class NonFiniteStatistic(ValueError):
+    """A measured tensor held NaN or infinite values."""
+
+
 @dataclass
 class Histogram:
     """Fixed-size histogram over [low, high] that widens by merging neighbouring bins."""
@@ -63,6 +72,8 @@ class Histogram:
 
     def add(self, values: np.ndarray) -> None:
         v_min, v_max = float(values.min()), float(values.max())
+        if not (math.isfinite(v_min) and math.isfinite(v_max)):
+            raise NonFiniteStatistic
         if self.counts is None:
             self.low, self.high = min(v_min, 0.0), max(v_max, 0.0)
             if self.high == self.low:
@@ -72,6 +83,8 @@ class Histogram:
             self._widen(upward=True)
         while v_min < self.low:
             self._widen(upward=False)
+        if max(-self.low, self.high) > _FLOAT32_SAFE_RANGE:
+            values = values.astype(np.float64)  # NumPy bins in the values' dtype, where this range overflows
         counts, _ = np.histogram(values, bins=self.bins, range=(self.low, self.high))
         self.counts += counts
 
@@ -156,10 +169,18 @@ def collect_statistics(
     session = _session(serialized, weight_values, threads=max(1, _cores() // workers))
     output_names = [r.output for r in readers]
     results = {r.tensor: TensorStatistics() for r in requests}
+    seen = 0
     with tqdm(total=total, desc=description, unit="sample", disable=not progress, leave=False) as bar:
         for samples, outputs in _run_in_order(session, output_names, batches, workers):
             for reader, value in zip(readers, outputs):
-                reader.consume(results[reader.tensor], value)
+                try:
+                    reader.consume(results[reader.tensor], value)
+                except NonFiniteStatistic:
+                    where = f"sample {seen}" if samples == 1 else f"samples {seen}–{seen + samples - 1}"
+                    raise CalibrationError(
+                        f"tensor {reader.tensor!r} holds NaN or infinite values on calibration {where}: the model "
+                        "overflows float32 on these inputs (check their scale)") from None
+            seen += samples
             bar.update(samples)
     return results
 
@@ -228,6 +249,9 @@ class _Reader:
     kind: str
 
     def consume(self, stats: TensorStatistics, value: np.ndarray) -> None:
+        """Add one batch's output; NonFiniteStatistic when a range statistic is NaN or infinite."""
+        if self.kind in ("min", "max", "max_of_non_negative", "abs_max") and not np.isfinite(value).all():
+            raise NonFiniteStatistic
         if self.kind == "min":
             stats.sample_min.append(np.atleast_1d(value).astype(np.float32))
         elif self.kind == "max":

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxcompress.errors import EvaluationError, first_line
 from onnxcompress.runtime.outputs import write_bytes_atomic
 
 _HEAVY = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -42,6 +43,7 @@ class LayerError:
 def layer_errors(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto,
                  feeds: Iterable[Mapping[str, np.ndarray]]) -> list[LayerError]:
     """SQNR (dB) of each heavy layer output present in both models, in graph order, plus the model outputs."""
+    _require_same_inputs(float_model, quantized_model)
     # Folded BatchNorms leave the quantized Conv writing the BatchNorm's output name, which the float model has.
     float_tensors = {o for n in float_model.graph.node for o in n.output}
     quantized_tensors = {o for n in quantized_model.graph.node for o in n.output}
@@ -53,12 +55,28 @@ def layer_errors(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto,
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
     for feed in feeds:
-        for name, ref, quant in zip(names, reference.run(names, dict(feed)), measured.run(names, dict(feed))):
+        for name, ref, quant in zip(names, _run(reference, names, feed), _run(measured, names, feed)):
             ref = ref.astype(np.float64)
             signal[name] += float(np.sum(ref**2))
             noise[name] += float(np.sum((ref - quant) ** 2))
     op_of = dict(layers)
     return [LayerError(name, op_of[name], _db(signal[name], noise[name])) for name in names]
+
+
+def _require_same_inputs(first: onnx.ModelProto, second: onnx.ModelProto) -> None:
+    """Two versions of one model take the same inputs; anything else cannot be fed the same data."""
+    signatures = []
+    for model in (first, second):
+        weights = {i.name for i in model.graph.initializer}
+        signatures.append({v.name: onnx.helper.tensor_dtype_to_string(v.type.tensor_type.elem_type)
+                           for v in model.graph.input if v.name not in weights})
+    if signatures[0] != signatures[1]:
+        def describe(signature: dict[str, str]) -> str:
+            return ", ".join(f"{name} ({dtype.removeprefix('TensorProto.').lower()})"
+                             for name, dtype in signature.items())
+
+        raise EvaluationError(f"the models take different inputs: {describe(signatures[0])} against "
+                              f"{describe(signatures[1])}; compare needs two versions of one model")
 
 
 def runtime_divergence(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]]) -> list[LayerError]:
@@ -84,7 +102,7 @@ def runtime_divergence(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.n
     for feed in feeds:
         results = compiled(dict(feed))
         measured = {name: results[port] for port in compiled.outputs for name in port.get_names() if name in signal}
-        for name, ref in zip(names, reference.run(names, dict(feed))):
+        for name, ref in zip(names, _run(reference, names, feed)):
             ref = ref.astype(np.float64)
             signal[name] += float(np.sum(ref**2))
             noise[name] += float(np.sum((ref - measured[name].astype(np.float64)) ** 2))
@@ -140,7 +158,7 @@ def _deployed_agreement(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.
     signal, noise = [0.0] * len(names), [0.0] * len(names)
     for feed in feeds:
         results = compiled(dict(feed))
-        for index, ref in enumerate(reference.run(names, dict(feed))):
+        for index, ref in enumerate(_run(reference, names, feed)):
             ref = ref.astype(np.float64)
             signal[index] += float(np.sum(ref**2))
             noise[index] += float(np.sum((ref - results[compiled.outputs[index]].astype(np.float64)) ** 2))
@@ -165,8 +183,19 @@ def _session(model: onnx.ModelProto, outputs: list[str], *,
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = level
-    return ort.InferenceSession(_exposed(model, outputs).SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(_exposed(model, outputs).SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises several unrelated types for models it cannot run
+        raise EvaluationError(f"ONNX Runtime cannot run {model.graph.name or 'the model'}: "
+                              f"{first_line(error)}") from error
+
+
+def _run(session: ort.InferenceSession, names: list[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        return session.run(names, dict(feed))
+    except Exception as error:  # ORT raises several unrelated types for failing runs
+        raise EvaluationError(f"ONNX Runtime failed to run the model: {first_line(error)}") from error
 
 
 def format_layer_errors(errors: list[LayerError], worst: int = 10) -> str:

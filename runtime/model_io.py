@@ -93,13 +93,14 @@ def load_model(path: PathLike, *, target_opset_min: int = 13, target_opset_max: 
     serialized = _read(model_path)
     model = _parse(serialized, model_path)
     # Refuses unsafe or missing locations before anything reads them.
-    external_files = _external_data_files(model, model_path.parent)
+    external_files = _external_data_files(model, model_path)
     _run_checker(model_path, None if external_files else serialized)
     del serialized
     # Converting before the external data is loaded keeps the converter's protobuf copies small.
     model = _convert_opset(model, target_opset_min, target_opset_max)
     _lower_ir_version(model)
-    _load_external_data(model, model_path.parent)
+    _require_tensor_signature(model.graph)
+    _load_external_data(model, model_path)
     return model
 
 
@@ -109,7 +110,7 @@ def model_file_size(path: PathLike) -> int:
     size = model_path.stat().st_size if model_path.is_file() else 0
     if size and not _may_reference_external_data(model_path):
         return size  # a third of the time of parsing a 100 MB model
-    files = _external_data_files(_parse(_read(model_path), model_path), model_path.parent)
+    files = _external_data_files(_parse(_read(model_path), model_path), model_path)
     return size + sum(file.stat().st_size for file in files)
 
 
@@ -145,17 +146,41 @@ def _parse(serialized: bytes, path: Path) -> onnx.ModelProto:
     return model
 
 
-def _external_data_files(model: onnx.ModelProto, model_dir: Path) -> set[Path]:
-    """Validate every external data reference and return the files they name."""
-    return {_safe_data_file(tensor, model_dir) for tensor in _tensors(model) if _is_external(tensor)}
+def _require_tensor_signature(graph: onnx.GraphProto) -> None:
+    """Refuse graphs every command would fail on: no outputs, no inputs, or inputs that are not typed tensors."""
+    if not graph.output:
+        raise UnsupportedModelError("the model has no outputs: there is nothing to compute")
+    constants = {tensor.name for tensor in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in constants]
+    if not inputs:
+        raise UnsupportedModelError("the model has no inputs: its outputs are constants, so there is nothing to "
+                                    "calibrate, compress or time")
+    for value in inputs:
+        kind = value.type.WhichOneof("value")
+        if kind != "tensor_type":
+            what = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional",
+                    "sparse_tensor_type": "a sparse tensor"}.get(kind, "untyped")
+            raise UnsupportedModelError(f"input {value.name!r} is {what}; onnxcompress handles models whose inputs "
+                                        "are dense tensors")
+        if value.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+            raise UnsupportedModelError(f"input {value.name!r} declares no element type")
 
 
-def _safe_data_file(tensor: onnx.TensorProto, model_dir: Path) -> Path:
-    """The existing regular file, inside `model_dir` and reached without symlinks, holding `tensor`'s data."""
+def _external_data_files(model: onnx.ModelProto, model_path: Path) -> set[Path]:
+    """Validate every external data reference of the model file at `model_path` and return the files they name."""
+    return {_safe_data_file(tensor, model_path) for tensor in _tensors(model) if _is_external(tensor)}
+
+
+def _safe_data_file(tensor: onnx.TensorProto, model_path: Path) -> Path:
+    """The existing regular file holding `tensor`'s data: inside the model's folder, reached without symlinks,
+    and not the model file itself."""
+    model_dir = model_path.parent
     location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
     what = f"external data of tensor {tensor.name!r}"
     if not location:
         raise ModelLoadError(f"{what} has no location")
+    if any(ord(char) < 32 for char in location):
+        raise UnsafeModelError(f"{what} has a control character in its location: {location!r}")
     if PurePosixPath(location).is_absolute() or PureWindowsPath(location).anchor:
         raise UnsafeModelError(f"{what} uses an absolute path: {location}")
     candidate = model_dir
@@ -167,6 +192,8 @@ def _safe_data_file(tensor: onnx.TensorProto, model_dir: Path) -> Path:
         raise UnsafeModelError(f"{what} points outside the model folder: {location}")
     if not candidate.is_file():
         raise ModelLoadError(f"{what} is missing: no such file: {candidate}")
+    if os.path.samefile(candidate, model_path):
+        raise UnsafeModelError(f"{what} points into the model file itself: {location}")
     return candidate
 
 
@@ -220,14 +247,14 @@ def _lower_ir_version(model: onnx.ModelProto) -> None:
         model.ir_version = _IR_VERSION_CAP
 
 
-def _load_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
+def _load_external_data(model: onnx.ModelProto, model_path: Path) -> None:
     """Read every external tensor into memory (sparse and attribute tensors included)."""
     for tensor in _tensors(model):
         if not _is_external(tensor):
             continue
-        data_file = _safe_data_file(tensor, model_dir)
+        data_file = _safe_data_file(tensor, model_path)
         try:
-            onnx.external_data_helper.load_external_data_for_tensor(tensor, os.fspath(model_dir))
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, os.fspath(model_path.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             message = f"cannot read external data of tensor {tensor.name!r} from {data_file}: {exc}"
             raise ModelLoadError(message) from exc
@@ -267,35 +294,46 @@ def save_model(model: onnx.ModelProto, path: PathLike, *, external_data: bool | 
 
 def check_output_path(input_path: PathLike, output_path: PathLike, *,
                       reads: Iterable[PathLike | None] = ()) -> Path:
-    """Return the resolved output path after refusing an unwritable folder, or an output (the model file or its
-    `.data` file) that is a file the command reads: the input model, its external data, or one of `reads`
-    (data, config)."""
+    """Return the resolved output path after refusing a folder name, an unwritable folder, or an output (the
+    model file or its `.data` file) that is a file the command reads: the input model, its external data, or one
+    of `reads` (data, config)."""
+    if os.fspath(output_path).endswith(("/", os.sep)):
+        raise OutputError(f"output {output_path} names a folder; give the path of the .onnx file to write")
     output = Path(output_path).resolve()
     source = Path(input_path).resolve()
     written = (output, output.with_name(output.name + ".data"))
-    if any(_same_file(path, source) for path in written):
+    if any(same_file(path, source) for path in written):
         raise OutputError(f"output path is the input model: {output_path}")
-    for path in [*_readable_external_data(source), *(Path(r) for r in reads if r is not None)]:
-        clash = next((w for w in written if _same_file(w, path)), None)
-        if clash is not None:
-            raise OutputError(f"output {clash} would overwrite {path}, which this command reads")
+    refuse_overwriting_reads(written, [*source_files(source), *(Path(r) for r in reads if r is not None)])
     _require_writable_folder(output)
     return output
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def refuse_overwriting_reads(written: Iterable[Path], reads: Iterable[Path]) -> None:
+    """OutputError when a file about to be written is one that is read."""
+    written = list(written)
+    for path in reads:
+        clash = next((w for w in written if same_file(w, path)), None)
+        if clash is not None:
+            raise OutputError(f"output {clash} would overwrite {path}, which this command reads")
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
     a, b = Path(a).resolve(), Path(b).resolve()
     return a == b or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
-def _readable_external_data(source: Path) -> set[Path]:
-    """The external data files of `source`; none when it cannot be read (loading it reports why)."""
+def source_files(source: PathLike) -> set[Path]:
+    """The model file and its external data files; only the file when its references cannot be read (loading
+    it reports why)."""
+    source = Path(source)
+    files = {source}
     try:
-        if not source.is_file() or not _may_reference_external_data(source):
-            return set()
-        return _external_data_files(_parse(_read(source), source), source.parent)
+        if source.is_file() and _may_reference_external_data(source):
+            files |= _external_data_files(_parse(_read(source), source), source)
     except (ModelLoadError, OSError, ValueError):
-        return set()
+        pass
+    return files
 
 
 def _require_writable_folder(target: Path) -> None:

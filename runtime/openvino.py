@@ -38,6 +38,7 @@ import onnx
 import openvino as ov
 
 from onnxcompress.errors import BenchmarkError, ExportError, OutputError
+from onnxcompress.runtime.model_io import refuse_overwriting_reads, source_files
 
 __all__ = [
     "HEAVY_LAYER_TYPES",
@@ -71,7 +72,7 @@ def _core() -> ov.Core:
 
 
 def _validate_name(name: str) -> str:
-    if not name or name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
+    if not name or name in {".", ".."} or "/" in name or "\\" in name or any(ord(c) < 32 for c in name):
         raise OutputError(f"invalid IR name {name!r}: it must be a plain file stem without path separators")
     return name
 
@@ -190,6 +191,8 @@ def export_openvino(
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise OutputError(f"output folder {out} exists and is not a directory")
+    if not isinstance(model, onnx.ModelProto):
+        refuse_overwriting_reads((out / f"{stem}.xml", out / f"{stem}.bin"), source_files(source))
 
     # Stage next to out_dir (not in /tmp) so the final rename stays on one filesystem and is atomic.
     created = _make_dirs(out.parent)
