@@ -7,6 +7,10 @@ first use so that `import onnxcompress` (and the CLI's start) stays cheap.
 
 from typing import Any
 
+from onnxcompress.privacy import limit_footprint
+
+limit_footprint()  # before anything imports ONNX Runtime or OpenVINO
+
 __version__ = "0.1.0"
 __all__ = ["finetune", "quantize"]
 

@@ -7,6 +7,7 @@ line naming the failed stage and exit non-zero; no traceback reaches the user.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -125,7 +126,7 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
               help="YAML/JSON FinetuneConfig: compression algorithms and training settings.")
 @click.option("--train", "train_data", help="Training data: .npz (model inputs + labels) or a folder of .npy files.")
 @click.option("--val", "val_data", help="Validation data, same form.")
-@click.option("--epochs", type=int, help="Override training.epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Override training.epochs.")
 @_TARGET_OPTION
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path),
               help="Checkpoints and run state (default: <output>.checkpoints).")
@@ -141,8 +142,9 @@ def finetune(model: Path, output: Path | None, config_file: Path | None, train_d
     from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
 
     values = read_config_file(config_file) if config_file else {}
-    if epochs is not None:
-        values = {**values, "training": {**_mapping(values.get("training")), "epochs": epochs}}
+    training = values.get("training", {})
+    if epochs is not None and isinstance(training, dict):  # a malformed section is left for validation to report
+        values = {**values, "training": {**training, "epochs": epochs}}
     if target is not None:
         algorithms = values.get("compression", [{"algorithm": "quantization"}])
         if isinstance(algorithms, list) and all(isinstance(a, dict) for a in algorithms):
@@ -235,11 +237,6 @@ def _check_side_outputs(models: tuple[Path, ...], *outputs: Path | None, reads: 
             check_output_path(model, output, reads=[r for r in reads if r is not None and r != output])
 
 
-def _mapping(value: object) -> dict:
-    """A config section to extend with a flag; a malformed one is left for validation to report."""
-    return value if isinstance(value, dict) else {}
-
-
 def _labels(models: tuple[Path, ...]) -> list[str]:
     stems = [m.stem for m in models]
     return stems if len(set(stems)) == len(stems) else [f"{i}:{s}" for i, s in enumerate(stems)]
@@ -309,7 +306,17 @@ def demo(output_dir: Path, rounds: int, round_seconds: float) -> None:
     run_demo(output_dir, rounds=rounds, round_seconds=round_seconds)
 
 
+def _show_notes() -> None:
+    """The library reports what it chose not to do (a skipped pass, a setting it overrides) through logging."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("note: %(message)s"))
+    logger = logging.getLogger("onnxcompress")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main() -> None:
+    _show_notes()
     try:
         cli.main(standalone_mode=False)
     except OnnxCompressError as error:

@@ -81,6 +81,12 @@ class TrainingError(OnnxCompressError):
     stage = "training"
 
 
+class CheckpointError(TrainingError):
+    """A checkpoint folder to resume from is unreadable, or its files are not the ones its run recorded."""
+
+    stage = "resume"
+
+
 class TrainingRuntimeMissing(TrainingError):
     """The private onnxruntime-training runtime is not installed here, or cannot be on this machine."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import enum
 import functools
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -52,6 +53,8 @@ class StatisticRequest:
     #: Number of channels along `axis` (needed to reshape when the axis is last).
     channels: int | None = None
 
+
+_log = logging.getLogger(__name__)
 
 #: Beyond this magnitude, differences of float32 values can overflow.
 _FLOAT32_SAFE_RANGE = 1e37
@@ -157,8 +160,12 @@ def collect_statistics(
     `workers` feeds run at once (default: `default_workers(model)`), each on its share of the cores; the statistics
     are gathered in the order of `batches`, so the result does not depend on it.
     """
-    workers = workers or default_workers(model)
     requests = list(dict.fromkeys(requests))  # a tensor read by several layers is measured once
+    if not requests:
+        next(iter(batches), None)  # the data is still checked against the model
+        _log.info("%s: no tensor needs statistics, so the model was not run", description)
+        return {}
+    workers = workers or default_workers(model)
     readers = _augment(model, requests)
     weights = {**(weights or {}), **_take_weights(model)}
     serialized = model.SerializeToString()

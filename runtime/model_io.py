@@ -37,6 +37,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, EncodeError, Message
 
 from onnxcompress.errors import ModelLoadError, OutputError, UnsafeModelError, UnsupportedModelError
+from onnxcompress.runtime.outputs import new_file_mode
 
 PathLike = str | os.PathLike[str]
 
@@ -323,6 +324,13 @@ def same_file(a: PathLike, b: PathLike) -> bool:
     return a == b or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
+def external_data_files(path: PathLike) -> set[Path]:
+    """The external data files of the model file at `path`, after the checks `load_model` makes on them (inside
+    the model's folder, no symlinks, present): for files handed to a runtime that reads them itself."""
+    path = Path(path)
+    return _external_data_files(_parse(_read(path), path), path)
+
+
 def source_files(source: PathLike) -> set[Path]:
     """The model file and its external data files; only the file when its references cannot be read (loading
     it reports why)."""
@@ -404,15 +412,7 @@ def _temporary_file(folder: Path, final_name: str, temporaries: list[Path]) -> I
         yield file
         file.flush()
         os.fsync(file.fileno())
-    # mkstemp creates 0600 files; give the result the mode a plain open() would have.
-    os.chmod(name, 0o666 & ~_current_umask())
-
-
-def _current_umask() -> int:
-    # The umask can only be read by setting it.
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
+    os.chmod(name, new_file_mode())
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -21,11 +21,19 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+        os.chmod(temporary, new_file_mode())
         os.replace(temporary, target)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
         raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
     return target
+
+
+def new_file_mode() -> int:
+    """The mode a plain open() gives a new file: mkstemp's temporaries are 0600, a result should not be."""
+    umask = os.umask(0o022)  # the umask can only be read by setting it
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -119,7 +119,11 @@ def _prepare_output_folder(output_dir: Path) -> Path:
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise ValueError(f"artifact folder {output_dir} exists and is not empty")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=output_dir.name + ".partial-", dir=output_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".partial-", dir=output_dir.parent))
+    umask = os.umask(0o022)  # mkdtemp makes the folder private; the artifacts get the user's normal folder mode
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
 
 
 def _describe_artifacts(onnx: Any, base: Any, staging: Path, request: JsonDict) -> JsonDict:

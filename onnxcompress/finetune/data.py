@@ -22,6 +22,8 @@ from onnxcompress.data import InputSpec
 from onnxcompress.errors import DatasetError
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]
+#: Slice size of the finiteness check, so memory-mapped data larger than memory is never read at once.
+_FINITE_CHECK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class LabelledData:
     def __init__(self, source: Any, inputs: list[InputSpec], labels: LabelSpec, *, label_name: str = "labels",
                  what: str = "training data") -> None:
         self.what, self.inputs, self.label_spec = what, inputs, labels
+        if label_name in {spec.name for spec in inputs}:
+            raise DatasetError(f"{what}: the model has an input named {label_name!r}, which is also the name of the "
+                               "label array; set training.labels to another name in the config")
         self._arrays: dict[str, np.ndarray] | None = None
         self._labels: np.ndarray | None = None
         self._iterable: Iterable[Batch] | None = None
@@ -120,7 +125,22 @@ class LabelledData:
                                    f"model expects {spec.describe_shape()} (axis 0 enumerates samples)")
             if len(array) != count:
                 raise DatasetError(f"{self.what} ({where}): {len(array)} samples of '{spec.name}' but {count} labels")
+            self._check_finite(array, f"input '{spec.name}'", where)
         self._check_labels(labels, where)
+        self._check_finite(labels, "labels", where)
+
+    def _check_finite(self, array: np.ndarray, what: str, where: str) -> None:
+        """NaN or infinity in the data would make every loss, gradient and weight after it NaN."""
+        if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+            return
+        samples = np.atleast_1d(array)
+        rows = max(1, _FINITE_CHECK_BYTES // max(1, samples[0].nbytes))  # memory-mapped data is read in slices
+        for start in range(0, len(samples), rows):
+            chunk = np.asarray(samples[start:start + rows])
+            bad = np.flatnonzero(~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1))
+            if bad.size:
+                raise DatasetError(f"{self.what} ({where}): {what} of sample {start + int(bad[0])} holds NaN or "
+                                   "infinite values")
 
     def _check_labels(self, labels: np.ndarray, where: str) -> None:
         spec = self.label_spec

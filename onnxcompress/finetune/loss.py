@@ -15,10 +15,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.config import Distillation, Loss
+from onnxcompress.errors import UnsupportedModelError
 
 LOSS_OUTPUT = "loss"
-LABELS_INPUT = "labels"
-TEACHER_INPUT = "teacher_logits"
+# Prefixed so that no model tensor is likely to share the name (add_loss refuses one that does).
+LABELS_INPUT = "onnxcompress.labels"
+TEACHER_INPUT = "onnxcompress.teacher_logits"
 
 LossBuilder = Callable[[gs.Graph, gs.Tensor, gs.Variable], gs.Tensor]
 
@@ -69,6 +71,9 @@ def add_loss(graph: gs.Graph, *, task: Loss, distillation: Distillation, compres
     `task` decides the labels' form (and the loss, unless `custom` replaces it)."""
     logits = graph.outputs[0]
     tensors = graph.tensors()
+    clashes = [name for name in (LABELS_INPUT, TEACHER_INPUT) if name in tensors]
+    if clashes:
+        raise UnsupportedModelError(f"the model has a tensor named {clashes[0]!r}, a name the training graph needs")
     if task is Loss.CROSS_ENTROPY:
         labels = gs.Variable(LABELS_INPUT, dtype=np.int64, shape=None if logits.shape is None else [logits.shape[0]])
     else:

@@ -32,10 +32,10 @@ from onnxcompress.algorithms.quantization.ptq import export_graph
 from onnxcompress.compression.registry import CompressedModel, create_compressed_model
 from onnxcompress.config import FinetuneConfig, Metric, Schedule, TrainingConfig
 from onnxcompress.data import model_inputs
-from onnxcompress.errors import ConfigError, OutputError
+from onnxcompress.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from onnxcompress.finetune.data import Batch, LabelledData, LabelSpec
 from onnxcompress.finetune.loss import LABELS_INPUT, TEACHER_INPUT, LossBuilder, add_loss
-from onnxcompress.runtime.model_io import static_dim
+from onnxcompress.runtime.model_io import external_data_files, static_dim
 from onnxcompress.runtime.outputs import write_text_atomic
 from onnxcompress.runtime.training import TrainingRuntimeSession
 from onnxcompress.transforms.op_table import Role, spec
@@ -66,12 +66,45 @@ class RunState:
     best_metric: float | None = None
     history: list[EpochRecord] = field(default_factory=list)
     schedulers: list[dict[str, Any]] = field(default_factory=list)
+    #: SHA-256 of every file of the checkpoint folder the run wrote (artifacts and checkpoints), by relative path:
+    #: a resumed run reads only files that are still exactly these.
+    files: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path) -> RunState:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        data["history"] = [EpochRecord(**record) for record in data["history"]]
-        return cls(**data)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data["history"] = [EpochRecord(**record) for record in data["history"]]
+            state = cls(**data)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as error:
+            raise CheckpointError(f"cannot resume: {path} is not a run state written by onnxcompress "
+                                  f"({type(error).__name__}: {error})") from None
+        if not isinstance(state.epochs_done, int) or state.epochs_done < 1 or state.best_epoch is None:
+            raise CheckpointError(f"cannot resume: {path} records no finished epoch")
+        if not isinstance(state.files, dict) or not state.files or \
+                not all(isinstance(v, str) for v in state.files.values()):
+            raise CheckpointError(f"cannot resume: {path} records no checksums of the checkpoint files")
+        return state
+
+    def record(self, folder: Path, names: list[str]) -> None:
+        for name in names:
+            self.files[name] = _sha256(folder / name)
+
+    def verify(self, folder: Path, entry: str) -> None:
+        """CheckpointError unless the file or folder `entry` of `folder` holds exactly the files recorded, with
+        the recorded contents, and no symlink."""
+        base = folder / entry
+        found = [base] if base.is_file() or base.is_symlink() else list(base.rglob("*")) if base.is_dir() else []
+        if any(path.is_symlink() for path in found):
+            raise CheckpointError(f"cannot resume: {base} is or holds a symlink")
+        present = {str(path.relative_to(folder)) for path in found if not path.is_dir()}
+        recorded = {name for name in self.files if name == entry or name.startswith(entry + "/")}
+        for name in sorted(recorded ^ present):
+            change = "is missing" if name in recorded else "was not written by this run"
+            raise CheckpointError(f"cannot resume: checkpoint file {folder / name} {change}")
+        for name in sorted(recorded):
+            if _sha256(folder / name) != self.files[name]:
+                raise CheckpointError(f"cannot resume: checkpoint file {folder / name} changed since it was written")
 
     def write(self, path: Path) -> None:
         write_text_atomic(path, json.dumps(asdict(self), indent=2))
@@ -98,6 +131,14 @@ class FinetuneResult:
                 "export_error_float_path": self.export_error_float_path,
                 "export_error_integer_kernels": self.export_error_integer_kernels,
                 "history": [asdict(record) for record in self.history]}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def learning_rate_at(step: int, steps_per_epoch: int, config: TrainingConfig) -> float:
@@ -191,6 +232,7 @@ class Trainer:
                 state.initial_metric, _ = self._evaluate(session)
             for epoch in range(state.epochs_done, self.settings.epochs):
                 self._train_epoch(session, compressed, state, epoch)
+            state.verify(self.checkpoint_dir, BEST)
             session.open(self.checkpoint_dir / ARTIFACTS, checkpoint=self.checkpoint_dir / BEST)
             parameters = session.get_parameters()
             exported = compressed.export(parameters)
@@ -259,7 +301,12 @@ class Trainer:
     def _open(self, session: TrainingRuntimeSession, compressed: CompressedModel, training_model: bytes,
               state: RunState) -> None:
         artifacts = self.checkpoint_dir / ARTIFACTS
-        if not (artifacts / "artifacts.json").exists():
+        if state.epochs_done:
+            state.verify(self.checkpoint_dir, ARTIFACTS)
+            state.verify(self.checkpoint_dir, LAST)
+            for model in artifacts.glob("*.onnx"):
+                external_data_files(model)  # the same checks as any model we load
+        else:
             model_path = self.checkpoint_dir / "training_model.onnx"
             model_path.write_bytes(training_model)
             session.register_gradient("Round")  # the straight-through estimator of the fake quantizers
@@ -270,6 +317,8 @@ class Trainer:
                                            weight_decay=self.settings.weight_decay)
             finally:
                 model_path.unlink()
+            state.record(self.checkpoint_dir, sorted(str(p.relative_to(self.checkpoint_dir))
+                                                     for p in artifacts.rglob("*") if not p.is_dir()))
         checkpoint = self.checkpoint_dir / LAST if state.epochs_done else None
         session.open(artifacts, checkpoint=checkpoint, learning_rate=self.settings.learning_rate)
         for controller, scheduler_state in zip(compressed.controllers, state.schedulers):
@@ -290,6 +339,9 @@ class Trainer:
             learning_rate = learning_rate_at(epoch * steps + index, steps, settings)
             session.set_lr(learning_rate)
             losses.append(session.train_step(self._feeds(batch)).loss)
+            if not math.isfinite(losses[-1]):
+                raise TrainingError(f"epoch {epoch + 1}, step {index + 1}: the training loss is {losses[-1]}; the "
+                                    "weights diverged (try a lower training.learning_rate)")
             for controller in compressed.controllers:
                 if changes := controller.scheduler.step():
                     session.set_parameters(changes)
@@ -310,8 +362,10 @@ class Trainer:
                     record: EpochRecord) -> None:
         folder = self.checkpoint_dir
         session.save_checkpoint(folder / LAST, include_optimizer_state=True)
+        state.record(folder, [LAST])
         if state.best_metric is None or self._better(record.metric, state.best_metric):
             session.save_checkpoint(folder / BEST)
+            state.record(folder, [BEST])
             state.best_epoch, state.best_metric = record.epoch, record.metric
         state.epochs_done = record.epoch
         state.history.append(record)
@@ -334,6 +388,9 @@ class Trainer:
         """(metric, mean loss) of the current weights on the validation data, through the eval model."""
         logits, labels, losses, counts = self._predict(session)
         loss = float(np.average(losses, weights=counts))
+        if not math.isfinite(loss) or not np.isfinite(logits).all():
+            raise TrainingError(f"the validation loss is {loss}: the model computes NaN or infinite values on the "
+                                "validation data")
         if self.settings.metric is Metric.LOSS:
             return loss, loss
         metric = self.custom_metric or top1

@@ -3,6 +3,7 @@ exit code 2, no traceback, and the folder exactly as before (no output, no check
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -113,6 +114,31 @@ def case_op_without_gradient(tmp: Path) -> list[str]:
     return args
 
 
+def case_nan_in_training_data(tmp: Path) -> list[str]:
+    args = _setup(tmp)
+    with np.load(tmp / "train.npz") as stored:
+        arrays = dict(stored)
+    arrays[TINY_CNN_INPUT][5, 1, 2, 3] = np.nan
+    np.savez(tmp / "train.npz", **arrays)
+    return args
+
+
+def case_model_input_named_like_the_labels(tmp: Path) -> list[str]:
+    args = _setup(tmp)
+    model = onnx.load(tmp / "model.onnx")
+    model.graph.input[0].name = model.graph.node[0].input[0] = "labels"
+    onnx.save(model, tmp / "model.onnx")
+    return args
+
+
+def case_training_section_is_a_list(tmp: Path) -> list[str]:
+    return [*_setup(tmp, {"training": [1, 2]}), "--epochs", "1"]
+
+
+def case_diverging_weights(tmp: Path) -> list[str]:
+    return _setup(tmp, {"training": {"epochs": 1, "batch_size": 2, "optimizer": "sgd", "learning_rate": 1e30}})
+
+
 Builder = Callable[[Path], list[str]]
 CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "output-is-validation-data": (case_output_is_validation_data, "output", ("would overwrite", "val.npz")),
@@ -133,6 +159,14 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "nothing-to-resume": (case_nothing_to_resume, "config", ("nothing to resume",)),
     "op-without-gradient": (case_op_without_gradient, "training", ("no gradient is registered for op Sign",
                                                                    "'sign_gate'")),
+    "nan-in-training-data": (case_nan_in_training_data, "data", ("training data", "input 'x' of sample 5",
+                                                                 "NaN or infinite")),
+    "input-named-like-the-labels": (case_model_input_named_like_the_labels, "data",
+                                    ("an input named 'labels'", "set training.labels")),
+    "training-section-is-a-list": (case_training_section_is_a_list, "config",
+                                   ("'training'", "valid dictionary")),
+    "diverging-weights": (case_diverging_weights, "training", ("epoch 1, step", "the training loss is",
+                                                               "learning_rate")),
 }
 
 
@@ -154,3 +188,53 @@ def test_target_flag_overrides_the_config_file_and_says_so(tmp_path: Path) -> No
     assert_clean_failure(tmp_path, case_target_flag_overrides_the_file(tmp_path), "data", ("train.npz",))
     result = run_cli(tmp_path, *case_target_flag_overrides_the_file(tmp_path))
     assert "note: --target portable overrides the target set in qat.yaml" in result.stderr
+
+
+def _finished_run(tmp: Path) -> list[str]:
+    """A finished one-epoch run in the default checkpoint folder, its exported model removed again; returns the
+    arguments that resume it (which reads the checkpoint folder and exports again)."""
+    args = [*_setup(tmp, {"training": {"epochs": 1}})]
+    result = run_cli(tmp, *args)
+    assert result.returncode == 0, result.stderr
+    (tmp / OUTPUT).unlink()
+    return [*args, "--resume"]
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CHECKPOINTS = OUTPUT + ".checkpoints"
+TAMPERING: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
+    "corrupt-run-state": (lambda folder: (folder / "run.json").write_text("{corrupt"),
+                          ("run.json is not a run state written by onnxcompress",)),
+    "changed-checkpoint": (lambda folder: _flip_last_byte(folder / "last.ckpt"),
+                           ("last.ckpt changed since it was written",)),
+    "changed-artifact": (lambda folder: _flip_last_byte(folder / "artifacts" / "training_model.onnx"),
+                         ("training_model.onnx changed since it was written",)),
+    "extra-artifact": (lambda folder: (folder / "artifacts" / "training_model.onnx.data").write_bytes(b"0" * 64),
+                       ("training_model.onnx.data was not written by this run",)),
+    "missing-checkpoint": (lambda folder: (folder / "last.ckpt").unlink(), ("last.ckpt is missing",)),
+    "symlinked-checkpoint": (lambda folder: ((folder / "last.ckpt").unlink(),
+                                             (folder / "last.ckpt").symlink_to(folder / "best.ckpt")),
+                             ("is or holds a symlink",)),
+}
+
+
+@pytest.mark.parametrize(("tamper", "fragments"), [pytest.param(*case, id=name) for name, case in TAMPERING.items()])
+def test_resume_refuses_a_checkpoint_folder_whose_files_changed(tmp_path: Path, tamper: Callable[[Path], None],
+                                                                fragments: tuple[str, ...]) -> None:
+    args = _finished_run(tmp_path)
+    tamper(tmp_path / CHECKPOINTS)
+    assert_clean_failure(tmp_path, args, "resume", ("cannot resume", *fragments))
+
+
+def test_resume_of_an_untouched_folder_succeeds(tmp_path: Path) -> None:
+    args = _finished_run(tmp_path)
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 0, result.stderr
+    assert onnx.load(tmp_path / OUTPUT).graph.output[0].name == "logits"
+    state = json.loads((tmp_path / CHECKPOINTS / "run.json").read_text())
+    assert set(state["files"]) >= {"last.ckpt", "best.ckpt", "artifacts/training_model.onnx"}

@@ -9,9 +9,10 @@ DequantizeLinear pairs. Both OpenVINO and ONNX Runtime turn this QDQ form into i
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -48,6 +49,8 @@ from onnxcompress.transforms.commands import (
 from onnxcompress.transforms.op_table import Role, spec
 from onnxcompress.transforms.passes import preprocess
 
+_log = logging.getLogger(__name__)
+
 Batches = Iterable[Mapping[str, np.ndarray]]
 _INT32 = np.iinfo(np.int32)
 
@@ -78,6 +81,9 @@ def quantize_graph(model: onnx.ModelProto, batches: Batches, config: Quantizatio
     plan = plan_quantization(model, batches, config, total=total, progress=progress, second_pass=second_pass,
                              batches_for_smoothing=batches_for_smoothing)
     commands: list[Command] = [*plan.weights, *plan.activations]
+    if not commands:
+        _log.info("nothing to quantize: no layer outside the ignored scope is one this algorithm quantizes; the "
+                  "output computes in float")
     apply_commands(plan.graph, commands + _bias_commands(plan.graph, commands, plan.corrected_biases))
     return export_graph(plan.graph, model, shapes=False)
 
