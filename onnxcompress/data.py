@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 import os
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -100,12 +102,7 @@ def _npy_folder(folder: Path, inputs: list[InputSpec]) -> Iterator[Feed]:
 def _check_npy_header(file: Path) -> None:
     """Refuse a .npy whose header declares more data than the file holds (before allocating it) or no sample."""
     with open(file, "rb") as stream:
-        try:
-            version = np.lib.format.read_magic(stream)
-        except ValueError:
-            raise ValueError("it is not a .npy file (no NumPy header)") from None
-        reader = _HEADER_READERS.get(version, np.lib.format.read_array_header_2_0)
-        shape, _, dtype = reader(stream)
+        shape, _, dtype = read_npy_header(stream)
         available = os.fstat(stream.fileno()).st_size - stream.tell()
     if not shape or shape[0] == 0:
         raise ValueError(f"it holds no sample (shape {list(shape)}); axis 0 counts samples")
@@ -117,7 +114,7 @@ def _check_npy_header(file: Path) -> None:
 def _npz_samples(path: Path) -> Iterator[Feed]:
     try:
         arrays = _open_npz(path)
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
+    except ARCHIVE_ERRORS as error:
         raise DatasetError(f"cannot read {path}: {error}") from None
     counts = {name: len(a) if a.ndim else 0 for name, a in arrays.items()}
     if len(set(counts.values())) > 1:
@@ -126,7 +123,25 @@ def _npz_samples(path: Path) -> Iterator[Feed]:
         yield {name: array[index:index + 1] for name, array in arrays.items()}
 
 
+# What zipfile and zlib raise for archives that are corrupt, encrypted or use a compression method they lack.
+ARCHIVE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+# NumPy parses the header dict with tokenize and ast.literal_eval, which raise these on malformed text.
+_HEADER_ERRORS = (ValueError, SyntaxError, TypeError, tokenize.TokenError, RecursionError, MemoryError)
+
+
+def read_npy_header(stream: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from a .npy header at the stream's position; ValueError when there is none
+    or it is malformed. The stream is left at the start of the data."""
+    try:
+        version = np.lib.format.read_magic(stream)
+    except _HEADER_ERRORS:
+        raise ValueError("it is not a .npy file (no NumPy header)") from None
+    reader = _HEADER_READERS.get(version, np.lib.format.read_array_header_2_0)
+    try:
+        return reader(stream)
+    except _HEADER_ERRORS as error:
+        raise ValueError(f"its NumPy header is malformed ({type(error).__name__})") from None
 
 
 @dataclass(frozen=True)
@@ -161,25 +176,19 @@ class _StoredArray:
 
 
 def _open_npz(path: Path) -> dict[str, np.ndarray | _StoredArray]:
-    """The arrays of an .npz; uncompressed C-ordered members are read lazily, sample by sample."""
+    """The arrays of an .npz; uncompressed C-ordered members are read lazily, sample by sample.
+
+    Every member's header is checked against the bytes the archive declares for it before anything is allocated.
+    """
     arrays: dict[str, np.ndarray | _StoredArray] = {}
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             name = info.filename.removesuffix(".npy")
-            with archive.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                if info.compress_type != zipfile.ZIP_STORED or version not in _HEADER_READERS:
-                    member.seek(0)
+            shape, fortran, dtype, header_size = _member_header(archive, info)
+            if info.compress_type != zipfile.ZIP_STORED or fortran or not shape:
+                with archive.open(info) as member:
                     arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
-                    continue
-                shape, fortran, dtype = _HEADER_READERS[version](member)
-                header_size = member.tell()
-                if fortran or not shape:
-                    member.seek(0)
-                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
-                    continue
-            if dtype.hasobject:
-                raise ValueError(f"array '{name}' holds Python objects")
+                continue
             # The member's data starts after the zip local header (its own name and extra field lengths).
             with open(path, "rb") as raw:
                 raw.seek(info.header_offset + 26)
@@ -187,6 +196,49 @@ def _open_npz(path: Path) -> dict[str, np.ndarray | _StoredArray]:
             offset = info.header_offset + 30 + int(name_length) + int(extra_length) + header_size
             arrays[name] = _StoredArray(path, offset, dtype, tuple(shape))
     return arrays
+
+
+def check_npz(path: Path) -> None:
+    """ValueError (or zipfile.BadZipFile) unless every member of the .npz at `path` has a NumPy header whose
+    declared size the archive holds: for readers that then load it whole."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            _member_header(archive, info)
+
+
+def _member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, header bytes) of one member, after `_check_member_size`."""
+    with archive.open(info) as member:
+        try:
+            shape, fortran, dtype = read_npy_header(member)
+        except ValueError as error:
+            raise ValueError(f"member {info.filename!r}: {error}") from None
+        header_size = member.tell()
+    _check_member_size(info.filename.removesuffix(".npy"), shape, dtype, info, header_size)
+    return shape, fortran, dtype, header_size
+
+
+def _check_member_size(name: str, shape: tuple[int, ...], dtype: np.dtype, info: zipfile.ZipInfo,
+                       header_size: int) -> None:
+    """Refuse a member whose header declares more data than the archive holds for it, objects, or (when it must
+    be read whole) more than fits in memory."""
+    if dtype.hasobject:
+        raise ValueError(f"array '{name}' holds Python objects")
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > info.file_size - header_size:
+        raise ValueError(f"array '{name}' declares {list(shape)} {dtype} ({needed} bytes), the archive holds "
+                         f"{info.file_size - header_size}")
+    whole = info.compress_type != zipfile.ZIP_STORED
+    if whole and needed > _physical_memory() // 2:
+        raise ValueError(f"compressed array '{name}' needs {needed / 2**30:.1f} GiB in memory, over half of this "
+                         "machine's; store it uncompressed (numpy.savez), which is read sample by sample")
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no limit beyond the archive's own sizes
+        return 1 << 62
 
 
 def validate_feed(feed: Any, inputs: list[InputSpec], index: int) -> Feed:
@@ -265,8 +317,8 @@ def _first_array_shape(path: Path) -> tuple[int, ...] | None:
     """Shape of the first array of an .npz from its header alone: loading it would read the whole data set."""
     try:
         with zipfile.ZipFile(path) as archive, archive.open(archive.infolist()[0]) as member:
-            return tuple(_HEADER_READERS[np.lib.format.read_magic(member)](member)[0])
-    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile):
+            return tuple(read_npy_header(member)[0])
+    except (*ARCHIVE_ERRORS, IndexError):
         return None
 
 

@@ -209,6 +209,8 @@ def _run_checker(path: Path, serialized: bytes | None) -> None:
         onnx.checker.check_model(serialized if serialized is not None else os.fspath(path))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ModelLoadError(f"model fails the ONNX checker: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{path} is not a valid ONNX model: a name or string is not UTF-8 ({exc})") from exc
 
 
 def _convert_opset(model: onnx.ModelProto, lowest: int, highest: int) -> onnx.ModelProto:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from onnxcompress.config import Loss
-from onnxcompress.data import InputSpec
+from onnxcompress.data import ARCHIVE_ERRORS, InputSpec, check_npz
 from onnxcompress.errors import DatasetError
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]
@@ -173,11 +173,12 @@ def _read_arrays(path: Path, names: list[str], what: str) -> dict[str, np.ndarra
     if path.suffix != ".npz":
         raise DatasetError(f"{what} must be an .npz file or a folder of .npy files, got {path}")
     try:
+        check_npz(path)  # before np.load allocates what a header declares
         with np.load(path, allow_pickle=False) as archive:
             missing = [name for name in names if name not in archive.files]
             if missing:
                 raise DatasetError(f"{what}: {path} has arrays {archive.files}, missing {missing} (it needs one "
                                    f"array per model input plus the labels, axis 0 enumerating samples)")
             return {name: archive[name] for name in names}
-    except (OSError, ValueError) as error:
+    except ARCHIVE_ERRORS as error:
         raise DatasetError(f"{what}: cannot read {path}: {error}") from None
