@@ -14,7 +14,7 @@ import numpy as np
 from onnx import helper
 
 from onnxcompress.portability import Portability, check_portability
-from onnxcompress.runtime.model_io import load_model, model_file_size
+from onnxcompress.runtime.model_io import load_model, model_file_size, runtime_source
 from onnxcompress.runtime.openvino import Int8Summary, compile_model, int8_summary, runtime_precisions
 from onnxcompress.runtime.ort_kernels import OrtKernelSummary, ort_kernel_summary
 
@@ -42,8 +42,9 @@ def inspect_model(path: str | Path, *, runtimes: bool = True) -> Inspection:
     ops = Counter(node.op_type for node in model.graph.node)
     openvino = onnxruntime = None
     if runtimes:
-        openvino = int8_summary(runtime_precisions(compile_model(path)))
-        onnxruntime = ort_kernel_summary(path)
+        with runtime_source(model) as source:  # the checked model, not the path read again
+            openvino = int8_summary(runtime_precisions(compile_model(source)))
+            onnxruntime = ort_kernel_summary(source)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return Inspection(path, model_file_size(path), opset, ops, ops.get("QuantizeLinear", 0), dict(weight_bytes),
                       openvino, onnxruntime, check_portability(model))

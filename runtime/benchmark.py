@@ -33,6 +33,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +47,7 @@ from tqdm.auto import tqdm
 
 from onnxcompress.errors import BenchmarkError, OutputError
 from onnxcompress.runtime.cpu import cpu_features
+from onnxcompress.runtime.model_io import RuntimeSource, runtime_source
 from onnxcompress.runtime.outputs import write_bytes_atomic
 from onnxcompress.runtime.openvino import (
     HEAVY_LAYER_TYPES,
@@ -367,7 +369,7 @@ def _backend(precision: str) -> str:
 
 
 def _openvino_variants(
-    model: str, path: Path, feeds: Mapping[str, np.ndarray], precisions: Sequence[str], mode: str
+    model: str, source: RuntimeSource, feeds: Mapping[str, np.ndarray], precisions: Sequence[str], mode: str
 ) -> list[_Variant]:
     # Static shapes, as deployed: dynamic-shape kernels are slower and would skew the comparison with ORT.
     shapes = {name: array.shape for name, array in feeds.items()}
@@ -377,7 +379,7 @@ def _openvino_variants(
         label = f"{model}/{_backend(precision)}/{mode}"
         try:
             compiled = compile_model(
-                path, precision_hint=hint, performance_hint=mode.upper(), shapes=shapes
+                source, precision_hint=hint, performance_hint=mode.upper(), shapes=shapes
             )
             runner = _OvSyncRunner(compiled, feeds) if mode == LATENCY else _OvAsyncRunner(compiled, feeds)
         except BenchmarkError as exc:
@@ -393,13 +395,14 @@ def _openvino_variants(
     return variants
 
 
-def _ort_variant(model: str, path: Path, feeds: Mapping[str, np.ndarray]) -> _Variant:
+def _ort_variant(model: str, source: RuntimeSource, feeds: Mapping[str, np.ndarray]) -> _Variant:
     label = f"{model}/{ORT_BACKEND}/{LATENCY}"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # the QDQ "consider pre-processing" chatter is not actionable here
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source.readable, options,
+                                       providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph types
         raise BenchmarkError(f"{label}: ONNX Runtime could not load the model: {exc}") from exc
     return _Variant(label, model, "onnxruntime", ORT_BACKEND, "n/a", LATENCY, _OrtRunner(session, feeds))
@@ -511,13 +514,16 @@ def benchmark(
     # Build every feed first so a bad input fails before minutes of compilation.
     feeds = {name: _make_inputs(_input_specs(path), batch, inputs, name) for name, path in paths.items()}
     variants: list[_Variant] = []
-    for name, path in paths.items():
-        variants += _openvino_variants(name, path, feeds[name], openvino_precisions, LATENCY)
-        if include_ort:
-            variants.append(_ort_variant(name, path, feeds[name]))
-    if include_throughput:
-        for name, path in paths.items():
-            variants += _openvino_variants(name, path, feeds[name], openvino_precisions, THROUGHPUT)
+    with ExitStack() as stack:
+        # Each model is read and checked once; the runtimes get those bytes, never the path again.
+        sources = {name: stack.enter_context(runtime_source(path)) for name, path in paths.items()}
+        for name in paths:
+            variants += _openvino_variants(name, sources[name], feeds[name], openvino_precisions, LATENCY)
+            if include_ort:
+                variants.append(_ort_variant(name, sources[name], feeds[name]))
+        if include_throughput:
+            for name in paths:
+                variants += _openvino_variants(name, sources[name], feeds[name], openvino_precisions, THROUGHPUT)
     _measure(variants, rounds, round_seconds, progress)
     return BenchmarkReport(
         measurements=tuple(_aggregate(v, batch) for v in variants),

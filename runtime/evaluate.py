@@ -8,12 +8,15 @@ from collections.abc import Mapping
 import numpy as np
 import onnxruntime as ort
 
+from onnxcompress.runtime.model_io import runtime_source
 from onnxcompress.runtime.openvino import compile_model
 
 
 def predict_onnxruntime(model: str | os.PathLike, inputs: Mapping[str, np.ndarray], batch: int = 64) -> np.ndarray:
     """Logits of the first output for every sample of `inputs` (axis 0 enumerates samples)."""
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    with runtime_source(model) as source:
+        session = ort.InferenceSession(source.readable,
+                                       providers=["CPUExecutionProvider"])
     count = len(next(iter(inputs.values())))
     return np.concatenate([session.run(None, {k: v[i:i + batch] for k, v in inputs.items()})[0]
                            for i in range(0, count, batch)])

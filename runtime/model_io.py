@@ -24,6 +24,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
@@ -103,6 +104,33 @@ def load_model(path: PathLike, *, target_opset_min: int = 13, target_opset_max: 
     _require_tensor_signature(model.graph)
     _load_external_data(model, model_path)
     return model
+
+
+@dataclass(frozen=True)
+class RuntimeSource:
+    """A checked model as a runtime reads it: `readable` is its serialized bytes, or the path (as a string) of a
+    copy in a private temporary folder when it is too big for one protobuf."""
+
+    readable: bytes | str
+
+
+@contextlib.contextmanager
+def runtime_source(model: PathLike | onnx.ModelProto | RuntimeSource) -> Iterator[RuntimeSource]:
+    """The model in the form to hand a runtime that reads it itself (ONNX Runtime, OpenVINO).
+
+    A path is loaded (and checked) by `load_model` first, so a runtime never reopens the user's files: external
+    data swapped between the check and the runtime's read cannot redirect it. A private copy lives until the
+    block ends; a RuntimeSource passes through as it is.
+    """
+    if isinstance(model, RuntimeSource):
+        yield model
+        return
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    if not needs_external_data(proto):
+        yield RuntimeSource(proto.SerializeToString())
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-verified-") as folder:
+        yield RuntimeSource(str(save_model(proto, Path(folder) / "model.onnx", external_data=True)))
 
 
 def model_file_size(path: PathLike) -> int:

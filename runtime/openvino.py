@@ -24,6 +24,7 @@ What OpenVINO 2026.4 CPU reports here (runtime model rt_info, all values strings
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -38,7 +39,7 @@ import onnx
 import openvino as ov
 
 from onnxcompress.errors import BenchmarkError, ExportError, OutputError
-from onnxcompress.runtime.model_io import refuse_overwriting_reads, source_files
+from onnxcompress.runtime.model_io import RuntimeSource, refuse_overwriting_reads, runtime_source, source_files
 
 __all__ = [
     "HEAVY_LAYER_TYPES",
@@ -160,10 +161,12 @@ def _install(files: Mapping[Path, Path], backup_dir: Path) -> None:
 
 
 def _convert(source: Path, xml_path: Path) -> None:
-    try:
-        ov_model = ov.convert_model(str(source))
-    except Exception as exc:  # noqa: BLE001 - OpenVINO raises many unrelated types (OpConversionFailure, Error, ...)
-        raise ExportError(f"OpenVINO could not convert {source.name}: {str(exc).strip()}") from exc
+    with runtime_source(source) as checked:
+        readable = checked.readable
+        try:
+            ov_model = ov.convert_model(io.BytesIO(readable) if isinstance(readable, bytes) else readable)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises many unrelated types (OpConversionFailure, ...)
+            raise ExportError(f"OpenVINO could not convert {source.name}: {str(exc).strip()}") from exc
     try:
         # compress_to_fp16=False: FP16 weight compression would change the numbers we validated in ONNX.
         ov.save_model(ov_model, str(xml_path), compress_to_fp16=False)
@@ -223,16 +226,18 @@ def export_openvino(
 
 
 @contextmanager
-def _model_path(model: onnx.ModelProto | str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a readable path for `model`; a ModelProto lives in a temp folder only while OpenVINO reads it."""
-    if not isinstance(model, onnx.ModelProto):
+def _readable(model: onnx.ModelProto | str | os.PathLike[str] | RuntimeSource) -> Iterator[bytes | str]:
+    """What `Core.read_model` takes for `model`: an IR .xml path as it is, an ONNX model as checked bytes (or a
+    private copy when it is too big for one protobuf; see `runtime_source`)."""
+    if isinstance(model, str | os.PathLike):
         path = Path(model)
         if not path.is_file():
             raise BenchmarkError(f"model not found: {path}")
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="onnxcompress-ov-") as folder:
-        yield _write_onnx(model, Path(folder))
+        if path.suffix == ".xml":
+            yield str(path)
+            return
+    with runtime_source(model) as source:
+        yield source.readable
 
 
 def _compile_config(
@@ -255,7 +260,7 @@ def _compile(
 
 
 def compile_model(
-    model: onnx.ModelProto | str | os.PathLike[str] | ov.Model,
+    model: onnx.ModelProto | str | os.PathLike[str] | ov.Model | RuntimeSource,
     *,
     precision_hint: str | None = None,
     performance_hint: str = "LATENCY",
@@ -263,7 +268,7 @@ def compile_model(
     shapes: Mapping[str, Sequence[int]] | None = None,
     device: str = "CPU",
 ) -> ov.CompiledModel:
-    """Compile an ONNX model (path or ModelProto), an IR .xml or an `openvino.Model` for `device`.
+    """Compile an ONNX model (path, ModelProto or RuntimeSource), an IR .xml or an `openvino.Model` for `device`.
 
     precision_hint: None keeps the plugin default (bf16 on CPUs with AVX512-BF16/AMX, f32 otherwise);
         "f32" forces FP32 kernels for float layers. INT8 layers of a QDQ model stay INT8 either way: the hint
@@ -279,9 +284,9 @@ def compile_model(
         if isinstance(model, ov.Model):
             # reshape() mutates: never change the caller's model.
             return _compile(model.clone() if shapes else model, shapes, device, config)
-        # Compile while the file still exists: OpenVINO may memory-map (external) weights instead of copying them.
-        with _model_path(model) as path:
-            return _compile(_core().read_model(str(path)), shapes, device, config)
+        # Compile while a private copy still exists: OpenVINO may memory-map (external) weights instead of copying.
+        with _readable(model) as source:
+            return _compile(_core().read_model(source), shapes, device, config)
     except BenchmarkError:
         raise
     except Exception as exc:  # noqa: BLE001 - OpenVINO exceptions are plain RuntimeErrors with the reason inside

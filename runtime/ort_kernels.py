@@ -16,6 +16,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from onnxcompress.runtime.model_io import RuntimeSource, runtime_source
+
 INTEGER_KERNELS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger",
                              "ConvInteger", "DynamicQuantizeMatMul", "QLinearConvTranspose"})
 FLOAT_HEAVY = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose"})
@@ -36,7 +38,7 @@ class OrtKernelSummary:
         return f"integer kernels: {integer}; float heavy ops: {floating}"
 
 
-def ort_kernel_summary(model_path: str | os.PathLike) -> OrtKernelSummary:
+def ort_kernel_summary(model_path: str | os.PathLike | RuntimeSource) -> OrtKernelSummary:
     """Optimize `model_path` with ONNX Runtime (CPU) and count integer versus float heavy ops."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -44,7 +46,9 @@ def ort_kernel_summary(model_path: str | os.PathLike) -> OrtKernelSummary:
     with tempfile.TemporaryDirectory(prefix="onnxcompress-ort-") as folder:
         optimized = Path(folder) / "optimized.onnx"
         options.optimized_model_filepath = str(optimized)
-        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        with runtime_source(model_path) as source:
+            ort.InferenceSession(source.readable, options,
+                                 providers=["CPUExecutionProvider"])
         ops = Counter(node.op_type for node in onnx.load(str(optimized), load_external_data=False).graph.node)
     return OrtKernelSummary(
         integer=Counter({op: n for op, n in ops.items() if op in INTEGER_KERNELS}),

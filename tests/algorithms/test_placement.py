@@ -157,8 +157,8 @@ def _silu_conv_model(dynamic: bool, batch: int | str = 1):
              helper.make_node("Shape", ["a1"], ["grid"], name="grid_shape")]
     spatial = ["H", "W"] if dynamic else [16, 16]
     graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, *spatial])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-                               helper.make_tensor_value_info("grid", TensorProto.INT64, None)], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"]),
+                               helper.make_tensor_value_info("grid", TensorProto.INT64, [4])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 

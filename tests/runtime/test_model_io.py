@@ -469,3 +469,23 @@ def test_check_output_path_refuses_unwritable_destinations(tmp_path: Path, outpu
     (tmp_path / "folder").mkdir()
     with pytest.raises(OutputError, match="cannot write"):
         check_output_path(tmp_path / "model.onnx", tmp_path / output)
+
+
+def test_runtime_source_hands_runtimes_the_checked_bytes_not_the_path(tmp_path):
+    """External data swapped after the check cannot redirect what ONNX Runtime reads."""
+    import onnxruntime as ort
+    from conftest import build_tiny_cnn
+
+    from onnxcompress.runtime.model_io import runtime_source
+
+    path = tmp_path / "model.onnx"
+    onnx.save_model(build_tiny_cnn(), path, save_as_external_data=True, location="w.data", size_threshold=0)
+    feed = {"x": np.ones((1, 3, 16, 16), np.float32)}
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    with runtime_source(path) as source:
+        (tmp_path / "w.data").write_bytes(bytes((tmp_path / "w.data").stat().st_size))  # all weights now zero
+        assert isinstance(source.readable, bytes)
+        got = ort.InferenceSession(source.readable, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_array_equal(got, expected)
+    swapped = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert not np.array_equal(swapped, expected)  # the swap is real: reading the path again sees it

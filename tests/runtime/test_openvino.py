@@ -13,7 +13,7 @@ import pytest
 from conftest import build_tiny_cnn, save_tiny_cnn_models
 from onnx import TensorProto, helper
 
-from onnxcompress.errors import BenchmarkError, ExportError, OutputError
+from onnxcompress.errors import BenchmarkError, ExportError, ModelLoadError, OutputError
 from onnxcompress.runtime.openvino import (
     Int8Summary,
     LayerPrecision,
@@ -93,14 +93,25 @@ def test_export_under_regular_file_fails_cleanly(models, tmp_path):
 
 
 def test_export_conversion_failure_leaves_nothing(tmp_path):
-    graph = helper.make_graph(
-        [helper.make_node("NoSuchOp", ["x"], ["y"])], "broken",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
-    )
+    """An op of a custom domain passes the ONNX checker and fails in OpenVINO's conversion; an unknown standard
+    op fails the checker, before any conversion."""
+    def model_with(domain: str) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            [helper.make_node("NoSuchOp", ["x"], ["y"], domain=domain)], "broken",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        )
+        imports = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+        model = helper.make_model(graph, opset_imports=imports)
+        model.ir_version = 8
+        return model
+
     broken = tmp_path / "broken.onnx"
-    onnx.save(helper.make_model(graph), str(broken))
+    onnx.save(model_with("example.custom"), str(broken))
     with pytest.raises(ExportError, match="NoSuchOp"):
+        export_openvino(broken, tmp_path / "new" / "deeper" / "ir")
+    onnx.save(model_with(""), str(broken))
+    with pytest.raises(ModelLoadError, match="No Op registered for NoSuchOp"):
         export_openvino(broken, tmp_path / "new" / "deeper" / "ir")
     assert [p.name for p in tmp_path.iterdir()] == ["broken.onnx"], "created folders or staging left behind"
 
