@@ -185,8 +185,9 @@ def collect_statistics(
                 except NonFiniteStatistic:
                     where = f"sample {seen}" if samples == 1 else f"samples {seen}–{seen + samples - 1}"
                     raise CalibrationError(
-                        f"tensor {reader.tensor!r} holds NaN or infinite values on calibration {where}: the model "
-                        "overflows float32 on these inputs (check their scale)") from None
+                        f"tensor {reader.tensor!r} holds NaN or infinite values on calibration {where}, whose inputs "
+                        "are finite: the model overflows float32 there (check the data's scale and the model's "
+                        "constants)") from None
             seen += samples
             bar.update(samples)
     return results

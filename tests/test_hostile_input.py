@@ -194,6 +194,16 @@ def _export_into_own_folder(suffix: str) -> Builder:
     return build
 
 
+def case_nan_weight(tmp: Path) -> list[str]:
+    def poison(model: onnx.ModelProto) -> None:
+        weight = next(t for t in model.graph.initializer if t.name == "conv2.weight")
+        values = numpy_helper.to_array(weight).copy()
+        values[0, 0, 0, 0] = np.nan
+        weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    _tiny(tmp, poison)
+    return ["quantize", "model.onnx", "--data", "calib.npz", *QUANTIZE]
+
+
 def case_demo_into_a_file(tmp: Path) -> list[str]:
     (tmp / "results").write_text("not a folder\n")
     return ["demo", "-o", "results", "--rounds", "1", "--round-seconds", "0.05"]
@@ -235,6 +245,7 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "compare-plot-over-data": (case_compare_plot_over_data, "output", ("would overwrite", "calib.npz")),
     "export-bin-into-own-folder": (_export_into_own_folder("bin"), "output", ("would overwrite", "model.bin")),
     "export-xml-into-own-folder": (_export_into_own_folder("xml"), "output", ("would overwrite", "model.xml")),
+    "nan-weight": (case_nan_weight, "load", ("weight 'conv2.weight' of 'conv2' holds NaN", "--ignore-names conv2")),
     "demo-into-a-file": (case_demo_into_a_file, "output", ("results", "it is a file, not a folder")),
     "demo-nan-round-seconds": (case_demo_nan_round_seconds, "benchmark", ("round_seconds", "nan")),
 }
@@ -329,3 +340,89 @@ def test_benchmark_runs_a_dynamic_model_on_given_inputs(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "benchmark", "model.onnx", *BENCHMARK, "--inputs", "calib.npz", "--batch", "2")
     assert result.returncode == 0, result.stderr
     assert "model/ort/latency" in result.stdout
+
+
+def _loop_only(tmp: Path) -> list[str]:
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "v_in"], ["v_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 4])])
+    loop = helper.make_node("Loop", ["trips", "keep_going", "x"], ["y"], body=body)
+    onnx.save(_model([loop], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                     [numpy_helper.from_array(np.array(2, np.int64), "trips"),
+                      numpy_helper.from_array(np.array(True), "keep_going")]), tmp / "model.onnx")
+    np.savez(tmp / "calib.npz", x=np.ones((3, 1, 4), np.float32)[:, 0])
+    return ["quantize", "model.onnx", "--data", "calib.npz", *QUANTIZE]
+
+
+def _everything_ignored(tmp: Path) -> list[str]:
+    _tiny(tmp)
+    return ["quantize", "model.onnx", "--data", "calib.npz", "--ignore-types", "Conv,Gemm", *QUANTIZE]
+
+
+def _embedding_with_full_bias_correction(tmp: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    onnx.save(_model([helper.make_node("Gather", ["table", "ids"], ["embedded"]),
+                      helper.make_node("MatMul", ["embedded", "w"], ["y"])],
+                     [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
+                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4])],
+                     [numpy_helper.from_array(rng.random((10, 8)).astype(np.float32), "table"),
+                      numpy_helper.from_array(rng.random((8, 4)).astype(np.float32), "w")]), tmp / "model.onnx")
+    np.savez(tmp / "calib.npz", ids=rng.integers(0, 10, (4, 5)))
+    return ["quantize", "model.onnx", "--data", "calib.npz", "--bias-correction", "full", *QUANTIZE]
+
+
+@pytest.mark.parametrize(("build", "note"), [
+    pytest.param(_loop_only, "note: calibration: no tensor needs statistics", id="loop-only"),
+    pytest.param(_everything_ignored, "note: nothing to quantize", id="every-layer-ignored"),
+    pytest.param(_embedding_with_full_bias_correction, "note: bias correction: no tensor needs statistics",
+                 id="embedding-full-bias-correction"),
+])
+def test_nothing_to_measure_skips_calibration_and_says_so(tmp_path: Path, build: Builder, note: str) -> None:
+    result = run_cli(tmp_path, *build(tmp_path))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert note in result.stderr
+    onnx.checker.check_model(onnx.load(tmp_path / "quantized.onnx"))
+
+
+def test_export_accepts_a_hidden_file_name(tmp_path: Path) -> None:
+    save_tiny_cnn(tmp_path / ".hidden.onnx")
+    result = run_cli(tmp_path, "export", ".hidden.onnx", "-o", "ir")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == [".hidden.bin", ".hidden.xml"]
+
+
+def test_ctrl_c_during_export_leaves_a_complete_ir_or_nothing(tmp_path: Path) -> None:
+    """Interrupted at several moments (during start-up, reading, converting, writing): exit 130 or success, no
+    traceback, and never a lone .xml or .bin or a staging folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(0)
+    onnx.save(_model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2048])],
+                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2048])],
+                     [numpy_helper.from_array(rng.random((2048, 2048)).astype(np.float32), "w")]),
+              tmp_path / "model.onnx")
+    for delay in (0.5, 1.0, 1.5, 2.0, 3.0):
+        process = subprocess.Popen([sys.executable, "-m", "onnxcompress.cli", "export", "model.onnx", "-o", "ir"],
+                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode in (0, 130) and "Traceback" not in stderr, (delay, process.returncode, stderr)
+        left = sorted(p.name for p in tmp_path.iterdir())
+        ir = sorted(p.name for p in (tmp_path / "ir").iterdir()) if (tmp_path / "ir").exists() else []
+        assert left in (["model.onnx"], ["ir", "model.onnx"]) and ir in ([], ["model.bin", "model.xml"]), (delay, left, ir)
+        assert process.returncode == 130 or ir == ["model.bin", "model.xml"]
+        if (tmp_path / "ir").exists():
+            for path in (tmp_path / "ir").iterdir():
+                path.unlink()
+            (tmp_path / "ir").rmdir()

@@ -29,7 +29,7 @@ from onnxcompress.algorithms.quantization.smooth_quant import (
 )
 from onnxcompress.algorithms.quantization.scheme import Mode, QuantParams, quantize_weight, unified_activation_params
 from onnxcompress.config import BiasCorrection, IgnoredScope, ModelType, Preset, QuantizationConfig, Target
-from onnxcompress.errors import ConfigError
+from onnxcompress.errors import ConfigError, UnsupportedModelError
 from onnxcompress.runtime.calibration import (
     IN_MEMORY_WEIGHT_BYTES,
     StatisticRequest,
@@ -99,6 +99,7 @@ def plan_quantization(model: onnx.ModelProto, batches: Batches, config: Quantiza
     setup = plan_quantizers(graph, ignored, transformer=config.model_type is ModelType.TRANSFORMER,
                             portable=config.target is Target.PORTABLE)
 
+    _require_finite_weights(graph, setup)
     requests = _range_requests(setup, config) + input_mean_requests(setup, config)
     calibration_model, calibration_weights = export_for_calibration(graph, model)
     stats = collect_statistics(calibration_model, requests, batches, weights=calibration_weights, total=total,
@@ -166,6 +167,17 @@ def _mode(config: QuantizationConfig) -> Mode:
 
 def _range_requests(setup: QuantizerSetup, config: QuantizationConfig) -> list[StatisticRequest]:
     return [StatisticRequest(tensor, config.calibration.statistic) for tensor in setup.activation_tensors]
+
+
+def _require_finite_weights(graph: gs.Graph, setup: QuantizerSetup) -> None:
+    """A NaN or infinite weight would give its channel a meaningless scale, and NaN activations in calibration."""
+    nodes = {n.name: n for n in graph.nodes}
+    for target in setup.weights:
+        weight = nodes[target.node].inputs[target.port]
+        if not np.isfinite(weight.values).all():
+            raise UnsupportedModelError(
+                f"weight {weight.name!r} of {target.node!r} holds NaN or infinite values, so it cannot be quantized; "
+                f"keep the layer in float (--ignore-names {target.node}) or repair the model")
 
 
 def _weight_commands(graph: gs.Graph, setup: QuantizerSetup, config: QuantizationConfig) -> list[DequantizeWeight]:
