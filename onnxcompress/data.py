@@ -92,18 +92,19 @@ def _npy_folder(folder: Path, inputs: list[InputSpec]) -> Iterator[Feed]:
                            "use an .npz with one array per input")
     for file in files:
         try:
-            _check_npy_header(file)
-            array = np.load(file, allow_pickle=False)
+            with open(file, "rb") as stream:  # checked and read through one open file
+                _check_npy_header(stream)
+                stream.seek(0)
+                array = np.load(stream, allow_pickle=False)
         except (OSError, ValueError) as error:
             raise DatasetError(f"cannot read {file}: {error}") from None
         yield {inputs[0].name: array}
 
 
-def _check_npy_header(file: Path) -> None:
+def _check_npy_header(stream: BinaryIO) -> None:
     """Refuse a .npy whose header declares more data than the file holds (before allocating it) or no sample."""
-    with open(file, "rb") as stream:
-        shape, _, dtype = read_npy_header(stream)
-        available = os.fstat(stream.fileno()).st_size - stream.tell()
+    shape, _, dtype = read_npy_header(stream)
+    available = os.fstat(stream.fileno()).st_size - stream.tell()
     if not shape or shape[0] == 0:
         raise ValueError(f"it holds no sample (shape {list(shape)}); axis 0 counts samples")
     needed = math.prod(shape) * dtype.itemsize
