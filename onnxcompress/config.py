@@ -119,11 +119,14 @@ class QuantizationConfig(_Strict):
         """Read a YAML or JSON file; `overrides` (already validated CLI values) win over the file."""
         data = read_config_file(path)
         scope_file, scope_flags = data.get("ignored_scope"), overrides.get("ignored_scope")
-        if isinstance(scope_file, dict) and isinstance(scope_flags, dict):
-            # Ignored-scope entries add up: flags extend the file's lists instead of replacing them.
-            overrides = {**overrides, "ignored_scope": {
-                key: (*scope_file.get(key, ()), *scope_flags.get(key, ()))
-                for key in {*scope_file, *scope_flags}}}
+        if scope_file is not None and scope_flags is not None:
+            if isinstance(scope_file, dict) and all(isinstance(v, list) for v in scope_file.values()):
+                # Ignored-scope entries add up: flags extend the file's lists instead of replacing them.
+                overrides = {**overrides, "ignored_scope": {
+                    key: (*scope_file.get(key, ()), *scope_flags.get(key, ()))
+                    for key in {*scope_file, *scope_flags}}}
+            else:  # a malformed section is validated as written, not replaced by the flags
+                overrides = {key: value for key, value in overrides.items() if key != "ignored_scope"}
         return cls.build({**data, **overrides}, source=str(path))
 
     @classmethod

@@ -138,6 +138,13 @@ def _deep_config(text: str) -> Builder:
     return build
 
 
+def _scope_with_flag(text: str) -> Builder:
+    """A malformed ignored scope in the file is reported, not replaced by the flag's."""
+    def build(tmp: Path) -> list[str]:
+        return [*_deep_config(text)(tmp), "--ignore-types", "Gemm"]
+    return build
+
+
 # ----------------------------------------------------------------------------------------- other commands
 
 
@@ -232,6 +239,10 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
                                 "config", ("nests deeper",)),
     "config-nested-40": (_deep_config("preset: " + "[" * 40 + "]" * 40 + "\n"), "config", ("deeper than 32",)),
     "config-alias-cycle": (_deep_config("preset: &a [*a]\n"), "config", ("alias refers to itself",)),
+    "config-scope-list-with-flag": (_scope_with_flag("ignored_scope: [conv1]\n"), "config",
+                                    ("'ignored_scope'", "valid dictionary")),
+    "config-scope-string-with-flag": (_scope_with_flag("ignored_scope:\n  names: conv1\n"), "config",
+                                      ("'ignored_scope.names'", "valid tuple")),
     "benchmark-huge-static-input": (case_benchmark_huge_static_input, "benchmark",
                                     ("GiB", "limit for generated inputs", "--inputs")),
     "benchmark-dynamic-without-inputs": (case_benchmark_dynamic_without_inputs, "benchmark",
@@ -397,7 +408,7 @@ def test_export_accepts_a_hidden_file_name(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_during_export_leaves_a_complete_ir_or_nothing(tmp_path: Path) -> None:
-    """Interrupted at several moments (during start-up, reading, converting, writing): exit 130 or success, no
+    """Interrupted at several moments (during start-up, reading, converting, writing): interrupted or success, no
     traceback, and never a lone .xml or .bin or a staging folder."""
     import signal
     import subprocess
@@ -417,11 +428,12 @@ def test_ctrl_c_during_export_leaves_a_complete_ir_or_nothing(tmp_path: Path) ->
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
-        assert process.returncode in (0, 130) and "Traceback" not in stderr, (delay, process.returncode, stderr)
+        # -SIGINT: interrupted before Python had installed its handler, which ends the process at once.
+        assert process.returncode in (0, 130, -signal.SIGINT) and "Traceback" not in stderr, (delay, stderr)
         left = sorted(p.name for p in tmp_path.iterdir())
         ir = sorted(p.name for p in (tmp_path / "ir").iterdir()) if (tmp_path / "ir").exists() else []
         assert left in (["model.onnx"], ["ir", "model.onnx"]) and ir in ([], ["model.bin", "model.xml"]), (delay, left, ir)
-        assert process.returncode == 130 or ir == ["model.bin", "model.xml"]
+        assert process.returncode != 0 or ir == ["model.bin", "model.xml"]
         if (tmp_path / "ir").exists():
             for path in (tmp_path / "ir").iterdir():
                 path.unlink()

@@ -133,6 +133,13 @@ class FinetuneResult:
                 "history": [asdict(record) for record in self.history]}
 
 
+def _require_finite(parameters: dict[str, np.ndarray]) -> None:
+    bad = sorted(name for name, values in parameters.items() if not np.isfinite(values).all())
+    if bad:
+        raise TrainingError(f"the trained parameters {', '.join(map(repr, bad[:5]))} hold NaN or infinite values; "
+                            "nothing was exported (try a lower training.learning_rate)")
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
@@ -235,6 +242,7 @@ class Trainer:
             state.verify(self.checkpoint_dir, BEST)
             session.open(self.checkpoint_dir / ARTIFACTS, checkpoint=self.checkpoint_dir / BEST)
             parameters = session.get_parameters()
+            _require_finite(parameters)
             exported = compressed.export(parameters)
             errors = self._export_errors(session, exported)
         finally:
