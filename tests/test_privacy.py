@@ -62,6 +62,13 @@ def test_the_cli_writes_only_where_it_is_told_and_connects_nowhere(tmp_path: Pat
         result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, (args, result.stderr)
 
+    # Results get the mode a plain open() gives (mkstemp's temporaries are 0600).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for result in ("int8.onnx", "bench.json", "layers.png", "qat.onnx", "qat.json", "qat.onnx.checkpoints/run.json",
+                   "qat.onnx.checkpoints/last.ckpt", "ir/int8.xml", "demo/benchmark.png"):
+        assert (work / result).stat().st_mode & 0o777 == 0o666 & ~umask, result
+    assert (work / "qat.onnx.checkpoints/artifacts").stat().st_mode & 0o777 == 0o777 & ~umask
     # No ~/intel, no ~/.cache/Microsoft: only the tool's own cache (here, matplotlib's font list).
     assert [name for name in _home_files(home) if not name.startswith(".cache/onnxcompress/")] == []
     assert list(temporary.iterdir()) == []  # every temporary removed
