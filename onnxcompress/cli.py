@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +20,15 @@ from onnxcompress.errors import InternalError, OnnxCompressError
 
 class _Commands(click.Group):
     """Runs a command; an exception outside the OnnxCompressError family is a bug in onnxcompress, reported as one
-    line naming the command (the full trace with --debug)."""
+    line naming the command (the full trace with --debug), unless Ctrl-C caused it."""
+
+    interrupted = False
+
+    def on_interrupt(self, signum: int, frame: object) -> None:
+        """SIGINT handler: remember it, then interrupt as Python does. An extension module whose import it cuts
+        short raises ImportError, often without the KeyboardInterrupt in its chain."""
+        self.interrupted = True
+        signal.default_int_handler(signum, frame)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -28,6 +37,8 @@ class _Commands(click.Group):
                 click.exceptions.Abort, KeyboardInterrupt):
             raise
         except Exception as error:  # the last resort; each known cause has its own typed error
+            if self.interrupted:
+                raise KeyboardInterrupt from error
             if ctx.params.get("debug"):
                 raise
             raise InternalError(ctx.invoked_subcommand or "onnxcompress", error) from error
@@ -317,6 +328,8 @@ def _show_notes() -> None:
 
 def main() -> None:
     _show_notes()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the parent ignores Ctrl-C
+        signal.signal(signal.SIGINT, cli.on_interrupt)
     try:
         cli.main(standalone_mode=False)
     except OnnxCompressError as error:

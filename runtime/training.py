@@ -152,6 +152,8 @@ class TrainingRuntimeSession:
                      os.fspath(self.runtime.target_dir), os.fspath(self._tmp)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=self._tmp,
                     text=True, encoding="utf-8",
+                    # Its own session: Ctrl-C reaches only this process, which then closes the worker in order.
+                    start_new_session=True,
                 )
         except OSError as exc:
             self._cleanup()
@@ -352,7 +354,9 @@ class TrainingRuntimeSession:
             self._process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._process.kill()
-            self._process.wait()
+            # Bounded: a wait interrupted by Ctrl-C can leave Popen's internal lock held; the worker is killed.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=5)
         # The reader sees end-of-file once the worker is gone; only then may its pipe be closed.
         self._reader.join(timeout=5)
         for pipe in (self._process.stdin, self._process.stdout):

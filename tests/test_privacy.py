@@ -66,7 +66,7 @@ def test_the_cli_writes_only_where_it_is_told_and_connects_nowhere(tmp_path: Pat
     umask = os.umask(0o022)
     os.umask(umask)
     for result in ("int8.onnx", "bench.json", "layers.png", "qat.onnx", "qat.json", "qat.onnx.checkpoints/run.json",
-                   "qat.onnx.checkpoints/last.ckpt", "ir/int8.xml", "demo/benchmark.png"):
+                   "qat.onnx.checkpoints/last-0001.ckpt", "ir/int8.xml", "demo/benchmark.png"):
         assert (work / result).stat().st_mode & 0o777 == 0o666 & ~umask, result
     assert (work / "qat.onnx.checkpoints/artifacts").stat().st_mode & 0o777 == 0o777 & ~umask
     # No ~/intel, no ~/.cache/Microsoft: only the tool's own cache (here, matplotlib's font list).

@@ -5,10 +5,13 @@
     train steps, scheduler steps, validation metric, checkpoint (weights + optimizer state) and run state  →
     best checkpoint  →  exported deployable model
 
-Resuming: the checkpoint folder holds the artifacts, `last.ckpt` (with optimizer state), `best.ckpt` and
-`run.json` (finished epochs, history, best metric, scheduler states, a fingerprint of model and settings).
-A resumed run restarts the interrupted epoch from its beginning, with the same order and learning rates, so it
-ends where an uninterrupted run ends. Every file is written atomically; `run.json` is written last.
+Resuming: the checkpoint folder holds the artifacts, `last-<epoch>.ckpt` (with optimizer state),
+`best-<epoch>.ckpt` and `run.json` (finished epochs, history, best metric, scheduler states, a fingerprint of
+model and settings, which checkpoints are current and the checksum of every file the run wrote). A resumed run
+restarts the interrupted epoch from its beginning, with the same order and learning rates, so it ends where an
+uninterrupted run ends. Every file is written atomically and a checkpoint under a new name; `run.json` is written
+after them and only then are the checkpoints it replaced removed, so an interruption at any point leaves a
+folder that resumes.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from onnxcompress.transforms.op_table import Role, spec
 MetricFunction = Callable[[np.ndarray, np.ndarray], float]
 RUN_STATE = "run.json"
 ARTIFACTS = "artifacts"
-LAST, BEST = "last.ckpt", "best.ckpt"
+LAST, BEST = "last", "best"
 
 
 @dataclass
@@ -69,6 +72,8 @@ class RunState:
     #: SHA-256 of every file of the checkpoint folder the run wrote (artifacts and checkpoints), by relative path:
     #: a resumed run reads only files that are still exactly these.
     files: dict[str, str] = field(default_factory=dict)
+    #: File names of the current checkpoints of each kind (LAST, BEST) in the checkpoint folder.
+    checkpoints: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path) -> RunState:
@@ -84,6 +89,9 @@ class RunState:
         if not isinstance(state.files, dict) or not state.files or \
                 not all(isinstance(v, str) for v in state.files.values()):
             raise CheckpointError(f"cannot resume: {path} records no checksums of the checkpoint files")
+        if not isinstance(state.checkpoints, dict) or \
+                any(state.checkpoints.get(kind) not in state.files for kind in (LAST, BEST)):
+            raise CheckpointError(f"cannot resume: {path} names no recorded last and best checkpoints")
         return state
 
     def record(self, folder: Path, names: list[str]) -> None:
@@ -239,8 +247,9 @@ class Trainer:
                 state.initial_metric, _ = self._evaluate(session)
             for epoch in range(state.epochs_done, self.settings.epochs):
                 self._train_epoch(session, compressed, state, epoch)
-            state.verify(self.checkpoint_dir, BEST)
-            session.open(self.checkpoint_dir / ARTIFACTS, checkpoint=self.checkpoint_dir / BEST)
+            best = state.checkpoints[BEST]
+            state.verify(self.checkpoint_dir, best)
+            session.open(self.checkpoint_dir / ARTIFACTS, checkpoint=self.checkpoint_dir / best)
             parameters = session.get_parameters()
             _require_finite(parameters)
             exported = compressed.export(parameters)
@@ -311,7 +320,7 @@ class Trainer:
         artifacts = self.checkpoint_dir / ARTIFACTS
         if state.epochs_done:
             state.verify(self.checkpoint_dir, ARTIFACTS)
-            state.verify(self.checkpoint_dir, LAST)
+            state.verify(self.checkpoint_dir, state.checkpoints[LAST])
             for model in artifacts.glob("*.onnx"):
                 external_data_files(model)  # the same checks as any model we load
         else:
@@ -327,7 +336,7 @@ class Trainer:
                 model_path.unlink()
             state.record(self.checkpoint_dir, sorted(str(p.relative_to(self.checkpoint_dir))
                                                      for p in artifacts.rglob("*") if not p.is_dir()))
-        checkpoint = self.checkpoint_dir / LAST if state.epochs_done else None
+        checkpoint = self.checkpoint_dir / state.checkpoints[LAST] if state.epochs_done else None
         session.open(artifacts, checkpoint=checkpoint, learning_rate=self.settings.learning_rate)
         for controller, scheduler_state in zip(compressed.controllers, state.schedulers):
             controller.scheduler.load_state(scheduler_state)
@@ -369,16 +378,28 @@ class Trainer:
     def _checkpoint(self, session: TrainingRuntimeSession, compressed: CompressedModel, state: RunState,
                     record: EpochRecord) -> None:
         folder = self.checkpoint_dir
-        session.save_checkpoint(folder / LAST, include_optimizer_state=True)
-        state.record(folder, [LAST])
+        replaced = dict(state.checkpoints)
+        self._save(session, state, LAST, record.epoch, include_optimizer_state=True)
         if state.best_metric is None or self._better(record.metric, state.best_metric):
-            session.save_checkpoint(folder / BEST)
-            state.record(folder, [BEST])
+            self._save(session, state, BEST, record.epoch, include_optimizer_state=False)
             state.best_epoch, state.best_metric = record.epoch, record.metric
         state.epochs_done = record.epoch
         state.history.append(record)
         state.schedulers = [controller.scheduler.state() for controller in compressed.controllers]
+        stale = set(replaced.values()) - set(state.checkpoints.values())
+        for name in stale:
+            state.files.pop(name, None)
         state.write(folder / RUN_STATE)
+        for name in stale:  # only once run.json no longer names them
+            (folder / name).unlink(missing_ok=True)
+
+    def _save(self, session: TrainingRuntimeSession, state: RunState, kind: str, epoch: int, *,
+              include_optimizer_state: bool) -> None:
+        """Write checkpoint `kind` of `epoch` under its own name and record it (run.json is written later)."""
+        name = f"{kind}-{epoch:04d}.ckpt"
+        session.save_checkpoint(self.checkpoint_dir / name, include_optimizer_state=include_optimizer_state)
+        state.checkpoints[kind] = name
+        state.record(self.checkpoint_dir, [name])
 
     def _better(self, metric: float, best: float) -> bool:
         return metric < best if self.settings.metric is Metric.LOSS else metric > best

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from conftest import TINY_CNN_INPUT, save_tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
 from test_cli_errors import OUTPUT, assert_clean_failure, run_cli
 
+from onnxcompress.finetune.trainer import RunState
 from onnxcompress.runtime.training_env import DIR_ENV
 
 
@@ -200,6 +202,11 @@ def _finished_run(tmp: Path) -> list[str]:
     return [*args, "--resume"]
 
 
+def _current(folder: Path, kind: str) -> Path:
+    """The file of the current checkpoint of `kind` ("last" or "best") that run.json names."""
+    return folder / json.loads((folder / "run.json").read_text())["checkpoints"][kind]
+
+
 def _flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -210,15 +217,15 @@ CHECKPOINTS = OUTPUT + ".checkpoints"
 TAMPERING: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "corrupt-run-state": (lambda folder: (folder / "run.json").write_text("{corrupt"),
                           ("run.json is not a run state written by onnxcompress",)),
-    "changed-checkpoint": (lambda folder: _flip_last_byte(folder / "last.ckpt"),
-                           ("last.ckpt changed since it was written",)),
+    "changed-checkpoint": (lambda folder: _flip_last_byte(_current(folder, "last")),
+                           ("last-0001.ckpt changed since it was written",)),
     "changed-artifact": (lambda folder: _flip_last_byte(folder / "artifacts" / "training_model.onnx"),
                          ("training_model.onnx changed since it was written",)),
     "extra-artifact": (lambda folder: (folder / "artifacts" / "training_model.onnx.data").write_bytes(b"0" * 64),
                        ("training_model.onnx.data was not written by this run",)),
-    "missing-checkpoint": (lambda folder: (folder / "last.ckpt").unlink(), ("last.ckpt is missing",)),
-    "symlinked-checkpoint": (lambda folder: ((folder / "last.ckpt").unlink(),
-                                             (folder / "last.ckpt").symlink_to(folder / "best.ckpt")),
+    "missing-checkpoint": (lambda folder: _current(folder, "last").unlink(), ("last-0001.ckpt is missing",)),
+    "symlinked-checkpoint": (lambda folder: (_current(folder, "last").unlink(),
+                                             _current(folder, "last").symlink_to(_current(folder, "best"))),
                              ("is or holds a symlink",)),
 }
 
@@ -237,4 +244,33 @@ def test_resume_of_an_untouched_folder_succeeds(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert onnx.load(tmp_path / OUTPUT).graph.output[0].name == "logits"
     state = json.loads((tmp_path / CHECKPOINTS / "run.json").read_text())
-    assert set(state["files"]) >= {"last.ckpt", "best.ckpt", "artifacts/training_model.onnx"}
+    assert set(state["files"]) >= {"last-0001.ckpt", "best-0001.ckpt", "artifacts/training_model.onnx"}
+
+
+def test_ctrl_c_during_finetune_leaves_no_output_and_a_resumable_folder_or_none(tmp_path: Path) -> None:
+    """Interrupted while starting, calibrating or training: no traceback, no exported model, and a checkpoint folder
+    only where an epoch finished (it then holds the run state a resume needs)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = _setup(tmp_path, {"training": {"epochs": 500, "batch_size": 4}})
+    for delay in (0.5, 1.5, 2.5, 4.0):
+        process = subprocess.Popen([sys.executable, "-m", "onnxcompress.cli", *args], cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+        # -SIGINT: interrupted before Python had installed its handler, which ends the process at once.
+        assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in stderr, (delay, stderr)
+        assert not (tmp_path / OUTPUT).exists()
+        folder = tmp_path / CHECKPOINTS
+        if folder.exists():
+            assert (folder / "run.json").is_file(), (delay, sorted(p.name for p in folder.iterdir()))
+            state = RunState.read(folder / "run.json")
+            for name in state.checkpoints.values():
+                state.verify(folder, name)
+            shutil.rmtree(folder)
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
