@@ -12,10 +12,18 @@ from onnxcompress.privacy import limit_footprint
 limit_footprint()  # before anything imports ONNX Runtime or OpenVINO
 
 __version__ = "0.1.0"
-__all__ = ["finetune", "quantize"]
+__all__ = ["finetune", "load_package", "package", "quantize"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "load_package":
+        from onnxcompress.packaging.predictor import load_package
+
+        return load_package
+    if name == "package":
+        from onnxcompress.packaging.build import build_package
+
+        return build_package
     if name in __all__:
         from onnxcompress import api
 

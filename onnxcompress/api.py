@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from onnxcompress.config import BiasCorrection, FinetuneConfig, QuantizationConf
 from onnxcompress.data import calibration_batches, count_samples, model_inputs
 from onnxcompress.errors import DatasetError
 from onnxcompress.models import sample_for_model
+from onnxcompress.packaging.manifest import COMPRESSION_METADATA
 from onnxcompress.runtime.model_io import load_model
 
 ModelLike = onnx.ModelProto | str | os.PathLike
@@ -51,8 +53,10 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
     if (second_pass or smoothing_pass) and not _reiterable(dataset):
         raise DatasetError("full bias correction and SmoothQuant read the data twice; pass a list, a file or a "
                            "folder, not a one-shot iterator")
-    return quantize_graph(proto, batches(), config, total=total, progress=progress, second_pass=second_pass,
-                          batches_for_smoothing=smoothing_pass)
+    quantized = quantize_graph(proto, batches(), config, total=total, progress=progress, second_pass=second_pass,
+                               batches_for_smoothing=smoothing_pass)
+    record_compression(quantized, [{"algorithm": "quantization", **config.model_dump(mode="json")}])
+    return quantized
 
 
 def finetune(model: ModelLike, train: Any = None, val: Any = None, config: FinetuneConfig | None = None, *,
@@ -76,9 +80,20 @@ def finetune(model: ModelLike, train: Any = None, val: Any = None, config: Finet
                                "their own)")
         train = bundled.train_path if train is None else train
         val = bundled.test_path if val is None else val
-    trainer = Trainer(proto, train, val, config or FinetuneConfig(), Path(checkpoint_dir), resume=resume,
-                      progress=progress, loss=loss, metric=metric)
-    return trainer.run()
+    config = config or FinetuneConfig()
+    trainer = Trainer(proto, train, val, config, Path(checkpoint_dir), resume=resume, progress=progress, loss=loss,
+                      metric=metric)
+    result = trainer.run()
+    record_compression(result.model, [algorithm.model_dump(mode="json") for algorithm in config.compression])
+    return result
+
+
+def record_compression(model: onnx.ModelProto, settings: list[dict[str, Any]]) -> None:
+    """Store the settings that made `model` in its metadata, where `package` (and anyone) can read them."""
+    entries = [p for p in model.metadata_props if p.key != COMPRESSION_METADATA]
+    del model.metadata_props[:]
+    model.metadata_props.extend(entries)
+    model.metadata_props.add(key=COMPRESSION_METADATA, value=json.dumps(settings, sort_keys=True))
 
 
 def _merge(config: QuantizationConfig | None, options: dict[str, Any]) -> QuantizationConfig:

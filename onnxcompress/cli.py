@@ -299,10 +299,55 @@ def compare(models: tuple[Path, ...], data: str, samples: int, across_runtimes: 
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--no-runtimes", is_flag=True, help="Skip compiling in ONNX Runtime and OpenVINO.")
 def inspect(model: Path, no_runtimes: bool) -> None:
-    """Ops, quantizers, sizes and which heavy ops run as INT8 in OpenVINO and ONNX Runtime."""
+    """Ops, quantizers, sizes and which heavy ops run as INT8 in OpenVINO and ONNX Runtime; for a package folder,
+    its manifest after verifying every file."""
+    if model.is_dir():
+        from onnxcompress.packaging.manifest import describe, verify_package
+
+        click.echo(describe(verify_package(model), model))
+        return
     from onnxcompress.inspection import format_inspection, inspect_model
 
     click.echo(format_inspection(inspect_model(model, runtimes=not no_runtimes)))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Package folder (created; an existing package there is replaced, anything else refused).")
+@click.option("--name", help="Model name in the serving layouts (default: the model file's stem).")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="The uncompressed model, for the model card's before/after table and plot.")
+@click.option("--data", "eval_data", type=click.Path(path_type=Path),
+              help="Evaluation .npz: arrays named after the model inputs, and `labels` for top-1.")
+@click.option("--runtimes", default="onnxruntime,openvino", show_default=True,
+              help="Runtimes to package and check the model in (comma-separated).")
+def package(model: Path, output: Path, name: str | None, reference: Path | None, eval_data: Path | None,
+            runtimes: str) -> None:
+    """Write a deployment package of MODEL: ONNX and OpenVINO IR in the layouts OpenVINO Model Server and Triton
+    serve as they are, a manifest with checksums, and a model card."""
+    from onnxcompress.packaging.build import build_package
+
+    folder = build_package(model, output, name=name, runtimes=tuple(_split((runtimes,))), reference=reference,
+                           data=eval_data, reads=(model, reference, eval_data))
+    click.echo(f"wrote {folder}")
+
+
+@cli.command("run")
+@click.argument("package_dir", metavar="PACKAGE", type=click.Path(path_type=Path))
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
+              help="An .npz of arrays named after the model's inputs (fed as they are, batch included).")
+@click.option("-o", "--output", type=_OutputFile(), required=True, help="An .npz of the outputs, by name.")
+@click.option("--runtime", type=click.Choice(["openvino", "onnxruntime"]), default="openvino", show_default=True)
+def run_package(package_dir: Path, input_path: Path, output: Path, runtime: str) -> None:
+    """Run a package on the arrays of an .npz, after verifying every file of the package."""
+    from onnxcompress.packaging.predictor import load_package, read_arrays, write_arrays
+    from onnxcompress.runtime.model_io import refuse_overwriting_reads
+
+    refuse_overwriting_reads([output], [input_path, *[p for p in package_dir.rglob("*") if p.is_file()]])
+    predictor = load_package(package_dir, runtime)
+    write_arrays(output, predictor(read_arrays(input_path)))
+    click.echo(f"wrote {output}")
 
 
 @cli.command()

@@ -75,6 +75,12 @@ class EvaluationError(OnnxCompressError):
     stage = "evaluate"
 
 
+class PackageError(OnnxCompressError):
+    """A deployment package that cannot be made, or one whose manifest or files fail verification."""
+
+    stage = "package"
+
+
 class TrainingError(OnnxCompressError):
     """Fine-tuning on the private onnxruntime-training runtime failed: artifact generation, a step, or the worker."""
 

@@ -31,9 +31,18 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def new_file_mode() -> int:
     """The mode a plain open() gives a new file: mkstemp's temporaries are 0600, a result should not be."""
+    return 0o666 & ~_umask()
+
+
+def new_folder_mode() -> int:
+    """The mode a plain mkdir() gives a new folder (mkdtemp's are 0700)."""
+    return 0o777 & ~_umask()
+
+
+def _umask() -> int:
     umask = os.umask(0o022)  # the umask can only be read by setting it
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
