@@ -214,3 +214,69 @@ def test_killing_the_package_step_never_leaves_a_complete_looking_folder(built: 
         if (tmp_path / "pkg").exists():
             verify_package(tmp_path / "pkg")
         assert all(p.name == "pkg" or p.name.startswith(".pkg.") for p in tmp_path.iterdir())
+
+
+def _tfidf_model(path: Path) -> Path:
+    """An op ONNX Runtime runs and OpenVINO cannot compile."""
+    from onnx import TensorProto
+
+    node = helper.make_node("TfIdfVectorizer", ["x"], ["y"], mode="TF", min_gram_length=1, max_gram_length=1,
+                            max_skip_count=0, ngram_counts=[0], ngram_indexes=[0, 1], pool_int64s=[2, 3])
+    graph = helper.make_graph([node], "tfidf", [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_a_runtime_the_model_cannot_run_in_is_named_and_can_be_left_out(tmp_path: Path) -> None:
+    _tfidf_model(tmp_path / "tfidf.onnx")
+    before = snapshot(tmp_path)
+    refused = run_cli(tmp_path, "package", "tfidf.onnx", "-o", "pkg")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "error: [package] the model does not compile in openvino" in refused.stderr
+    assert "--runtimes onnxruntime" in refused.stderr and snapshot(tmp_path) == before
+    made = run_cli(tmp_path, "package", "tfidf.onnx", "-o", "pkg", "--runtimes", "onnxruntime")
+    assert made.returncode == 0, made.stderr
+    manifest = verify_package(tmp_path / "pkg")
+    assert set(manifest.runtimes) == {"onnxruntime"} and manifest.openvino_ir is None
+    predictor = load_package(tmp_path / "pkg", runtime="onnxruntime")
+    np.testing.assert_array_equal(predictor({"x": np.array([[1, 2, 3, 2, 3, 4]], np.int64)})["y"], [[2.0, 2.0]])
+    with pytest.raises(PackageError, match="has no OpenVINO IR"):
+        load_package(tmp_path / "pkg", runtime="openvino")
+
+
+@pytest.mark.parametrize(("extra", "prepare", "message"), [
+    pytest.param(["--runtimes", "tensorrt"], None, "--runtimes takes onnxruntime, openvino; got tensorrt",
+                 id="unknown-runtime"),
+    pytest.param(["--name", "../up"], None, "invalid model name '../up'", id="bad-name"),
+    pytest.param([], lambda t: ((t / "pkg").mkdir(), (t / "pkg" / "notes.txt").write_text("mine")),
+                 "exists and is not a package", id="not-a-package"),
+    pytest.param([], lambda t: (t / "pkg").write_text("a file"), "exists and is not a package folder",
+                 id="output-is-a-file"),
+    pytest.param(["--data", "eval.npy"], lambda t: np.save(t / "eval.npy", np.zeros(3)),
+                 "evaluation data must be an .npz", id="data-not-npz"),
+    pytest.param(["--data", "eval.npz"],
+                 lambda t: np.savez(t / "eval.npz", image=np.zeros((2, 3, 16, 16), np.float32)),
+                 "unknown input(s) 'image'", id="data-wrong-input"),
+])
+def test_bad_package_requests_fail_cleanly_and_touch_nothing(built: dict[str, Path], tmp_path: Path,
+                                                             extra: list[str], prepare, message: str) -> None:
+    import shutil
+
+    shutil.copy(built["int8"], tmp_path / "model.onnx")
+    if prepare is not None:
+        prepare(tmp_path)
+    before = snapshot(tmp_path)
+    result = run_cli(tmp_path, "package", "model.onnx", "-o", "pkg", *extra)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: [") and message in result.stderr, result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_the_model_cannot_be_packaged_into_a_folder_that_holds_it(built: dict[str, Path], tmp_path: Path) -> None:
+    package = _copy(built["package"], tmp_path / "pkg")
+    with pytest.raises(PackageError, match="inside the package folder"):
+        build_package(package / "triton/tiny/1/model.onnx", package)
+    verify_package(package)
