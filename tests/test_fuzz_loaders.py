@@ -1,6 +1,6 @@
-"""Seeded fuzzing of the loaders (issue 11): mutated model files, .npz/.npy data and YAML/JSON configs, each
-derived from a valid seed. Every input must load or fail with an OnnxCompressError; any other exception (or a
-crash) is a bug. Derandomized and bounded, so CI runs the same cases every time in well under two minutes;
+"""Seeded fuzzing of the loaders (issue 11): mutated model files, .npz/.npy data, YAML/JSON configs and package
+manifests, each derived from a valid seed. Every input must load or fail with an OnnxCompressError; any other
+exception (or a crash) is a bug. Derandomized and bounded, so CI runs the same cases every time in well under two minutes;
 ONNXCOMPRESS_FUZZ_EXAMPLES=N runs N fresh random cases per loader instead (a longer hunt)."""
 
 from __future__ import annotations
@@ -149,3 +149,28 @@ def test_the_model_mutator_reaches_past_the_parser() -> None:
 
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (ONNX Runtime only) package of the tiny CNN, whose manifest the test mutates."""
+    from onnxcompress.packaging.build import build_package
+
+    folder = tmp_path_factory.mktemp("fuzz-package")
+    onnx.save(build_tiny_cnn(), folder / "model.onnx")
+    return build_package(folder / "model.onnx", folder / "pkg", runtimes=("onnxruntime",))
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_package_manifests_verify_or_fail_typed(package: Path, data: st.DataObject) -> None:
+    import shutil
+
+    from onnxcompress.packaging.manifest import verify_package
+
+    blob = data.draw(mutated((package / "manifest.json").read_bytes()))
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / "pkg"
+        shutil.copytree(package, copy)
+        (copy / "manifest.json").write_bytes(blob)
+        _expect_typed(lambda: verify_package(copy))
