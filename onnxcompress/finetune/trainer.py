@@ -38,6 +38,7 @@ from onnxcompress.data import model_inputs
 from onnxcompress.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from onnxcompress.finetune.data import Batch, LabelledData, LabelSpec
 from onnxcompress.finetune.loss import LABELS_INPUT, TEACHER_INPUT, LossBuilder, add_loss
+from onnxcompress.runtime.checksum import sha256_file
 from onnxcompress.runtime.model_io import external_data_files, static_dim
 from onnxcompress.runtime.outputs import write_text_atomic
 from onnxcompress.runtime.training import TrainingRuntimeSession
@@ -96,7 +97,7 @@ class RunState:
 
     def record(self, folder: Path, names: list[str]) -> None:
         for name in names:
-            self.files[name] = _sha256(folder / name)
+            self.files[name] = sha256_file(folder / name)
 
     def verify(self, folder: Path, entry: str) -> None:
         """CheckpointError unless the file or folder `entry` of `folder` holds exactly the files recorded, with
@@ -111,7 +112,7 @@ class RunState:
             change = "is missing" if name in recorded else "was not written by this run"
             raise CheckpointError(f"cannot resume: checkpoint file {folder / name} {change}")
         for name in sorted(recorded):
-            if _sha256(folder / name) != self.files[name]:
+            if sha256_file(folder / name) != self.files[name]:
                 raise CheckpointError(f"cannot resume: checkpoint file {folder / name} changed since it was written")
 
     def write(self, path: Path) -> None:
@@ -146,14 +147,6 @@ def _require_finite(parameters: dict[str, np.ndarray]) -> None:
     if bad:
         raise TrainingError(f"the trained parameters {', '.join(map(repr, bad[:5]))} hold NaN or infinite values; "
                             "nothing was exported (try a lower training.learning_rate)")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def learning_rate_at(step: int, steps_per_epoch: int, config: TrainingConfig) -> float:

@@ -27,9 +27,10 @@ import onnx
 
 from onnxcompress.errors import PackageError, first_line
 from onnxcompress.packaging.card import measure_card
-from onnxcompress.packaging.manifest import (COMPRESSION_METADATA, FORMAT_VERSION, MANIFEST, Manifest, RuntimeReport, Serving, TensorSpec,
-                                             read_manifest, sha256)
+from onnxcompress.packaging.manifest import (COMPRESSION_METADATA, FORMAT_VERSION, MANIFEST, Manifest,
+                                             RuntimeReport, Serving, TensorSpec, read_manifest)
 from onnxcompress.portability import check_portability
+from onnxcompress.runtime.checksum import sha256_file
 from onnxcompress.runtime.model_io import load_model, runtime_source, save_model, static_dim
 from onnxcompress.runtime.outputs import new_folder_mode, write_text_atomic
 
@@ -78,12 +79,12 @@ def _write_contents(staging: Path, model: onnx.ModelProto, source: Path, name: s
         ir = export_openvino(onnx_path, staging / "openvino" / name / "1", name="model")
     card = measure_card(onnx_path, ir, runtimes, reference=reference, data=data, folder=staging)
     (staging / "README.md").write_text(card.render(name, reports, check_portability(model).describe()))
-    files = {str(p.relative_to(staging)): sha256(p) for p in sorted(staging.rglob("*"))
+    files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     portability = check_portability(model)
     return Manifest(
         format_version=FORMAT_VERSION, name=name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source_sha256=sha256(source), versions=_versions(), inputs=_specs(model, inputs=True),
+        source_sha256=sha256_file(source), versions=_versions(), inputs=_specs(model, inputs=True),
         outputs=_specs(model, inputs=False), compression=_compression(model),
         onnx_model=str(onnx_path.relative_to(staging)),
         openvino_ir=str(ir.relative_to(staging)) if ir is not None else None, runtimes=reports,

@@ -7,7 +7,6 @@ the folder holds no file the manifest does not list. Nothing outside the folder 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -15,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from onnxcompress.errors import PackageError
+from onnxcompress.runtime.checksum import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -68,14 +68,6 @@ class Manifest(_Frozen):
     files: dict[str, str] = Field(description="SHA-256 of every other file of the package, by relative path.")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(folder: Path) -> Manifest:
     """The parsed manifest of `folder`; PackageError when it is missing, malformed or of an unknown version."""
     path = folder / MANIFEST
@@ -118,7 +110,7 @@ def verify_package(folder: str | Path) -> Manifest:
     if extra:
         raise PackageError(f"{folder} holds a file the manifest does not list: {extra[0]}")
     for name, path in listed.items():
-        if sha256(path) != manifest.files[name]:
+        if sha256_file(path) != manifest.files[name]:
             raise PackageError(f"package file {name} was changed: its SHA-256 differs from the manifest's")
     for name in (manifest.onnx_model, *([manifest.openvino_ir] if manifest.openvino_ir else [])):
         if name not in listed:
