@@ -108,7 +108,7 @@ def _report(runtime: str, model: onnx.ModelProto) -> RuntimeReport:
             layers = int8_summary(runtime_precisions(compile_model(checked)))
             detail = ", ".join(f"{kind} {i8}/{total}" for kind, (i8, total) in layers.by_type.items())
             return RuntimeReport(compiled=True, int8_layers=layers.int8_count, heavy_layers=layers.heavy_total,
-                                 detail=detail)
+                                 detail=detail, not_int8=layers.not_int8)
     except Exception as error:  # runtimes raise assorted types for models they refuse
         others = ",".join(r for r in RUNTIMES if r != runtime)
         raise PackageError(f"the model does not compile in {runtime}: {first_line(error)}; leave that runtime out "

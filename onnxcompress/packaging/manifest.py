@@ -40,7 +40,8 @@ class RuntimeReport(_Frozen):
     compiled: bool = Field(description="Whether the model compiled in this runtime.")
     int8_layers: int = Field(0, description="Heavy layers (Conv, FullyConnected/Gemm, MatMul) running INT8.")
     heavy_layers: int = Field(0, description="All heavy layers.")
-    detail: str = Field("", description="The runtime's own summary, or why it did not compile.")
+    detail: str = Field("", description="Heavy layers by kind, INT8 and not.")
+    not_int8: tuple[str, ...] = Field((), description="Names of the heavy layers that do not run INT8 (OpenVINO).")
 
 
 class Serving(_Frozen):
