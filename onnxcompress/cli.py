@@ -138,6 +138,7 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
 @click.option("--train", "train_data", help="Training data: .npz (model inputs + labels) or a folder of .npy files.")
 @click.option("--val", "val_data", help="Validation data, same form.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Override training.epochs.")
+@click.option("--labels", "label_name", help="Name of the label array in the data (training.labels; default labels).")
 @_TARGET_OPTION
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path),
               help="Checkpoints and run state (default: <output>.checkpoints).")
@@ -145,8 +146,8 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
 @click.option("--report", type=_OutputFile(), help="Write metrics, history and export errors as JSON.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def finetune(model: Path, output: Path | None, config_file: Path | None, train_data: str | None,
-             val_data: str | None, epochs: int | None, target: str | None, checkpoint_dir: Path | None, resume: bool,
-             report: Path | None, no_progress: bool) -> None:
+             val_data: str | None, epochs: int | None, label_name: str | None, target: str | None,
+             checkpoint_dir: Path | None, resume: bool, report: Path | None, no_progress: bool) -> None:
     """Compress MODEL and fine-tune it (quantization-aware training); writes the deployable model."""
     from onnxcompress.api import finetune as run_finetune
     from onnxcompress.config import FinetuneConfig, read_config_file
@@ -154,8 +155,9 @@ def finetune(model: Path, output: Path | None, config_file: Path | None, train_d
 
     values = read_config_file(config_file) if config_file else {}
     training = values.get("training", {})
-    if epochs is not None and isinstance(training, dict):  # a malformed section is left for validation to report
-        values = {**values, "training": {**training, "epochs": epochs}}
+    flags = {key: value for key, value in (("epochs", epochs), ("labels", label_name)) if value is not None}
+    if flags and isinstance(training, dict):  # a malformed section is left for validation to report
+        values = {**values, "training": {**training, **flags}}
     if target is not None:
         algorithms = values.get("compression", [{"algorithm": "quantization"}])
         if isinstance(algorithms, list) and all(isinstance(a, dict) for a in algorithms):

@@ -357,9 +357,10 @@ def _error(exc: BaseException) -> JsonDict:
     missing = _MISSING_GRADIENT.search(message)
     if missing:
         message = (
-            f"no gradient is registered for op {missing.group(1)} (node {missing.group(2)!r}), which lies between a "
-            "trainable parameter and the loss: register one (register_gradient; IDENTITY_GRADIENT is a "
-            "straight-through estimator) or freeze the parameters before it"
+            f"onnxruntime-training 1.19.2 cannot differentiate op {missing.group(1)} (node {missing.group(2)!r}), "
+            "which lies between a trainable parameter and the loss; onnxcompress gives the ops real models use a "
+            "differentiable form (README, fine-tuning), but not this one yet. From Python, "
+            "TrainingRuntimeSession.register_gradient defines one (IDENTITY_GRADIENT: a straight-through estimator)"
         )
     return {"type": type(exc).__name__, "message": message}
 

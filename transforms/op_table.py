@@ -76,6 +76,8 @@ class OpSpec:
     #: value says which weights are neighbours. Depthwise convolutions run a widening kernel instead
     #: (`int16_pair_accumulation` resolves it). Measured with bench/isa_probe.py under an emulated AVX2 CPU.
     int16_pairs: PairOrder | None = None
+    #: Inputs besides the weight and bias that hold parameters fine-tuning trains (a constant there is trainable).
+    trained_ports: tuple[int, ...] = ()
 
 
 _PASSTHROUGH = OpSpec(Role.PASSTHROUGH)
@@ -110,6 +112,9 @@ OP_TABLE: dict[str, OpSpec] = {
     "Identity": _LAYOUT,
     "Add": OpSpec(Role.ELTWISE_ADD, activation_ports=(0, 1)),
     "Concat": OpSpec(Role.CONCAT, activation_ports=()),
+    # Float ops with learned parameters: LayerNorm's scale and bias, PRelu's slope.
+    "LayerNormalization": OpSpec(Role.FLOAT, activation_ports=(), trained_ports=(1, 2)),
+    "PRelu": OpSpec(Role.FLOAT, activation_ports=(), trained_ports=(1,)),
 }
 
 #: Ops whose output is never negative.

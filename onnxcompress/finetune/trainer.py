@@ -43,6 +43,7 @@ from onnxcompress.runtime.model_io import external_data_files, static_dim
 from onnxcompress.runtime.outputs import write_text_atomic
 from onnxcompress.runtime.training import TrainingRuntimeSession
 from onnxcompress.transforms.op_table import Role, spec
+from onnxcompress.transforms.passes import differentiable_forms
 
 MetricFunction = Callable[[np.ndarray, np.ndarray], float]
 RUN_STATE = "run.json"
@@ -167,7 +168,7 @@ def build_training_model(model: onnx.ModelProto, settings: TrainingConfig, compr
     """`model` with the loss of `settings` (its first output becomes `loss`) in the form the training runtime
     differentiates."""
     graph = gs.import_onnx(model)
-    _expose_layer_norm_statistics(graph)
+    differentiable_forms(graph)
     add_loss(graph, task=settings.loss, distillation=settings.distillation, compression_losses=compression_losses,
              custom=custom_loss)
     training_model = export_graph(graph, model)
@@ -177,15 +178,14 @@ def build_training_model(model: onnx.ModelProto, settings: TrainingConfig, compr
 
 
 def trainable_weights(model: onnx.ModelProto) -> list[str]:
-    """Float constants the task trains: weights and biases of compute ops (op table) and LayerNorm affines."""
+    """Float constants the task trains: weights and biases of compute ops, and the op table's `trained_ports`
+    (LayerNorm affines, PRelu slopes)."""
     graph = gs.import_onnx(model)
     names: dict[str, None] = {}
     for node in graph.nodes:
         entry = spec(node)
         ports = [entry.weight_port, entry.bias_port] if entry.role is Role.COMPUTE else []
-        if node.op == "LayerNormalization":
-            ports = [1, 2]
-        for port in ports:
+        for port in [*ports, *entry.trained_ports]:
             if port is not None and port < len(node.inputs):
                 tensor = node.inputs[port]
                 if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32:
@@ -442,14 +442,6 @@ class Trainer:
                                      for feeds, _ in self.val.batches(self.settings.eval_batch_size)])
             errors.append(float(np.abs(logits - fake_quantized).max() / value_range))
         return errors[0], errors[1]
-
-
-def _expose_layer_norm_statistics(graph: gs.Graph) -> None:
-    """onnxruntime-training's LayerNormalization gradient reads the optional Mean and InvStdDev outputs."""
-    for node in graph.nodes:
-        if node.op == "LayerNormalization" and len(node.outputs) == 1:
-            node.outputs += [gs.Variable(f"{node.name}.mean", dtype=np.float32),
-                             gs.Variable(f"{node.name}.inv_std_dev", dtype=np.float32)]
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -167,3 +167,54 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(
                                                                     rel=1e-6)
     for a, b in zip(straight.model.graph.initializer, resumed.model.graph.initializer, strict=True):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), err_msg=a.name)
+
+
+def _mobile_block(seed: int = 0) -> onnx.ModelProto:
+    """x[N,3,16,16] → Conv → HardSwish → depthwise Conv → squeeze-excitation (GlobalAveragePool → Conv → PRelu →
+    Conv → HardSigmoid → Mul with the trunk) → HardSwish → GlobalAveragePool → Flatten → Gemm: the ops of
+    MobileNetV3-style models that onnxruntime-training cannot differentiate as they are."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, *shape: int, scale: float = 0.3) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["c1"], ["h1"], name="hswish1"),
+             helper.make_node("Conv", ["h1", "dw.w", "dw.b"], ["dw"], name="dw", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["dw"], ["se_in"], name="se_pool"),
+             helper.make_node("Conv", ["se_in", "se1.w", "se1.b"], ["se1"], name="se1"),
+             helper.make_node("PRelu", ["se1", "se.slope"], ["se_act"], name="se_prelu"),
+             helper.make_node("Conv", ["se_act", "se2.w", "se2.b"], ["se2"], name="se2"),
+             helper.make_node("HardSigmoid", ["se2"], ["gate"], name="se_gate", alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["dw", "gate"], ["scaled"], name="se_scale"),
+             helper.make_node("HardSwish", ["scaled"], ["h2"], name="hswish2"),
+             helper.make_node("GlobalAveragePool", ["h2"], ["pooled"], name="gap"),
+             helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1)]
+    initializers = [weight("c1.w", 8, 3, 3, 3), weight("c1.b", 8, scale=0.1), weight("dw.w", 8, 1, 3, 3),
+                    weight("dw.b", 8, scale=0.1), weight("se1.w", 4, 8, 1, 1), weight("se1.b", 4, scale=0.1),
+                    numpy_helper.from_array(np.full((4, 1, 1), 0.25, np.float32), "se.slope"),
+                    weight("se2.w", 8, 4, 1, 1), weight("se2.b", 8, scale=0.1), weight("fc.w", 10, 8),
+                    weight("fc.b", 10, scale=0.1)]
+    graph = helper.make_graph(nodes, "mobile_block",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_qat_of_a_squeeze_excitation_hardswish_block(runtime: TrainingRuntime, tmp_path: Path) -> None:
+    """HardSwish, HardSigmoid and PRelu train in their differentiable forms; the export keeps the original ops and
+    equals the fake-quantized model."""
+    model = _mobile_block()
+    result = finetune(model, cnn_data(model, 128, 1), cnn_data(model, 64, 2), config(epochs=1),
+                      checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert result.best_metric >= 0.8
+    assert result.export_error_float_path < 1e-6
+    ops = {node.op_type for node in result.model.graph.node}
+    assert {"HardSwish", "HardSigmoid", "PRelu"} <= ops and "Clip" not in ops
+    trained = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert not np.array_equal(trained["se.slope"], np.full((4, 1, 1), 0.25, np.float32))  # the slope trained

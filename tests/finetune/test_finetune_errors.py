@@ -159,7 +159,7 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "checkpoint-folder-unwritable": (case_checkpoint_folder_unwritable, "output",
                                      ("checkpoint folder plainfile/ckpt is not writable",)),
     "nothing-to-resume": (case_nothing_to_resume, "config", ("nothing to resume",)),
-    "op-without-gradient": (case_op_without_gradient, "training", ("no gradient is registered for op Sign",
+    "op-without-gradient": (case_op_without_gradient, "training", ("cannot differentiate op Sign",
                                                                    "'sign_gate'")),
     "nan-in-training-data": (case_nan_in_training_data, "data", ("training data", "input 'x' of sample 5",
                                                                  "NaN or infinite")),
@@ -274,3 +274,16 @@ def test_ctrl_c_during_finetune_leaves_no_output_and_a_resumable_folder_or_none(
                 state.verify(folder, name)
             shutil.rmtree(folder)
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_a_label_array_of_another_name_is_named_with_a_flag(tmp_path: Path) -> None:
+    args = _setup(tmp_path, {"training": {"epochs": 1}})
+    for name in ("train.npz", "val.npz"):
+        with np.load(tmp_path / name) as stored:
+            arrays = dict(stored)
+        np.savez(tmp_path / name, x=arrays["x"], target=arrays["labels"])
+    refused = run_cli(tmp_path, *args)
+    assert refused.returncode == 2 and "missing ['labels']" in refused.stderr
+    accepted = run_cli(tmp_path, *args, "--labels", "target")
+    assert accepted.returncode == 0, accepted.stderr
+    assert (tmp_path / OUTPUT).is_file()

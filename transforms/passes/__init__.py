@@ -6,6 +6,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcompress.transforms.passes.differentiable_forms import differentiable_forms
 from onnxcompress.transforms.passes.fold_batchnorm import fold_batchnorm
 from onnxcompress.transforms.passes.fold_channel_affine import fold_channel_affine
 from onnxcompress.transforms.passes.fold_constants import fold_constants
@@ -19,7 +20,7 @@ from onnxcompress.transforms.passes.unknown_dims import name_unknown_dims
 GRAPH_PASSES = (remove_identity, fold_constants, fold_batchnorm, fold_channel_affine, sum_to_add, relu_before_concat,
                 name_nodes)
 
-__all__ = ["fold_batchnorm", "fold_channel_affine", "fold_constants", "infer_shapes", "name_nodes", "relu_before_concat",
+__all__ = ["differentiable_forms", "fold_batchnorm", "fold_channel_affine", "fold_constants", "infer_shapes", "name_nodes", "relu_before_concat",
            "remove_identity", "sum_to_add", "name_unknown_dims", "preprocess", "GRAPH_PASSES"]
 
 
