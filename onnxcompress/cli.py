@@ -343,12 +343,13 @@ def package(model: Path, output: Path, name: str | None, reference: Path | None,
 @click.option("--runtime", type=click.Choice(["openvino", "onnxruntime"]), default="openvino", show_default=True)
 def run_package(package_dir: Path, input_path: Path, output: Path, runtime: str) -> None:
     """Run a package on the arrays of an .npz, after verifying every file of the package."""
-    from onnxcompress.packaging.predictor import load_package, read_arrays, write_arrays
+    from onnxcompress.data import read_npz
+    from onnxcompress.packaging.predictor import load_package, write_arrays
     from onnxcompress.runtime.model_io import refuse_overwriting_reads
 
     refuse_overwriting_reads([output], [input_path, *[p for p in package_dir.rglob("*") if p.is_file()]])
     predictor = load_package(package_dir, runtime)
-    write_arrays(output, predictor(read_arrays(input_path)))
+    write_arrays(output, predictor(read_npz(input_path)))
     click.echo(f"wrote {output}")
 
 

@@ -180,7 +180,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except RecursionError:
         raise ConfigError(f"config file {path} nests deeper than the parser can follow") from None
     if _depth(data) > MAX_CONFIG_DEPTH:
-        raise ConfigError(f"config file {path} nests deeper than {MAX_CONFIG_DEPTH} levels, or a YAML alias refers to itself")
+        raise ConfigError(f"config file {path} nests deeper than {MAX_CONFIG_DEPTH} levels, or a YAML alias refers "
+                          "to itself")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -219,6 +219,20 @@ def _member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tup
     return shape, fortran, dtype, header_size
 
 
+def read_npz(path: str | os.PathLike, *, limit: int | None = None) -> dict[str, np.ndarray]:
+    """Every array of an .npz, whole (the first `limit` samples of each), after `check_npz`; DatasetError on a
+    missing, corrupt or forged file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"data file not found: {path}")
+    try:
+        check_npz(path)
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name][:limit] for name in archive.files}
+    except ARCHIVE_ERRORS as error:
+        raise DatasetError(f"cannot read {path}: {error}") from None
+
+
 def _check_member_size(name: str, shape: tuple[int, ...], dtype: np.dtype, info: zipfile.ZipInfo,
                        header_size: int) -> None:
     """Refuse a member whose header declares more data than the archive holds for it, objects, or (when it must

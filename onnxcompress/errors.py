@@ -104,8 +104,8 @@ class InternalError(OnnxCompressError):
 
     def __init__(self, command: str, cause: BaseException) -> None:
         self.stage = command
-        super().__init__(f"unexpected {type(cause).__name__}: {first_line(cause)} — this is a bug in onnxcompress; please report "
-                         f"it with the output of `onnxcompress --debug {command} ...`")
+        super().__init__(f"unexpected {type(cause).__name__}: {first_line(cause)} — this is a bug in onnxcompress; "
+                         f"please report it with the output of `onnxcompress --debug {command} ...`")
 
 
 def first_line(error: BaseException) -> str:

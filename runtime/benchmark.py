@@ -401,8 +401,7 @@ def _ort_variant(model: str, source: RuntimeSource, feeds: Mapping[str, np.ndarr
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # the QDQ "consider pre-processing" chatter is not actionable here
     try:
-        session = ort.InferenceSession(source.readable, options,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source.readable, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph types
         raise BenchmarkError(f"{label}: ONNX Runtime could not load the model: {exc}") from exc
     return _Variant(label, model, "onnxruntime", ORT_BACKEND, "n/a", LATENCY, _OrtRunner(session, feeds))

@@ -15,8 +15,7 @@ from onnxcompress.runtime.openvino import compile_model
 def predict_onnxruntime(model: str | os.PathLike, inputs: Mapping[str, np.ndarray], batch: int = 64) -> np.ndarray:
     """Logits of the first output for every sample of `inputs` (axis 0 enumerates samples)."""
     with runtime_source(model) as source:
-        session = ort.InferenceSession(source.readable,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source.readable, providers=["CPUExecutionProvider"])
     count = len(next(iter(inputs.values())))
     return np.concatenate([session.run(None, {k: v[i:i + batch] for k, v in inputs.items()})[0]
                            for i in range(0, count, batch)])

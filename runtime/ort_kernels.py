@@ -38,17 +38,16 @@ class OrtKernelSummary:
         return f"integer kernels: {integer}; float heavy ops: {floating}"
 
 
-def ort_kernel_summary(model_path: str | os.PathLike | RuntimeSource) -> OrtKernelSummary:
-    """Optimize `model_path` with ONNX Runtime (CPU) and count integer versus float heavy ops."""
+def ort_kernel_summary(model: str | os.PathLike | RuntimeSource) -> OrtKernelSummary:
+    """Optimize `model` with ONNX Runtime (CPU) and count integer versus float heavy ops."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="onnxcompress-ort-") as folder:
         optimized = Path(folder) / "optimized.onnx"
         options.optimized_model_filepath = str(optimized)
-        with runtime_source(model_path) as source:
-            ort.InferenceSession(source.readable, options,
-                                 providers=["CPUExecutionProvider"])
+        with runtime_source(model) as source:
+            ort.InferenceSession(source.readable, options, providers=["CPUExecutionProvider"])
         ops = Counter(node.op_type for node in onnx.load(str(optimized), load_external_data=False).graph.node)
     return OrtKernelSummary(
         integer=Counter({op: n for op, n in ops.items() if op in INTEGER_KERNELS}),

@@ -31,7 +31,7 @@ from onnxcompress.packaging.manifest import (COMPRESSION_METADATA, FORMAT_VERSIO
                                              RuntimeReport, Serving, TensorSpec, read_manifest)
 from onnxcompress.portability import check_portability
 from onnxcompress.runtime.checksum import sha256_file
-from onnxcompress.runtime.model_io import load_model, runtime_source, save_model, static_dim
+from onnxcompress.runtime.model_io import RuntimeSource, load_model, runtime_source, save_model, static_dim
 from onnxcompress.runtime.outputs import new_folder_mode, write_text_atomic
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -71,17 +71,18 @@ def _write_contents(staging: Path, model: onnx.ModelProto, source: Path, name: s
     (staging / "triton" / name / "1").mkdir(parents=True)
     onnx_path = save_model(model, staging / "triton" / name / "1" / "model.onnx")
     (staging / "triton" / name / "config.pbtxt").write_text(triton_config(model, name))
-    reports = {runtime: _report(runtime, model) for runtime in runtimes}
+    with runtime_source(model) as checked:  # serialized once for both runtimes
+        reports = {runtime: _report(runtime, checked) for runtime in runtimes}
     ir = None
     if "openvino" in runtimes:
         from onnxcompress.runtime.openvino import export_openvino
 
         ir = export_openvino(onnx_path, staging / "openvino" / name / "1", name="model")
-    card = measure_card(onnx_path, ir, runtimes, reference=reference, data=data, folder=staging)
-    (staging / "README.md").write_text(card.render(name, reports, check_portability(model).describe()))
+    portability = check_portability(model)
+    card = measure_card(model, onnx_path, runtimes, reference=reference, data=data, folder=staging)
+    (staging / "README.md").write_text(card.render(name, reports, portability.describe()))
     files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    portability = check_portability(model)
     return Manifest(
         format_version=FORMAT_VERSION, name=name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         source_sha256=sha256_file(source), versions=_versions(), inputs=_specs(model, inputs=True),
@@ -92,23 +93,22 @@ def _write_contents(staging: Path, model: onnx.ModelProto, source: Path, name: s
         serving=Serving(openvino_model_server=f"openvino/{name}", triton_model_repository="triton"), files=files)
 
 
-def _report(runtime: str, model: onnx.ModelProto) -> RuntimeReport:
+def _report(runtime: str, checked: RuntimeSource) -> RuntimeReport:
     """Compile the model in `runtime` and count its INT8 heavy layers; PackageError naming the runtime if it fails."""
     try:
-        with runtime_source(model) as checked:
-            if runtime == "onnxruntime":
-                from onnxcompress.runtime.ort_kernels import ort_kernel_summary
+        if runtime == "onnxruntime":
+            from onnxcompress.runtime.ort_kernels import ort_kernel_summary
 
-                summary = ort_kernel_summary(checked)
-                integer = sum(summary.integer.values())
-                return RuntimeReport(compiled=True, int8_layers=integer,
-                                     heavy_layers=integer + sum(summary.float.values()), detail=summary.describe())
-            from onnxcompress.runtime.openvino import compile_model, int8_summary, runtime_precisions
+            summary = ort_kernel_summary(checked)
+            integer = sum(summary.integer.values())
+            return RuntimeReport(compiled=True, int8_layers=integer,
+                                 heavy_layers=integer + sum(summary.float.values()), detail=summary.describe())
+        from onnxcompress.runtime.openvino import compile_model, int8_summary, runtime_precisions
 
-            layers = int8_summary(runtime_precisions(compile_model(checked)))
-            detail = ", ".join(f"{kind} {i8}/{total}" for kind, (i8, total) in layers.by_type.items())
-            return RuntimeReport(compiled=True, int8_layers=layers.int8_count, heavy_layers=layers.heavy_total,
-                                 detail=detail, not_int8=layers.not_int8)
+        layers = int8_summary(runtime_precisions(compile_model(checked)))
+        detail = ", ".join(f"{kind} {i8}/{total}" for kind, (i8, total) in layers.by_type.items())
+        return RuntimeReport(compiled=True, int8_layers=layers.int8_count, heavy_layers=layers.heavy_total,
+                             detail=detail, not_int8=layers.not_int8)
     except Exception as error:  # runtimes raise assorted types for models they refuse
         others = ",".join(r for r in RUNTIMES if r != runtime)
         raise PackageError(f"the model does not compile in {runtime}: {first_line(error)}; leave that runtime out "

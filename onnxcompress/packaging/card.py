@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
-from onnxcompress.data import check_npz, model_inputs, validate_feed
+from onnxcompress.data import model_inputs, read_npz, validate_feed
 from onnxcompress.errors import DatasetError
 from onnxcompress.packaging.manifest import RuntimeReport
-from onnxcompress.runtime.model_io import load_model, model_file_size
+from onnxcompress.runtime.model_io import model_file_size
 
 LABELS = "labels"
 PLOT = "before_after.png"
@@ -63,31 +64,27 @@ class ModelCard:
         return f"| {label} | {cells[0]} | {cells[1]} |"
 
 
-def measure_card(onnx_path: Path, ir: Path | None, runtimes: tuple[str, ...], *, reference: str | os.PathLike | None,
-                 data: str | os.PathLike | None, folder: Path) -> ModelCard:
+def measure_card(model: onnx.ModelProto, onnx_path: Path, runtimes: tuple[str, ...], *,
+                 reference: str | os.PathLike | None, data: str | os.PathLike | None, folder: Path) -> ModelCard:
+    """The card's numbers for the packaged `model` (written at `onnx_path`), the plot written into `folder`."""
     card = ModelCard(size_bytes={"packaged": model_file_size(onnx_path)})
     if reference is not None:
         card.size_bytes["reference"] = model_file_size(reference)
         card.latency_ms = _latencies(Path(reference), onnx_path, runtimes)
     if data is not None:
-        _measure_accuracy(card, onnx_path, reference, Path(data))
+        _measure_accuracy(card, model, reference, Path(data))
     if reference is not None or data is not None:
         card.plot = _plot(card, folder / PLOT)
     return card
 
 
-def load_eval_data(path: Path, model_path: Path) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+def load_eval_data(path: Path, model: onnx.ModelProto) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
     """Single-sample feeds of an .npz (at most MAX_SAMPLES) checked against the model, and its labels if any."""
     if path.suffix != ".npz" or not path.is_file():
         raise DatasetError(f"evaluation data must be an .npz file of per-input arrays (and `labels`), got {path}")
-    try:
-        check_npz(path)
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name][:MAX_SAMPLES] for name in archive.files}
-    except (OSError, ValueError) as error:
-        raise DatasetError(f"cannot read {path}: {error}") from None
+    arrays = read_npz(path, limit=MAX_SAMPLES)
     labels = arrays.pop(LABELS, None)
-    inputs = model_inputs(load_model(model_path))
+    inputs = model_inputs(model)
     count = len(next(iter(arrays.values()), []))
     feeds = [validate_feed({k: v[i:i + 1] for k, v in arrays.items()}, inputs, i) for i in range(count)]
     if not feeds:
@@ -95,7 +92,8 @@ def load_eval_data(path: Path, model_path: Path) -> tuple[list[dict[str, np.ndar
     return feeds, labels
 
 
-def _measure_accuracy(card: ModelCard, packaged: Path, reference: str | os.PathLike | None, data: Path) -> None:
+def _measure_accuracy(card: ModelCard, packaged: onnx.ModelProto, reference: str | os.PathLike | None,
+                      data: Path) -> None:
     feeds, labels = load_eval_data(data, packaged)
     card.samples = len(feeds)
     outputs = {"packaged": _first_outputs(packaged, feeds)}
@@ -113,7 +111,7 @@ def _measure_accuracy(card: ModelCard, packaged: Path, reference: str | os.PathL
         card.accuracy = {"reference": 1.0, "packaged": float(cosine.mean())}
 
 
-def _first_outputs(model: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+def _first_outputs(model: onnx.ModelProto | Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     import onnxruntime as ort
 
     from onnxcompress.runtime.model_io import runtime_source

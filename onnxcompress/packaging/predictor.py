@@ -103,21 +103,6 @@ def check_feeds(manifest: Manifest, feeds: Mapping[str, np.ndarray]) -> dict[str
     return checked
 
 
-def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The arrays of an .npz, each whole, after its headers were checked against the archive."""
-    from onnxcompress.data import ARCHIVE_ERRORS, check_npz
-
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"input file not found: {path}")
-    try:
-        check_npz(path)
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except ARCHIVE_ERRORS as error:
-        raise DatasetError(f"cannot read {path}: {error}") from None
-
-
 def write_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
     """Write `arrays` as an .npz, atomically."""
     import io
