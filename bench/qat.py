@@ -4,7 +4,8 @@
    QAT INT8 and QAT W4A8 (`onnxcompress finetune` with the sample configs in models/configs/);
 2. for each QAT export: max |exported - fake-quantized| logits relative to the logit range (ORT float path and
    ORT integer kernels), OpenVINO INT8 coverage of Conv/MatMul layers and top-1 agreement OpenVINO vs ORT;
-3. training-step time, FP32 vs QAT graph, same runtime, batch, data and loss, interleaved rounds (medians);
+3. training-step time, FP32 vs QAT vs magnitude sparsity + QAT graph, same runtime, batch, data and loss,
+   interleaved rounds (medians);
 4. kill -9 of a `finetune` run in the middle of its second epoch, `--resume`, and the final metric and
    weights compared with the uninterrupted INT8 run.
 
@@ -30,7 +31,8 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_DIR, log, write_json  # noqa: E402
 
-from onnxcompress.compression.registry import create_compressed_model  # noqa: E402
+from onnxcompress.compression.api import BuildContext  # noqa: E402
+from onnxcompress.compression.registry import CompressedModel, create_compressed_model  # noqa: E402
 from onnxcompress.config import FinetuneConfig  # noqa: E402
 from onnxcompress.finetune.loss import LABELS_INPUT, TEACHER_INPUT  # noqa: E402
 from onnxcompress.finetune.trainer import build_training_model, trainable_weights  # noqa: E402
@@ -67,33 +69,36 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def step_times(out: Path, rounds: int, steps: int) -> dict:
-    """Median seconds per training step of the FP32 graph and of the QAT graph (batch 32, same data and loss)."""
+    """Median seconds per training step of the FP32 graph, the QAT graph and the magnitude-sparsity + QAT graph
+    (batch 32, same data and loss)."""
     digits = sample("digits_cnn")
-    config = FinetuneConfig.from_file(CONFIGS / "digits_qat_int8.yaml")
-    settings = config.training
-    model = onnx.load(digits.model_path)
     with np.load(digits.train_path) as data:
         x, y = data["input"], data["labels"]
-    compressed = create_compressed_model(
-        model, config.compression, lambda: ({"input": x[i:i + 1]} for i in range(300)),
-        learning_rate=settings.learning_rate, optimizer=settings.optimizer.value, total=300, progress=False)
-    weights = trainable_weights(compressed.float_model)
+    model = onnx.load(digits.model_path)
+    compressed = {name: _compressed(model, CONFIGS / config, x)
+                  for name, config in (("qat", "digits_qat_int8.yaml"), ("sparsity_qat", "digits_sparsity_int8.yaml"))}
+    settings = FinetuneConfig.from_file(CONFIGS / "digits_qat_int8.yaml").training
+    float_model = compressed["qat"].float_model
+    weights = trainable_weights(float_model)
     feeds = {"input": x[:settings.batch_size], LABELS_INPUT: y[:settings.batch_size]}
     if settings.distillation.enabled:
-        teacher = ort.InferenceSession(compressed.float_model.SerializeToString())
+        teacher = ort.InferenceSession(float_model.SerializeToString())
         feeds[TEACHER_INPUT] = teacher.run(None, {"input": feeds["input"]})[0]
-    graphs = {"fp32": (build_training_model(compressed.float_model, settings, []), weights),
-              "qat": (build_training_model(compressed.training_model, settings, compressed.loss_outputs),
-                      weights + list(compressed.compression_parameters))}
+    graphs = {"fp32": (build_training_model(float_model, settings, []), None)}
+    graphs.update({name: (build_training_model(c.training_model, settings, c.loss_outputs), c)
+                   for name, c in compressed.items()})
     sessions = {}
-    for name, (training_model, trainable) in graphs.items():
+    for name, (training_model, stack) in graphs.items():
         session = TrainingRuntimeSession()
-        session.register_gradient("Round")
         path = out / f"step-{name}.onnx"
         path.write_bytes(training_model.SerializeToString())
         shutil.rmtree(out / f"step-artifacts-{name}", ignore_errors=True)
+        for op_type, definition in (stack.gradients if stack else {}).items():
+            session.register_gradient(op_type, definition)
+        trainable = weights + list(stack.trainable_parameters) if stack else weights
+        frozen = list(stack.frozen_parameters) if stack else []
         artifacts = session.generate_artifacts(path, out / f"step-artifacts-{name}", trainable=trainable,
-                                               loss="none")
+                                               frozen=frozen, loss="none")
         session.open(artifacts.directory, learning_rate=1e-5)
         for _ in range(3):
             session.train_step(feeds)
@@ -109,7 +114,17 @@ def step_times(out: Path, rounds: int, steps: int) -> dict:
         session.close()
     medians = {name: float(np.median(values)) for name, values in times.items()}
     return {"batch_size": settings.batch_size, "rounds": rounds, "steps_per_round": steps,
-            "seconds_per_step": medians, "all_rounds": times, "qat_over_fp32": medians["qat"] / medians["fp32"]}
+            "seconds_per_step": medians, "all_rounds": times, "qat_over_fp32": medians["qat"] / medians["fp32"],
+            "sparsity_qat_over_qat": medians["sparsity_qat"] / medians["qat"]}
+
+
+def _compressed(model: onnx.ModelProto, config_path: Path, x: np.ndarray) -> CompressedModel:
+    config = FinetuneConfig.from_file(config_path)
+    settings = config.training
+    context = BuildContext(settings.learning_rate, settings.optimizer.value, len(x) // settings.batch_size, 300,
+                           progress=False)
+    return create_compressed_model(model, config.compression, lambda: ({"input": x[i:i + 1]} for i in range(300)),
+                                   context)
 
 
 def kill_and_resume(out: Path, reference: Path) -> dict:

@@ -51,6 +51,18 @@ _SAMPLES: dict[str, tuple[str, str, str, str, str]] = {
         "32x32; input 'input' [N,1,32,32] = pixel/16, output 'logits' [N,10]. "
         "Rebuild with `python -m onnxcompress.models.digits_cnn`.",
     ),
+    "digits_mobile": (
+        "digits_mobile.onnx",
+        "digits_calib.npz",
+        "digits_test.npz",
+        "digits_train.npz",
+        (
+            "MobileNetV3-style classifier (inverted residuals with depthwise Conv, squeeze-excitation with "
+            "HardSigmoid, HardSwish, unfolded BN, residual Add) on the digits_cnn data; input 'input' "
+            "[N,1,32,32] = pixel/16, output 'logits' [N,10]. "
+            "Rebuild with `python -m onnxcompress.models.digits_mobile`."
+        ),
+    ),
 }
 
 

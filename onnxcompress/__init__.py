@@ -1,7 +1,7 @@
-"""onnxcompress: compress ONNX models (post-training quantization, quantization-aware fine-tuning) and deploy them
+"""onnxcompress: compress ONNX models (post-training quantization, sparsity, fine-tuning with both) and deploy them
 with OpenVINO and ONNX Runtime.
 
-`onnxcompress.quantize` and `onnxcompress.finetune` are the Python API (`onnxcompress.api`); they are imported on
+`onnxcompress.quantize`, `onnxcompress.sparsify` and `onnxcompress.finetune` are the Python API (`onnxcompress.api`); they are imported on
 first use so that `import onnxcompress` (and the CLI's start) stays cheap.
 """
 
@@ -12,7 +12,7 @@ from onnxcompress.privacy import limit_footprint
 limit_footprint()  # before anything imports ONNX Runtime or OpenVINO
 
 __version__ = "0.1.0"
-__all__ = ["finetune", "load_package", "package", "quantize"]
+__all__ = ["finetune", "load_package", "package", "quantize", "sparsify"]
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from onnxcompress.algorithms.quantization.ptq import quantize_graph
-from onnxcompress.config import BiasCorrection, FinetuneConfig, QuantizationConfig
+from onnxcompress.algorithms.sparsity.oneshot import SparsifyResult, sparsify_model
+from onnxcompress.config import BiasCorrection, FinetuneConfig, QuantizationConfig, SparsifyConfig
 from onnxcompress.data import calibration_batches, count_samples, model_inputs
 from onnxcompress.errors import DatasetError
 from onnxcompress.models import sample_for_model
@@ -57,6 +58,29 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
                                batches_for_smoothing=smoothing_pass)
     record_compression(quantized, [{"algorithm": "quantization", **config.model_dump(mode="json")}])
     return quantized
+
+
+def sparsify(model: ModelLike, dataset: Any = None, config: SparsifyConfig | None = None, *, progress: bool = True,
+             **options: Any) -> SparsifyResult:
+    """One-shot magnitude sparsity: zero the `level` least important weights of every Conv/Gemm/MatMul.
+
+    With `dataset` (calibration data as for `quantize`), each sparse layer's bias absorbs the mean output shift the
+    zeros cause. `options` are SparsifyConfig fields (e.g. level=0.5) and override `config`. The result holds the
+    model and the sparsity per layer.
+    """
+    if options:
+        config = SparsifyConfig.build({**(config.model_dump() if config else {}), **options})
+    config = config or SparsifyConfig()
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    batches, total = None, None
+    if dataset is not None:
+        inputs = model_inputs(proto)
+        batches = calibration_batches(dataset, inputs, subset_size=config.subset_size, batch_size=config.batch_size)
+        total = count_samples(dataset, inputs, config.subset_size)
+    result = sparsify_model(proto, config, batches, total=total, progress=progress)
+    record_compression(result.model, [{"algorithm": "magnitude_sparsity", "one_shot": True,
+                                       **config.model_dump(mode="json")}])
+    return result
 
 
 def finetune(model: ModelLike, train: Any = None, val: Any = None, config: FinetuneConfig | None = None, *,

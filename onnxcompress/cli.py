@@ -1,4 +1,5 @@
-"""The `onnxcompress` command line: quantize, finetune, export, benchmark, compare, inspect, demo.
+"""The `onnxcompress` command line: quantize, sparsify, finetune, export, benchmark, compare, inspect, package, run,
+demo.
 
 Every command builds the same typed objects as the Python API. Errors of the OnnxCompressError family print one
 line naming the failed stage and exit non-zero; no traceback reaches the user.
@@ -128,6 +129,44 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
     saved = save_model(quantized, output)
     before, after = model_file_size(model), model_file_size(saved)
     click.echo(f"wrote {saved} ({after / 1e6:.2f} MB, {after / before:.2f}× of {before / 1e6:.2f} MB)")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=_OutputFile(), help="Output .onnx (default: <model>.sparse<level>.onnx).")
+@click.option("--level", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
+              help="Fraction of the Conv/Gemm/MatMul weights set to zero.")
+@click.option("--data", help="Calibration data (as for quantize): each sparse layer's bias absorbs the mean shift.")
+@click.option("--importance", type=click.Choice(["abs", "normed_abs"]), help="Weight importance (default normed_abs).")
+@click.option("--threshold", type=click.Choice(["per_layer", "global"]),
+              help="Level per layer (default) or over all layers together.")
+@click.option("--subset-size", type=click.IntRange(min=1), help="Samples for bias correction (default 300).")
+@click.option("--ignore-names", multiple=True, help="Node names to leave dense (repeat or comma-separate).")
+@click.option("--ignore-types", multiple=True, help="Op types to leave dense.")
+@click.option("--ignore-patterns", multiple=True, help="Regexes over node names to leave dense.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def sparsify(model: Path, output: Path | None, level: float, data: str | None, importance, threshold, subset_size,
+             ignore_names, ignore_types, ignore_patterns, no_progress: bool) -> None:
+    """One-shot magnitude sparsity of MODEL (no training): zero the least important weights."""
+    from onnxcompress.api import sparsify as run_sparsify
+    from onnxcompress.config import SparsifyConfig
+    from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
+
+    options = {key: value for key, value in {"level": level, "importance": importance, "threshold": threshold,
+                                             "subset_size": subset_size}.items() if value is not None}
+    scope = {"names": _split(ignore_names), "types": _split(ignore_types), "patterns": _split(ignore_patterns)}
+    if any(scope.values()):
+        options["ignored_scope"] = scope
+    config = SparsifyConfig.build(options)
+    output = output or model.with_name(f"{model.stem}.sparse{round(level * 100)}.onnx")
+    check_output_path(model, output, reads=(data,))
+    result = run_sparsify(model, data, config, progress=not no_progress)
+    saved = save_model(result.model, output)
+    corrected = f", {len(result.corrected)} biases corrected" if data else " (no data: biases unchanged)"
+    click.echo(f"sparsity {result.sparsity:.1%} over {len(result.layers)} layers{corrected}")
+    before, after = model_file_size(model), model_file_size(saved)
+    click.echo(f"wrote {saved} ({after / 1e6:.2f} MB; {before / 1e6:.2f} MB before; zeros are stored densely, "
+               "compress the file or quantize it to gain size)")
 
 
 @cli.command()

@@ -9,10 +9,10 @@ import enum
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from onnxcompress.algorithms.quantization.ranges import RangeMethod
 from onnxcompress.errors import ConfigError
@@ -190,14 +190,29 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _describe(error: ValidationError) -> str:
+    items = error.errors()
     problems = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "<root>"
+    for item in items:
+        loc = _without_union_tags(item["loc"])
+        if item["type"] == "too_short" and any(len(other["loc"]) > len(item["loc"]) and
+                                               other["loc"][:len(item["loc"])] == item["loc"] for other in items):
+            continue  # a list whose failing members were dropped; those failures are reported
+        where = ".".join(str(p) for p in loc) or "<root>"
         if item["type"] == "extra_forbidden":
             problems.append(f"unknown key '{where}'")
+        elif item["type"] == "union_tag_invalid":
+            problems.append(f"'{where}.algorithm': unknown algorithm '{item['ctx']['tag']}' (known: "
+                            f"{item['ctx']['expected_tags']})")
         else:
             problems.append(f"'{where}': {item['msg']}")
     return "; ".join(problems)
+
+
+def _without_union_tags(loc: tuple) -> tuple:
+    """pydantic puts the algorithm tag after a list index (compression.0.quantization.preset); users wrote
+    compression.0.preset."""
+    return tuple(part for i, part in enumerate(loc)
+                 if not (i and isinstance(loc[i - 1], int) and part in ALGORITHM_NAMES))
 
 
 class QuantizationAwareTrainingConfig(QuantizationConfig):
@@ -210,10 +225,151 @@ class QuantizationAwareTrainingConfig(QuantizationConfig):
         description="Learning rate of the quantizer ranges, relative to their calibrated size (the model's "
                     "weights use training.learning_rate; schedules scale both).")
 
+    @property
+    def calibration_samples(self) -> int:
+        """Training samples the algorithm calibrates on before training."""
+        return self.subset_size
+
     def post_training(self) -> QuantizationConfig:
         """The post-training part of these settings (placement, calibration, bias correction)."""
         values = self.model_dump(exclude={"algorithm", "quantizer_lr"})
         return QuantizationConfig.model_validate(values)
+
+
+class SparsityImportance(str, enum.Enum):
+    """How a weight's importance is measured when choosing which weights to zero."""
+
+    #: |w|.
+    ABS = "abs"
+    #: |w| / ‖W‖₂ of its layer, so that one global threshold compares layers of different scale.
+    NORMED_ABS = "normed_abs"
+
+
+class SparsityThreshold(str, enum.Enum):
+    """Where the sparsity level applies."""
+
+    #: Each layer loses the same fraction of its weights.
+    PER_LAYER = "per_layer"
+    #: The fraction is over all sparsified weights together; one importance threshold for every layer.
+    GLOBAL = "global"
+
+
+class SparsitySchedule(str, enum.Enum):
+    """How the sparsity level rises from `initial_level` to `target_level` (NNCF paper §4.3)."""
+
+    #: level(t) = target - (target - initial)·(1 - t/T)^power, t counted in epochs (or steps).
+    POLYNOMIAL = "polynomial"
+    #: The remaining density shrinks by a constant factor per epoch: 1 - level(t) = (1 - initial)·r^t, r chosen
+    #: so that level(T) = target.
+    EXPONENTIAL = "exponential"
+    #: Raise the level by `step` after every `patience` epochs whose measured sparsity is within `eps` of the
+    #: current level (for RB sparsity, whose masks lag behind the target), up to the target.
+    ADAPTIVE = "adaptive"
+    #: Levels `multistep_levels` from the epochs `multistep_epochs` on.
+    MULTISTEP = "multistep"
+
+
+class SparsityScheduleConfig(_Strict):
+    """The level schedule of a sparsity algorithm, in epochs of fine-tuning."""
+
+    schedule: SparsitySchedule = Field(SparsitySchedule.POLYNOMIAL, description="Schedule kind.")
+    initial_level: float = Field(0.0, ge=0.0, lt=1.0, description="Sparsity level of the first epoch.")
+    target_level: float = Field(0.5, ge=0.0, lt=1.0, description="Sparsity level reached at `target_epoch`.")
+    target_epoch: int = Field(
+        1, ge=0, description="Epoch (0 = before training) from which the target level holds "
+                             "(polynomial, exponential).")
+    power: float = Field(3.0, gt=0.0, description="polynomial: exponent of the remaining-fraction curve.")
+    update_per_step: bool = Field(
+        False, description="polynomial/exponential: move the level every training step, not only per epoch.")
+    multistep_epochs: tuple[int, ...] = Field(
+        (), description="multistep: increasing epochs from which each of `multistep_levels` holds.")
+    multistep_levels: tuple[float, ...] = Field((), description="multistep: the levels, one per epoch entry.")
+    patience: int = Field(1, ge=1, description="adaptive: epochs at one level before the next step.")
+    step: float = Field(0.05, gt=0.0, lt=1.0, description="adaptive: level increment.")
+    eps: float = Field(0.01, gt=0.0, lt=1.0, description="adaptive: how close the measured sparsity must be.")
+    freeze_epoch: int | None = Field(
+        None, ge=0, description="Epoch after which the masks stop changing (default: never before the end).")
+
+    @model_validator(mode="after")
+    def _levels_are_consistent(self) -> SparsityScheduleConfig:
+        if self.target_level < self.initial_level:
+            raise ValueError(f"target_level {self.target_level} is below initial_level {self.initial_level}")
+        if self.schedule is SparsitySchedule.MULTISTEP:
+            if not self.multistep_epochs or len(self.multistep_epochs) != len(self.multistep_levels):
+                raise ValueError("multistep needs multistep_epochs and multistep_levels of the same length")
+            if list(self.multistep_epochs) != sorted(set(self.multistep_epochs)) or self.multistep_epochs[0] < 0:
+                raise ValueError("multistep_epochs must increase, from 0 or later")
+            if any(not 0.0 <= level < 1.0 for level in self.multistep_levels):
+                raise ValueError("multistep_levels must lie in [0, 1)")
+            if list(self.multistep_levels) != sorted(self.multistep_levels):
+                raise ValueError("multistep_levels must not decrease")
+        elif self.multistep_epochs or self.multistep_levels:
+            raise ValueError("multistep_epochs/multistep_levels are only for schedule multistep")
+        if self.freeze_epoch is not None and self.freeze_epoch < self.last_change_epoch:
+            raise ValueError(f"freeze_epoch {self.freeze_epoch} is before the schedule reaches its target "
+                             f"(epoch {self.last_change_epoch})")
+        return self
+
+    @property
+    def last_change_epoch(self) -> int:
+        """The epoch from which the planned level no longer changes (adaptive: not known in advance)."""
+        if self.schedule is SparsitySchedule.MULTISTEP:
+            return self.multistep_epochs[-1]
+        if self.schedule is SparsitySchedule.ADAPTIVE:
+            return 0
+        return self.target_epoch
+
+
+class MagnitudeSparsityConfig(_Strict):
+    """Magnitude sparsity (NNCF paper §4.3): the weights of smallest importance are zeroed by frozen masks that the
+    schedule recomputes from the current weights; the others keep training."""
+
+    algorithm: Literal["magnitude_sparsity"] = Field(description="Compression algorithm name.")
+    importance: SparsityImportance = Field(SparsityImportance.NORMED_ABS, description="abs or normed_abs.")
+    threshold: SparsityThreshold = Field(SparsityThreshold.GLOBAL, description="per_layer or global level.")
+    schedule: SparsityScheduleConfig = Field(default_factory=SparsityScheduleConfig,
+                                             description="How the level rises over the epochs.")
+    ignored_scope: IgnoredScope = Field(default_factory=IgnoredScope, description="Layers left dense.")
+
+    @property
+    def calibration_samples(self) -> int:
+        """Magnitude sparsity needs no data."""
+        return 0
+
+
+class SparsifyConfig(_Strict):
+    """One-shot magnitude sparsity without training (`onnxcompress sparsify`)."""
+
+    level: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of the sparsified weights set to zero.")
+    importance: SparsityImportance = Field(SparsityImportance.NORMED_ABS, description="abs or normed_abs.")
+    threshold: SparsityThreshold = Field(SparsityThreshold.PER_LAYER, description="per_layer or global level.")
+    ignored_scope: IgnoredScope = Field(default_factory=IgnoredScope, description="Layers left dense.")
+    subset_size: int = Field(300, ge=1, description="Samples used for bias correction, when data is given.")
+    batch_size: int = Field(1, ge=1, description="Samples per inference run of the bias-correction pass.")
+
+    @classmethod
+    def build(cls, values: dict[str, Any], *, source: str = "options") -> SparsifyConfig:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise ConfigError(f"invalid {source}: {_describe(error)}") from None
+
+
+def _algorithm_name(value: Any) -> str:
+    """The `algorithm` of a compression entry; entries without one are quantization, the first algorithm."""
+    if isinstance(value, dict):
+        return value.get("algorithm", "quantization")
+    return getattr(value, "algorithm", "quantization")
+
+
+#: Names of the algorithms fine-tuning can stack.
+ALGORITHM_NAMES = ("quantization", "magnitude_sparsity")
+
+AlgorithmConfig = Annotated[
+    Annotated[QuantizationAwareTrainingConfig, Tag("quantization")]
+    | Annotated[MagnitudeSparsityConfig, Tag("magnitude_sparsity")],
+    Discriminator(_algorithm_name),
+]
 
 
 class Optimizer(str, enum.Enum):
@@ -272,9 +428,11 @@ class TrainingConfig(_Strict):
 class FinetuneConfig(_Strict):
     """`onnxcompress finetune`: compression algorithms (applied in order) and the training loop."""
 
-    compression: tuple[QuantizationAwareTrainingConfig, ...] = Field(
+    compression: tuple[AlgorithmConfig, ...] = Field(
         (QuantizationAwareTrainingConfig(),), min_length=1,
-        description="Compression algorithms, each a mapping with an `algorithm` key (only 'quantization' so far).")
+        description="Compression algorithms, each a mapping with an `algorithm` key: quantization, "
+                    "magnitude_sparsity. They stack in the order weights flow through them: sparsity masks the "
+                    "float weight, quantization then quantizes the masked weight.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training loop settings.")
 
     @classmethod
@@ -289,4 +447,10 @@ class FinetuneConfig(_Strict):
             raise ConfigError(f"invalid {source}: {_describe(error)}") from None
         if config.training.optimizer is Optimizer.SGD and config.training.weight_decay:
             raise ConfigError(f"invalid {source}: 'training.weight_decay' needs optimizer adamw")
+        epochs = config.training.epochs
+        for index, algorithm in enumerate(config.compression):
+            schedule = getattr(algorithm, "schedule", None)
+            if isinstance(schedule, SparsityScheduleConfig) and schedule.last_change_epoch > epochs:
+                raise ConfigError(f"invalid {source}: 'compression.{index}.schedule' reaches its target at epoch "
+                                  f"{schedule.last_change_epoch}, after the last epoch ({epochs})")
         return config

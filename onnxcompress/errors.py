@@ -51,6 +51,12 @@ class CalibrationError(OnnxCompressError):
     stage = "calibration"
 
 
+class SparsityError(OnnxCompressError):
+    """Sparsity cannot apply to this model as configured (no weight it can mask)."""
+
+    stage = "sparsity"
+
+
 class OutputError(OnnxCompressError):
     """The output path is the input path, or cannot be written."""
 

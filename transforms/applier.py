@@ -18,6 +18,7 @@ from onnxcompress.transforms.commands import (
     FakeQuantize,
     FakeQuantizeBias,
     FakeQuantizeWeight,
+    MaskWeight,
     QuantizeDequantize,
     ScaleActivation,
     SetConstantInput,
@@ -57,6 +58,8 @@ def apply_commands(graph: gs.Graph, commands: Iterable[Command]) -> gs.Graph:
                 raise UnknownNameError(f"bias of {command.node!r}: no step tensor {command.input_step!r} or "
                                        f"{command.weight_step!r} (insert its quantizers first)")
             fake_quantize_bias(graph, tensors, _node(nodes, command.node), command)
+        elif isinstance(command, MaskWeight):
+            _mask_weight(graph, tensors, _node(nodes, command.node), command)
         else:
             raise TypeError(f"not a command: {command!r}")
     return graph.cleanup().toposort()
@@ -171,3 +174,19 @@ def _set_constant_input(node: gs.Node, cmd: SetConstantInput) -> None:
         set_constant_input(node, cmd.port, cmd.values)
     except IndexError as error:
         raise UnknownNameError(str(error)) from None
+
+
+def _mask_weight(graph: gs.Graph, tensors: dict, node: gs.Node, cmd: MaskWeight) -> None:
+    if cmd.port >= len(node.inputs) or not isinstance(node.inputs[cmd.port], gs.Constant):
+        raise UnknownNameError(f"input {cmd.port} of node {node.name!r} is not a constant weight")
+    if cmd.mask in tensors:
+        raise ValueError(f"mask {cmd.mask!r}: a tensor of that name exists already")
+    weight = node.inputs[cmd.port]
+    if tuple(cmd.values.shape) != tuple(weight.values.shape):
+        raise ValueError(f"mask {cmd.mask!r} is shaped {list(cmd.values.shape)}, the weight of {node.name!r} "
+                         f"{list(weight.values.shape)}")
+    mask = gs.Constant(cmd.mask, np.asarray(cmd.values, weight.values.dtype))
+    masked = gs.Variable(f"{cmd.mask}.applied", dtype=weight.values.dtype, shape=list(weight.values.shape))
+    graph.nodes.append(gs.Node("Mul", f"{cmd.mask}.Mul", inputs=[weight, mask], outputs=[masked]))
+    node.inputs[cmd.port] = masked
+    tensors[mask.name], tensors[masked.name] = mask, masked

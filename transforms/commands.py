@@ -152,5 +152,20 @@ class FakeQuantizeBias:
     weight_step: str
 
 
+@dataclass(frozen=True, eq=False)
+class MaskWeight:
+    """Multiply constant input `port` of `node` by the constant `mask` (same shape, 0 or 1) in the graph: the weight
+    stays a trainable float constant, the mask a frozen parameter the algorithm's scheduler rewrites.
+
+    The masked weight is what later commands on the same input see (a fake quantizer quantizes the masked
+    weight). Its tensor is named `{mask}.applied`, unique because a mask name is.
+    """
+
+    node: str
+    port: int
+    mask: str
+    values: np.ndarray
+
+
 Command = (QuantizeDequantize | DequantizeWeight | DequantizeBias | SetConstantInput | ScaleActivation | FakeQuantize
-           | FakeQuantizeWeight | FakeQuantizeBias)
+           | FakeQuantizeWeight | FakeQuantizeBias | MaskWeight)

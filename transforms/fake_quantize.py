@@ -143,9 +143,11 @@ def insert_fake_quantize(graph: gs.Graph, tensors: dict[str, gs.Tensor], readers
 def fake_quantize_weight(graph: gs.Graph, tensors: dict[str, gs.Tensor], node: gs.Node,
                          cmd: FakeQuantizeWeight) -> None:
     weight = node.inputs[cmd.port]
-    if not isinstance(weight, gs.Constant):
-        raise ValueError(f"input {cmd.port} of node {node.name!r} is not a constant")
-    shape = channel_shape(weight.values.ndim, cmd.axis)
+    # A constant, or a constant already transformed for training (a masked weight), whose shape is known.
+    ndim = weight.values.ndim if isinstance(weight, gs.Constant) else len(weight.shape or ())
+    if not ndim:
+        raise ValueError(f"input {cmd.port} of node {node.name!r} is not a weight of known shape")
+    shape = channel_shape(ndim, cmd.axis)
     node.inputs[cmd.port] = build_quantizer(graph, weight, cmd.quantizer, tensors, shape)
 
 

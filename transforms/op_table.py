@@ -78,6 +78,8 @@ class OpSpec:
     int16_pairs: PairOrder | None = None
     #: Inputs besides the weight and bias that hold parameters fine-tuning trains (a constant there is trainable).
     trained_ports: tuple[int, ...] = ()
+    #: Sparsity masks the constant weight (`weight_port`) of this op.
+    sparsify_weight: bool = False
 
 
 _PASSTHROUGH = OpSpec(Role.PASSTHROUGH)
@@ -86,17 +88,21 @@ _FUSED = OpSpec(Role.FUSED_ACTIVATION)
 
 OP_TABLE: dict[str, OpSpec] = {
     "Conv": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0,
-                   integer_kernel_needs_quantized_output=True, int16_pairs=PairOrder.TAPS_THEN_INPUT_CHANNELS),
+                   integer_kernel_needs_quantized_output=True, int16_pairs=PairOrder.TAPS_THEN_INPUT_CHANNELS,
+                   sparsify_weight=True),
     # ONNX Runtime runs ConvTranspose in float (no QDQ fusion), so it needs no int16 headroom.
     "ConvTranspose": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1,
-                            integer_kernel_needs_quantized_output=True, integer_kernel_needs_weight_zero_point=True),
+                            integer_kernel_needs_quantized_output=True, integer_kernel_needs_weight_zero_point=True,
+                            sparsify_weight=True),
     # Gemm's channel axis depends on transB; `weight_channel_axis()` resolves it.
     "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0,
-                   integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES),
+                   integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES,
+                   sparsify_weight=True),
     # MatMul with a constant weight [.., in, out]; with two activations (attention) both inputs are quantized.
     # Two activations are both uint8 in our files: ONNX Runtime's u8u8 kernel widens to int16 first (exact).
     "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, activation_ports=(0, 1),
-                     integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES),
+                     integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES,
+                     sparsify_weight=True),
     # Only activations both runtimes fuse in front of a QuantizeLinear: ONNX Runtime drops Relu/Clip before a
     # quantizer whose range starts at zero; other activations (Sigmoid, HardSwish...) would leave Conv in float.
     "Relu": _FUSED,

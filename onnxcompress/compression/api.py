@@ -3,41 +3,83 @@
 An algorithm (*compression method*) is a builder: from the float model and some data it plans its changes
 and returns a *controller*. The controller owns:
 
-* the commands that turn the float graph into the trainable graph (fake quantizers, masks...), with the
-  initial values of the parameters they add (trained together with the model's weights);
-* the *compression loss* (`loss_output`, a scalar tensor of the trainable graph, or None);
-* the *compression scheduler* (`scheduler.step()` per iteration, `scheduler.epoch_step()` per epoch), which
-  may change parameter values between steps;
-* `statistics(parameters)` for logging and `export_commands(parameters)`, which turn trained parameter values
-  into the deployable form of the algorithm (QDQ with INT8 weights for quantization).
+* `training_commands`: what turns the float graph into the trainable graph (fake quantizers, masks...). The
+  algorithms of a stack apply theirs in stack order to one graph, so each sees what the previous ones inserted
+  (a weight quantizer quantizes the masked weight);
+* the parameters those commands add: `trainable_parameters` (trained with the model's weights) and
+  `frozen_parameters` (kept out of the optimizer; only the scheduler changes them, e.g. sparsity masks);
+* `gradients`: definitions for ops of its training graph that the training runtime cannot differentiate by
+  itself (Round's straight-through estimator);
+* the *compression loss* (`loss_output`, a scalar tensor of the trainable graph, or None), added to the task loss;
+* the *compression scheduler*: `step(read)` after every training step and `epoch_step(read)` after every epoch,
+  where `read(names)` returns current values of any parameters (model weights included); both return the
+  parameter values to set before the next step;
+* `statistics(parameters)` for logging, and `export_commands(graph, parameters)`: the commands that turn the
+  graph as the previous algorithms of the stack exported it, with the trained weights, into this algorithm's
+  deployable form. Constants are read from `graph`, not from `parameters`, so exports compose.
 
 Algorithms register in `registry.py`; the fine-tuning loop only ever talks to this interface.
 """
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
+from onnxcompress.runtime.training import GradientNode
 from onnxcompress.transforms.commands import Command
 
 Parameters = Mapping[str, np.ndarray]
+#: Current values of the named parameters of the training session.
+ParameterReader = Callable[[Iterable[str]], dict[str, np.ndarray]]
+
+
+class Stage(enum.IntEnum):
+    """Where an algorithm acts on a weight's way to the compute op; a stack applies them in this order, and holds at
+    most one algorithm per stage (two masks or two quantizers of one weight cannot be ordered)."""
+
+    #: Masks that zero float weights (sparsity, filter pruning).
+    SPARSITY = 1
+    #: Quantizers of the (masked) float weights and activations.
+    QUANTIZATION = 2
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a builder knows about the run besides its own config."""
+
+    #: Peak learning rate and optimizer of the model's weights (for algorithms that scale their parameters' rate).
+    learning_rate: float
+    optimizer: str
+    #: Training steps per epoch (for schedules that move every step).
+    steps_per_epoch: int
+    #: Number of calibration samples `batches()` yields, when known (progress bars).
+    calibration_samples: int | None = None
+    progress: bool = True
 
 
 class CompressionScheduler:
     """Changes compression parameters over training; the default changes nothing.
 
-    `step()` returns parameter values to set in the training runtime before the next iteration (empty when
-    nothing changes); its state must survive a checkpoint so that a resumed run continues identically.
+    `step` and `epoch_step` get a reader of current parameter values and return the values to set (empty when
+    nothing changes). The state must survive a checkpoint so that a resumed run continues identically.
     """
 
-    def step(self) -> dict[str, np.ndarray]:
+    @property
+    def complete(self) -> bool:
+        """Whether the compression has reached its target (only such epochs can be the best checkpoint)."""
+        return True
+
+    def step(self, read: ParameterReader) -> dict[str, np.ndarray]:
         return {}
 
-    def epoch_step(self) -> dict[str, np.ndarray]:
+    def epoch_step(self, read: ParameterReader) -> dict[str, np.ndarray]:
         return {}
 
     def state(self) -> dict[str, Any]:
@@ -53,6 +95,7 @@ class CompressionController(ABC):
 
     #: Registry name of the algorithm, used in statistics and error messages.
     name: str
+    stage: Stage
 
     def __init__(self) -> None:
         self.scheduler = CompressionScheduler()
@@ -60,12 +103,23 @@ class CompressionController(ABC):
     @property
     @abstractmethod
     def training_commands(self) -> list[Command]:
-        """Commands that add the algorithm's operations to the (preprocessed) float graph for training."""
+        """Commands that add the algorithm's operations to the training graph."""
 
     @property
     @abstractmethod
-    def initial_parameters(self) -> dict[str, np.ndarray]:
-        """Trainable parameters the training commands add, with their initial values."""
+    def trainable_parameters(self) -> dict[str, np.ndarray]:
+        """Parameters the training commands add that the optimizer trains, with their initial values."""
+
+    @property
+    def frozen_parameters(self) -> dict[str, np.ndarray]:
+        """Parameters the training commands add that only the scheduler changes, with their initial values."""
+        return {}
+
+    @property
+    def gradients(self) -> dict[str, tuple[GradientNode, ...]]:
+        """Gradient definitions by op type, for ops the algorithm adds that the training runtime cannot
+        differentiate."""
+        return {}
 
     @property
     def loss_output(self) -> str | None:
@@ -74,8 +128,8 @@ class CompressionController(ABC):
 
     @abstractmethod
     def statistics(self, parameters: Parameters) -> dict[str, float]:
-        """Numbers worth logging for the current parameter values."""
+        """Numbers worth logging for the current values of the algorithm's parameters."""
 
     @abstractmethod
-    def export_commands(self, parameters: Parameters) -> list[Command]:
-        """Commands that turn the float graph with trained weights into the deployable compressed model."""
+    def export_commands(self, graph: gs.Graph, parameters: Parameters) -> list[Command]:
+        """Commands that turn `graph` (trained weights, previous algorithms exported) into the deployable form."""

@@ -1,13 +1,20 @@
 """The one place compression algorithms are registered, and `create_compressed_model`, which stacks them.
 
 A new algorithm is one module with a controller (`api.CompressionController`) and one entry in `ALGORITHMS`:
-a build function `(model, batches factory, config, *, learning_rate, optimizer, total, progress)` →
-`(controller, float graph its commands apply to)`; the factory gives a fresh pass over the calibration feeds on
-every call. Algorithms build in config order, each on the float graph the previous one returned.
+its stage and its build function `(model, batches factory, config, api.BuildContext)` → `(controller, float
+model)`; the factory gives a fresh pass over the calibration feeds on every call.
+
+    preprocess once → order the stack by stage → build each algorithm on the float model the previous one returned
+    (a sparsity builder returns the weights masked at their initial level, so quantization calibrates on what it
+    will quantize) → the last float model + every controller's training commands, in stack order → training graph
+
+Export composes the same way: trained weights set on the float model, then each controller's export commands,
+each computed from the graph the previous ones left.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -17,18 +24,30 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.algorithms.quantization.ptq import export_graph
 from onnxcompress.algorithms.quantization.qat import QuantizationController
-from onnxcompress.compression.api import CompressionController, Parameters
-from onnxcompress.config import QuantizationAwareTrainingConfig
+from onnxcompress.algorithms.sparsity.magnitude import MagnitudeSparsityController
+from onnxcompress.compression.api import BuildContext, CompressionController, Parameters, Stage
+from onnxcompress.config import AlgorithmConfig
+from onnxcompress.errors import ConfigError
+from onnxcompress.runtime.training import GradientNode
 from onnxcompress.transforms.applier import apply_commands
+from onnxcompress.transforms.passes import preprocess
 
 BatchesFactory = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 BuildFunction = Callable[..., tuple[CompressionController, onnx.ModelProto]]
 
-ALGORITHMS: dict[str, BuildFunction] = {
-    "quantization": QuantizationController.build,
-}
+_log = logging.getLogger(__name__)
 
-AlgorithmConfig = QuantizationAwareTrainingConfig
+
+@dataclass(frozen=True)
+class Algorithm:
+    stage: Stage
+    build: BuildFunction
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "magnitude_sparsity": Algorithm(Stage.SPARSITY, MagnitudeSparsityController.build),
+    "quantization": Algorithm(Stage.QUANTIZATION, QuantizationController.build),
+}
 
 
 @dataclass
@@ -41,11 +60,26 @@ class CompressedModel:
     controllers: list[CompressionController]
 
     @property
+    def trainable_parameters(self) -> dict[str, np.ndarray]:
+        return {name: value for c in self.controllers for name, value in c.trainable_parameters.items()}
+
+    @property
+    def frozen_parameters(self) -> dict[str, np.ndarray]:
+        return {name: value for c in self.controllers for name, value in c.frozen_parameters.items()}
+
+    @property
     def compression_parameters(self) -> dict[str, np.ndarray]:
-        values: dict[str, np.ndarray] = {}
+        """Every parameter the algorithms added, trainable and frozen."""
+        return {**self.trainable_parameters, **self.frozen_parameters}
+
+    @property
+    def gradients(self) -> dict[str, tuple[GradientNode, ...]]:
+        definitions: dict[str, tuple[GradientNode, ...]] = {}
         for controller in self.controllers:
-            values.update(controller.initial_parameters)
-        return values
+            for op_type, nodes in controller.gradients.items():
+                if definitions.setdefault(op_type, nodes) != nodes:
+                    raise ConfigError(f"the stacked algorithms define different gradients for {op_type}")
+        return definitions
 
     @property
     def loss_outputs(self) -> list[str]:
@@ -55,26 +89,42 @@ class CompressedModel:
         return {f"{c.name}/{key}": value for c in self.controllers for key, value in c.statistics(parameters).items()}
 
     def export(self, parameters: Parameters) -> onnx.ModelProto:
-        """The deployable model: trained float weights set by name, then each algorithm's export commands."""
+        """The deployable model: trained float weights set by name, then each algorithm's export commands, computed
+        from the graph the previous algorithms exported."""
         graph = gs.import_onnx(self.float_model)
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Constant) and tensor.name in parameters:
                 tensor.values = np.asarray(parameters[tensor.name])
         for controller in self.controllers:
-            apply_commands(graph, controller.export_commands(parameters))
+            apply_commands(graph, controller.export_commands(graph, parameters))
         return export_graph(graph, self.float_model, shapes=False)
 
 
-def create_compressed_model(model: onnx.ModelProto, configs: Iterable[AlgorithmConfig], batches: BatchesFactory, *,
-                            learning_rate: float, optimizer: str, total: int | None = None,
-                            progress: bool = True) -> CompressedModel:
-    """Build every configured algorithm on `model`; `batches()` gives a fresh pass over calibration feeds."""
-    controllers = []
-    float_model = model
+def order_stack(configs: Iterable[AlgorithmConfig]) -> list[AlgorithmConfig]:
+    """The configs in stage order (stable); ConfigError when two act at one stage."""
+    configs = list(configs)
+    by_stage: dict[Stage, AlgorithmConfig] = {}
     for config in configs:
-        controller, float_model = ALGORITHMS[config.algorithm](
-            float_model, batches, config, learning_rate=learning_rate, optimizer=optimizer, total=total,
-            progress=progress)
+        stage = ALGORITHMS[config.algorithm].stage
+        if stage in by_stage:
+            raise ConfigError(f"the compression stack cannot be ordered: '{by_stage[stage].algorithm}' and "
+                              f"'{config.algorithm}' both act at the {stage.name.lower()} stage of the same weights")
+        by_stage[stage] = config
+    ordered = [by_stage[stage] for stage in sorted(by_stage)]
+    if ordered != configs:
+        _log.info("compression stack applied in the order %s (weights are masked before they are quantized)",
+                  " → ".join(c.algorithm for c in ordered))
+    return ordered
+
+
+def create_compressed_model(model: onnx.ModelProto, configs: Iterable[AlgorithmConfig], batches: BatchesFactory,
+                            context: BuildContext) -> CompressedModel:
+    """Build every configured algorithm on `model`; `batches()` gives a fresh pass over calibration feeds."""
+    ordered = order_stack(configs)
+    float_model = export_graph(preprocess(model), model)
+    controllers = []
+    for config in ordered:
+        controller, float_model = ALGORITHMS[config.algorithm].build(float_model, batches, config, context)
         controllers.append(controller)
     graph = gs.import_onnx(float_model)
     for controller in controllers:

@@ -32,6 +32,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from onnxcompress.algorithms.quantization.ptq import export_graph
+from onnxcompress.compression.api import BuildContext
 from onnxcompress.compression.registry import CompressedModel, create_compressed_model
 from onnxcompress.config import FinetuneConfig, Metric, Schedule, TrainingConfig
 from onnxcompress.data import model_inputs
@@ -59,6 +60,8 @@ class EpochRecord:
     metric: float
     learning_rate: float
     statistics: dict[str, float] = field(default_factory=dict)
+    #: Whether every algorithm had reached its target (a sparsity schedule its target level) in this epoch.
+    complete: bool = True
 
 
 @dataclass
@@ -69,6 +72,8 @@ class RunState:
     epochs_done: int = 0
     best_epoch: int | None = None
     best_metric: float | None = None
+    #: Whether the best epoch is a complete one (see EpochRecord.complete).
+    best_complete: bool = False
     history: list[EpochRecord] = field(default_factory=list)
     schedulers: list[dict[str, Any]] = field(default_factory=list)
     #: SHA-256 of every file of the checkpoint folder the run wrote (artifacts and checkpoints), by relative path:
@@ -223,9 +228,9 @@ class Trainer:
             raise
 
     def _run(self) -> FinetuneResult:
-        compressed = create_compressed_model(
-            self.model, self.config.compression, self._calibration_batches, learning_rate=self.settings.learning_rate,
-            optimizer=self.settings.optimizer.value, total=self._calibration_count(), progress=self.progress)
+        context = BuildContext(self.settings.learning_rate, self.settings.optimizer.value,
+                               self.train.steps(self.settings.batch_size), self._calibration_count(), self.progress)
+        compressed = create_compressed_model(self.model, self.config.compression, self._calibration_batches, context)
         # Serialized once: it is both fingerprinted and handed to the training runtime.
         training_model = self._training_model(compressed).SerializeToString(deterministic=True)
         state = self._load_or_start(training_model)
@@ -274,7 +279,7 @@ class Trainer:
         return created
 
     def _calibration_count(self) -> int:
-        subset = min(c.subset_size for c in self.config.compression)
+        subset = max(c.calibration_samples for c in self.config.compression)
         return min(subset, len(self.train)) if self.train.shuffled else subset
 
     def _calibration_batches(self):
@@ -319,10 +324,12 @@ class Trainer:
         else:
             model_path = self.checkpoint_dir / "training_model.onnx"
             model_path.write_bytes(training_model)
-            session.register_gradient("Round")  # the straight-through estimator of the fake quantizers
-            trainable = trainable_weights(compressed.float_model) + list(compressed.compression_parameters)
+            for op_type, definition in compressed.gradients.items():
+                session.register_gradient(op_type, definition)
+            trainable = trainable_weights(compressed.float_model) + list(compressed.trainable_parameters)
             try:
-                session.generate_artifacts(model_path, artifacts, trainable=trainable, loss="none",
+                session.generate_artifacts(model_path, artifacts, trainable=trainable,
+                                           frozen=list(compressed.frozen_parameters), loss="none",
                                            optimizer=self.settings.optimizer.value,
                                            weight_decay=self.settings.weight_decay)
             finally:
@@ -353,16 +360,18 @@ class Trainer:
                 raise TrainingError(f"epoch {epoch + 1}, step {index + 1}: the training loss is {losses[-1]}; the "
                                     "weights diverged (try a lower training.learning_rate)")
             for controller in compressed.controllers:
-                if changes := controller.scheduler.step():
+                if changes := controller.scheduler.step(session.get_parameters):
                     session.set_parameters(changes)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
         for controller in compressed.controllers:
-            if changes := controller.scheduler.epoch_step():
+            if changes := controller.scheduler.epoch_step(session.get_parameters):
                 session.set_parameters(changes)
         metric, val_loss = self._evaluate(session)
         statistics = compressed.statistics(session.get_parameters(list(compressed.compression_parameters)))
-        record = EpochRecord(epoch + 1, float(np.mean(losses)), val_loss, metric, learning_rate, statistics)
+        complete = all(controller.scheduler.complete for controller in compressed.controllers)
+        record = EpochRecord(epoch + 1, float(np.mean(losses)), val_loss, metric, learning_rate, statistics,
+                             complete)
         self._checkpoint(session, compressed, state, record)
         if self.progress:
             tqdm.write(f"epoch {record.epoch}/{settings.epochs}: train loss {record.train_loss:.4f}, val loss "
@@ -373,9 +382,9 @@ class Trainer:
         folder = self.checkpoint_dir
         replaced = dict(state.checkpoints)
         self._save(session, state, LAST, record.epoch, include_optimizer_state=True)
-        if state.best_metric is None or self._better(record.metric, state.best_metric):
+        if self._is_best(record, state):
             self._save(session, state, BEST, record.epoch, include_optimizer_state=False)
-            state.best_epoch, state.best_metric = record.epoch, record.metric
+            state.best_epoch, state.best_metric, state.best_complete = record.epoch, record.metric, record.complete
         state.epochs_done = record.epoch
         state.history.append(record)
         state.schedulers = [controller.scheduler.state() for controller in compressed.controllers]
@@ -393,6 +402,13 @@ class Trainer:
         session.save_checkpoint(self.checkpoint_dir / name, include_optimizer_state=include_optimizer_state)
         state.checkpoints[kind] = name
         state.record(self.checkpoint_dir, [name])
+
+    def _is_best(self, record: EpochRecord, state: RunState) -> bool:
+        """The best of the complete epochs; before the first complete one, the latest (most compressed) epoch."""
+        if not state.best_complete:
+            return True
+        assert state.best_metric is not None
+        return record.complete and self._better(record.metric, state.best_metric)
 
     def _better(self, metric: float, best: float) -> bool:
         return metric < best if self.settings.metric is Metric.LOSS else metric > best

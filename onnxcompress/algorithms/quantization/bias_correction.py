@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -42,8 +42,9 @@ def bias_correction_commands(graph: gs.Graph, float_model: onnx.ModelProto | Non
                   for t in setup.bias_targets if t.input_tensor in stats}
     else:
         subset = min(total, config.bias_correction_subset_size) if total is not None else None
-        shifts = _measured_shifts(float_model, nodes, setup, commands, second_pass, subset, progress)
-    return [SetConstantInput(t.node, t.bias_port, (_bias(nodes[t.node], t) - shifts[t.node]).astype(np.float32))
+        shifts = measured_bias_shifts(float_model, nodes, setup.bias_targets, commands, second_pass, subset,
+                                      progress)
+    return [SetConstantInput(t.node, t.bias_port, (current_bias(nodes[t.node], t) - shifts[t.node]).astype(np.float32))
             for t in setup.bias_targets if t.node in shifts]
 
 
@@ -55,7 +56,8 @@ def _output_mean_request(node: gs.Node) -> StatisticRequest:
     return StatisticRequest(node.outputs[0].name, Statistic.CHANNEL_MEAN, -1, out_channels)
 
 
-def _bias(node: gs.Node, target: BiasTarget) -> np.ndarray:
+def current_bias(node: gs.Node, target: BiasTarget) -> np.ndarray:
+    """The bias of `target` as float64 per output channel (zeros when the node has none yet)."""
     channels = _out_channels(node)
     if len(node.inputs) > target.bias_port:
         return np.broadcast_to(node.inputs[target.bias_port].values.astype(np.float64).reshape(-1), (channels,))
@@ -87,14 +89,17 @@ def _weight_error_shift(node: gs.Node, command: DequantizeWeight, input_mean: np
     return (error * means).sum(axis=1)
 
 
-def _measured_shifts(float_model: onnx.ModelProto | None, nodes: dict[str, gs.Node], setup: QuantizerSetup,
-                     commands: list[Command], batches: Iterable[Mapping[str, np.ndarray]] | None, total: int | None,
-                     progress: bool) -> dict[str, np.ndarray]:
+def measured_bias_shifts(float_model: onnx.ModelProto | None, nodes: dict[str, gs.Node],
+                         targets: Sequence[BiasTarget], commands: list[Command],
+                         batches: Iterable[Mapping[str, np.ndarray]] | None, total: int | None,
+                         progress: bool) -> dict[str, np.ndarray]:
+    """E[ŷ] - E[y] per output channel of each target layer, where `commands` change `float_model` (quantizers,
+    sparse weights) and y is a float copy of the layer reading the same input as ŷ (see `_add_float_reference`)."""
     if batches is None or float_model is None:
         raise ValueError("full bias correction needs the float model and a second pass over the data")
     quantized_graph = apply_commands(gs.import_onnx(float_model), commands)
     requests = []
-    for target in setup.bias_targets:
+    for target in targets:
         measured = _output_mean_request(nodes[target.node])
         reference = _add_float_reference(quantized_graph, nodes[target.node], target)
         requests.append((measured, StatisticRequest(reference, measured.statistic, measured.axis, measured.channels)))
@@ -105,7 +110,7 @@ def _measured_shifts(float_model: onnx.ModelProto | None, nodes: dict[str, gs.No
     means = collect_statistics(quantized_model, [r for pair in requests for r in pair], batches, total=total,
                                progress=progress, description="bias correction")
     return {t.node: means[measured.tensor].channel_mean - means[reference.tensor].channel_mean
-            for t, (measured, reference) in zip(setup.bias_targets, requests)}
+            for t, (measured, reference) in zip(targets, requests)}
 
 
 def _add_float_reference(quantized_graph: gs.Graph, float_node: gs.Node, target: BiasTarget) -> str:

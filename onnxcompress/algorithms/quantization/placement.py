@@ -119,7 +119,7 @@ class _Planner:
             weight = self._weight_target(node)
             if weight:
                 weights.append(weight)
-                bias = self._bias_target(node)
+                bias = bias_target(node)
                 if bias:
                     bias_targets.append(bias)
             for port in spec(node).activation_ports:
@@ -271,20 +271,21 @@ class _Planner:
             return target
         return replace(target, pair_budget=INT16_PAIR_BUDGET, pair_order=int16_pair_order(node, weight.values.ndim))
 
-    def _bias_target(self, node: gs.Node) -> BiasTarget | None:
-        entry = spec(node)
-        source = node.inputs[0]
-        weight = constant_weight(node).values
-        if isinstance(source, gs.Constant) or entry.bias_port is None or node.op == "ConvTranspose":
-            return None
-        if len(node.inputs) > entry.bias_port and not isinstance(node.inputs[entry.bias_port], gs.Constant):
-            return None
-        if node.op == "Conv":
-            return BiasTarget(node.name, entry.bias_port, source.name, 1, weight.shape[1] * node.attrs.get("group", 1))
-        if node.op == "Gemm" and node.attrs.get("beta", 1.0) == 1.0:
-            channels = weight.shape[1] if node.attrs.get("transB", 0) else weight.shape[0]
-            return BiasTarget(node.name, entry.bias_port, source.name, -1, channels)
+def bias_target(node: gs.Node) -> BiasTarget | None:
+    """The bias of `node` that bias correction can adjust, if it has one (a missing Conv/Gemm bias can be added)."""
+    entry = spec(node)
+    source = node.inputs[0]
+    weight = constant_weight(node).values
+    if isinstance(source, gs.Constant) or entry.bias_port is None or node.op == "ConvTranspose":
         return None
+    if len(node.inputs) > entry.bias_port and not isinstance(node.inputs[entry.bias_port], gs.Constant):
+        return None
+    if node.op == "Conv":
+        return BiasTarget(node.name, entry.bias_port, source.name, 1, weight.shape[1] * node.attrs.get("group", 1))
+    if node.op == "Gemm" and node.attrs.get("beta", 1.0) == 1.0:
+        channels = weight.shape[1] if node.attrs.get("transB", 0) else weight.shape[0]
+        return BiasTarget(node.name, entry.bias_port, source.name, -1, channels)
+    return None
 
 
 def _dynamic_shape(tensor: gs.Tensor) -> bool:

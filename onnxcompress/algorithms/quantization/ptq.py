@@ -90,9 +90,10 @@ def quantize_graph(model: onnx.ModelProto, batches: Batches, config: Quantizatio
 
 def plan_quantization(model: onnx.ModelProto, batches: Batches, config: QuantizationConfig, *,
                       total: int | None = None, progress: bool = True, second_pass: Batches | None = None,
-                      batches_for_smoothing: Batches | None = None) -> QuantizationPlan:
-    """Preprocess, place quantizers, calibrate and correct biases (see `quantize_graph`)."""
-    graph = preprocess(model)
+                      batches_for_smoothing: Batches | None = None, preprocessed: bool = False) -> QuantizationPlan:
+    """Preprocess (unless `model` is `preprocessed` already), place quantizers, calibrate and correct biases (see
+    `quantize_graph`)."""
+    graph = gs.import_onnx(model).toposort() if preprocessed else preprocess(model)
     ignored = resolve_ignored_scope(graph, config.ignored_scope, original=model)
     if config.effective_smooth_quant_alpha is not None:
         _smooth(graph, model, ignored, batches_for_smoothing, config.effective_smooth_quant_alpha, total, progress)

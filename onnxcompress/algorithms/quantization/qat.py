@@ -23,8 +23,9 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, export_graph, plan_quantization
 from onnxcompress.algorithms.quantization.scheme import activation_levels, weight_levels
-from onnxcompress.compression.api import CompressionController, Parameters
+from onnxcompress.compression.api import BuildContext, CompressionController, Parameters, Stage
 from onnxcompress.config import Preset, QuantizationAwareTrainingConfig
+from onnxcompress.runtime.training import IDENTITY_GRADIENT, GradientNode
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import (
     Command,
@@ -51,18 +52,11 @@ class _Activation:
     fixed_zero_point: np.ndarray
 
 
-@dataclass(frozen=True)
-class _Constant:
-    """A fake-quantized weight or bias and the name of its (trained) float constant."""
-
-    command: FakeQuantizeWeight | FakeQuantizeBias
-    constant: str
-
-
 class QuantizationController(CompressionController):
     """Fake quantizers with trainable ranges on a float graph (see the module docstring)."""
 
     name = "quantization"
+    stage = Stage.QUANTIZATION
 
     def __init__(self, plan: QuantizationPlan, config: QuantizationAwareTrainingConfig, lr_scale: float) -> None:
         super().__init__()
@@ -75,44 +69,47 @@ class QuantizationController(CompressionController):
 
     @classmethod
     def build(cls, model: onnx.ModelProto, batches: Callable[[], Batches], config: QuantizationAwareTrainingConfig,
-              *, learning_rate: float, optimizer: str, total: int | None = None,
-              progress: bool = True) -> tuple[QuantizationController, onnx.ModelProto]:
-        """Calibrate `model` and plan its quantizers; returns the controller and the float graph to train
-        (preprocessed, biases corrected, smoothed) on which its commands apply. `batches()` gives a fresh pass
-        over the calibration feeds (SmoothQuant takes one of its own)."""
+              context: BuildContext) -> tuple[QuantizationController, onnx.ModelProto]:
+        """Calibrate `model` (preprocessed) and plan its quantizers; returns the controller and the float graph to
+        train (biases corrected, smoothed) on which its commands apply. `batches()` gives a fresh pass over the
+        calibration feeds (SmoothQuant takes one of its own)."""
         settings = config.post_training()
         smoothing = batches() if settings.effective_smooth_quant_alpha is not None else None
-        plan = plan_quantization(model, batches(), settings, total=total, progress=progress,
-                                 batches_for_smoothing=smoothing)
+        plan = plan_quantization(model, batches(), settings, total=context.calibration_samples,
+                                 progress=context.progress, batches_for_smoothing=smoothing, preprocessed=True)
         apply_commands(plan.graph, plan.corrected_biases)
-        return cls(plan, config, quantizer_lr_scale(config.quantizer_lr, learning_rate, optimizer)), \
-            export_graph(plan.graph, model)
+        lr_scale = quantizer_lr_scale(config.quantizer_lr, context.learning_rate, context.optimizer)
+        return cls(plan, config, lr_scale), export_graph(plan.graph, model)
 
     @property
     def training_commands(self) -> list[Command]:
-        return [*(a.command for a in self._activations), *(w.command for w in self._weights),
-                *(b.command for b in self._biases)]
+        return [*(a.command for a in self._activations), *self._weights, *self._biases]
 
     @property
-    def initial_parameters(self) -> dict[str, np.ndarray]:
+    def trainable_parameters(self) -> dict[str, np.ndarray]:
         values: dict[str, np.ndarray] = {}
         for quantizer in self._quantizers():
             values.update(parameter_values(quantizer))
         return values
+
+    @property
+    def gradients(self) -> dict[str, tuple[GradientNode, ...]]:
+        return {"Round": IDENTITY_GRADIENT}  # the straight-through estimator of the fake quantizers
 
     def statistics(self, parameters: Parameters) -> dict[str, float]:
         """Mean relative change of the activation and weight ranges since calibration."""
         stats = {"activation_quantizers": float(len({a.command.quantizer.name for a in self._activations})),
                  "weight_quantizers": float(len(self._weights))}
         for kind, quantizers in (("activation", [a.command.quantizer for a in self._activations]),
-                                 ("weight", [w.command.quantizer for w in self._weights])):
+                                 ("weight", [w.quantizer for w in self._weights])):
             ratios = [trained_step_and_zero_point(q, parameters)[0] / q.step0 for q in quantizers]
             if ratios:
                 stats[f"{kind}_range_change"] = float(np.mean([np.abs(r - 1).mean() for r in ratios]))
         return stats
 
-    def export_commands(self, parameters: Parameters) -> list[Command]:
-        """QDQ activations, INT8 weights and INT32 biases from the trained ranges and weights."""
+    def export_commands(self, graph: gs.Graph, parameters: Parameters) -> list[Command]:
+        """QDQ activations, INT8 weights and INT32 biases from the trained ranges and the weights of `graph`."""
+        nodes = {node.name: node for node in graph.nodes}
         steps: dict[str, np.ndarray] = {}
         commands: list[Command] = []
         for activation in self._activations:
@@ -124,24 +121,23 @@ class QuantizationController(CompressionController):
                 zero_point = activation.fixed_zero_point
             commands.append(QuantizeDequantize(command.tensor, step, zero_point, command.consumers,
                                                command.graph_output))
-        for weight in self._weights:
-            command = weight.command
+        for command in self._weights:
             step, _ = trained_step_and_zero_point(command.quantizer, parameters)
             steps[command.quantizer.step_name] = step
-            values = parameters[weight.constant]
+            values = nodes[command.node].inputs[command.port].values
             levels = np.round(values / step.reshape(channel_shape(values.ndim, command.axis)))
             quantized = np.clip(levels, command.quantizer.q_min, command.quantizer.q_max).astype(np.int8)
             commands.append(DequantizeWeight(command.node, command.port, quantized, step, command.axis))
-        for bias in self._biases:
-            command = bias.command
+        for command in self._biases:
             step = bias_scale(steps[command.input_step], steps[command.weight_step])
-            quantized = np.clip(np.round(parameters[bias.constant] / step), _INT32.min, _INT32.max)
+            values = nodes[command.node].inputs[command.port].values
+            quantized = np.clip(np.round(values / step), _INT32.min, _INT32.max)
             commands.append(DequantizeBias(command.node, command.port, quantized.astype(np.int32)))
         return commands
 
     def _quantizers(self) -> list[TrainableQuantizer]:
         unique = {a.command.quantizer.name: a.command.quantizer for a in self._activations}
-        return [*unique.values(), *(w.command.quantizer for w in self._weights)]
+        return [*unique.values(), *(w.quantizer for w in self._weights)]
 
 
 def quantizer_lr_scale(quantizer_lr: float, learning_rate: float, optimizer: str) -> float:
@@ -187,7 +183,7 @@ def _activation_quantizers(plan: QuantizationPlan, config: QuantizationAwareTrai
 
 
 def _weight_quantizer(nodes: dict[str, gs.Node], command: DequantizeWeight, bits: int, lr_scale: float,
-                      pair_budget: int | None) -> _Constant:
+                      pair_budget: int | None) -> FakeQuantizeWeight:
     """A trainable per-channel weight quantizer. Under a pair budget the levels are ±budget/2, so that any two
     trained levels stay within it (post-training fits each channel's step to the pairs the kernel forms, a
     property of weights that change while training); the initial step covers the channel's largest weight on
@@ -202,22 +198,21 @@ def _weight_quantizer(nodes: dict[str, gs.Node], command: DequantizeWeight, bits
         abs_max = np.abs(np.moveaxis(weight, command.axis, 0).reshape(weight.shape[command.axis], -1)).max(axis=1)
         step0 = np.maximum(step0, (abs_max / np.float32(q_max)).astype(np.float32))
     quantizer = TrainableQuantizer(f"{node.inputs[command.port].name}.quantizer", step0, q_min, q_max, lr_scale)
-    return _Constant(FakeQuantizeWeight(command.node, command.port, quantizer, command.axis),
-                     node.inputs[command.port].name)
+    return FakeQuantizeWeight(command.node, command.port, quantizer, command.axis)
 
 
 def _bias_quantizers(nodes: dict[str, gs.Node], activations: list[_Activation],
-                     weights: list[_Constant]) -> list[_Constant]:
+                     weights: list[FakeQuantizeWeight]) -> list[FakeQuantizeBias]:
     """Biases of compute ops whose input and weight are both quantized: they are exported as INT32."""
     input_steps = {(consumer, a.command.tensor): a.command.quantizer.step_name
                    for a in activations for consumer in a.command.consumers}
     biases = []
     for weight in weights:
-        node = nodes[weight.command.node]
+        node = nodes[weight.node]
         port = spec(node).bias_port
         has_bias = port is not None and len(node.inputs) > port and isinstance(node.inputs[port], gs.Constant)
         input_step = input_steps.get((node.name, node.inputs[0].name))
         if has_bias and input_step is not None:
-            command = FakeQuantizeBias(node.name, port, input_step, weight.command.quantizer.step_name)
-            biases.append(_Constant(command, node.inputs[port].name))
+            command = FakeQuantizeBias(node.name, port, input_step, weight.quantizer.step_name)
+            biases.append(command)
     return biases
