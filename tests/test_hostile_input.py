@@ -220,6 +220,21 @@ def case_demo_nan_round_seconds(tmp: Path) -> list[str]:
     return ["demo", "-o", "results", "--round-seconds", "nan"]
 
 
+def case_sparsify_nothing_to_mask(tmp: Path) -> list[str]:
+    _tiny(tmp)
+    return ["sparsify", "model.onnx", "-o", "out.onnx", "--ignore-types", "Conv,Gemm"]
+
+
+def case_sparsify_output_over_data(tmp: Path) -> list[str]:
+    _tiny(tmp)
+    return ["sparsify", "model.onnx", "-o", "calib.npz", "--data", "calib.npz"]
+
+
+def case_sparsify_scope_matches_nothing(tmp: Path) -> list[str]:
+    _tiny(tmp)
+    return ["sparsify", "model.onnx", "-o", "out.onnx", "--ignore-names", "conv9"]
+
+
 # (builder, stage, fragments that must all appear in the message)
 CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "sequence-input": (case_sequence_input, "load", ("input 's' is a sequence", "dense tensors")),
@@ -258,6 +273,10 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "export-xml-into-own-folder": (_export_into_own_folder("xml"), "output", ("would overwrite", "model.xml")),
     "nan-weight": (case_nan_weight, "load", ("weight 'conv2.weight' of 'conv2' holds NaN", "--ignore-names conv2")),
     "demo-into-a-file": (case_demo_into_a_file, "output", ("results", "it is a file, not a folder")),
+    "sparsify-nothing-to-mask": (case_sparsify_nothing_to_mask, "sparsity", ("no weight sparsity can mask",)),
+    "sparsify-output-over-data": (case_sparsify_output_over_data, "output", ("would overwrite", "calib.npz")),
+    "sparsify-scope-matches-nothing": (case_sparsify_scope_matches_nothing, "config",
+                                       ("ignored scope entries match no node", "name 'conv9'")),
     "demo-nan-round-seconds": (case_demo_nan_round_seconds, "benchmark", ("round_seconds", "nan")),
 }
 

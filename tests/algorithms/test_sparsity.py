@@ -147,3 +147,22 @@ def test_a_model_without_weights_to_mask_is_a_sparsity_error() -> None:
         sparsify(build_tiny_cnn(), level=0.5, ignored_scope={"types": ["Conv", "Gemm"]}, progress=False)
     with pytest.raises(ConfigError, match="'level': Input should be less than 1"):
         SparsifyConfig.build({"level": 1.0})
+
+
+def test_the_controller_masks_at_the_level_the_schedule_sets_for_epoch_zero() -> None:
+    """target_epoch 0 prunes before training: the initial masks, and the weights handed to the next algorithm, are
+    at the target level; the scheduler's later steps keep it."""
+    from onnxcompress.algorithms.sparsity.magnitude import MagnitudeSparsityController
+    from onnxcompress.compression.api import BuildContext
+    from onnxcompress.config import MagnitudeSparsityConfig
+
+    config = MagnitudeSparsityConfig(algorithm="magnitude_sparsity", schedule={"target_level": 0.4, "target_epoch": 0})
+    controller, masked = MagnitudeSparsityController.build(build_tiny_cnn(), lambda: iter(()), config,
+                                                           BuildContext(1e-3, "adamw", steps_per_epoch=4))
+    assert sparsity(controller.frozen_parameters) == pytest.approx(0.4, abs=1e-3)
+    assert controller.scheduler.complete
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in masked.graph.initializer}
+    for target in controller.targets:
+        np.testing.assert_array_equal(weights[target.weight] == 0, controller.frozen_parameters[target.mask] == 0)
+    changes = controller.scheduler.epoch_step(lambda names: {n: weights[n] for n in names})
+    assert sparsity(changes) == pytest.approx(0.4, abs=1e-3)

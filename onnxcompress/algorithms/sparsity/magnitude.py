@@ -95,7 +95,7 @@ class MagnitudeSparsityController(CompressionController):
         self.targets = targets
         self.scheduler = MagnitudeSparsityScheduler(targets, config, steps_per_epoch)
         self._initial_masks = self.scheduler.masks(lambda names: {n: weights[n] for n in names},
-                                                   config.schedule.initial_level)
+                                                   planned_level(config.schedule, 0))
 
     @classmethod
     def build(cls, model: onnx.ModelProto, batches: Callable[[], Batches], config: MagnitudeSparsityConfig,
