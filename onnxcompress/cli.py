@@ -21,7 +21,8 @@ from onnxcompress.errors import InternalError, OnnxCompressError
 
 class _Commands(click.Group):
     """Runs a command; an exception outside the OnnxCompressError family is a bug in onnxcompress, reported as one
-    line naming the command (the full trace with --debug), unless Ctrl-C caused it."""
+    line naming the command (the full trace with --debug), unless Ctrl-C caused it; after Ctrl-C every failure is
+    an interruption."""
 
     interrupted = False
 
@@ -34,8 +35,13 @@ class _Commands(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except (OnnxCompressError, click.exceptions.ClickException, click.exceptions.Exit,
-                click.exceptions.Abort, KeyboardInterrupt):
+        except OnnxCompressError as error:
+            # A library that catches the interruption in its own code (OpenVINO's converter) reports it as a
+            # failure of its own, which we then wrap as the stage's error: it is still the user's Ctrl-C.
+            if self.interrupted:
+                raise KeyboardInterrupt from error
+            raise
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
             raise
         except Exception as error:  # the last resort; each known cause has its own typed error
             if self.interrupted:
