@@ -166,3 +166,24 @@ def test_the_controller_masks_at_the_level_the_schedule_sets_for_epoch_zero() ->
         np.testing.assert_array_equal(weights[target.weight] == 0, controller.frozen_parameters[target.mask] == 0)
     changes = controller.scheduler.epoch_step(lambda names: {n: weights[n] for n in names})
     assert sparsity(changes) == pytest.approx(0.4, abs=1e-3)
+
+
+def test_inspect_reports_the_zeros_of_float_and_quantized_weights(tmp_path) -> None:
+    """Post-training quantization keeps every zero of a sparse model (round(0) = 0); inspect counts them in the INT8
+    levels behind DequantizeLinear, per layer and overall, and the zlib size shows what they save."""
+    from onnxcompress.api import quantize
+    from onnxcompress.inspection import format_inspection, inspect_model
+
+    digits = sample("digits_cnn")
+    sparse = sparsify(digits.model_path, level=0.5, progress=False).model
+    onnx.save(sparse, tmp_path / "sparse.onnx")
+    onnx.save(quantize(sparse, digits.calibration_path, subset_size=16, progress=False), tmp_path / "int8.onnx")
+    float_report = inspect_model(tmp_path / "sparse.onnx", runtimes=False)
+    int8_report = inspect_model(tmp_path / "int8.onnx", runtimes=False)
+    assert set(int8_report.layer_zeros) == set(float_report.layer_zeros) == {
+        "conv1", "conv2", "res_conv1", "res_conv2", "conv3", "fc"}
+    for name, (zeros, size) in float_report.layer_zeros.items():
+        assert zeros == pytest.approx(size / 2, abs=1) and int8_report.layer_zeros[name][0] >= zeros
+    assert "weight sparsity: 50.0% of 167456 weights in 6 layers" in format_inspection(float_report)
+    dense = inspect_model(digits.model_path, runtimes=False)
+    assert float_report.compressed_bytes < 0.7 * dense.compressed_bytes
