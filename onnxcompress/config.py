@@ -337,6 +337,28 @@ class MagnitudeSparsityConfig(_Strict):
         return 0
 
 
+class RBSparsityConfig(_Strict):
+    """Regularization-based (L0) sparsity (NNCF paper §4.3, eq. 6–7): every weight gets a trainable logit and a
+    stochastic binary gate; a complexity loss pulls the fraction of kept weights to 1 - level, and the schedule
+    raises the level. Evaluation and export use the deterministic gates [logit > 0]."""
+
+    algorithm: Literal["rb_sparsity"] = Field(description="Compression algorithm name.")
+    schedule: SparsityScheduleConfig = Field(default_factory=SparsityScheduleConfig,
+                                             description="How the level the loss aims at rises over the epochs.")
+    loss_weight: float = Field(
+        1000.0, gt=0.0, description="Factor of the complexity loss in the total loss (a squared fraction, small "
+                                    "beside the task loss until weighted).")
+    logit_init: float = Field(5.0, gt=0.0, description="Initial logit of every gate (sigmoid 0.993: kept).")
+    logit_lr: float = Field(
+        0.1, gt=0.0, description="Learning rate of the logits (the weights use training.learning_rate).")
+    ignored_scope: IgnoredScope = Field(default_factory=IgnoredScope, description="Layers left dense.")
+
+    @property
+    def calibration_samples(self) -> int:
+        """RB sparsity needs no data."""
+        return 0
+
+
 class SparsifyConfig(_Strict):
     """One-shot magnitude sparsity without training (`onnxcompress sparsify`)."""
 
@@ -363,11 +385,12 @@ def _algorithm_name(value: Any) -> str:
 
 
 #: Names of the algorithms fine-tuning can stack.
-ALGORITHM_NAMES = ("quantization", "magnitude_sparsity")
+ALGORITHM_NAMES = ("quantization", "magnitude_sparsity", "rb_sparsity")
 
 AlgorithmConfig = Annotated[
     Annotated[QuantizationAwareTrainingConfig, Tag("quantization")]
-    | Annotated[MagnitudeSparsityConfig, Tag("magnitude_sparsity")],
+    | Annotated[MagnitudeSparsityConfig, Tag("magnitude_sparsity")]
+    | Annotated[RBSparsityConfig, Tag("rb_sparsity")],
     Discriminator(_algorithm_name),
 ]
 
@@ -431,8 +454,8 @@ class FinetuneConfig(_Strict):
     compression: tuple[AlgorithmConfig, ...] = Field(
         (QuantizationAwareTrainingConfig(),), min_length=1,
         description="Compression algorithms, each a mapping with an `algorithm` key: quantization, "
-                    "magnitude_sparsity. They stack in the order weights flow through them: sparsity masks the "
-                    "float weight, quantization then quantizes the masked weight.")
+                    "magnitude_sparsity, rb_sparsity. They stack in the order weights flow through them: sparsity "
+                    "masks the float weight, quantization then quantizes the masked weight.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training loop settings.")
 
     @classmethod

@@ -300,7 +300,7 @@ class TrainingRuntimeSession:
     def _write_array(self, request_id: int, index: int, array: np.ndarray, written: list[Path]) -> str:
         path = self._tmp / f"in-{request_id}-{index}.npy"
         written.append(path)
-        np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+        np.save(path, np.asarray(array, order="C"), allow_pickle=False)  # keeps 0-d arrays 0-d
         return os.fspath(path)
 
     def _take_arrays(self, paths: Mapping[str, str]) -> dict[str, np.ndarray]:

@@ -179,7 +179,7 @@ class Worker:
 
     def _save_array(self, array: Any) -> str:
         path = self.tmp_dir / f"out-{os.getpid()}-{next(self._output_ids)}.npy"
-        self.libs.np.save(path, self.libs.np.ascontiguousarray(array), allow_pickle=False)
+        self.libs.np.save(path, self.libs.np.asarray(array, order="C"), allow_pickle=False)  # 0-d stays 0-d
         return os.fspath(path)
 
     # -- commands

@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.transforms.commands import (
     Command,
+    ComplexityLoss,
     DequantizeBias,
     DequantizeWeight,
     FakeQuantize,
@@ -22,9 +23,11 @@ from onnxcompress.transforms.commands import (
     QuantizeDequantize,
     ScaleActivation,
     SetConstantInput,
+    StochasticGateWeight,
 )
 from onnxcompress.transforms.fake_quantize import fake_quantize_bias, fake_quantize_weight, insert_fake_quantize
 from onnxcompress.transforms.graph import set_constant_input, set_input
+from onnxcompress.transforms.stochastic_gate import insert_complexity_loss, insert_stochastic_gate
 from onnxcompress.transforms.op_table import spec
 
 
@@ -60,6 +63,12 @@ def apply_commands(graph: gs.Graph, commands: Iterable[Command]) -> gs.Graph:
             fake_quantize_bias(graph, tensors, _node(nodes, command.node), command)
         elif isinstance(command, MaskWeight):
             _mask_weight(graph, tensors, _node(nodes, command.node), command)
+        elif isinstance(command, StochasticGateWeight):
+            insert_stochastic_gate(graph, tensors, _node(nodes, command.node), command)
+        elif isinstance(command, ComplexityLoss):
+            if not set(command.logits) <= tensors.keys():
+                raise UnknownNameError(f"complexity loss {command.name!r}: insert its gates first")
+            insert_complexity_loss(graph, tensors, command)
         else:
             raise TypeError(f"not a command: {command!r}")
     return graph.cleanup().toposort()

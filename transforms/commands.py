@@ -167,5 +167,44 @@ class MaskWeight:
     values: np.ndarray
 
 
+@dataclass(frozen=True, eq=False)
+class StochasticGateWeight:
+    """Multiply constant input `port` of `node` by a stochastic binary gate per weight (RB sparsity, NNCF paper
+    eq. 6): logits s = k·δ (trainable `{name}.logit_delta`, shaped like the weight, initially `logit0`/k, so that
+    it learns k times faster than the weights), z = Round(sigmoid(s + n·logit(u))) with u ~ U(ε, 1 - ε) drawn on
+    every run, n the scalar constant `noise` (1 while training; 0 gives the deterministic gate [s > 0] for
+    evaluation). Round needs a straight-through gradient. The logits are the tensor `{name}.logits`.
+    """
+
+    node: str
+    port: int
+    name: str
+    logit0: float
+    lr_scale: float
+    noise: str
+    seed: float
+
+    @property
+    def logits(self) -> str:
+        return f"{self.name}.logits"
+
+    @property
+    def delta(self) -> str:
+        return f"{self.name}.logit_delta"
+
+
+@dataclass(frozen=True, eq=False)
+class ComplexityLoss:
+    """Add the scalar `name` = weight · (Σ sigmoid(logits) / N - density)² over all the gates' logits (NNCF paper
+    eq. 7); `density` is a scalar constant (the scheduler's target fraction of kept weights, initially
+    `density0`). The loss becomes a graph output until the training loss takes it in."""
+
+    name: str
+    logits: tuple[str, ...]
+    density: str
+    density0: float
+    weight: float
+
+
 Command = (QuantizeDequantize | DequantizeWeight | DequantizeBias | SetConstantInput | ScaleActivation | FakeQuantize
-           | FakeQuantizeWeight | FakeQuantizeBias | MaskWeight)
+           | FakeQuantizeWeight | FakeQuantizeBias | MaskWeight | StochasticGateWeight | ComplexityLoss)

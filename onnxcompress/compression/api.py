@@ -122,6 +122,16 @@ class CompressionController(ABC):
         return {}
 
     @property
+    def evaluation_parameters(self) -> dict[str, np.ndarray]:
+        """Values of frozen parameters to set while the model is evaluated (deterministic gates), and
+        `training_parameters` to restore afterwards."""
+        return {}
+
+    @property
+    def training_parameters(self) -> dict[str, np.ndarray]:
+        return {}
+
+    @property
     def loss_output(self) -> str | None:
         """Name of the scalar compression-loss tensor in the training graph, if the algorithm has one."""
         return None

@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.algorithms.quantization.ptq import export_graph
 from onnxcompress.algorithms.quantization.qat import QuantizationController
 from onnxcompress.algorithms.sparsity.magnitude import MagnitudeSparsityController
+from onnxcompress.algorithms.sparsity.rb import RBSparsityController
 from onnxcompress.compression.api import BuildContext, CompressionController, Parameters, Stage
 from onnxcompress.config import AlgorithmConfig
 from onnxcompress.errors import ConfigError
@@ -46,6 +47,7 @@ class Algorithm:
 
 ALGORITHMS: dict[str, Algorithm] = {
     "magnitude_sparsity": Algorithm(Stage.SPARSITY, MagnitudeSparsityController.build),
+    "rb_sparsity": Algorithm(Stage.SPARSITY, RBSparsityController.build),
     "quantization": Algorithm(Stage.QUANTIZATION, QuantizationController.build),
 }
 
@@ -80,6 +82,14 @@ class CompressedModel:
                 if definitions.setdefault(op_type, nodes) != nodes:
                     raise ConfigError(f"the stacked algorithms define different gradients for {op_type}")
         return definitions
+
+    @property
+    def evaluation_parameters(self) -> dict[str, np.ndarray]:
+        return {name: value for c in self.controllers for name, value in c.evaluation_parameters.items()}
+
+    @property
+    def training_parameters(self) -> dict[str, np.ndarray]:
+        return {name: value for c in self.controllers for name, value in c.training_parameters.items()}
 
     @property
     def loss_outputs(self) -> list[str]:

@@ -91,5 +91,6 @@ def add_loss(graph: gs.Graph, *, task: Loss, distillation: Distillation, compres
         total = _op(graph, "Add", [total, term], f"loss.sum{index}")
     final = _op(graph, "Identity", [total], LOSS_OUTPUT)
     final.shape = []
-    graph.outputs = [final, *graph.outputs]
+    # Compression losses were graph outputs only to survive clean-up until now.
+    graph.outputs = [final, *(o for o in graph.outputs if o.name not in compression_losses)]
 

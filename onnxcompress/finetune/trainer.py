@@ -214,6 +214,7 @@ class Trainer:
         self.val = LabelledData(val, self.inputs, label_spec, label_name=label_name, what="validation data")
         self._session = session
         self._teacher: ort.InferenceSession | None = None
+        self._compressed: CompressedModel | None = None
 
     # ------------------------------------------------------------------------------------------------ run
 
@@ -231,6 +232,7 @@ class Trainer:
         context = BuildContext(self.settings.learning_rate, self.settings.optimizer.value,
                                self.train.steps(self.settings.batch_size), self._calibration_count(), self.progress)
         compressed = create_compressed_model(self.model, self.config.compression, self._calibration_batches, context)
+        self._compressed = compressed
         # Serialized once: it is both fingerprinted and handed to the training runtime.
         training_model = self._training_model(compressed).SerializeToString(deterministic=True)
         state = self._load_or_start(training_model)
@@ -435,13 +437,21 @@ class Trainer:
         return float(metric(logits, labels)), loss
 
     def _predict(self, session: TrainingRuntimeSession) -> tuple[np.ndarray, np.ndarray, list[float], list[int]]:
+        """Validation outputs, with the algorithms' evaluation values (deterministic gates) set meanwhile."""
         outputs, labels, losses, counts = [], [], [], []
-        for batch in self.val.batches(self.settings.eval_batch_size):
-            result = session.eval_step(self._feeds(batch))
-            outputs.append(next(iter(result.outputs.values())))
-            labels.append(batch[1])
-            losses.append(result.loss)
-            counts.append(len(batch[1]))
+        assert self._compressed is not None
+        if evaluation := self._compressed.evaluation_parameters:
+            session.set_parameters(evaluation)
+        try:
+            for batch in self.val.batches(self.settings.eval_batch_size):
+                result = session.eval_step(self._feeds(batch))
+                outputs.append(next(iter(result.outputs.values())))
+                labels.append(batch[1])
+                losses.append(result.loss)
+                counts.append(len(batch[1]))
+        finally:
+            if training := self._compressed.training_parameters:
+                session.set_parameters(training)
         return np.concatenate(outputs), np.concatenate(labels), losses, counts
 
     def _export_errors(self, session: TrainingRuntimeSession, exported: onnx.ModelProto) -> tuple[float, float]:

@@ -103,3 +103,24 @@ def test_transformer_block_with_sparsity_and_quantization(runtime: TrainingRunti
     assert len(weights) >= 6
     zeros = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.size for w in weights.values())
     assert zeros >= 0.3 - 1e-3
+
+
+def test_rb_sparsity_with_qat_trains_gates_and_exports_the_deterministic_ones(
+        runtime: TrainingRuntime, cnn: onnx.ModelProto, tmp_path: Path) -> None:
+    """The complexity loss lowers the keep probabilities while training; evaluation and export use [logit > 0]
+    (noise off), so the export equals the evaluated model and its INT8 zeros are the reported sparsity."""
+    rb = {"algorithm": "rb_sparsity", "logit_lr": 0.5, "logit_init": 2.0,
+          "schedule": {"target_level": 0.5, "target_epoch": 0}}
+    quantize = {"algorithm": "quantization", "subset_size": 32, "quantizer_lr": 1e-2}
+    settings = FinetuneConfig.build({"compression": [rb, quantize], "training": {
+        "epochs": 2, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 2}})
+    result = finetune(cnn, cnn_data(cnn, 128, 1), cnn_data(cnn, 64, 2), settings, checkpoint_dir=tmp_path / "ckpt",
+                      progress=False)
+    last = result.history[result.best_epoch - 1].statistics
+    assert last["rb_sparsity/mean_keep_probability"] < 1 / (1 + np.exp(-2.0)) - 0.05  # the loss moved the logits
+    assert last["rb_sparsity/level"] == 0.5
+    assert result.export_error_float_path < 1e-6
+    weights = int8_weights(result.model)
+    zeros = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.size for w in weights.values())
+    assert last["rb_sparsity/sparsity"] - 1e-3 <= zeros <= last["rb_sparsity/sparsity"] + 0.02
+    assert {n.op_type for n in result.model.graph.node}.isdisjoint({"RandomUniform", "Sigmoid", "Round"})
