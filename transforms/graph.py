@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxcompress.transforms.op_table import spec
+
 
 def set_constant_input(node: gs.Node, port: int, values: np.ndarray) -> None:
     """Give `node` constant input `port` with `values`, appending it when it is the next missing input.
@@ -28,3 +30,12 @@ def set_input(node: gs.Node, port: int, tensor: gs.Tensor) -> None:
         node.inputs.append(tensor)
     else:
         raise IndexError(f"node {node.name!r} has no input {port - 1} to add input {port} after")
+
+
+def set_channel_bias(node: gs.Node, values: np.ndarray) -> None:
+    """Make `values` (per output channel) the bias `node` adds, writing its bias input and resetting the attribute
+    that scales it (Gemm's beta), so that `op_table.channel_bias(node)` reads `values` back."""
+    entry = spec(node)
+    set_constant_input(node, entry.bias_port, np.asarray(values, np.float32))
+    if entry.bias_scale_attr and entry.bias_scale_attr in node.attrs:
+        node.attrs[entry.bias_scale_attr] = 1.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 
@@ -58,6 +59,14 @@ class OpSpec:
     bias_port: int | None = None
     #: Axis of the weight tensor that enumerates output channels (per-channel quantization, bias correction).
     weight_channel_axis: int | None = None
+    #: Attribute that, when set, transposes the weight (Gemm's transB); the channel axis is then the other one.
+    weight_transpose_attr: str | None = None
+    #: Attribute that, when set, transposes the activation input (Gemm's transA): layouts we do not handle.
+    input_transpose_attr: str | None = None
+    #: Attribute that scales the bias before it is added (Gemm's beta).
+    bias_scale_attr: str | None = None
+    #: Axis of the activation input and of the output that enumerates channels ([N, C, ...] or [..., C]).
+    channel_axis: int | None = None
     #: Input indices that carry activations to be quantized when the op runs in INT8.
     activation_ports: tuple[int, ...] = (0,)
     #: ONNX Runtime only emits a fused integer kernel (QLinearConv) when the op's output is quantized too; Gemm and
@@ -80,6 +89,11 @@ class OpSpec:
     trained_ports: tuple[int, ...] = ()
     #: Sparsity masks the constant weight (`weight_port`) of this op.
     sparsify_weight: bool = False
+    #: Preprocessing folds a per-output-channel affine that follows the op (BatchNormalization, a constant
+    #: Mul/Add) into its weight and bias.
+    fold_channel_affine: bool = False
+    #: Bias correction adjusts the op's bias (ConvTranspose: not implemented, its filters are split by group).
+    correct_bias: bool = False
 
 
 _PASSTHROUGH = OpSpec(Role.PASSTHROUGH)
@@ -87,20 +101,21 @@ _LAYOUT = OpSpec(Role.PASSTHROUGH, layout_only=True)
 _FUSED = OpSpec(Role.FUSED_ACTIVATION)
 
 OP_TABLE: dict[str, OpSpec] = {
-    "Conv": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0,
+    "Conv": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0, channel_axis=1,
                    integer_kernel_needs_quantized_output=True, int16_pairs=PairOrder.TAPS_THEN_INPUT_CHANNELS,
-                   sparsify_weight=True),
+                   sparsify_weight=True, fold_channel_affine=True, correct_bias=True),
     # ONNX Runtime runs ConvTranspose in float (no QDQ fusion), so it needs no int16 headroom.
-    "ConvTranspose": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1,
+    "ConvTranspose": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1, channel_axis=1,
                             integer_kernel_needs_quantized_output=True, integer_kernel_needs_weight_zero_point=True,
-                            sparsify_weight=True),
-    # Gemm's channel axis depends on transB; `weight_channel_axis()` resolves it.
-    "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0,
+                            sparsify_weight=True, fold_channel_affine=True),
+    # Weight [in, out], or [out, in] with transB.
+    "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1, weight_transpose_attr="transB",
+                   input_transpose_attr="transA", bias_scale_attr="beta", channel_axis=-1,
                    integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES,
-                   sparsify_weight=True),
+                   sparsify_weight=True, fold_channel_affine=True, correct_bias=True),
     # MatMul with a constant weight [.., in, out]; with two activations (attention) both inputs are quantized.
     # Two activations are both uint8 in our files: ONNX Runtime's u8u8 kernel widens to int16 first (exact).
-    "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, activation_ports=(0, 1),
+    "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, channel_axis=-1, activation_ports=(0, 1),
                      integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES,
                      sparsify_weight=True),
     # Only activations both runtimes fuse in front of a QuantizeLinear: ONNX Runtime drops Relu/Clip before a
@@ -150,9 +165,82 @@ def spec(node: gs.Node) -> OpSpec:
 def weight_channel_axis(node: gs.Node) -> int | None:
     """Output-channel axis of `node`'s weight, resolving attributes that move it (Gemm's transB)."""
     entry = spec(node)
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
+    if entry.weight_transpose_attr and node.attrs.get(entry.weight_transpose_attr, 0):
+        return 1 - entry.weight_channel_axis
     return entry.weight_channel_axis
+
+
+def input_layout_known(node: gs.Node) -> bool:
+    """Whether `node` reads its activation with channels on `channel_axis` (not through Gemm's transA)."""
+    entry = spec(node)
+    return entry.channel_axis is not None and not (entry.input_transpose_attr and
+                                                   node.attrs.get(entry.input_transpose_attr, 0))
+
+
+def groups(node: gs.Node) -> int:
+    """The number of groups a convolution splits its channels into (1 for other ops)."""
+    return int(node.attrs.get("group", 1))
+
+
+def filters(node: gs.Node, weight: np.ndarray) -> np.ndarray | None:
+    """`weight` (shaped like `node`'s weight) as filters [output channels, input channels per group, taps]; None
+    when the layout is not one of these (a MatMul weight with batch axes)."""
+    channel = weight_channel_axis(node)
+    if channel is None or (weight.ndim != 2 and node.op in ("Gemm", "MatMul")):
+        return None
+    if weight.ndim == 2:
+        return np.moveaxis(weight, channel, 0)[:, :, None]
+    if channel == 0:
+        return weight.reshape(weight.shape[0], weight.shape[1], -1)
+    # ConvTranspose [in, out / g, taps]: group k's filters read input channels k·in/g ... (k + 1)·in/g.
+    g = groups(node)
+    inputs, outputs = weight.shape[0] // g, weight.shape[1]
+    return weight.reshape(g, inputs, outputs, -1).transpose(0, 2, 1, 3).reshape(g * outputs, inputs, -1)
+
+
+def output_channels(node: gs.Node) -> int | None:
+    """How many output channels `node` computes, read from its constant weight (None without one)."""
+    weight = constant_weight(node)
+    if weight is None or weight_channel_axis(node) is None:
+        return None
+    channels = weight.values.shape[weight_channel_axis(node)]
+    return channels * groups(node) if node.op == "ConvTranspose" else channels
+
+
+def input_channels(node: gs.Node) -> int | None:
+    """How many channels `node`'s activation input has, read from its constant weight (None without one)."""
+    weight = constant_weight(node)
+    if weight is None or weight.values.ndim < 2:
+        return None
+    layout = filters(node, weight.values)
+    if layout is None:
+        return None
+    return layout.shape[1] * groups(node)
+
+
+def channel_bias(node: gs.Node) -> np.ndarray | None:
+    """The bias `node` adds per output channel, as float64 and scaled as the op scales it (Gemm's beta); zeros
+    when it has none, None when it is not a constant."""
+    entry, channels = spec(node), output_channels(node)
+    if entry.bias_port is None or channels is None:
+        return None
+    if len(node.inputs) <= entry.bias_port:
+        return np.zeros(channels)
+    bias = node.inputs[entry.bias_port]
+    if not isinstance(bias, gs.Constant) or bias.values.size not in (1, channels):
+        return None
+    scale = node.attrs.get(entry.bias_scale_attr, 1.0) if entry.bias_scale_attr else 1.0
+    return np.broadcast_to(bias.values.astype(np.float64).reshape(-1) * scale, (channels,))
+
+
+def absorbs_channel_affine(node: gs.Node) -> bool:
+    """Whether a per-output-channel scale and shift after `node` folds into its constant weight and bias: the op
+    allows it (`OpSpec.fold_channel_affine`), the bias is constant or missing, and each output channel's weights lie
+    on one slice of the weight's channel axis (not a grouped ConvTranspose)."""
+    weight = constant_weight(node)
+    if not spec(node).fold_channel_affine or weight is None or channel_bias(node) is None:
+        return False
+    return weight.values.shape[weight_channel_axis(node)] == output_channels(node)
 
 
 def int16_pair_accumulation(node: gs.Node, weight_shape: tuple[int, ...] | None = None) -> bool:

@@ -13,6 +13,9 @@ def _model(scale_shape, producer="Conv"):
              numpy_helper.from_array(rng.normal(size=scale_shape).astype(np.float32), "s"),
              numpy_helper.from_array(rng.normal(size=scale_shape).astype(np.float32), "t")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv")]
+    if producer == "ConvTranspose":  # weight [in 3, out 4, 3, 3]
+        inits[0] = numpy_helper.from_array(rng.normal(size=(3, 4, 3, 3)).astype(np.float32), "w")
+        nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], name="up")]
     first = "c"
     if producer == "BatchNormalization":
         for name, values in (("g", rng.uniform(0.5, 2, 3)), ("b", rng.normal(size=3)), ("m", rng.normal(size=3)),
@@ -33,7 +36,7 @@ def _run(model, x):
 def test_per_channel_mul_and_add_fold_into_conv_and_batchnorm():
     x = np.random.default_rng(1).normal(size=(2, 3, 5, 5)).astype(np.float32)
     for producer, shape in (("Conv", (4, 1, 1)), ("Conv", (1, 4, 1, 1)), ("Conv", (1,)),
-                            ("BatchNormalization", (3, 1, 1))):
+                            ("ConvTranspose", (4, 1, 1)), ("BatchNormalization", (3, 1, 1))):
         model = _model(shape, producer)
         graph = gs.import_onnx(model)
         assert fold_channel_affine(graph) is True

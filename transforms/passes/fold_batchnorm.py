@@ -1,4 +1,5 @@
-"""Fold BatchNormalization into the Conv, ConvTranspose or Gemm that feeds it.
+"""Fold BatchNormalization into the op that feeds it, when the op table says it absorbs a channel affine
+(Conv, ConvTranspose, Gemm).
 
     y = gamma * (conv(x, W) + b - mean) / sqrt(var + eps) + beta
       = conv(x, W * k) + (b - mean) * k + beta,      k = gamma / sqrt(var + eps) per output channel
@@ -12,8 +13,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.transforms.graph import set_constant_input
-from onnxcompress.transforms.op_table import Role, constant_weight, spec, weight_channel_axis
+from onnxcompress.transforms.graph import set_channel_bias, set_constant_input
+from onnxcompress.transforms.op_table import (
+    absorbs_channel_affine,
+    channel_bias,
+    constant_weight,
+    spec,
+    weight_channel_axis,
+)
 
 
 def fold_batchnorm(graph: gs.Graph) -> bool:
@@ -33,40 +40,22 @@ def fold_batchnorm(graph: gs.Graph) -> bool:
 def _foldable_producer(bn: gs.Node) -> gs.Node | None:
     if len(bn.outputs) != 1 or not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
         return None
-    if not bn.inputs[0].inputs:
+    if not bn.inputs[0].inputs or len(bn.inputs[0].outputs) != 1:
         return None
     producer = bn.inputs[0].inputs[0]
-    if spec(producer).role is not Role.COMPUTE or producer.op == "MatMul":
-        return None
-    if len(bn.inputs[0].outputs) != 1 or constant_weight(producer) is None:
-        return None
-    if producer.op == "ConvTranspose" and producer.attrs.get("group", 1) != 1:
-        return None
-    bias_port = spec(producer).bias_port
-    if len(producer.inputs) > bias_port and not isinstance(producer.inputs[bias_port], gs.Constant):
-        return None
-    return producer
+    return producer if absorbs_channel_affine(producer) else None
 
 
 def _fold(producer: gs.Node, bn: gs.Node) -> None:
     gamma, beta, mean, var = (t.values.astype(np.float64) for t in bn.inputs[1:5])
     k = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
     weight = constant_weight(producer)
-    axis = weight_channel_axis(producer)
     shape = [1] * weight.values.ndim
-    shape[axis] = -1
+    shape[weight_channel_axis(producer)] = -1
     # float32 product: one more rounding than a float64 one, without a float64 copy of every weight.
     folded_weight = (weight.values * k.astype(np.float32).reshape(shape)).astype(np.float32, copy=False)
-
-    bias_port = spec(producer).bias_port
-    bias = producer.inputs[bias_port].values.astype(np.float64) if len(producer.inputs) > bias_port \
-        else np.zeros_like(mean)
-    folded_bias = ((bias - mean) * k + beta).astype(np.float32)
-
     set_constant_input(producer, spec(producer).weight_port, folded_weight)
-    set_constant_input(producer, bias_port, folded_bias)
-    if producer.op == "Gemm" and producer.attrs.get("beta", 1.0) != 1.0:
-        producer.attrs["beta"] = 1.0  # the folded bias already holds the final values
+    set_channel_bias(producer, (channel_bias(producer) - mean) * k + beta)
     # The producer now writes the BatchNormalization's output tensor directly.
     bn_output = bn.outputs[0]
     bn.outputs.clear()

@@ -1,4 +1,5 @@
-"""Fold a per-channel constant Mul or Add that follows a Conv, Gemm or BatchNormalization into that op.
+"""Fold a per-channel constant Mul or Add into the BatchNormalization or compute op before it (those the op table
+says absorb a channel affine: Conv, ConvTranspose, Gemm).
 
     conv(x, W, b) * c  =  conv(x, W·c, b·c)          conv(x, W, b) + c  =  conv(x, W, b + c)
     bn(x; γ, β) * c    =  bn(x; γ·c, β·c)            bn(x; γ, β) + c    =  bn(x; γ, β + c)
@@ -13,8 +14,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.transforms.graph import set_constant_input
-from onnxcompress.transforms.op_table import Role, constant_weight, spec, weight_channel_axis
+from onnxcompress.transforms.graph import set_channel_bias, set_constant_input
+from onnxcompress.transforms.op_table import (
+    absorbs_channel_affine,
+    channel_bias,
+    constant_weight,
+    output_channels,
+    spec,
+    weight_channel_axis,
+)
 
 _FOLDABLE = frozenset({"Mul", "Add"})
 
@@ -45,7 +53,7 @@ def _try_fold(node: gs.Node) -> bool:
     if producer.op == "BatchNormalization":
         _fold_into_batchnorm(producer, node.op, factor)
     else:
-        _fold_into_compute(producer, node.op, factor, channels)
+        _fold_into_compute(producer, node.op, factor)
     result = node.outputs[0]
     node.outputs.clear()
     producer.outputs[0] = result
@@ -56,16 +64,7 @@ def _output_channels(producer: gs.Node) -> int | None:
     if producer.op == "BatchNormalization":
         return len(producer.inputs[1].values) if all(isinstance(t, gs.Constant) for t in producer.inputs[1:5]) \
             else None
-    if spec(producer).role is not Role.COMPUTE or producer.op in ("MatMul", "ConvTranspose"):
-        return None
-    weight = constant_weight(producer)
-    bias_port = spec(producer).bias_port
-    if weight is None or (len(producer.inputs) > bias_port and not isinstance(producer.inputs[bias_port],
-                                                                              gs.Constant)):
-        return None
-    if producer.op == "Gemm" and (producer.attrs.get("alpha", 1.0) != 1.0 or producer.attrs.get("beta", 1.0) != 1.0):
-        return None
-    return weight.values.shape[weight_channel_axis(producer)]
+    return output_channels(producer) if absorbs_channel_affine(producer) else None
 
 
 def _per_channel(values: np.ndarray, channels: int, producer: gs.Node) -> np.ndarray | None:
@@ -73,7 +72,8 @@ def _per_channel(values: np.ndarray, channels: int, producer: gs.Node) -> np.nda
     values = np.asarray(values, np.float64)
     if values.size == 1:
         return np.full(channels, values.reshape(()))
-    channel_axis_from_end = 1 if producer.op == "Gemm" else 3  # [N, C] or [N, C, H, W]
+    # [N, C] or [N, C, H, W]: a BatchNormalization's or convolution's channels are axis 1 of 4.
+    channel_axis_from_end = 1 if spec(producer).channel_axis == -1 else 3
     squeezed_shape = [d for d in values.shape if d != 1]
     if squeezed_shape != [channels] or values.ndim > channel_axis_from_end + 1:
         return None
@@ -91,19 +91,15 @@ def _fold_into_batchnorm(bn: gs.Node, op: str, factor: np.ndarray) -> None:
     set_constant_input(bn, 2, beta.astype(np.float32))
 
 
-def _fold_into_compute(node: gs.Node, op: str, factor: np.ndarray, channels: int) -> None:
-    entry = spec(node)
-    bias_port = entry.bias_port
-    bias = node.inputs[bias_port].values.astype(np.float64).reshape(-1) if len(node.inputs) > bias_port \
-        else np.zeros(channels)
-    bias = np.broadcast_to(bias, (channels,))
+def _fold_into_compute(node: gs.Node, op: str, factor: np.ndarray) -> None:
+    bias = channel_bias(node)
     if op == "Mul":
         weight = constant_weight(node)
         shape = [1] * weight.values.ndim
         shape[weight_channel_axis(node)] = -1
         scaled = (weight.values.astype(np.float64) * factor.reshape(shape)).astype(np.float32)
-        set_constant_input(node, entry.weight_port, scaled)
+        set_constant_input(node, spec(node).weight_port, scaled)
         bias = bias * factor
     else:
         bias = bias + factor
-    set_constant_input(node, bias_port, bias.astype(np.float32))
+    set_channel_bias(node, bias)

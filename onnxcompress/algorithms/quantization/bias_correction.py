@@ -20,6 +20,7 @@ from onnxcompress.config import BiasCorrection, QuantizationConfig
 from onnxcompress.runtime.calibration import Statistic, StatisticRequest, TensorStatistics, collect_statistics
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import Command, DequantizeWeight, SetConstantInput
+from onnxcompress.transforms.op_table import channel_bias, constant_weight, filters, groups, output_channels, spec
 
 
 def input_mean_requests(setup: QuantizerSetup, config: QuantizationConfig) -> list[StatisticRequest]:
@@ -44,48 +45,27 @@ def bias_correction_commands(graph: gs.Graph, float_model: onnx.ModelProto | Non
         subset = min(total, config.bias_correction_subset_size) if total is not None else None
         shifts = measured_bias_shifts(float_model, nodes, setup.bias_targets, commands, second_pass, subset,
                                       progress)
-    return [SetConstantInput(t.node, t.bias_port, (current_bias(nodes[t.node], t) - shifts[t.node]).astype(np.float32))
+    return [SetConstantInput(t.node, t.bias_port, (channel_bias(nodes[t.node]) - shifts[t.node]).astype(np.float32))
             for t in setup.bias_targets if t.node in shifts]
 
 
 def _output_mean_request(node: gs.Node) -> StatisticRequest:
-    weight = node.inputs[1].values
-    if node.op == "Conv":
-        return StatisticRequest(node.outputs[0].name, Statistic.CHANNEL_MEAN, 1, weight.shape[0])
-    out_channels = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1]
-    return StatisticRequest(node.outputs[0].name, Statistic.CHANNEL_MEAN, -1, out_channels)
-
-
-def current_bias(node: gs.Node, target: BiasTarget) -> np.ndarray:
-    """The bias of `target` as float64 per output channel (zeros when the node has none yet)."""
-    channels = _out_channels(node)
-    if len(node.inputs) > target.bias_port:
-        return np.broadcast_to(node.inputs[target.bias_port].values.astype(np.float64).reshape(-1), (channels,))
-    return np.zeros(channels)
-
-
-def _out_channels(node: gs.Node) -> int:
-    weight = node.inputs[1].values
-    if node.op == "Gemm" and not node.attrs.get("transB", 0):
-        return weight.shape[1]
-    return weight.shape[0]
+    return StatisticRequest(node.outputs[0].name, Statistic.CHANNEL_MEAN, spec(node).channel_axis,
+                            output_channels(node))
 
 
 def _weight_error_shift(node: gs.Node, command: DequantizeWeight, input_mean: np.ndarray) -> np.ndarray:
-    weight = node.inputs[1].values
+    weight = constant_weight(node).values
     shape = [1] * weight.ndim
     shape[command.axis] = -1
     # float32 like the runtimes; each output channel's error sum is over at most a few thousand terms.
     error = command.quantized * command.scale.reshape(shape) - weight
-    if node.op == "Gemm":
-        return error @ input_mean if node.attrs.get("transB", 0) else input_mean @ error
-    # Conv: each output channel sums its kernel's error over space, weighted by its group's input means.
-    out_channels, group_inputs = weight.shape[:2]
-    error = error.reshape(out_channels, group_inputs, -1).sum(axis=2)  # [O, I/g]
-    groups = node.attrs.get("group", 1)
-    if groups == 1:
+    # Each output channel sums its filter's error over space, weighted by its group's input means.
+    error = filters(node, error).sum(axis=2)  # [O, I/g]
+    out_channels, count = error.shape[0], groups(node)
+    if count == 1:
         return error @ input_mean
-    means = input_mean.reshape(groups, -1)[np.arange(out_channels) // (out_channels // groups)]  # [O, I/g]
+    means = input_mean.reshape(count, -1)[np.arange(out_channels) // (out_channels // count)]  # [O, I/g]
     return (error * means).sum(axis=1)
 
 

@@ -27,7 +27,10 @@ from onnxcompress.transforms.op_table import (
     SHAPE_READING_OPS,
     TRANSFORMER_FLOAT_OPS,
     Role,
+    channel_bias,
     constant_weight,
+    input_channels,
+    input_layout_known,
     int16_pair_accumulation,
     int16_pair_order,
     spec,
@@ -264,7 +267,7 @@ class _Planner:
         axis = weight_channel_axis(node)
         if weight is None or axis is None or weight.values.ndim < 2 or weight.values.dtype != np.float32:
             return None
-        if node.op == "Gemm" and node.attrs.get("transA", 0):
+        if not input_layout_known(node):
             return None
         target = WeightTarget(node.name, spec(node).weight_port, axis % weight.values.ndim)
         if not (self.portable and int16_pair_accumulation(node)):
@@ -275,17 +278,11 @@ def bias_target(node: gs.Node) -> BiasTarget | None:
     """The bias of `node` that bias correction can adjust, if it has one (a missing Conv/Gemm bias can be added)."""
     entry = spec(node)
     source = node.inputs[0]
-    weight = constant_weight(node).values
-    if isinstance(source, gs.Constant) or entry.bias_port is None or node.op == "ConvTranspose":
+    if isinstance(source, gs.Constant) or not entry.correct_bias or not input_layout_known(node):
         return None
-    if len(node.inputs) > entry.bias_port and not isinstance(node.inputs[entry.bias_port], gs.Constant):
+    if channel_bias(node) is None or entry.bias_scale_attr and node.attrs.get(entry.bias_scale_attr, 1.0) != 1.0:
         return None
-    if node.op == "Conv":
-        return BiasTarget(node.name, entry.bias_port, source.name, 1, weight.shape[1] * node.attrs.get("group", 1))
-    if node.op == "Gemm" and node.attrs.get("beta", 1.0) == 1.0:
-        channels = weight.shape[1] if node.attrs.get("transB", 0) else weight.shape[0]
-        return BiasTarget(node.name, entry.bias_port, source.name, -1, channels)
-    return None
+    return BiasTarget(node.name, entry.bias_port, source.name, entry.channel_axis, input_channels(node))
 
 
 def _dynamic_shape(tensor: gs.Tensor) -> bool:

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxcompress.algorithms.quantization.bias_correction import current_bias, measured_bias_shifts
+from onnxcompress.algorithms.quantization.bias_correction import measured_bias_shifts
 from onnxcompress.algorithms.quantization.placement import bias_target
 from onnxcompress.algorithms.quantization.ptq import export_graph, resolve_ignored_scope
 from onnxcompress.algorithms.sparsity.masks import compute_masks, sparsity, sparsity_targets
 from onnxcompress.config import SparsifyConfig
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import Command, SetConstantInput
+from onnxcompress.transforms.op_table import channel_bias
 from onnxcompress.transforms.passes import preprocess
 
 Batches = Iterable[Mapping[str, np.ndarray]]
@@ -52,7 +53,7 @@ def sparsify_model(model: onnx.ModelProto, config: SparsifyConfig, batches: Batc
         shifts = measured_bias_shifts(export_graph(graph, model), nodes, bias_targets, commands, batches, total,
                                       progress)
         corrected = [SetConstantInput(b.node, b.bias_port,
-                                      (current_bias(nodes[b.node], b) - shifts[b.node]).astype(np.float32))
+                                      (channel_bias(nodes[b.node]) - shifts[b.node]).astype(np.float32))
                      for b in bias_targets]
     apply_commands(graph, [*commands, *corrected])
     layers = {t.node: sparsity({t.mask: masks[t.mask]}) for t in targets}
