@@ -256,18 +256,23 @@ def export(model: Path, target: str, output: Path) -> None:
                    "samples are used) instead of seeded random data; needed for dynamic dimensions besides the batch.")
 @click.option("--report", type=_OutputFile(), help="Write the measurements as JSON.")
 @click.option("--plot", type=_OutputFile(), help="Write a PNG chart of latency and throughput.")
+@click.option("--sparse-weights", "sparse_weights", type=float, metavar="RATE",
+              help="Also measure every OpenVINO variant with CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE=RATE "
+                   "(0 < RATE < 1: the least fraction of zero weights a layer needs). OpenVINO uses it only on "
+                   "AMX CPUs, for INT8 FullyConnected layers; the report says what it does on this CPU.")
 @click.option("--no-progress", is_flag=True)
 def benchmark(models: tuple[Path, ...], batch: int, rounds: int, round_seconds: float, inputs_path: str | None,
-              report: Path | None, plot: Path | None, no_progress: bool) -> None:
+              report: Path | None, plot: Path | None, sparse_weights: float | None, no_progress: bool) -> None:
     """Benchmark MODELS on OpenVINO (f32, default precision; latency and throughput) and ONNX Runtime.
 
     The first model is the baseline of the ratios.
     """
     from onnxcompress.runtime.benchmark import benchmark as run_benchmark
-    from onnxcompress.runtime.benchmark import format_report, plot_report
+    from onnxcompress.runtime.benchmark import check_sparse_weights_rate, format_report, plot_report
     from onnxcompress.runtime.model_io import load_model
     from onnxcompress.runtime.outputs import write_text_atomic
 
+    check_sparse_weights_rate(sparse_weights)
     _check_side_outputs(models, report, plot, reads=(inputs_path,))
     loaded = [load_model(model) for model in models]
     inputs = None
@@ -278,7 +283,7 @@ def benchmark(models: tuple[Path, ...], batch: int, rounds: int, round_seconds: 
     del loaded
     labels = _labels(models)
     result = run_benchmark(dict(zip(labels, models)), batch=batch, rounds=rounds, round_seconds=round_seconds,
-                           inputs=inputs, progress=not no_progress)
+                           inputs=inputs, progress=not no_progress, sparse_weights_rate=sparse_weights)
     click.echo(format_report(result, baseline=labels[0]))
     if report:
         write_text_atomic(report, json.dumps(result.to_dict(), indent=2))

@@ -14,6 +14,10 @@ Why it is built this way:
   layers left in float run in f32 or bf16. The `kernels` field records what the heavy layers really ran in.
 * Variant labels are `<model>/<backend>/<mode>`, e.g. `int8/ov-default/latency`, `fp32/ort/latency`,
   `fp32/ov-f32/throughput`.
+* With a sparse weights rate, every OpenVINO variant gets a twin compiled with
+  CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE (`int8/ov-default-sparse/latency`), measured in the same rounds. OpenVINO
+  uses it only on AMX CPUs and only for INT8 FullyConnected layers, so the report says which layers could use it
+  and, on a CPU without AMX, that the twins are expected to measure the same.
 
 Latency mode: one synchronous request (OpenVINO PERFORMANCE_HINT=LATENCY; ONNX Runtime InferenceSession with
 ORT_ENABLE_ALL and default threads). Reported latency is the median / p90 of all timed inferences of all
@@ -46,13 +50,18 @@ import psutil
 from tqdm.auto import tqdm
 
 from onnxcompress.errors import BenchmarkError, OutputError
-from onnxcompress.runtime.cpu import cpu_features
+from onnxcompress.runtime.cpu import CpuFeatures, cpu_features
 from onnxcompress.runtime.model_io import RuntimeSource, runtime_source
 from onnxcompress.runtime.outputs import write_bytes_atomic
 from onnxcompress.runtime.openvino import (
     HEAVY_LAYER_TYPES,
+    SPARSE_WEIGHTS_PROPERTY,
+    FullyConnectedWeights,
     compile_model,
+    describe_sparse_weight_layers,
     runtime_precisions,
+    sparse_weight_layers,
+    sparse_weights_note,
 )
 
 __all__ = [
@@ -66,6 +75,7 @@ __all__ = [
 LATENCY = "latency"
 THROUGHPUT = "throughput"
 ORT_BACKEND = "ort"
+SPARSE_SUFFIX = "-sparse"
 _DEFAULT_PRECISION = "default"  # "no INFERENCE_PRECISION_HINT": the plugin chooses (bf16 on this CPU)
 _WARMUP_SECONDS = 0.5
 #: An hour per round: longer (or infinite) rounds would never let a benchmark end.
@@ -93,6 +103,7 @@ class Measurement:
     rounds: int
     infer_requests: int
     kernels: str  # runtime precisions of the heavy layers, e.g. "u8x3" or "bf16x3"; "" when unknown (ORT)
+    sparse_weights_rate: float | None = None  # CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE of a "-sparse" variant
 
 
 def _speedup(reference: Measurement, measured: Measurement) -> float:
@@ -353,6 +364,9 @@ class _Variant:
     run: Callable[[float], _Round]
     infer_requests: int = 1
     kernels: str = ""
+    sparse_weights_rate: float | None = None
+    #: The INT8 FullyConnected layers of a sparse variant's executed graph.
+    sparse_layers: dict[str, FullyConnectedWeights] = field(default_factory=dict)
     rounds: list[_Round] = field(default_factory=list)
 
 
@@ -364,35 +378,42 @@ def _kernels(compiled: ov.CompiledModel) -> str:
     return " ".join(f"{precision}x{count}" for precision, count in counts.most_common())
 
 
-def _backend(precision: str) -> str:
-    return f"ov-{precision}"
+def _backend(precision: str, sparse_weights_rate: float | None = None) -> str:
+    return f"ov-{precision}" + ("" if sparse_weights_rate is None else SPARSE_SUFFIX)
 
 
 def _openvino_variants(
-    model: str, source: RuntimeSource, feeds: Mapping[str, np.ndarray], precisions: Sequence[str], mode: str
+    model: str, source: RuntimeSource, feeds: Mapping[str, np.ndarray], precisions: Sequence[str], mode: str,
+    sparse_weights_rate: float | None,
 ) -> list[_Variant]:
     # Static shapes, as deployed: dynamic-shape kernels are slower and would skew the comparison with ORT.
     shapes = {name: array.shape for name, array in feeds.items()}
-    variants = []
-    for precision in precisions:
-        hint = None if precision == _DEFAULT_PRECISION else precision
-        label = f"{model}/{_backend(precision)}/{mode}"
-        try:
-            compiled = compile_model(
-                source, precision_hint=hint, performance_hint=mode.upper(), shapes=shapes
-            )
-            runner = _OvSyncRunner(compiled, feeds) if mode == LATENCY else _OvAsyncRunner(compiled, feeds)
-        except BenchmarkError as exc:
-            raise BenchmarkError(f"{label}: {exc.args[0]}") from exc
-        except Exception as exc:  # noqa: BLE001 - binding tensors fails with RuntimeError on bad inputs
-            raise BenchmarkError(f"{label}: {exc}") from exc
-        variants.append(
-            _Variant(
-                label, model, "openvino", _backend(precision), precision, mode, runner,
-                infer_requests=getattr(runner, "requests", 1), kernels=_kernels(compiled),
-            )
-        )
-    return variants
+    rates = (None,) if sparse_weights_rate is None else (None, sparse_weights_rate)
+    return [_openvino_variant(model, source, feeds, shapes, precision, mode, rate)
+            for precision in precisions for rate in rates]
+
+
+def _openvino_variant(
+    model: str, source: RuntimeSource, feeds: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
+    precision: str, mode: str, sparse_weights_rate: float | None,
+) -> _Variant:
+    hint = None if precision == _DEFAULT_PRECISION else precision
+    backend = _backend(precision, sparse_weights_rate)
+    label = f"{model}/{backend}/{mode}"
+    try:
+        compiled = compile_model(source, precision_hint=hint, performance_hint=mode.upper(), shapes=shapes,
+                                 sparse_weights_rate=sparse_weights_rate)
+        runner = _OvSyncRunner(compiled, feeds) if mode == LATENCY else _OvAsyncRunner(compiled, feeds)
+    except BenchmarkError as exc:
+        raise BenchmarkError(f"{label}: {exc.args[0]}") from exc
+    except Exception as exc:  # noqa: BLE001 - binding tensors fails with RuntimeError on bad inputs
+        raise BenchmarkError(f"{label}: {exc}") from exc
+    return _Variant(
+        label, model, "openvino", backend, precision, mode, runner,
+        infer_requests=getattr(runner, "requests", 1), kernels=_kernels(compiled),
+        sparse_weights_rate=sparse_weights_rate,
+        sparse_layers={} if sparse_weights_rate is None else sparse_weight_layers(compiled),
+    )
 
 
 def _ort_variant(model: str, source: RuntimeSource, feeds: Mapping[str, np.ndarray]) -> _Variant:
@@ -417,15 +438,29 @@ def check_timing(batch: int, rounds: int, round_seconds: float) -> None:
                              f"{batch}, {rounds}, {round_seconds}")
 
 
+def check_sparse_weights_rate(rate: float | None) -> None:
+    """Refuse a rate outside (0, 1): OpenVINO rejects values outside [0, 1], 1 is its "off", and 0 would pack
+    layers without a single zero weight."""
+    if rate is None:
+        return
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < 1:
+        raise BenchmarkError(
+            f"the sparse weights rate ({SPARSE_WEIGHTS_PROPERTY}) is the least fraction of zero weights a layer "
+            f"needs to run sparse: a number with 0 < rate < 1 (1 turns sparse weights off); got {rate!r}")
+
+
 def _validate_arguments(
     models: Mapping[str, str | os.PathLike[str]], batch: int, rounds: int, round_seconds: float,
-    precisions: Sequence[str], include_ort: bool,
+    precisions: Sequence[str], include_ort: bool, sparse_weights_rate: float | None,
 ) -> dict[str, Path]:
     if not models:
         raise BenchmarkError("no models to benchmark")
     check_timing(batch, rounds, round_seconds)
     if not precisions and not include_ort:
         raise BenchmarkError("nothing to measure: no OpenVINO precisions and include_ort=False")
+    check_sparse_weights_rate(sparse_weights_rate)
+    if sparse_weights_rate is not None and not precisions:
+        raise BenchmarkError("sparse weights are an OpenVINO setting, but no OpenVINO precision is measured")
     paths = {}
     for name, path in models.items():
         if not name or "/" in name:
@@ -473,7 +508,17 @@ def _aggregate(variant: _Variant, batch: int) -> Measurement:
         throughput_fps=float(np.median(fps)) if fps else math.nan,
         samples=int(sum(r.inferences for r in variant.rounds)), rounds=len(variant.rounds),
         infer_requests=variant.infer_requests, kernels=variant.kernels,
+        sparse_weights_rate=variant.sparse_weights_rate,
     )
+
+
+def _sparse_environment(variants: Sequence[_Variant], rate: float | None, cpu: CpuFeatures) -> dict[str, str]:
+    """The rate and what it does on this CPU, for the JSON report and the text header."""
+    if rate is None:
+        return {}
+    layers = {v.model: v.sparse_layers for v in variants if v.sparse_weights_rate is not None}
+    return {"sparse_weights_rate": f"{rate:g}", "sparse_weights": sparse_weights_note(rate, cpu),
+            "sparse_weights_layers": describe_sparse_weight_layers(layers)}
 
 
 def _environment() -> dict[str, str]:
@@ -499,6 +544,7 @@ def benchmark(
     include_throughput: bool = True,
     inputs: Mapping[str, np.ndarray] | None = None,
     progress: bool = True,
+    sparse_weights_rate: float | None = None,
 ) -> BenchmarkReport:
     """Measure each ONNX model (label -> path) on OpenVINO CPU and ONNX Runtime CPU, interleaved in rounds.
 
@@ -507,9 +553,12 @@ def benchmark(
     throughput mode; plus ONNX Runtime latency if `include_ort`. All variants are compiled before any timing.
     `inputs` (same arrays for every model) replaces random data; without it, a dynamic first dimension becomes
     `batch` and any other dynamic dimension raises BenchmarkError naming the input.
+    `sparse_weights_rate` (0 < rate < 1) adds a "-sparse" twin of every OpenVINO variant compiled with
+    CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE=rate; the environment's "sparse_weights" says what it does on this CPU.
     A full run takes about rounds x round_seconds x number of variants, plus compilation and warm-up.
     """
-    paths = _validate_arguments(models, batch, rounds, round_seconds, openvino_precisions, include_ort)
+    paths = _validate_arguments(models, batch, rounds, round_seconds, openvino_precisions, include_ort,
+                                sparse_weights_rate)
     # Build every feed first so a bad input fails before minutes of compilation.
     feeds = {name: _make_inputs(_input_specs(path), batch, inputs, name) for name, path in paths.items()}
     variants: list[_Variant] = []
@@ -517,16 +566,19 @@ def benchmark(
         # Each model is read and checked once; the runtimes get those bytes, never the path again.
         sources = {name: stack.enter_context(runtime_source(path)) for name, path in paths.items()}
         for name in paths:
-            variants += _openvino_variants(name, sources[name], feeds[name], openvino_precisions, LATENCY)
+            variants += _openvino_variants(name, sources[name], feeds[name], openvino_precisions, LATENCY,
+                                           sparse_weights_rate)
             if include_ort:
                 variants.append(_ort_variant(name, sources[name], feeds[name]))
         if include_throughput:
             for name in paths:
-                variants += _openvino_variants(name, sources[name], feeds[name], openvino_precisions, THROUGHPUT)
+                variants += _openvino_variants(name, sources[name], feeds[name], openvino_precisions, THROUGHPUT,
+                                               sparse_weights_rate)
     _measure(variants, rounds, round_seconds, progress)
     return BenchmarkReport(
         measurements=tuple(_aggregate(v, batch) for v in variants),
-        batch=batch, rounds=rounds, round_seconds=round_seconds, environment=_environment(),
+        batch=batch, rounds=rounds, round_seconds=round_seconds,
+        environment={**_environment(), **_sparse_environment(variants, sparse_weights_rate, cpu_features())},
     )
 
 
@@ -539,7 +591,9 @@ def _baseline_backends(report: BenchmarkReport, baseline: str) -> list[str]:
         raise BenchmarkError(f"baseline model {model!r} is not in the report (models: {report.models})")
     if backend:
         return [backend]
-    found = list(dict.fromkeys(m.backend for m in report.measurements if m.model == model))
+    # A sparse twin is compared with its dense variant in its own column, not used as a reference for every row.
+    found = list(dict.fromkeys(m.backend for m in report.measurements
+                               if m.model == model and not m.backend.endswith(SPARSE_SUFFIX)))
     # Reference order: forced f32 first, then the plugin default, other hints, ONNX Runtime last.
     return sorted(found, key=lambda b: (b != "ov-f32", b != "ov-default", b == ORT_BACKEND, b))
 
@@ -576,26 +630,44 @@ def format_report(report: BenchmarkReport, baseline: str) -> str:
         f"{env.get('openvino_default_precision', '?')}); ort = ONNX Runtime CPU, ORT_ENABLE_ALL.",
         "kernels = runtime precision of the heavy layers (Convolution/FullyConnected/MatMul) x count.",
         _describe_cpu(env),
+        *_describe_sparse_weights(env),
         "Speed-up vs <baseline variant>: baseline median latency / median latency (latency rows), "
         "fps / baseline fps (throughput rows); >1 is faster. Same run only.",
     ]
+    sparse = any(m.backend.endswith(SPARSE_SUFFIX) for m in report.measurements)
     for mode in (LATENCY, THROUGHPUT):
         rows_of_mode = [m for m in report.measurements if m.mode == mode]
         if not rows_of_mode:
             continue
         header = ["variant", "kernels", "median ms", "p90 ms", "fps", "reqs"]
-        header += [f"vs {model}/{backend}" for backend in backends]
+        header += [f"vs {model}/{backend}" for backend in backends] + (["vs dense twin"] if sparse else [])
         rows = [header]
         for m in rows_of_mode:
             row = [m.variant, m.kernels or "-", _format_number(m.median_ms, 3), _format_number(m.p90_ms, 3),
                    _format_number(m.throughput_fps, 1), str(m.infer_requests)]
-            for backend in backends:
-                reference = report.find(model, backend, mode)
-                row.append("-" if reference is None else f"{_speedup(reference, m):.2f}x")
+            references = [report.find(model, backend, mode) for backend in backends]
+            if sparse:
+                references.append(_dense_twin(report, m))
+            row += ["-" if reference is None else f"{_speedup(reference, m):.2f}x" for reference in references]
             rows.append(row)
         lines += ["", f"{mode} mode" + (" (sync, 1 request)" if mode == LATENCY else " (async queue)")]
         lines += _table(rows)
     return "\n".join(lines) + "\n"
+
+
+def _dense_twin(report: BenchmarkReport, measurement: Measurement) -> Measurement | None:
+    """The variant a "-sparse" measurement differs from only in the sparse weights setting."""
+    if not measurement.backend.endswith(SPARSE_SUFFIX):
+        return None
+    return report.find(measurement.model, measurement.backend.removesuffix(SPARSE_SUFFIX), measurement.mode)
+
+
+def _describe_sparse_weights(env: Mapping[str, str]) -> list[str]:
+    if "sparse_weights_rate" not in env:
+        return []
+    return [f"ov-<precision>{SPARSE_SUFFIX} = the same with {SPARSE_WEIGHTS_PROPERTY}={env['sparse_weights_rate']}: "
+            f"{env.get('sparse_weights', '?')}",
+            f"INT8 FullyConnected layers (the only ones sparse weights apply to): {env.get('sparse_weights_layers', '?')}"]
 
 
 def _describe_cpu(env: Mapping[str, str]) -> str:
@@ -605,7 +677,8 @@ def _describe_cpu(env: Mapping[str, str]) -> str:
 
 
 def _bar_colors(measurements: Sequence[Measurement]) -> list[str]:
-    palette = {"ov-f32": "tab:blue", "ov-default": "tab:orange", ORT_BACKEND: "tab:green"}
+    palette = {"ov-f32": "tab:blue", "ov-default": "tab:orange", ORT_BACKEND: "tab:green",
+               f"ov-f32{SPARSE_SUFFIX}": "tab:cyan", f"ov-default{SPARSE_SUFFIX}": "tab:red"}
     return [palette.get(m.backend, "tab:purple") for m in measurements]
 
 
@@ -632,8 +705,13 @@ def plot_report(report: BenchmarkReport, path: str | os.PathLike[str]) -> Path:
     ax_ms.set_xlabel("latency ms (median, whisker to p90)")
     ax_ms.invert_yaxis()
     env = report.environment
+    sparse = ""
+    if "sparse_weights_rate" in env:
+        sparse = f", -sparse = sparse weights rate {env['sparse_weights_rate']}" + (
+            "" if env.get("amx") == "True" else " (no AMX: not used by OpenVINO)")
     figure.suptitle(f"batch {report.batch}, {report.rounds} rounds x {report.round_seconds:g} s, "
-                    f"{env.get('cpu', '')}, OpenVINO default precision {env.get('openvino_default_precision', '?')}")
+                    f"{env.get('cpu', '')}, OpenVINO default precision {env.get('openvino_default_precision', '?')}"
+                    + sparse)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     try:

@@ -53,16 +53,26 @@ class CpuFeatures:
 @cache
 def cpu_features() -> CpuFeatures:
     """This machine's features (read once per process)."""
-    numpy_flags = _numpy_flags()
     linux_flags, name = _proc_cpuinfo()
+    return features_from_flags(
+        _numpy_flags(), linux_flags, name or platform.processor() or platform.machine(),
+        ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name(),
+    )
+
+
+def features_from_flags(numpy_flags: frozenset[str], linux_flags: frozenset[str], name: str,
+                        openvino_default_precision: str) -> CpuFeatures:
+    """The features NumPy's dispatch flags and the /proc/cpuinfo flags spell."""
+    avx512 = "AVX512F" in numpy_flags
     return CpuFeatures(
-        name=name or platform.processor() or platform.machine(),
+        name=name,
         avx2="AVX2" in numpy_flags,
-        avx512="AVX512F" in numpy_flags,
+        avx512=avx512,
         vnni="AVX512VNNI" in numpy_flags or ("AVX2" in numpy_flags and "avx_vnni" in linux_flags),
-        amx="AVX512F" in numpy_flags and "amx_int8" in linux_flags,
-        bf16="AVX512BF16" in numpy_flags or ("AVX512F" in numpy_flags and "amx_bf16" in linux_flags),
-        openvino_default_precision=ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name(),
+        # The tile registers and the INT8 tile multiply: what OpenVINO's `avx512_core_amx` kernels need.
+        amx=avx512 and {"amx_tile", "amx_int8"} <= linux_flags,
+        bf16="AVX512BF16" in numpy_flags or (avx512 and "amx_bf16" in linux_flags),
+        openvino_default_precision=openvino_default_precision,
     )
 
 

@@ -20,6 +20,12 @@ What OpenVINO 2026.4 CPU reports here (runtime model rt_info, all values strings
   runtimePrecision  "u8" / "i8" for INT8 kernels, "bf16", "f32", "i32", ...
   primitiveType     kernel name, e.g. "brgconv_avx512_I8", "brgconv_avx512_bf16", "undef_I8"
   originalLayersNames  comma-separated names of the ONNX-side nodes fused into this one ("" for inserted Reorders)
+
+Sparse weights (`CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE`, a float in [0, 1], 1 = off): at compilation the CPU
+plugin stores the non-zero weights of a FullyConnected layer packed, and unpacks them in the kernel, when the CPU
+has AMX, the layer's input is u8/i8 and its weights are a 2-D i8 constant (fed by no other node, such as the
+Transpose OpenVINO adds for [in, out] weights) whose both dimensions are multiples of 64, with at least that fraction
+of zeros. Nothing else (Convolution, float layers, other CPUs) changes.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import onnx
 import openvino as ov
 
 from onnxcompress.errors import BenchmarkError, ExportError, OutputError
+from onnxcompress.runtime.cpu import CpuFeatures
 from onnxcompress.runtime.model_io import RuntimeSource, refuse_overwriting_reads, runtime_source, source_files
 
 __all__ = [
@@ -46,10 +53,15 @@ __all__ = [
     "INT8_PRECISIONS",
     "Int8Summary",
     "LayerPrecision",
+    "SPARSE_WEIGHTS_PROPERTY",
     "compile_model",
     "export_openvino",
     "int8_summary",
+    "FullyConnectedWeights",
+    "describe_sparse_weight_layers",
     "runtime_precisions",
+    "sparse_weight_layers",
+    "sparse_weights_note",
 ]
 
 # Layer types (CPU plugin `layerType`) that carry nearly all the FLOPs. Depthwise/grouped convolutions are
@@ -59,6 +71,10 @@ HEAVY_LAYER_TYPES: frozenset[str] = frozenset(
 )
 # `runtimePrecision` values of INT8 kernels (u8 activations are the norm; i8 appears for signed inputs).
 INT8_PRECISIONS: frozenset[str] = frozenset({"u8", "i8"})
+
+SPARSE_WEIGHTS_PROPERTY = "CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE"
+#: Both dimensions of a weight matrix the sparse weights kernels take are multiples of this.
+_SPARSE_BLOCK = 64
 
 # ONNX protobufs cannot be serialized past 2 GiB; leave headroom for the graph itself.
 _EXTERNAL_DATA_THRESHOLD = int(1.9 * 1024**3)
@@ -241,13 +257,16 @@ def _readable(model: onnx.ModelProto | str | os.PathLike[str] | RuntimeSource) -
 
 
 def _compile_config(
-    precision_hint: str | None, performance_hint: str, num_streams: int | str | None
+    precision_hint: str | None, performance_hint: str, num_streams: int | str | None,
+    sparse_weights_rate: float | None,
 ) -> dict[str, str]:
     config = {"PERFORMANCE_HINT": performance_hint.upper()}
     if precision_hint is not None:
         config["INFERENCE_PRECISION_HINT"] = precision_hint
     if num_streams is not None:
         config["NUM_STREAMS"] = str(num_streams)
+    if sparse_weights_rate is not None:
+        config[SPARSE_WEIGHTS_PROPERTY] = str(sparse_weights_rate)
     return config
 
 
@@ -267,6 +286,7 @@ def compile_model(
     num_streams: int | str | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
     device: str = "CPU",
+    sparse_weights_rate: float | None = None,
 ) -> ov.CompiledModel:
     """Compile an ONNX model (path, ModelProto or RuntimeSource), an IR .xml or an `openvino.Model` for `device`.
 
@@ -277,9 +297,10 @@ def compile_model(
     num_streams: overrides the stream count chosen by the hint (int or "AUTO").
     shapes: static input shapes by input name; benchmarks should pass them because dynamic-shape kernels are
         slower and would not measure what a deployed static model does.
+    sparse_weights_rate: sets CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE (see the module docstring); None leaves it off.
     Raises BenchmarkError with OpenVINO's reason when reading or compiling fails.
     """
-    config = _compile_config(precision_hint, performance_hint, num_streams)
+    config = _compile_config(precision_hint, performance_hint, num_streams, sparse_weights_rate)
     try:
         if isinstance(model, ov.Model):
             # reshape() mutates: never change the caller's model.
@@ -383,3 +404,64 @@ def int8_summary(
         not_int8_precisions=tuple(layer.runtime_precision for layer in not_int8),
         by_type={kind: (int8[kind], totals[kind]) for kind in sorted(totals)},
     )
+
+
+# ------------------------------------------------------------------------------------------------ sparse weights
+
+
+@dataclass(frozen=True)
+class FullyConnectedWeights:
+    """The weights of an INT8 FullyConnected layer as the CPU plugin holds them after its graph optimizations."""
+
+    shape: tuple[int, ...]
+    #: Layer type of the node that feeds them: "Const" for stored weights; "Transpose" where OpenVINO turns
+    #: [in, out] weights (MatMul, Gemm without transB) into the [out, in] a FullyConnected takes.
+    producer: str
+
+    @property
+    def not_packable(self) -> str:
+        """Why sparse weights cannot take this layer whatever its zeros, or "" when they can."""
+        if self.producer != "Const":
+            return f"its weights come from a {self.producer} node rather than a stored constant"
+        if len(self.shape) != 2 or any(dim % _SPARSE_BLOCK for dim in self.shape):
+            return f"dimensions not multiples of {_SPARSE_BLOCK}"
+        return ""
+
+
+def sparse_weight_layers(compiled: ov.CompiledModel) -> dict[str, FullyConnectedWeights]:
+    """The INT8 FullyConnected layers of the executed graph (u8/i8 input, i8 weights: the only kind sparse weights
+    apply to), by name."""
+    layers = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        if _rt_string(op.get_rt_info(), "layerType") != "FullyConnected" or op.get_input_size() < 2:
+            continue
+        data, weights = op.input(0), op.input(1)
+        if (data.get_element_type() in (ov.Type.u8, ov.Type.i8) and weights.get_element_type() == ov.Type.i8
+                and weights.get_partial_shape().is_static):
+            producer = _rt_string(weights.get_source_output().get_node().get_rt_info(), "layerType")
+            layers[op.get_friendly_name()] = FullyConnectedWeights(tuple(weights.get_shape()), producer)
+    return layers
+
+
+def _describe_layers(layers: Mapping[str, FullyConnectedWeights]) -> str:
+    if not layers:
+        return "no INT8 FullyConnected layer"
+    return ", ".join(f"{name} {'x'.join(map(str, weights.shape))}"
+                     + (f" (not packable: {weights.not_packable})" if weights.not_packable else "")
+                     for name, weights in layers.items())
+
+
+def describe_sparse_weight_layers(layers_by_model: Mapping[str, Mapping[str, FullyConnectedWeights]]) -> str:
+    """Each model's INT8 FullyConnected layers (see `sparse_weight_layers`), each one sparse weights cannot take
+    with the reason."""
+    return "; ".join(f"{model}: {_describe_layers(layers)}" for model, layers in layers_by_model.items())
+
+
+def sparse_weights_note(rate: float, cpu: CpuFeatures) -> str:
+    """What CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE=`rate` does on `cpu`."""
+    rule = (f"INT8 FullyConnected layers only (MatMul/Gemm with stored 2-D i8 weights, both dimensions multiples "
+            f"of {_SPARSE_BLOCK}, a zero fraction of at least {rate:g}); Convolutions and float layers stay dense")
+    if not cpu.amx:
+        return (f"CPU {cpu.name} has no AMX, so OpenVINO does not use sparse weights on it: every -sparse row is "
+                f"expected to equal its dense twin. On an AMX CPU they would apply to {rule}.")
+    return f"CPU {cpu.name} has AMX: OpenVINO applies sparse weights to {rule}."

@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 from conftest import save_tiny_cnn_models
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.errors import BenchmarkError, OutputError
-from onnxcompress.runtime.cpu import CpuFeatures, cpu_features
+from onnxcompress.runtime.cpu import CpuFeatures, cpu_features, features_from_flags
 from onnxcompress.runtime.benchmark import BenchmarkReport, Measurement, benchmark, format_report, plot_report
 
 INPUT_SHAPE = (3, 16, 16)
@@ -241,3 +241,109 @@ def test_cpu_description_says_how_ort_multiplies_int8():
                        openvino_default_precision="bf16")
     assert "VPMADDUBSW" in zen3.describe() and "VNNI no" in zen3.describe() and "precision f32" in zen3.describe()
     assert "exact int32" in zen4.describe() and "bf16 yes" in zen4.describe()
+
+
+# ---------------------------------------------------------------------------------------------- sparse weights
+
+
+def _sparse_int8_mlp(path: Path) -> Path:
+    """x[N,64] → Gemm 64→128 (transB, half its weights zero) → Relu → Gemm 128→128 → Relu → Gemm 128→10 (transB),
+    quantized by us to INT8: one FullyConnected sparse weights can take, one whose [in, out] weights OpenVINO
+    transposes, one too narrow."""
+    from onnxcompress.api import quantize
+
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((128, 64)).astype(np.float32)
+    first[rng.random(first.shape) < 0.5] = 0
+    weights = {"w1": first, "w2": rng.standard_normal((128, 128)), "w3": rng.standard_normal((10, 128))}
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1"], ["h1"], name="first", transB=1),
+         helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+         helper.make_node("Gemm", ["r1", "w2"], ["h2"], name="second"),
+         helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+         helper.make_node("Gemm", ["r2", "w3"], ["logits"], name="head", transB=1)], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    dataset = [{"x": rng.standard_normal((1, 64)).astype(np.float32)} for _ in range(4)]
+    onnx.save(quantize(model, dataset, progress=False), str(path))
+    return path
+
+
+def test_sparse_weights_rate_reaches_the_compiled_model(models):
+    from onnxcompress.runtime.openvino import SPARSE_WEIGHTS_PROPERTY, compile_model
+
+    assert compile_model(models["int8"], sparse_weights_rate=0.5).get_property(SPARSE_WEIGHTS_PROPERTY) == 0.5
+    assert compile_model(models["int8"]).get_property(SPARSE_WEIGHTS_PROPERTY) == 1.0  # OpenVINO's "off"
+
+
+def test_sparse_weights_twins_are_measured_and_explained_for_this_cpu(tmp_path, monkeypatch):
+    import onnxcompress.runtime.benchmark as bench
+
+    compiled_rates = []
+    real_compile = bench.compile_model
+
+    def spy(*args, **kwargs):
+        compiled_rates.append(kwargs["sparse_weights_rate"])
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "compile_model", spy)
+    mlp = _sparse_int8_mlp(tmp_path / "mlp.onnx")
+    report = benchmark({"mlp": mlp}, rounds=1, round_seconds=0.05, openvino_precisions=("f32",), include_ort=False,
+                       include_throughput=False, progress=False, sparse_weights_rate=0.5)
+    assert report.variants == ["mlp/ov-f32/latency", "mlp/ov-f32-sparse/latency"] and compiled_rates == [None, 0.5]
+    assert [m.sparse_weights_rate for m in report.measurements] == [None, 0.5]
+    env = report.environment
+    assert env["sparse_weights_rate"] == "0.5"
+    if cpu_features().amx:
+        assert "has AMX: OpenVINO applies sparse weights to INT8 FullyConnected layers only" in env["sparse_weights"]
+    else:
+        assert "has no AMX, so OpenVINO does not use sparse weights on it" in env["sparse_weights"]
+    first, second, head = env["sparse_weights_layers"].removeprefix("mlp: ").split(", ")
+    assert first.startswith("first") and first.endswith(" 128x64")  # packable: no reason given
+    assert second.startswith("second") and "not packable: its weights come from a Transpose node" in second
+    assert head.startswith("head") and head.endswith(" 10x128 (not packable: dimensions not multiples of 64)")
+    text = format_report(report, "mlp")
+    assert env["sparse_weights"] in text and env["sparse_weights_layers"] in text
+    sparse_row = next(line for line in text.splitlines() if line.startswith("mlp/ov-f32-sparse/latency"))
+    dense, sparse = report.measurements
+    assert sparse_row.split()[-1] == f"{dense.median_ms / sparse.median_ms:.2f}x"  # the "vs dense twin" column
+    assert json.loads(json.dumps(report.to_dict()))["measurements"][1]["sparse_weights_rate"] == 0.5
+
+
+def test_sparse_weights_note_on_cpus_with_and_without_amx():
+    from onnxcompress.runtime.openvino import sparse_weights_note
+
+    sapphire_rapids = CpuFeatures("Xeon 8480", avx2=True, avx512=True, vnni=True, amx=True, bf16=True,
+                                  openvino_default_precision="bf16")
+    zen4 = CpuFeatures("Zen 4", avx2=True, avx512=True, vnni=True, amx=False, bf16=True,
+                       openvino_default_precision="bf16")
+    with_amx, without = sparse_weights_note(0.7, sapphire_rapids), sparse_weights_note(0.7, zen4)
+    assert with_amx.startswith("CPU Xeon 8480 has AMX: OpenVINO applies sparse weights to INT8 FullyConnected "
+                               "layers only") and "at least 0.7" in with_amx and "expected to equal" not in with_amx
+    assert without.startswith("CPU Zen 4 has no AMX") and "expected to equal its dense twin" in without
+
+
+def test_amx_needs_the_tile_and_int8_flags():
+    base = frozenset({"AVX2", "AVX512F"})
+    assert features_from_flags(base, frozenset({"amx_tile", "amx_int8"}), "spr", "bf16").amx
+    assert not features_from_flags(base, frozenset({"amx_int8"}), "?", "bf16").amx
+    assert not features_from_flags(frozenset({"AVX2"}), frozenset({"amx_tile", "amx_int8"}), "?", "f32").amx
+
+
+def test_bad_sparse_weights_rates_are_refused(models, tmp_path):
+    from test_cli_errors import run_cli
+
+    for rate in (0, 0.0, 1, 1.5, -0.2, float("nan"), float("inf"), "0.5", True):
+        with pytest.raises(BenchmarkError, match="0 < rate < 1"):
+            benchmark(models, sparse_weights_rate=rate, progress=False)
+    with pytest.raises(BenchmarkError, match="no OpenVINO precision"):
+        benchmark(models, openvino_precisions=(), sparse_weights_rate=0.5, progress=False)
+    result = run_cli(tmp_path, "benchmark", str(models["int8"]), "--sparse-weights", "1")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: [benchmark] the sparse weights rate (CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE) is the least fraction "
+        "of zero weights a layer needs to run sparse: a number with 0 < rate < 1 (1 turns sparse weights off); "
+        "got 1.0"]
