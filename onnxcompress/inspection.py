@@ -7,7 +7,6 @@ weights per layer, and, compiled in both runtimes, which heavy ops execute as in
 
 from __future__ import annotations
 
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from onnxcompress.portability import Portability, check_portability
-from onnxcompress.runtime.model_io import load_model, model_file_size, runtime_source
+from onnxcompress.runtime.model_io import compressed_model_size, load_model, model_file_size, runtime_source
 from onnxcompress.runtime.openvino import Int8Summary, compile_model, int8_summary, runtime_precisions
 from onnxcompress.runtime.ort_kernels import OrtKernelSummary, ort_kernel_summary
 from onnxcompress.transforms.op_table import spec
@@ -32,7 +31,7 @@ class Inspection:
     ops: Counter
     activation_quantizers: int
     weight_bytes_by_type: dict[str, int]
-    #: The serialized model compressed by zlib (level 6).
+    #: The model file and its external data compressed as zip does (`compressed_model_size`).
     compressed_bytes: int
     #: (zeros, weights) of each layer sparsity can mask, by node name (float weights, or the integer levels behind
     #: DequantizeLinear).
@@ -56,9 +55,8 @@ def inspect_model(path: str | Path, *, runtimes: bool = True) -> Inspection:
             openvino = int8_summary(runtime_precisions(compile_model(source)))
             onnxruntime = ort_kernel_summary(source)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    compressed = len(zlib.compress(model.SerializeToString(), 6))
     return Inspection(path, model_file_size(path), opset, ops, ops.get("QuantizeLinear", 0), dict(weight_bytes),
-                      compressed, layer_zeros(model), openvino, onnxruntime, check_portability(model))
+                      compressed_model_size(path), layer_zeros(model), openvino, onnxruntime, check_portability(model))
 
 
 def layer_zeros(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:

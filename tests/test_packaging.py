@@ -79,7 +79,38 @@ def test_manifest_records_signature_settings_runtimes_and_sources(built: dict[st
     assert {"onnxcompress", "onnxruntime", "openvino", "onnx"} <= set(manifest.versions)
     card = (built["package"] / "README.md").read_text()
     assert "| top-1 (12 samples) |" in card and "| file size (MB) |" in card and "latency ONNX Runtime" in card
+    assert re.search(r"^\| zip-compressed size \(MB\) \| \d+\.\d\d \| \d+\.\d\d \|$", card, re.M)
     assert "before_after.png" in card
+
+
+def test_the_card_gives_the_zip_size_in_which_sparsity_pays(tmp_path: Path) -> None:
+    """Raw size cannot tell a sparse model from a dense one; the zip-compressed size, what a download costs, can."""
+    from onnxcompress.packaging.card import measure_card
+    from onnxcompress.runtime.model_io import compressed_model_size
+
+    rng = np.random.default_rng(0)
+    dense = rng.standard_normal((256, 256)).astype(np.float32)
+    sparse = np.where(rng.random(dense.shape) < 0.9, 0, dense).astype(np.float32)
+    paths = {}
+    for name, weight in (("dense", dense), ("sparse", sparse)):
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])], name,
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 256])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 256])],
+            [onnx.numpy_helper.from_array(weight, "w")])
+        paths[name] = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), paths[name])
+    card = measure_card(onnx.load(paths["sparse"]), paths["sparse"], ("onnxruntime",), reference=paths["dense"],
+                        data=None, folder=tmp_path)
+    assert card.size_bytes["packaged"] == pytest.approx(card.size_bytes["reference"], rel=0.01)
+    assert card.compressed_bytes == {who: compressed_model_size(paths[name])
+                                     for who, name in (("packaged", "sparse"), ("reference", "dense"))}
+    assert card.compressed_bytes["packaged"] < 0.3 * card.size_bytes["packaged"]
+    assert card.compressed_bytes["reference"] > 0.8 * card.size_bytes["reference"]
+    text = card.render("sparse", {}, "safe")
+    for label, sizes in (("file size", card.size_bytes), ("zip-compressed size", card.compressed_bytes)):
+        assert f"| {label} (MB) | {sizes['reference'] / 1e6:.2f} | {sizes['packaged'] / 1e6:.2f} |" in text
+    assert (tmp_path / "before_after.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_run_in_a_fresh_process_equals_the_direct_run_of_the_packaged_files(built: dict[str, Path]) -> None:

@@ -1,6 +1,9 @@
 """The model card of a package (its README.md): what the model takes and returns, what each runtime executes,
 and, with a reference model and evaluation data, a before/after table of accuracy, size and speed with a plot.
 
+Sizes are given raw and zip-compressed (DEFLATE at zip's default level, `compressed_model_size`): the second is
+what a download costs, and the only one in which the zeros of a sparse model save anything.
+
 Accuracy is top-1 against the `labels` array of the evaluation data when it has one, else the agreement of the
 packaged model's first output with the reference model's (mean cosine similarity per sample). Speed comes from one
 benchmark run of both models (interleaved rounds; only same-run ratios mean anything on a shared machine).
@@ -18,10 +21,11 @@ import onnx
 from onnxcompress.data import model_inputs, read_npz, validate_feed
 from onnxcompress.errors import DatasetError
 from onnxcompress.packaging.manifest import RuntimeReport
-from onnxcompress.runtime.model_io import model_file_size
+from onnxcompress.runtime.model_io import compressed_model_size, model_file_size
 
 LABELS = "labels"
 PLOT = "before_after.png"
+ZIP_ROW = "zip-compressed size (MB)"
 #: Evaluation samples used at most; the card is a summary, not the evaluation itself.
 MAX_SAMPLES = 1000
 
@@ -31,6 +35,7 @@ class ModelCard:
     """Measured numbers for the card; each row maps "reference"/"packaged" to a value (absent when not measured)."""
 
     size_bytes: dict[str, int] = field(default_factory=dict)
+    compressed_bytes: dict[str, int] = field(default_factory=dict)
     accuracy: dict[str, float] = field(default_factory=dict)
     accuracy_kind: str = ""
     #: runtime → {"reference"/"packaged": median latency in ms}
@@ -47,6 +52,7 @@ class ModelCard:
         if len(self.size_bytes) > 1 or self.accuracy:
             lines += ["## Before / after", "", "| | reference | packaged |", "|---|---|---|"]
             lines.append(self._row("file size (MB)", self.size_bytes, lambda v: f"{v / 1e6:.2f}"))
+            lines.append(self._row(ZIP_ROW, self.compressed_bytes, lambda v: f"{v / 1e6:.2f}"))
             if self.accuracy:
                 lines.append(self._row(f"{self.accuracy_kind} ({self.samples} samples)", self.accuracy,
                                        lambda v: f"{v:.4f}"))
@@ -67,9 +73,11 @@ class ModelCard:
 def measure_card(model: onnx.ModelProto, onnx_path: Path, runtimes: tuple[str, ...], *,
                  reference: str | os.PathLike | None, data: str | os.PathLike | None, folder: Path) -> ModelCard:
     """The card's numbers for the packaged `model` (written at `onnx_path`), the plot written into `folder`."""
-    card = ModelCard(size_bytes={"packaged": model_file_size(onnx_path)})
+    card = ModelCard(size_bytes={"packaged": model_file_size(onnx_path)},
+                     compressed_bytes={"packaged": compressed_model_size(onnx_path)})
     if reference is not None:
         card.size_bytes["reference"] = model_file_size(reference)
+        card.compressed_bytes["reference"] = compressed_model_size(reference)
         card.latency_ms = _latencies(Path(reference), onnx_path, runtimes)
     if data is not None:
         _measure_accuracy(card, model, reference, Path(data))
@@ -140,12 +148,13 @@ def _plot(card: ModelCard, path: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("file size (MB)", {k: v / 1e6 for k, v in card.size_bytes.items()})]
+    panels = []
     if card.accuracy:
         panels.append((card.accuracy_kind, card.accuracy))
     panels += [(f"latency {runtime} (ms)", row) for runtime, row in card.latency_ms.items()]
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
-    for axis, (title, values) in zip(axes[0], panels):
+    figure, axes = plt.subplots(1, 1 + len(panels), figsize=(3.2 * (1 + len(panels)), 3), squeeze=False)
+    _plot_sizes(axes[0][0], card)
+    for axis, (title, values) in zip(axes[0][1:], panels):
         names = [who for who in ("reference", "packaged") if who in values]
         axis.bar(names, [values[n] for n in names], color=["#999999", "#2a7ab0"][-len(names):])
         axis.set_title(title, fontsize=9)
@@ -153,3 +162,15 @@ def _plot(card: ModelCard, path: Path) -> str:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path.name
+
+
+def _plot_sizes(axis, card: ModelCard) -> None:
+    """Raw and zip-compressed size side by side for each model."""
+    names = [who for who in ("reference", "packaged") if who in card.size_bytes]
+    positions = np.arange(len(names))
+    for offset, (label, sizes, color) in zip((-0.2, 0.2), (("raw", card.size_bytes, "#999999"),
+                                                          ("zip", card.compressed_bytes, "#2a7ab0"))):
+        axis.bar(positions + offset, [sizes[n] / 1e6 for n in names], width=0.4, label=label, color=color)
+    axis.set_xticks(positions, names)
+    axis.set_title("size (MB)", fontsize=9)
+    axis.legend(fontsize=8)

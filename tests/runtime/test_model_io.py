@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.errors import ModelLoadError, OutputError, UnsafeModelError, UnsupportedModelError
 from onnxcompress.runtime import model_io
-from onnxcompress.runtime.model_io import check_output_path, load_model, model_file_size, save_model
+from onnxcompress.runtime.model_io import (check_output_path, compressed_model_size, load_model, model_file_size,
+                                           save_model)
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((8, 16)).astype(np.float32)  # 512 bytes: stays inline
@@ -121,8 +122,20 @@ def test_size_of_a_self_contained_model_is_its_file(tmp_path: Path, name: str) -
 
 
 def test_size_of_a_missing_model_is_a_load_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="no such file"):
-        model_file_size(tmp_path / "absent.onnx")
+    for size in (model_file_size, compressed_model_size):
+        with pytest.raises(ModelLoadError, match="no such file"):
+            size(tmp_path / "absent.onnx")
+
+
+def test_compressed_size_is_each_file_deflated_as_zip_does(external_model: Path, tmp_path: Path) -> None:
+    import zlib
+
+    files = [external_model, tmp_path / "model.onnx.data"]
+    assert compressed_model_size(external_model) == sum(len(zlib.compress(f.read_bytes(), 6)) for f in files)
+    zeros = make_model()
+    zeros.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.zeros_like(BIG.T), "BIG_T"))
+    inline = save_model(zeros, tmp_path / "zeros.onnx", external_data=False)
+    assert compressed_model_size(inline) < 0.2 * model_file_size(inline)
 
 
 def test_external_round_trip_of_constant_and_sparse_tensors_is_exact(tmp_path: Path) -> None:
