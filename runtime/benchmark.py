@@ -667,7 +667,8 @@ def _describe_sparse_weights(env: Mapping[str, str]) -> list[str]:
         return []
     return [f"ov-<precision>{SPARSE_SUFFIX} = the same with {SPARSE_WEIGHTS_PROPERTY}={env['sparse_weights_rate']}: "
             f"{env.get('sparse_weights', '?')}",
-            f"INT8 FullyConnected layers (the only ones sparse weights apply to): {env.get('sparse_weights_layers', '?')}"]
+            "INT8 FullyConnected layers (the only ones sparse weights apply to): "
+            f"{env.get('sparse_weights_layers', '?')}"]
 
 
 def _describe_cpu(env: Mapping[str, str]) -> str:

@@ -247,9 +247,9 @@ def test_cpu_description_says_how_ort_multiplies_int8():
 
 
 def _sparse_int8_mlp(path: Path) -> Path:
-    """x[N,64] → Gemm 64→128 (transB, half its weights zero) → Relu → Gemm 128→128 → Relu → Gemm 128→10 (transB),
-    quantized by us to INT8: one FullyConnected sparse weights can take, one whose [in, out] weights OpenVINO
-    transposes, one too narrow."""
+    """x[N,64] → Gemm 64→128 (transB, half its weights zero) → Relu → Gemm 128→128 → Relu → Gemm 128→10
+    (transB), quantized by us to INT8: one FullyConnected sparse weights can take, one whose [in, out] weights
+    OpenVINO transposes, one too narrow."""
     from onnxcompress.api import quantize
 
     rng = np.random.default_rng(0)
