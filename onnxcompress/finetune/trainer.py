@@ -44,7 +44,7 @@ from onnxcompress.runtime.model_io import external_data_files, static_dim
 from onnxcompress.runtime.outputs import write_text_atomic
 from onnxcompress.runtime.training import TrainingRuntimeSession
 from onnxcompress.transforms.op_table import Role, spec
-from onnxcompress.transforms.passes import differentiable_forms
+from onnxcompress.transforms.passes import differentiable_forms, infer_shapes
 
 MetricFunction = Callable[[np.ndarray, np.ndarray], float]
 RUN_STATE = "run.json"
@@ -177,8 +177,14 @@ def build_training_model(model: onnx.ModelProto, settings: TrainingConfig, compr
     add_loss(graph, task=settings.loss, distillation=settings.distillation, compression_losses=compression_losses,
              custom=custom_loss)
     training_model = export_graph(graph, model)
-    # The new tensors carry a type without a shape, which the training runtime's checker rejects.
+    # The new tensors carry a type without a shape, which the training runtime's checker rejects; the shapes are
+    # inferred again with data propagation, because the runtime's gradient builders read them: without the
+    # static 1s of a Reshape to a computed [N, 1, 1], Sub's gradient of that operand would keep the broadcast shape.
     del training_model.graph.value_info[:]
+    infer_shapes(training_model)
+    shaped = [info for info in training_model.graph.value_info if info.type.tensor_type.HasField("shape")]
+    del training_model.graph.value_info[:]
+    training_model.graph.value_info.extend(shaped)
     return training_model
 
 

@@ -218,3 +218,44 @@ def test_qat_of_a_squeeze_excitation_hardswish_block(runtime: TrainingRuntime, t
     assert {"HardSwish", "HardSigmoid", "PRelu"} <= ops and "Clip" not in ops
     trained = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
     assert not np.array_equal(trained["se.slope"], np.full((4, 1, 1), 0.25, np.float32))  # the slope trained
+
+
+def _min_normalised_block() -> onnx.ModelProto:
+    """x[N,4,6] → MatMul → minus its per-sample ReduceMin, reshaped to [N,1,1] through a shape computed in int32
+    (as tf2onnx writes it: Shape → Cast → Slice → Concat → Cast) → Flatten → Gemm → logits[N,3]; opset 15."""
+    rng = np.random.default_rng(4)
+    h = onnx.helper
+    constants = {"w": rng.standard_normal((6, 6)).astype(np.float32), "fc": rng.standard_normal((24, 3)).astype(
+        np.float32), "fc_b": np.zeros(3, np.float32), "start": np.array([0], np.int64),
+        "one": np.array([1], np.int64), "ones": np.array([1, 1], np.int32)}
+    nodes = [h.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             h.make_node("ReduceMin", ["m"], ["low"], axes=[1, 2], keepdims=0, name="low"),
+             h.make_node("Shape", ["m"], ["shape"]), h.make_node("Cast", ["shape"], ["shape32"], to=6),
+             h.make_node("Slice", ["shape32", "start", "one", "start"], ["batch"]),
+             h.make_node("Concat", ["batch", "ones"], ["target32"], axis=0),
+             h.make_node("Cast", ["target32"], ["target"], to=7),
+             h.make_node("Reshape", ["low", "target"], ["low3"]),
+             h.make_node("Sub", ["m", "low3"], ["shifted"]),
+             h.make_node("Flatten", ["shifted"], ["flat"]),
+             h.make_node("Gemm", ["flat", "fc", "fc_b"], ["logits"], name="fc")]
+    graph = h.make_graph(nodes, "min_normalised", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 6])],
+                         [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 3])],
+                         [onnx.numpy_helper.from_array(v, k) for k, v in constants.items()])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 15)])
+    model.ir_version = 8
+    return model
+
+
+def test_qat_through_a_reshape_to_a_computed_shape(runtime: TrainingRuntime, tmp_path: Path) -> None:
+    """The training graph keeps shapes inferred with data propagation: the runtime's Sub gradient of the [N,1,1]
+    operand is reduced to that shape (ReduceMin trains in its differentiable form)."""
+    model = _min_normalised_block()
+
+    def data(samples: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        x = np.random.default_rng(seed).standard_normal((samples, 4, 6)).astype(np.float32)
+        return {"x": x}, float_outputs(model, {"x": x}).argmax(axis=1).astype(np.int64)
+
+    result = finetune(model, data(64, 1), data(32, 2), config(epochs=1), checkpoint_dir=tmp_path / "ckpt",
+                      progress=False)
+    assert result.export_error_float_path < 1e-5
+    assert "ReduceMin" in {node.op_type for node in result.model.graph.node}

@@ -15,6 +15,9 @@ quantizers, parameters and the export (which starts from the model, not the trai
 | Mish | x · Tanh(Softplus(x)) |
 | ThresholdedRelu(α) | Where(x > α, x, 0) |
 | Sum, Mean of n inputs | a chain of Add (times 1/n) |
+| ReduceMax, ReduceMin | ReduceSum(Where(x = extreme, x, 0)) / ReduceSum(x = extreme), the extreme computed by the op itself behind Equal (no gradient needed); exact unless elements tie |
+| Sqrt | Where(x > 0, Sqrt(Where(x > 0, x, 1)), 0): gradient 0 instead of ∞ at 0 (the op gives NaN below 0, the form 0) |
+| Pad, reflect or edge mode (constant non-negative pads) | per padded axis, a Gather of x with the reflected or repeated indices, computed from x's shape |
 | LayerNormalization | its optional Mean and InvStdDev outputs exposed, which the gradient reads |
 """
 
@@ -26,20 +29,23 @@ from itertools import count
 import numpy as np
 import onnx_graphsurgeon as gs
 
+_FORM = ".grad_form"  # in the names of the nodes a form adds
+
+
 class _Emitter:
     """Adds nodes and constants with names unique in the graph, derived from the node being rewritten."""
 
-    def __init__(self, node: gs.Node) -> None:
-        self.prefix, self.ids = f"{node.name or node.op}.grad_form", count()
+    def __init__(self, node: gs.Node, opset: int) -> None:
+        self.prefix, self.ids, self.opset = f"{node.name or node.op}{_FORM}", count(), opset
         self.nodes: list[gs.Node] = []
 
     def const(self, value: float, dtype: np.dtype) -> gs.Constant:
         return gs.Constant(f"{self.prefix}.c{next(self.ids)}", np.array(value, dtype))
 
-    def op(self, op: str, inputs: list, dtype: np.dtype | None = None) -> gs.Variable:
+    def op(self, op: str, inputs: list, dtype: np.dtype | None = None, **attrs: object) -> gs.Variable:
         """One node; its output has `dtype`, or else its first typed input's."""
         out = gs.Variable(f"{self.prefix}.t{next(self.ids)}", dtype=dtype or _dtype(inputs))
-        self.nodes.append(gs.Node(op, f"{self.prefix}.n{next(self.ids)}", {}, inputs, [out]))
+        self.nodes.append(gs.Node(op, f"{self.prefix}.n{next(self.ids)}", attrs, inputs, [out]))
         return out
 
 
@@ -76,6 +82,92 @@ def _chain(e: _Emitter, inputs: list, mean: bool) -> gs.Variable:
     return e.op("Mul", [total, e.const(1.0 / len(inputs), total.dtype or np.float32)]) if mean else total
 
 
+def _pads(node: gs.Node) -> list[tuple[int, int, int]] | None:
+    """(axis, before, after) per padded axis of a reflect or edge Pad with constant non-negative pads; else None."""
+    if node.op != "Pad" or _mode(node) not in ("reflect", "edge"):
+        return None
+    if "pads" in node.attrs:  # opset < 11
+        pads, axes = list(node.attrs["pads"]), None
+    else:
+        pads_input, axes_input = node.inputs[1], node.inputs[3] if len(node.inputs) > 3 else None
+        if axes_input is not None and not axes_input.name:
+            axes_input = None
+        if not all(isinstance(t, gs.Constant) for t in (pads_input, axes_input) if t is not None):
+            return None
+        pads = pads_input.values.astype(np.int64).tolist()
+        axes = axes_input.values.astype(np.int64).tolist() if axes_input is not None else None
+    if any(p < 0 for p in pads):
+        return None
+    half = len(pads) // 2
+    return [(axis, pads[i], pads[half + i]) for i, axis in enumerate(axes if axes is not None else range(half))
+            if pads[i] or pads[half + i]]
+
+
+def _mode(node: gs.Node) -> str:
+    mode = node.attrs.get("mode", "constant")
+    return mode.decode() if isinstance(mode, bytes) else mode
+
+
+def _pad(e: _Emitter, node: gs.Node) -> gs.Variable:
+    """Reflect or edge padding as a Gather of x along each padded axis in turn (what the op computes); the
+    indices come from x's shape, so dynamic lengths work."""
+    reflect = _mode(node) == "reflect"
+    x, dtype = node.inputs[0], node.inputs[0].dtype or np.float32
+    for axis, before, after in _pads(node):
+        length = e.op("Gather", [e.op("Shape", [x], np.int64), e.const(axis, np.int64)], np.int64, axis=0)
+        # reflect: before, ..., 1 | 0, ..., n-1 | n-2, ..., n-1-after; edge: 0, ..., 0 | 0, ..., n-1 | n-1, ...
+        left = e.const(np.arange(before, 0, -1) if reflect else np.zeros(before), np.int64)
+        last = e.op("Sub", [length, e.const(1, np.int64)], np.int64)
+        right = e.op("Sub", [last, e.const(np.arange(1, after + 1) if reflect else np.zeros(after), np.int64)],
+                     np.int64)
+        middle = e.op("Range", [e.const(0, np.int64), length, e.const(1, np.int64)], np.int64)
+        indices = e.op("Concat", [left, middle, right], np.int64, axis=0)
+        x = e.op("Gather", [x, indices], dtype, axis=axis)
+    return x
+
+
+def _reduce_extreme(e: _Emitter, node: gs.Node) -> gs.Variable:
+    """ReduceMax or ReduceMin as the mean of the elements equal to it: Equal stops the gradient, so it flows to
+    the extreme elements only (split among ties, like the gradient of the op)."""
+    x, dtype = node.inputs[0], node.inputs[0].dtype or np.float32
+    axes = list(node.inputs[1:2])  # opset 18: an input, else an attribute
+    keepdims, noop = node.attrs.get("keepdims", 1), node.attrs.get("noop_with_empty_axes", 0)
+    extreme = e.op(node.op, [x, *axes], dtype, **{**node.attrs, "keepdims": 1})
+    hit = e.op("Equal", [x, extreme], dtype=np.bool_)
+
+    def total(values: gs.Variable) -> gs.Variable:
+        if e.opset >= 13:  # ReduceSum's axes became an input
+            attrs = {"keepdims": keepdims, "noop_with_empty_axes": noop}
+            bounds = axes or ([e.const(node.attrs["axes"], np.int64)] if "axes" in node.attrs else [])
+            return e.op("ReduceSum", [values, *bounds], **attrs)
+        return e.op("ReduceSum", [values], keepdims=keepdims, **({"axes": node.attrs["axes"]} if "axes" in node.attrs
+                                                                 else {}))
+
+    picked = total(e.op("Where", [hit, x, e.const(0.0, dtype)], dtype))
+    return e.op("Div", [picked, total(e.op("Where", [hit, e.const(1.0, dtype), e.const(0.0, dtype)], dtype))])
+
+
+def _sqrt(e: _Emitter, node: gs.Node) -> gs.Variable:
+    """Sqrt with the gradient 0 instead of ∞ (and 0 · ∞ = NaN further back) at 0: a quantized magnitude
+    √(re² + im²) is exactly 0 wherever both parts round to 0."""
+    x, dtype = node.inputs[0], node.inputs[0].dtype or np.float32
+    positive = e.op("Greater", [x, e.const(0.0, dtype)], np.bool_)
+    root = e.op("Sqrt", [e.op("Where", [positive, x, e.const(1.0, dtype)], dtype)], dtype)
+    return e.op("Where", [positive, root, e.const(0.0, dtype)], dtype)
+
+
+def _rewritten(node: gs.Node) -> bool:
+    """Whether `node` gets its form: Sum and Mean of several inputs, Pad as `_pads` says, all other FORMS ops,
+    except the ops of a form (the ReduceMax behind Equal, the Sqrt of positive values)."""
+    if _FORM in node.name:
+        return False
+    if node.op in ("Sum", "Mean"):
+        return len(node.inputs) > 1
+    if node.op == "Pad":
+        return bool(_pads(node))
+    return node.op in FORMS
+
+
 def _attr(node: gs.Node, name: str, default: float) -> float:
     return float(node.attrs.get(name, default))
 
@@ -99,6 +191,10 @@ FORMS: dict[str, Callable[[_Emitter, gs.Node], gs.Variable]] = {
         n.inputs[0], e.const(0.0, n.inputs[0].dtype or np.float32)]),
     "Sum": lambda e, n: _chain(e, list(n.inputs), mean=False),
     "Mean": lambda e, n: _chain(e, list(n.inputs), mean=True),
+    "Pad": _pad,
+    "ReduceMax": _reduce_extreme,
+    "ReduceMin": _reduce_extreme,
+    "Sqrt": _sqrt,
 }
 
 
@@ -111,8 +207,8 @@ def differentiable_forms(graph: gs.Graph) -> bool:
             node.outputs += [gs.Variable(f"{node.name}.mean", dtype=np.float32),
                              gs.Variable(f"{node.name}.inv_std_dev", dtype=np.float32)]
             changed = True
-        elif node.op in FORMS and (node.op not in ("Sum", "Mean") or len(node.inputs) > 1):
-            emitter = _Emitter(node)
+        elif _rewritten(node):
+            emitter = _Emitter(node, graph.opset)
             FORMS[node.op](emitter, node)
             output = node.outputs[0]
             node.inputs.clear()
