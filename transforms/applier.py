@@ -1,12 +1,19 @@
 """Execute a list of commands (transforms.commands) on an onnx-graphsurgeon graph.
 
-The applier is the only code that edits graphs for algorithms: it resolves names once, applies each command in
-order and reports unknown names as errors, so a stale plan never edits the wrong node silently.
+The applier is the only code that edits graphs for algorithms. It applies commands phase by phase (`Phase`: new
+constant values, then rewired inputs, gates on weights, quantizers, the bias quantizers that read them, losses),
+in list order within a phase, so no list needs an order its author must remember. It resolves each command's
+insertion point first (`_check_point`) and reports unknown names or readers as errors, so a stale plan never edits
+the wrong node silently. Tensors and nodes it derives from a tensor's name get a numbered stem when the name is
+taken (two quantizers on one tensor for different readers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import enum
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import count
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -20,102 +27,137 @@ from onnxcompress.transforms.commands import (
     FakeQuantizeBias,
     FakeQuantizeWeight,
     MaskWeight,
+    NewOutput,
+    NodeAttribute,
+    NodeInput,
     QuantizeDequantize,
     ScaleActivation,
+    SetAttribute,
     SetConstantInput,
     StochasticGateWeight,
+    TensorReaders,
 )
 from onnxcompress.transforms.fake_quantize import fake_quantize_bias, fake_quantize_weight, insert_fake_quantize
 from onnxcompress.transforms.graph import set_constant_input, set_input
-from onnxcompress.transforms.stochastic_gate import insert_complexity_loss, insert_stochastic_gate
 from onnxcompress.transforms.op_table import spec
+from onnxcompress.transforms.stochastic_gate import insert_complexity_loss, insert_stochastic_gate
 
 
 class UnknownNameError(KeyError):
-    """A command names a node or tensor that the graph does not have."""
+    """A command names a node or tensor that the graph does not have, or a reader that does not read it."""
+
+
+class Phase(enum.IntEnum):
+    """When a command applies. Each phase reads what the earlier ones made."""
+
+    #: New values of constant inputs and attributes (corrected biases, sparse weights, pruned channels): later
+    #: phases read them.
+    SET_CONSTANTS = 0
+    #: Ops put in front of readers of an activation (SmoothQuant's scaling).
+    REWIRE_INPUTS = 1
+    #: Masks and gates on weights: a weight quantizer quantizes the gated weight.
+    GATE_WEIGHTS = 2
+    #: Quantizers of activations and weights.
+    QUANTIZE = 3
+    #: Bias quantizers, whose step is the product of the input's and the weight's steps.
+    QUANTIZE_BIASES = 4
+    #: Losses over tensors that gates made.
+    LOSSES = 5
+
+
+@dataclass
+class _Context:
+    """The graph being edited, its nodes and tensors by name, and the names in use."""
+
+    graph: gs.Graph
+    nodes: dict[str, gs.Node]
+    tensors: dict[str, gs.Tensor]
+    used: set[str] = field(default_factory=set)
+
+    def stem(self, base: str, suffixes: tuple[str, ...]) -> str:
+        """`base`, or `base.1`, `base.2`...: the first stem that makes every `stem + suffix` a new name."""
+        for stem in (base if i == 0 else f"{base}.{i}" for i in count()):
+            names = {stem + suffix for suffix in suffixes}
+            if not names & self.used:
+                self.used |= names
+                return stem
+        raise AssertionError("unreachable")
+
+    def node(self, name: str) -> gs.Node:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise UnknownNameError(f"no node named {name!r}") from None
 
 
 def apply_commands(graph: gs.Graph, commands: Iterable[Command]) -> gs.Graph:
-    """Apply `commands` in order, then clean up and sort the graph; returns the same graph object."""
-    nodes = {n.name: n for n in graph.nodes}
+    """Apply `commands` phase by phase (list order within a phase), then clean up and sort the graph; returns the
+    same graph object."""
     tensors = graph.tensors()
-    for command in commands:
-        if isinstance(command, QuantizeDequantize):
-            _insert_qdq(graph, tensors, nodes, command)
-        elif isinstance(command, DequantizeWeight):
-            _dequantize_weight(graph, _node(nodes, command.node), command)
-        elif isinstance(command, DequantizeBias):
-            _dequantize_bias(graph, _node(nodes, command.node), command)
-        elif isinstance(command, SetConstantInput):
-            _set_constant_input(_node(nodes, command.node), command)
-        elif isinstance(command, ScaleActivation):
-            _scale_activation(graph, tensors, nodes, command)
-        elif isinstance(command, FakeQuantize):
-            if command.tensor not in tensors:
-                raise UnknownNameError(f"no tensor named {command.tensor!r}")
-            insert_fake_quantize(graph, tensors, [_node(nodes, name) for name in command.consumers], command)
-        elif isinstance(command, FakeQuantizeWeight):
-            fake_quantize_weight(graph, tensors, _node(nodes, command.node), command)
-        elif isinstance(command, FakeQuantizeBias):
-            if not {command.input_step, command.weight_step} <= tensors.keys():
-                raise UnknownNameError(f"bias of {command.node!r}: no step tensor {command.input_step!r} or "
-                                       f"{command.weight_step!r} (insert its quantizers first)")
-            fake_quantize_bias(graph, tensors, _node(nodes, command.node), command)
-        elif isinstance(command, MaskWeight):
-            _mask_weight(graph, tensors, _node(nodes, command.node), command)
-        elif isinstance(command, StochasticGateWeight):
-            insert_stochastic_gate(graph, tensors, _node(nodes, command.node), command)
-        elif isinstance(command, ComplexityLoss):
-            if not set(command.logits) <= tensors.keys():
-                raise UnknownNameError(f"complexity loss {command.name!r}: insert its gates first")
-            insert_complexity_loss(graph, tensors, command)
-        else:
-            raise TypeError(f"not a command: {command!r}")
+    ctx = _Context(graph, {n.name: n for n in graph.nodes}, tensors, {*tensors, *(n.name for n in graph.nodes)})
+    for command in sorted(commands, key=_phase):
+        _check_point(ctx, command.point)
+        _HANDLERS[type(command)][1](ctx, command)
     return graph.cleanup().toposort()
 
 
-def _node(nodes: dict[str, gs.Node], name: str) -> gs.Node:
+def _phase(command: Command) -> Phase:
     try:
-        return nodes[name]
+        return _HANDLERS[type(command)][0]
     except KeyError:
-        raise UnknownNameError(f"no node named {name!r}") from None
+        raise TypeError(f"not a command: {command!r}") from None
 
 
-def _source_and_readers(tensors: dict, nodes: dict[str, gs.Node], tensor: str,
-                        consumers: tuple[str, ...]) -> tuple[gs.Tensor, list[gs.Node]]:
-    if tensor not in tensors:
-        raise UnknownNameError(f"no tensor named {tensor!r}")
-    return tensors[tensor], [_node(nodes, name) for name in consumers]
+def _check_point(ctx: _Context, point: NodeInput | TensorReaders | NodeAttribute | NewOutput) -> None:
+    if isinstance(point, NodeAttribute):
+        ctx.node(point.node)
+    elif isinstance(point, NodeInput):
+        node = ctx.node(point.node)
+        if not 0 <= point.port <= len(node.inputs):
+            raise UnknownNameError(f"node {point.node!r} has no input {point.port} (it has {len(node.inputs)})")
+    elif isinstance(point, TensorReaders):
+        if point.tensor not in ctx.tensors:
+            raise UnknownNameError(f"no tensor named {point.tensor!r}")
+        source = ctx.tensors[point.tensor]
+        for name in point.consumers:
+            if not any(t is source for t in ctx.node(name).inputs):
+                raise UnknownNameError(f"node {name!r} does not read tensor {point.tensor!r}")
+        if point.graph_output and source not in ctx.graph.outputs:
+            raise UnknownNameError(f"tensor {point.tensor!r} is not a graph output")
+    elif point.name in ctx.used:
+        raise ValueError(f"output {point.name!r}: a tensor or node of that name exists already")
 
 
-def _insert_qdq(graph: gs.Graph, tensors: dict, nodes: dict[str, gs.Node], cmd: QuantizeDequantize) -> None:
-    source, readers = _source_and_readers(tensors, nodes, cmd.tensor, cmd.consumers)
-    scale = gs.Constant(f"{cmd.tensor}_scale", np.asarray(cmd.scale, np.float32))
-    zero_point = gs.Constant(f"{cmd.tensor}_zp", np.asarray(cmd.zero_point))
-    quantized = gs.Variable(f"{cmd.tensor}_q", dtype=zero_point.values.dtype, shape=source.shape)
-    dequantized = gs.Variable(f"{cmd.tensor}_dq", dtype=np.float32, shape=source.shape)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{cmd.tensor}_Q",
-                               inputs=[source, scale, zero_point], outputs=[quantized]))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{cmd.tensor}_DQ",
-                               inputs=[quantized, scale, zero_point], outputs=[dequantized]))
-    for reader in readers:
-        _replace_input(reader, source, dequantized)
+def _insert_qdq(ctx: _Context, cmd: QuantizeDequantize) -> None:
+    source = ctx.tensors[cmd.tensor]
+    stem = ctx.stem(cmd.tensor, ("_scale", "_zp", "_q", "_dq", "_Q", "_DQ"))
+    scale = gs.Constant(f"{stem}_scale", np.asarray(cmd.scale, np.float32))
+    zero_point = gs.Constant(f"{stem}_zp", np.asarray(cmd.zero_point))
+    quantized = gs.Variable(f"{stem}_q", dtype=zero_point.values.dtype, shape=source.shape)
+    dequantized = gs.Variable(f"{stem}_dq", dtype=np.float32, shape=source.shape)
+    ctx.graph.nodes.append(gs.Node("QuantizeLinear", f"{stem}_Q", inputs=[source, scale, zero_point],
+                                   outputs=[quantized]))
+    ctx.graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", inputs=[quantized, scale, zero_point],
+                                   outputs=[dequantized]))
+    for name in cmd.consumers:
+        _replace_input(ctx.nodes[name], source, dequantized)
     if cmd.graph_output:
         # Keep the model's interface: the dequantized tensor takes over the output name.
-        graph.outputs[graph.outputs.index(source)] = dequantized
-        dequantized.name, source.name = source.name, f"{source.name}_float"
-        tensors[source.name] = source
-        tensors[dequantized.name] = dequantized
+        ctx.graph.outputs[ctx.graph.outputs.index(source)] = dequantized
+        dequantized.name, source.name = source.name, ctx.stem(f"{source.name}_float", ("",))
+        ctx.tensors[source.name] = source
+        ctx.tensors[dequantized.name] = dequantized
 
 
-def _scale_activation(graph: gs.Graph, tensors: dict, nodes: dict[str, gs.Node], cmd: ScaleActivation) -> None:
-    source, readers = _source_and_readers(tensors, nodes, cmd.tensor, cmd.consumers)
-    factor = gs.Constant(f"{cmd.tensor}_smooth_factor", np.asarray(cmd.factor, np.float32))
-    scaled = gs.Variable(f"{cmd.tensor}_smooth", dtype=source.dtype, shape=source.shape)
-    graph.nodes.append(gs.Node("Mul", f"{cmd.tensor}_smooth_Mul", inputs=[source, factor], outputs=[scaled]))
-    for reader in readers:
-        _replace_input(reader, source, scaled)
-    tensors[scaled.name] = scaled
+def _scale_activation(ctx: _Context, cmd: ScaleActivation) -> None:
+    source = ctx.tensors[cmd.tensor]
+    stem = ctx.stem(f"{cmd.tensor}_smooth", ("", "_factor", "_Mul"))
+    factor = gs.Constant(f"{stem}_factor", np.asarray(cmd.factor, np.float32))
+    scaled = gs.Variable(stem, dtype=source.dtype, shape=source.shape)
+    ctx.graph.nodes.append(gs.Node("Mul", f"{stem}_Mul", inputs=[source, factor], outputs=[scaled]))
+    for name in cmd.consumers:
+        _replace_input(ctx.nodes[name], source, scaled)
+    ctx.tensors[scaled.name] = scaled
 
 
 def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
@@ -124,8 +166,9 @@ def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
             node.inputs[index] = new
 
 
-def _dequantize_weight(graph: gs.Graph, node: gs.Node, cmd: DequantizeWeight) -> None:
-    stem = _constant_input_stem(node, cmd.port)
+def _dequantize_weight(ctx: _Context, cmd: DequantizeWeight) -> None:
+    node = ctx.nodes[cmd.node]
+    stem = ctx.stem(_constant_input_stem(node, cmd.port), ("_q", "_scale", "_zp", "_dq", "_DQ"))
     quantized = gs.Constant(f"{stem}_q", np.ascontiguousarray(cmd.quantized))
     scale = gs.Constant(f"{stem}_scale", np.asarray(cmd.scale, np.float32))
     inputs = [quantized, scale]
@@ -133,32 +176,27 @@ def _dequantize_weight(graph: gs.Graph, node: gs.Node, cmd: DequantizeWeight) ->
     if spec(node).integer_kernel_needs_weight_zero_point:
         inputs.append(gs.Constant(f"{stem}_zp", np.zeros(cmd.scale.shape, cmd.quantized.dtype)))
     dequantized = gs.Variable(f"{stem}_dq", dtype=np.float32, shape=list(cmd.quantized.shape))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs={"axis": cmd.axis},
-                               inputs=inputs, outputs=[dequantized]))
-    try:
-        set_input(node, cmd.port, dequantized)
-    except IndexError as error:
-        raise UnknownNameError(str(error)) from None
+    ctx.graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs={"axis": cmd.axis},
+                                   inputs=inputs, outputs=[dequantized]))
+    set_input(node, cmd.port, dequantized)
 
 
-def _dequantize_bias(graph: gs.Graph, node: gs.Node, cmd: DequantizeBias) -> None:
+def _dequantize_bias(ctx: _Context, cmd: DequantizeBias) -> None:
+    node = ctx.nodes[cmd.node]
     weight_port = spec(node).weight_port
     input_scale = _dequantized_scale(node.inputs[0] if node.inputs else None)
     weight_scale = _dequantized_scale(node.inputs[weight_port] if weight_port is not None and
                                       weight_port < len(node.inputs) else None)
     if input_scale is None or weight_scale is None:
         raise UnknownNameError(f"bias of {node.name!r}: its input and weight must be dequantized first")
-    stem = _constant_input_stem(node, cmd.port)
+    stem = ctx.stem(_constant_input_stem(node, cmd.port), ("_scale", "_scale_Mul", "_q", "_dq", "_DQ"))
     scale = gs.Variable(f"{stem}_scale", dtype=np.float32, shape=list(weight_scale.shape))
-    graph.nodes.append(gs.Node("Mul", f"{stem}_scale_Mul", inputs=[input_scale, weight_scale], outputs=[scale]))
+    ctx.graph.nodes.append(gs.Node("Mul", f"{stem}_scale_Mul", inputs=[input_scale, weight_scale], outputs=[scale]))
     quantized = gs.Constant(f"{stem}_q", np.ascontiguousarray(cmd.quantized, np.int32))
     dequantized = gs.Variable(f"{stem}_dq", dtype=np.float32, shape=list(cmd.quantized.shape))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs={"axis": 0},
-                               inputs=[quantized, scale], outputs=[dequantized]))
-    try:
-        set_input(node, cmd.port, dequantized)
-    except IndexError as error:
-        raise UnknownNameError(str(error)) from None
+    ctx.graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs={"axis": 0},
+                                   inputs=[quantized, scale], outputs=[dequantized]))
+    set_input(node, cmd.port, dequantized)
 
 
 def _dequantized_scale(tensor: gs.Tensor | None) -> gs.Constant | None:
@@ -178,17 +216,19 @@ def _constant_input_stem(node: gs.Node, port: int) -> str:
     return f"{node.name}_in{port}"
 
 
-def _set_constant_input(node: gs.Node, cmd: SetConstantInput) -> None:
-    try:
-        set_constant_input(node, cmd.port, cmd.values)
-    except IndexError as error:
-        raise UnknownNameError(str(error)) from None
+def _set_constant_input(ctx: _Context, cmd: SetConstantInput) -> None:
+    set_constant_input(ctx.nodes[cmd.node], cmd.port, cmd.values)
 
 
-def _mask_weight(graph: gs.Graph, tensors: dict, node: gs.Node, cmd: MaskWeight) -> None:
+def _set_attribute(ctx: _Context, cmd: SetAttribute) -> None:
+    ctx.nodes[cmd.node].attrs[cmd.name] = cmd.value
+
+
+def _mask_weight(ctx: _Context, cmd: MaskWeight) -> None:
+    node = ctx.nodes[cmd.node]
     if cmd.port >= len(node.inputs) or not isinstance(node.inputs[cmd.port], gs.Constant):
         raise UnknownNameError(f"input {cmd.port} of node {node.name!r} is not a constant weight")
-    if cmd.mask in tensors:
+    if {cmd.mask, f"{cmd.mask}.applied", f"{cmd.mask}.Mul"} & ctx.used:
         raise ValueError(f"mask {cmd.mask!r}: a tensor of that name exists already")
     weight = node.inputs[cmd.port]
     if tuple(cmd.values.shape) != tuple(weight.values.shape):
@@ -196,6 +236,43 @@ def _mask_weight(graph: gs.Graph, tensors: dict, node: gs.Node, cmd: MaskWeight)
                          f"{list(weight.values.shape)}")
     mask = gs.Constant(cmd.mask, np.asarray(cmd.values, weight.values.dtype))
     masked = gs.Variable(f"{cmd.mask}.applied", dtype=weight.values.dtype, shape=list(weight.values.shape))
-    graph.nodes.append(gs.Node("Mul", f"{cmd.mask}.Mul", inputs=[weight, mask], outputs=[masked]))
+    ctx.graph.nodes.append(gs.Node("Mul", f"{cmd.mask}.Mul", inputs=[weight, mask], outputs=[masked]))
     node.inputs[cmd.port] = masked
-    tensors[mask.name], tensors[masked.name] = mask, masked
+    ctx.tensors[mask.name], ctx.tensors[masked.name] = mask, masked
+    ctx.used |= {mask.name, masked.name, f"{cmd.mask}.Mul"}
+
+
+def _fake_quantize(ctx: _Context, cmd: FakeQuantize) -> None:
+    insert_fake_quantize(ctx.graph, ctx.tensors, [ctx.nodes[name] for name in cmd.consumers], cmd)
+
+
+def _fake_quantize_bias(ctx: _Context, cmd: FakeQuantizeBias) -> None:
+    if not {cmd.input_step, cmd.weight_step} <= ctx.tensors.keys():
+        raise UnknownNameError(f"bias of {cmd.node!r}: no step tensor {cmd.input_step!r} or {cmd.weight_step!r} "
+                               "(insert its quantizers first)")
+    fake_quantize_bias(ctx.graph, ctx.tensors, ctx.nodes[cmd.node], cmd)
+
+
+def _complexity_loss(ctx: _Context, cmd: ComplexityLoss) -> None:
+    if not set(cmd.logits) <= ctx.tensors.keys():
+        raise UnknownNameError(f"complexity loss {cmd.name!r}: insert its gates first")
+    insert_complexity_loss(ctx.graph, ctx.tensors, cmd)
+
+
+#: Each command's phase and the function that executes it.
+_HANDLERS: dict[type, tuple[Phase, Callable[[_Context, Command], None]]] = {
+    SetConstantInput: (Phase.SET_CONSTANTS, _set_constant_input),
+    SetAttribute: (Phase.SET_CONSTANTS, _set_attribute),
+    ScaleActivation: (Phase.REWIRE_INPUTS, _scale_activation),
+    MaskWeight: (Phase.GATE_WEIGHTS, _mask_weight),
+    StochasticGateWeight: (Phase.GATE_WEIGHTS,
+                           lambda ctx, cmd: insert_stochastic_gate(ctx.graph, ctx.tensors, ctx.nodes[cmd.node], cmd)),
+    QuantizeDequantize: (Phase.QUANTIZE, _insert_qdq),
+    DequantizeWeight: (Phase.QUANTIZE, _dequantize_weight),
+    FakeQuantize: (Phase.QUANTIZE, _fake_quantize),
+    FakeQuantizeWeight: (Phase.QUANTIZE,
+                         lambda ctx, cmd: fake_quantize_weight(ctx.graph, ctx.tensors, ctx.nodes[cmd.node], cmd)),
+    DequantizeBias: (Phase.QUANTIZE_BIASES, _dequantize_bias),
+    FakeQuantizeBias: (Phase.QUANTIZE_BIASES, _fake_quantize_bias),
+    ComplexityLoss: (Phase.LOSSES, _complexity_loss),
+}

@@ -1,8 +1,11 @@
 """The commands algorithms emit and `apply_commands` executes: small, frozen, and independent of each other.
 
 An algorithm decides *what* to change (which tensor gets which quantizer, which constant takes which values);
-the applier in `transforms.applier` is the one place that knows *how* to edit the graph. Nodes and tensors are
-addressed by name, so a plan can be made on one copy of a graph and applied to another.
+the applier in `transforms.applier` is the one place that knows *how* to edit the graph, in which order commands
+apply (`applier.Phase`) and how new nodes and tensors are named (uniquely). Every command is addressed to a typed
+insertion point, its `point`: an input of a node (`NodeInput`: a weight, a bias), an activation tensor as some of
+its readers see it (`TensorReaders`), an attribute (`NodeAttribute`), or a new graph output (`NewOutput`). Points name nodes and tensors, so a
+plan can be made on one copy of a graph and applied to another.
 """
 
 from __future__ import annotations
@@ -12,8 +15,64 @@ from dataclasses import dataclass
 import numpy as np
 
 
+@dataclass(frozen=True)
+class NodeInput:
+    """Input `port` of node `node` (a constant weight or bias, or the next missing optional input)."""
+
+    node: str
+    port: int
+
+
+@dataclass(frozen=True)
+class TensorReaders:
+    """Activation `tensor` as the nodes `consumers` read it, and as the graph output of that name if
+    `graph_output`; other readers are not affected."""
+
+    tensor: str
+    consumers: tuple[str, ...]
+    graph_output: bool = False
+
+
+@dataclass(frozen=True)
+class NodeAttribute:
+    """Attribute `name` of node `node`."""
+
+    node: str
+    name: str
+
+
+@dataclass(frozen=True)
+class NewOutput:
+    """A graph output the command adds, named `name`."""
+
+    name: str
+
+
+class AtNodeInput:
+    """A command on input `port` of node `node`."""
+
+    node: str
+    port: int
+
+    @property
+    def point(self) -> NodeInput:
+        return NodeInput(self.node, self.port)
+
+
+class AtTensorReaders:
+    """A command on activation `tensor` for its readers `consumers` (and the graph output, with `graph_output`)."""
+
+    tensor: str
+    consumers: tuple[str, ...]
+    graph_output: bool = False
+
+    @property
+    def point(self) -> TensorReaders:
+        return TensorReaders(self.tensor, self.consumers, self.graph_output)
+
+
 @dataclass(frozen=True, eq=False)
-class QuantizeDequantize:
+class QuantizeDequantize(AtTensorReaders):
     """Insert QuantizeLinear → DequantizeLinear after `tensor`; `consumers` (node names) read the result.
 
     The element type of the integer tensor follows `zero_point.dtype` (int8 or uint8). Readers not listed in
@@ -29,7 +88,7 @@ class QuantizeDequantize:
 
 
 @dataclass(frozen=True, eq=False)
-class DequantizeWeight:
+class DequantizeWeight(AtNodeInput):
     """Replace constant input `port` of `node` by an integer initializer read through DequantizeLinear.
 
     Stores only the integer tensor (INT8 on disk) with a per-channel `scale` along `axis`.
@@ -43,7 +102,7 @@ class DequantizeWeight:
 
 
 @dataclass(frozen=True, eq=False)
-class DequantizeBias:
+class DequantizeBias(AtNodeInput):
     """Replace bias input `port` of `node` by INT32 levels read through DequantizeLinear.
 
     Their scale is the node's input scale times its weight scale (`bias_scale`), as integer kernels require. It is
@@ -63,7 +122,7 @@ def bias_scale(input_scale: np.ndarray, weight_scale: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class SetConstantInput:
+class SetConstantInput(AtNodeInput):
     """Set constant input `port` of `node` to `values`, adding the input if the node has fewer (a missing bias)."""
 
     node: str
@@ -72,7 +131,20 @@ class SetConstantInput:
 
 
 @dataclass(frozen=True, eq=False)
-class ScaleActivation:
+class SetAttribute:
+    """Set attribute `name` of `node` to `value` (a pruned depthwise convolution's group count)."""
+
+    node: str
+    name: str
+    value: int | float | list[int]
+
+    @property
+    def point(self) -> NodeAttribute:
+        return NodeAttribute(self.node, self.name)
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleActivation(AtTensorReaders):
     """Insert `tensor` · `factor` (a Mul by a constant broadcast along the last axis) for `consumers` only; other
     readers keep reading `tensor`."""
 
@@ -117,7 +189,7 @@ class TrainableQuantizer:
 
 
 @dataclass(frozen=True, eq=False)
-class FakeQuantize:
+class FakeQuantize(AtTensorReaders):
     """Insert `quantizer` after activation `tensor`; `consumers` and `graph_output` as for QuantizeDequantize.
 
     With `unsigned`, an asymmetric quantizer's step is used with zero-point 0 and levels [0, q_max]: a
@@ -132,7 +204,7 @@ class FakeQuantize:
 
 
 @dataclass(frozen=True, eq=False)
-class FakeQuantizeWeight:
+class FakeQuantizeWeight(AtNodeInput):
     """Fake-quantize constant input `port` of `node` (kept float and trainable) per channel along `axis`."""
 
     node: str
@@ -142,7 +214,7 @@ class FakeQuantizeWeight:
 
 
 @dataclass(frozen=True, eq=False)
-class FakeQuantizeBias:
+class FakeQuantizeBias(AtNodeInput):
     """Round constant input `port` of `node` to the INT32 grid of step `input_step` · `weight_step` (two step
     tensors of fake quantizers), as the exported INT32 bias will be."""
 
@@ -153,7 +225,7 @@ class FakeQuantizeBias:
 
 
 @dataclass(frozen=True, eq=False)
-class MaskWeight:
+class MaskWeight(AtNodeInput):
     """Multiply constant input `port` of `node` by the constant `mask` (same shape, 0 or 1) in the graph: the weight
     stays a trainable float constant, the mask a frozen parameter the algorithm's scheduler rewrites.
 
@@ -168,7 +240,7 @@ class MaskWeight:
 
 
 @dataclass(frozen=True, eq=False)
-class StochasticGateWeight:
+class StochasticGateWeight(AtNodeInput):
     """Multiply constant input `port` of `node` by a stochastic binary gate per weight (RB sparsity, NNCF paper
     eq. 6): logits s = k·δ (trainable `{name}.logit_delta`, shaped like the weight, initially `logit0`/k, so that
     it learns k times faster than the weights), z = Round(sigmoid(s + n·logit(u))) with u ~ U(ε, 1 - ε) drawn on
@@ -205,6 +277,11 @@ class ComplexityLoss:
     density0: float
     weight: float
 
+    @property
+    def point(self) -> NewOutput:
+        return NewOutput(self.name)
 
-Command = (QuantizeDequantize | DequantizeWeight | DequantizeBias | SetConstantInput | ScaleActivation | FakeQuantize
+
+Command = (QuantizeDequantize | DequantizeWeight | DequantizeBias | SetConstantInput | SetAttribute | ScaleActivation
+           | FakeQuantize
            | FakeQuantizeWeight | FakeQuantizeBias | MaskWeight | StochasticGateWeight | ComplexityLoss)

@@ -48,6 +48,31 @@ class PairOrder(enum.Enum):
     INPUT_FEATURES = "input_features"
 
 
+class ChannelRule(enum.Enum):
+    """How an op passes the channels of its activation inputs to its outputs (filter pruning's dependency
+    analysis, `algorithms/pruning/channels.py`). An op without a rule stops the analysis: channels it reads are
+    not pruned."""
+
+    #: Reads channels through its weight's input-channel axis and makes new ones (Conv, Gemm, MatMul with a
+    #: constant weight). A depthwise convolution passes channels instead, its filters pruned with them.
+    PRODUCE = "produce"
+    #: Output channel c depends on input channel c only (activations, pooling).
+    ELEMENTWISE = "elementwise"
+    #: BatchNormalization: elementwise, with per-channel parameters (inputs 1-4).
+    NORMALIZE = "normalize"
+    #: Elementwise over broadcast inputs (Add, Mul...): activations share channels (merged into one group),
+    #: constants that vary per channel lose the pruned ones.
+    BROADCAST = "broadcast"
+    #: Concatenation: along the channel axis each input's channels follow the previous inputs'.
+    CONCAT = "concat"
+    #: Split along the channel axis: each output takes a run of channels.
+    SPLIT = "split"
+    #: Moves axes: the channel axis moves with its dimension.
+    TRANSPOSE = "transpose"
+    #: Reshape, Flatten, Squeeze, Unsqueeze: followed through the shapes (channels × spatial become features).
+    RESHAPE = "reshape"
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """The facts about one op type."""
@@ -94,30 +119,39 @@ class OpSpec:
     fold_channel_affine: bool = False
     #: Bias correction adjusts the op's bias (ConvTranspose: not implemented, its filters are split by group).
     correct_bias: bool = False
+    #: How the op passes channels (filter pruning); None: it stops the analysis.
+    channels: ChannelRule | None = None
+    #: Axis of the weight that enumerates input channels (2-D Gemm weights: the other one than the channel axis).
+    weight_input_axis: int | None = None
 
 
-_PASSTHROUGH = OpSpec(Role.PASSTHROUGH)
-_LAYOUT = OpSpec(Role.PASSTHROUGH, layout_only=True)
-_FUSED = OpSpec(Role.FUSED_ACTIVATION)
+_PASSTHROUGH = OpSpec(Role.PASSTHROUGH, channels=ChannelRule.ELEMENTWISE)
+_LAYOUT = OpSpec(Role.PASSTHROUGH, layout_only=True, channels=ChannelRule.RESHAPE)
+_FUSED = OpSpec(Role.FUSED_ACTIVATION, channels=ChannelRule.ELEMENTWISE)
+#: Float elementwise activations: output channel c is a function of input channel c.
+_FLOAT_ELEMENTWISE = OpSpec(Role.FLOAT, activation_ports=(), channels=ChannelRule.ELEMENTWISE)
 
 OP_TABLE: dict[str, OpSpec] = {
     "Conv": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=0, channel_axis=1,
                    integer_kernel_needs_quantized_output=True, int16_pairs=PairOrder.TAPS_THEN_INPUT_CHANNELS,
-                   sparsify_weight=True, fold_channel_affine=True, correct_bias=True),
+                   sparsify_weight=True, fold_channel_affine=True, correct_bias=True,
+                   channels=ChannelRule.PRODUCE, weight_input_axis=1),
     # ONNX Runtime runs ConvTranspose in float (no QDQ fusion), so it needs no int16 headroom.
     "ConvTranspose": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1, channel_axis=1,
                             integer_kernel_needs_quantized_output=True, integer_kernel_needs_weight_zero_point=True,
-                            sparsify_weight=True, fold_channel_affine=True),
+                            sparsify_weight=True, fold_channel_affine=True, channels=ChannelRule.PRODUCE,
+                            weight_input_axis=0),
     # Weight [in, out], or [out, in] with transB.
     "Gemm": OpSpec(Role.COMPUTE, weight_port=1, bias_port=2, weight_channel_axis=1, weight_transpose_attr="transB",
                    input_transpose_attr="transA", bias_scale_attr="beta", channel_axis=-1,
                    integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES,
-                   sparsify_weight=True, fold_channel_affine=True, correct_bias=True),
+                   sparsify_weight=True, fold_channel_affine=True, correct_bias=True, channels=ChannelRule.PRODUCE,
+                   weight_input_axis=0),
     # MatMul with a constant weight [.., in, out]; with two activations (attention) both inputs are quantized.
     # Two activations are both uint8 in our files: ONNX Runtime's u8u8 kernel widens to int16 first (exact).
     "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, channel_axis=-1, activation_ports=(0, 1),
                      integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES,
-                     sparsify_weight=True),
+                     sparsify_weight=True, channels=ChannelRule.PRODUCE, weight_input_axis=-2),
     # Only activations both runtimes fuse in front of a QuantizeLinear: ONNX Runtime drops Relu/Clip before a
     # quantizer whose range starts at zero; other activations (Sigmoid, HardSwish...) would leave Conv in float.
     "Relu": _FUSED,
@@ -127,15 +161,22 @@ OP_TABLE: dict[str, OpSpec] = {
     "GlobalAveragePool": _PASSTHROUGH,
     "Reshape": _LAYOUT,
     "Flatten": _LAYOUT,
-    "Transpose": _LAYOUT,
+    "Transpose": OpSpec(Role.PASSTHROUGH, layout_only=True, channels=ChannelRule.TRANSPOSE),
     "Squeeze": _LAYOUT,
     "Unsqueeze": _LAYOUT,
-    "Identity": _LAYOUT,
-    "Add": OpSpec(Role.ELTWISE_ADD, activation_ports=(0, 1)),
-    "Concat": OpSpec(Role.CONCAT, activation_ports=()),
+    "Identity": OpSpec(Role.PASSTHROUGH, layout_only=True, channels=ChannelRule.ELEMENTWISE),
+    "Add": OpSpec(Role.ELTWISE_ADD, activation_ports=(0, 1), channels=ChannelRule.BROADCAST),
+    "Concat": OpSpec(Role.CONCAT, activation_ports=(), channels=ChannelRule.CONCAT),
     # Float ops with learned parameters: LayerNorm's scale and bias, PRelu's slope.
     "LayerNormalization": OpSpec(Role.FLOAT, activation_ports=(), trained_ports=(1, 2)),
-    "PRelu": OpSpec(Role.FLOAT, activation_ports=(), trained_ports=(1,)),
+    "PRelu": OpSpec(Role.FLOAT, activation_ports=(), trained_ports=(1,), channels=ChannelRule.BROADCAST),
+    "BatchNormalization": OpSpec(Role.FLOAT, activation_ports=(), channels=ChannelRule.NORMALIZE),
+    **{op: OpSpec(Role.FLOAT, activation_ports=(), channels=ChannelRule.BROADCAST)
+       for op in ("Sub", "Mul", "Div", "Max", "Min")},
+    **{op: _FLOAT_ELEMENTWISE for op in ("Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu",
+                                         "Celu", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Neg", "Abs",
+                                         "Dropout", "GlobalMaxPool")},
+    "Split": OpSpec(Role.FLOAT, activation_ports=(), channels=ChannelRule.SPLIT),
 }
 
 #: Ops whose output is never negative.
@@ -168,6 +209,21 @@ def weight_channel_axis(node: gs.Node) -> int | None:
     if entry.weight_transpose_attr and node.attrs.get(entry.weight_transpose_attr, 0):
         return 1 - entry.weight_channel_axis
     return entry.weight_channel_axis
+
+
+def weight_input_axis(node: gs.Node) -> int | None:
+    """Input-channel axis of `node`'s weight, resolving attributes that move it (Gemm's transB)."""
+    entry = spec(node)
+    if entry.weight_transpose_attr and node.attrs.get(entry.weight_transpose_attr, 0):
+        return 1 - entry.weight_input_axis
+    return entry.weight_input_axis
+
+
+def is_depthwise(node: gs.Node) -> bool:
+    """A convolution with one input and one output channel per group."""
+    weight = constant_weight(node)
+    return (node.op == "Conv" and groups(node) > 1 and weight is not None and weight.values.shape[1] == 1
+            and weight.values.shape[0] == groups(node))
 
 
 def input_layout_known(node: gs.Node) -> bool:

@@ -22,14 +22,16 @@ def _run(graph, x):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-def test_commands_quantize_weights_add_a_missing_bias_and_insert_qdq():
+@pytest.mark.parametrize("reverse", [False, True])
+def test_commands_quantize_weights_add_a_missing_bias_and_insert_qdq(reverse):
+    """In any list order: the bias quantizer's phase comes after the input and weight quantizers it reads."""
     graph = _conv_without_bias()
     commands = [
         QuantizeDequantize("x", np.array(0.1, np.float32), np.array(128, np.uint8), ("conv",)),
         DequantizeWeight("conv", 1, np.array([[[[100]]], [[[-50]]]], np.int8), np.array([0.005, 0.01], np.float32), 0),
         DequantizeBias("conv", 2, np.array([10000, -20000], np.int32)),
     ]
-    apply_commands(graph, commands)
+    apply_commands(graph, commands[::-1] if reverse else commands)
     ops = sorted(n.op for n in graph.nodes)
     assert ops == ["Conv", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Mul", "QuantizeLinear"]
     conv = next(n for n in graph.nodes if n.op == "Conv")
@@ -73,3 +75,36 @@ def test_set_constant_input_and_unknown_names():
         apply_commands(graph, [SetConstantInput("nope", 2, np.zeros(2, np.float32))])
     with pytest.raises(UnknownNameError, match="no tensor named 'missing'"):
         apply_commands(graph, [QuantizeDequantize("missing", np.array(1.0), np.array(0, np.uint8), ("conv",))])
+
+
+def _two_readers():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="a"), helper.make_node("Neg", ["x"], ["b"], name="b")]
+    return gs.import_onnx(helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in "ab"]),
+        opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_two_quantizers_on_one_tensor_get_their_own_names():
+    graph = _two_readers()
+    apply_commands(graph, [QuantizeDequantize("x", np.array(0.5, np.float32), np.array(0, np.int8), ("a",)),
+                           QuantizeDequantize("x", np.array(0.25, np.float32), np.array(0, np.int8), ("b",))])
+    node_names = [n.name for n in graph.nodes]
+    assert len(node_names) == len(set(node_names)) and {"x_Q", "x.1_Q"} <= set(node_names)
+    assert {"x_scale", "x.1_scale", "x_dq", "x.1_dq"} <= graph.tensors().keys()
+    model = gs.export_onnx(graph)
+    x = np.array([0.3, -0.8, 1.1, 40.0], np.float32)
+    a, b = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(a, np.maximum(np.clip(np.round(x / 0.5), -128, 127) * 0.5, 0))
+    np.testing.assert_allclose(b, -np.clip(np.round(x / 0.25), -128, 127) * 0.25)
+
+
+def test_insertion_points_are_checked_before_anything_changes():
+    graph = _two_readers()
+    with pytest.raises(UnknownNameError, match="node 'a' does not read tensor 'b'"):
+        apply_commands(graph, [QuantizeDequantize("b", np.array(1.0), np.array(0, np.uint8), ("a",))])
+    with pytest.raises(UnknownNameError, match="tensor 'x' is not a graph output"):
+        apply_commands(graph, [QuantizeDequantize("x", np.array(1.0), np.array(0, np.uint8), ("a",), True)])
+    with pytest.raises(UnknownNameError, match="node 'a' has no input 3"):
+        apply_commands(graph, [SetConstantInput("a", 3, np.zeros(1, np.float32))])
+    assert [n.op for n in graph.nodes] == ["Relu", "Neg"]
