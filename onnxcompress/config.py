@@ -353,6 +353,13 @@ class RBSparsityConfig(_Strict):
         0.1, gt=0.0, description="Learning rate of the logits (the weights use training.learning_rate).")
     ignored_scope: IgnoredScope = Field(default_factory=IgnoredScope, description="Layers left dense.")
 
+    @model_validator(mode="after")
+    def _gates_train_before_they_freeze(self) -> RBSparsityConfig:
+        if self.schedule.freeze_epoch == 0:
+            raise ValueError("schedule.freeze_epoch 0 would freeze the gates before they train (RB freezes the "
+                             "gates [logit > 0] after that epoch)")
+        return self
+
     @property
     def calibration_samples(self) -> int:
         """RB sparsity needs no data."""

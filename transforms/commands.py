@@ -243,9 +243,11 @@ class MaskWeight(AtNodeInput):
 class StochasticGateWeight(AtNodeInput):
     """Multiply constant input `port` of `node` by a stochastic binary gate per weight (RB sparsity, NNCF paper
     eq. 6): logits s = k·δ (trainable `{name}.logit_delta`, shaped like the weight, initially `logit0`/k, so that
-    it learns k times faster than the weights), z = Round(sigmoid(s + n·logit(u))) with u ~ U(ε, 1 - ε) drawn on
-    every run, n the scalar constant `noise` (1 while training; 0 gives the deterministic gate [s > 0] for
-    evaluation). Round needs a straight-through gradient. The logits are the tensor `{name}.logits`.
+    it learns k times faster than the weights), z = Round(sigmoid(s + n·logit(u))), n the scalar constant `noise`
+    (1 while training; 0 gives the deterministic gate [s > 0] for evaluation). u is uniform in (0, 1), a hash of
+    the gate's counters (`counter` onwards, `stochastic_gate.counters_used` of them) and the scalar constant
+    `step` (the training step), so that the same step draws the same noise in any session. Round needs a
+    straight-through gradient. The logits are the tensor `{name}.logits`.
     """
 
     node: str
@@ -254,7 +256,8 @@ class StochasticGateWeight(AtNodeInput):
     logit0: float
     lr_scale: float
     noise: str
-    seed: float
+    step: str
+    counter: int
 
     @property
     def logits(self) -> str:

@@ -1,4 +1,5 @@
-"""Magnitude sparsity: masks at an exact level, schedules, one-shot `sparsify` with bias correction, bad settings."""
+"""Magnitude sparsity: masks at an exact level, schedules, one-shot `sparsify` with bias correction, bad settings;
+the RB sparsity scheduler."""
 
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def test_schedules_rise_from_the_initial_to_the_target_level() -> None:
     ({"compression": [{"algorithm": "magnitude_sparsity", "schedule": {"schedule": "multistep"}}]},
      "multistep needs multistep_epochs and multistep_levels"),
     ({"compression": [{"algorithm": "rb_sparsityy"}]}, "unknown algorithm 'rb_sparsityy'"),
+    ({"compression": [{"algorithm": "rb_sparsity", "schedule": {"target_epoch": 0, "freeze_epoch": 0}}]},
+     "freeze_epoch 0 would freeze the gates before they train"),
     ({"compression": [{"algorithm": "magnitude_sparsity", "levle": 0.5}]}, "unknown key 'compression.0.levle'"),
 ])
 def test_bad_sparsity_settings_are_config_errors(values: dict, message: str) -> None:
@@ -187,3 +190,58 @@ def test_inspect_reports_the_zeros_of_float_and_quantized_weights(tmp_path) -> N
     assert "weight sparsity: 50.0% of 167456 weights in 6 layers" in format_inspection(float_report)
     dense = inspect_model(digits.model_path, runtimes=False)
     assert float_report.compressed_bytes < 0.7 * dense.compressed_bytes
+
+
+def _rb_controller(schedule: dict, steps_per_epoch: int = 4):
+    from onnxcompress.algorithms.sparsity.rb import RBSparsityController
+    from onnxcompress.compression.api import BuildContext
+    from onnxcompress.config import RBSparsityConfig
+
+    config = RBSparsityConfig(algorithm="rb_sparsity", logit_lr=0.1, schedule=schedule)
+    controller, _ = RBSparsityController.build(build_tiny_cnn(), lambda: iter(()), config,
+                                               BuildContext(1e-3, "adamw", steps_per_epoch=steps_per_epoch))
+    return controller
+
+
+def test_the_rb_scheduler_numbers_the_noise_steps_and_freezes_the_gates_at_their_signs() -> None:
+    from onnxcompress.algorithms.sparsity.rb import DENSITY, NOISE, PINNED_LOGIT, STEP
+
+    controller = _rb_controller({"initial_level": 0.1, "target_level": 0.5, "target_epoch": 1, "freeze_epoch": 2})
+    scheduler = controller.scheduler
+    parameters = {**controller.trainable_parameters, **controller.frozen_parameters}
+    assert parameters[STEP] == 0 and parameters[NOISE] == 1 and parameters[DENSITY] == pytest.approx(0.9)
+    rng = np.random.default_rng(0)
+    for gate in controller.gates:
+        parameters[gate.delta] = rng.standard_normal(parameters[gate.delta].shape).astype(np.float32)
+    signs = {g.delta: parameters[g.delta] > 0 for g in controller.gates}
+
+    def read(names):
+        return {name: parameters[name] for name in names}
+
+    steps = []
+    for _ in range(2):
+        steps += [float(scheduler.step(read)[STEP]) for _ in range(4)]
+        changes = scheduler.epoch_step(read)
+        parameters.update(changes)
+    assert steps == list(range(1, 9))
+    assert changes[DENSITY] == pytest.approx(0.5) and changes[NOISE] == 0  # frozen after epoch 2
+    for gate in controller.gates:
+        np.testing.assert_allclose(gate.lr_scale * changes[gate.delta],
+                                   np.where(signs[gate.delta], PINNED_LOGIT, -PINNED_LOGIT), rtol=1e-6)
+    assert controller.training_parameters[NOISE] == 0 and controller.frozen_parameters[NOISE] == 0
+    assert scheduler.epoch_step(read) == {}
+
+    resumed = _rb_controller(dict(controller.config.schedule)).scheduler
+    resumed.load_state(scheduler.state())
+    assert float(resumed.step(read)[STEP]) == float(scheduler.step(read)[STEP]) == 9
+    assert resumed.frozen
+
+
+def test_the_rb_level_moves_every_step_with_update_per_step() -> None:
+    from onnxcompress.algorithms.sparsity.rb import DENSITY
+
+    scheduler = _rb_controller({"initial_level": 0.0, "target_level": 0.5, "target_epoch": 1, "power": 1,
+                                "update_per_step": True}).scheduler
+    densities = [float(scheduler.step(lambda names: {})[DENSITY]) for _ in range(4)]
+    np.testing.assert_allclose(densities, [0.875, 0.75, 0.625, 0.5])
+    assert scheduler.complete

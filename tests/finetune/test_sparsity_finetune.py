@@ -1,7 +1,7 @@
-"""Magnitude sparsity stacked with quantization-aware training, through the real onnxruntime-training worker.
+"""Magnitude and RB sparsity stacked with quantization-aware training, through the real onnxruntime-training worker.
 
-The ResNet-style tiny CNN and the transformer block: masks multiply the float weights, fake quantizers quantize
-the masked weights, and the exported INT8 weights hold exactly the zeros the statistics report.
+The ResNet-style tiny CNN and the transformer block: masks (or gates) multiply the float weights, fake quantizers
+quantize the masked weights, and the exported INT8 weights hold exactly the zeros the statistics report.
 """
 
 from __future__ import annotations
@@ -82,6 +82,31 @@ def test_stacked_run_resumed_after_an_interruption_ends_identically(runtime: Tra
             interrupted.run()
     resumed = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "resumed", resume=True, progress=False)
     assert [r.statistics for r in resumed.history] == [r.statistics for r in straight.history]
+    for a, b in zip(straight.model.graph.initializer, resumed.model.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), err_msg=a.name)
+
+
+def test_rb_and_qat_run_resumed_after_an_interruption_ends_identically(runtime: TrainingRuntime,
+                                                                      cnn: onnx.ModelProto, tmp_path: Path) -> None:
+    """The gates' noise is a function of the step: the resumed run repeats the interrupted epoch's draws, and the
+    freeze after epoch 2 happens in both runs alike."""
+    train, val = cnn_data(cnn, 96, 1), cnn_data(cnn, 32, 2)
+    rb = {"algorithm": "rb_sparsity", "logit_lr": 0.5, "logit_init": 2.0,
+          "schedule": {"initial_level": 0.1, "target_level": 0.5, "target_epoch": 2, "update_per_step": True,
+                       "freeze_epoch": 2}}
+    quantize = {"algorithm": "quantization", "subset_size": 32, "quantizer_lr": 1e-2}
+    settings = FinetuneConfig.build({"compression": [rb, quantize], "training": {
+        "epochs": 3, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 2}})
+    straight = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "straight", progress=False)
+    with TrainingRuntimeSession(runtime) as session:
+        interrupted = Trainer(cnn, train, val, settings, tmp_path / "resumed", progress=False,
+                              session=InterruptAfter(session, 96 // 16 + 3))  # type: ignore[arg-type]
+        with pytest.raises(KeyboardInterrupt):
+            interrupted.run()
+    resumed = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "resumed", resume=True, progress=False)
+    assert [r.statistics for r in resumed.history] == [r.statistics for r in straight.history]
+    assert [r.train_loss for r in resumed.history] == [r.train_loss for r in straight.history]
+    assert straight.history[-1].statistics["rb_sparsity/sparsity"] > 0.3
     for a, b in zip(straight.model.graph.initializer, resumed.model.graph.initializer, strict=True):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), err_msg=a.name)
 

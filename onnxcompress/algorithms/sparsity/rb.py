@@ -2,9 +2,12 @@
 
     build: a stochastic gate per weight (StochasticGateWeight: z = Round(sigmoid(s + logit(u))), straight-through)
     and one complexity loss (ComplexityLoss: (mean sigmoid(s) - (1 - level))²) over every gated weight  →
-    training: the loss pulls the kept fraction to 1 - level; after every epoch (until freeze_epoch) the scheduler
-    sets the level of the schedule (adaptive: raised once the deterministic gates reach it)  →  evaluation with
-    the noise off (z = [s > 0])  →  export: each weight times [s > 0], exact zeros kept by quantization.
+    training: the loss pulls the kept fraction to 1 - level; the scheduler sets the level of the schedule after
+    every epoch, or every step (`update_per_step`; adaptive: raised once the deterministic gates reach it), and
+    the step number that seeds the gates' noise after every step  →  freeze (after `freeze_epoch`): the noise
+    goes off and the logits are pinned at ±PINNED_LOGIT, so the gates stay [s > 0] while the weights fine-tune
+    under them  →  evaluation with the noise off (z = [s > 0])  →  export: each weight times [s > 0], exact zeros
+    kept by quantization.
 
 The logits learn at their own rate through s = k·δ, as the quantizer ranges do (`quantizer_lr_scale`).
 """
@@ -33,16 +36,26 @@ from onnxcompress.compression.api import (
 from onnxcompress.config import RBSparsityConfig, SparsitySchedule
 from onnxcompress.runtime.training import IDENTITY_GRADIENT, GradientNode
 from onnxcompress.transforms.commands import Command, ComplexityLoss, SetConstantInput, StochasticGateWeight
+from onnxcompress.transforms.stochastic_gate import counters_used
 
 Batches = Iterable[Mapping[str, np.ndarray]]
 NOISE = "rb_sparsity.noise"
+STEP = "rb_sparsity.step"
 DENSITY = "rb_sparsity.target_density"
 LOSS = "rb_sparsity.loss"
+#: Frozen logits: sigmoid within 1e-13 of 0 or 1 (next to no gradient reaches them), and far from the sign change
+#: that Adam's remaining momentum could reach.
+PINNED_LOGIT = 30.0
+#: The step input is a float32 scalar, exact below 2^24; the noise sequence repeats after that many steps.
+STEP_PERIOD = 1 << 24
 
 
-def _gate(target: SparsityTarget, config: RBSparsityConfig, lr_scale: float, index: int) -> StochasticGateWeight:
-    return StochasticGateWeight(target.node, target.port, f"{target.node}.rb_gate", config.logit_init, lr_scale,
-                                NOISE, seed=float(index + 1))
+def _gates(targets: list[SparsityTarget], shapes: Mapping[str, tuple[int, ...]], config: RBSparsityConfig,
+           lr_scale: float) -> list[StochasticGateWeight]:
+    """One gate per target; consecutive counter ranges give every weight its own noise."""
+    starts = np.cumsum([0] + [counters_used(shapes[t.node]) for t in targets[:-1]])
+    return [StochasticGateWeight(t.node, t.port, f"{t.node}.rb_gate", config.logit_init, lr_scale, NOISE, STEP,
+                                 int(start)) for t, start in zip(targets, starts)]
 
 
 def deterministic_masks(gates: list[StochasticGateWeight], parameters: Parameters) -> dict[str, np.ndarray]:
@@ -50,12 +63,21 @@ def deterministic_masks(gates: list[StochasticGateWeight], parameters: Parameter
     return {g.name: (np.float32(g.lr_scale) * parameters[g.delta] > 0).astype(np.float32) for g in gates}
 
 
-class RBSparsityScheduler(CompressionScheduler):
-    """Sets the target density of the loss after every epoch; state: finished epochs, level, adaptive state."""
+def _density(level: float) -> np.ndarray:
+    return np.asarray(1.0 - level, np.float32)
 
-    def __init__(self, gates: list[StochasticGateWeight], config: RBSparsityConfig) -> None:
-        self.gates, self.config = gates, config
-        self.epoch = 0
+
+def _noise(on: bool) -> np.ndarray:
+    return np.asarray(1.0 if on else 0.0, np.float32)
+
+
+class RBSparsityScheduler(CompressionScheduler):
+    """Sets the step of the noise after every step, the target density of the loss after every epoch (or step),
+    and freezes the gates; state: finished epochs, steps (overall and into the epoch), level, adaptive state."""
+
+    def __init__(self, gates: list[StochasticGateWeight], config: RBSparsityConfig, steps_per_epoch: int) -> None:
+        self.gates, self.config, self.steps_per_epoch = gates, config, max(steps_per_epoch, 1)
+        self.epoch, self.steps, self.step_in_epoch = 0, 0, 0
         self.level = planned_level(config.schedule, 0)
         self.adaptive = AdaptiveLevel(self.level)
 
@@ -63,24 +85,53 @@ class RBSparsityScheduler(CompressionScheduler):
     def complete(self) -> bool:
         return self.level >= self.config.schedule.target_level
 
-    def epoch_step(self, read: ParameterReader) -> dict[str, np.ndarray]:
-        self.epoch += 1
+    @property
+    def frozen(self) -> bool:
+        freeze = self.config.schedule.freeze_epoch
+        return freeze is not None and self.epoch >= freeze
+
+    @property
+    def step_value(self) -> np.ndarray:
+        return np.asarray(self.steps % STEP_PERIOD, np.float32)
+
+    def step(self, read: ParameterReader) -> dict[str, np.ndarray]:
+        self.steps, self.step_in_epoch = self.steps + 1, self.step_in_epoch + 1
+        changes = {STEP: self.step_value}
         schedule = self.config.schedule
-        if schedule.freeze_epoch is not None and self.epoch > schedule.freeze_epoch:
+        if schedule.update_per_step and not self.frozen and schedule.schedule is not SparsitySchedule.ADAPTIVE:
+            self.level = planned_level(schedule, self.epoch + self.step_in_epoch / self.steps_per_epoch)
+            changes[DENSITY] = _density(self.level)
+        return changes
+
+    def epoch_step(self, read: ParameterReader) -> dict[str, np.ndarray]:
+        was_frozen = self.frozen
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if was_frozen:
             return {}
+        schedule = self.config.schedule
         if schedule.schedule is SparsitySchedule.ADAPTIVE:
             measured = sparsity(deterministic_masks(self.gates, read([g.delta for g in self.gates])))
             self.level = self.adaptive.update(schedule, measured)
         else:
             self.level = planned_level(schedule, self.epoch)
-        return {DENSITY: np.asarray(1.0 - self.level, np.float32)}
+        changes = {DENSITY: _density(self.level)}
+        if self.frozen:
+            changes.update({**self._pinned_logits(read), NOISE: _noise(False)})
+        return changes
+
+    def _pinned_logits(self, read: ParameterReader) -> dict[str, np.ndarray]:
+        """The logits at ±PINNED_LOGIT with their current signs: the deterministic gates, fixed."""
+        deltas = read([g.delta for g in self.gates])
+        return {g.delta: np.where(g.lr_scale * deltas[g.delta] > 0, PINNED_LOGIT, -PINNED_LOGIT).astype(np.float32)
+                / np.float32(g.lr_scale) for g in self.gates}
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "level": self.level, "adaptive_level": self.adaptive.level,
-                "epochs_close": self.adaptive.epochs_close}
+        return {"epoch": self.epoch, "steps": self.steps, "step_in_epoch": self.step_in_epoch, "level": self.level,
+                "adaptive_level": self.adaptive.level, "epochs_close": self.adaptive.epochs_close}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
-        self.epoch, self.level = state["epoch"], state["level"]
+        self.epoch, self.steps, self.step_in_epoch = state["epoch"], state["steps"], state["step_in_epoch"]
+        self.level = state["level"]
         self.adaptive = AdaptiveLevel(state["adaptive_level"], state["epochs_close"])
 
 
@@ -91,11 +142,11 @@ class RBSparsityController(CompressionController):
     stage = Stage.SPARSITY
 
     def __init__(self, targets: list[SparsityTarget], config: RBSparsityConfig, lr_scale: float,
-                 shapes: Mapping[str, tuple[int, ...]]) -> None:
+                 shapes: Mapping[str, tuple[int, ...]], steps_per_epoch: int) -> None:
         super().__init__()
         self.targets, self.config, self._shapes = targets, config, dict(shapes)
-        self.gates = [_gate(t, config, lr_scale, i) for i, t in enumerate(targets)]
-        self.scheduler = RBSparsityScheduler(self.gates, config)
+        self.gates = _gates(targets, shapes, config, lr_scale)
+        self.scheduler = RBSparsityScheduler(self.gates, config, steps_per_epoch)
 
     @classmethod
     def build(cls, model: onnx.ModelProto, batches: Callable[[], Batches], config: RBSparsityConfig,
@@ -105,7 +156,8 @@ class RBSparsityController(CompressionController):
         targets = sparsity_targets(graph, resolve_ignored_scope(graph, config.ignored_scope))
         lr_scale = quantizer_lr_scale(config.logit_lr, context.learning_rate, context.optimizer)
         tensors = graph.tensors()
-        return cls(targets, config, lr_scale, {t.node: tuple(tensors[t.weight].values.shape) for t in targets}), model
+        shapes = {t.node: tuple(tensors[t.weight].values.shape) for t in targets}
+        return cls(targets, config, lr_scale, shapes, context.steps_per_epoch), model
 
     @property
     def training_commands(self) -> list[Command]:
@@ -119,15 +171,16 @@ class RBSparsityController(CompressionController):
 
     @property
     def frozen_parameters(self) -> dict[str, np.ndarray]:
-        return {NOISE: np.ones((), np.float32), DENSITY: np.asarray(1.0 - self.scheduler.level, np.float32)}
+        return {NOISE: _noise(not self.scheduler.frozen), STEP: self.scheduler.step_value,
+                DENSITY: _density(self.scheduler.level)}
 
     @property
     def evaluation_parameters(self) -> dict[str, np.ndarray]:
-        return {NOISE: np.zeros((), np.float32)}
+        return {NOISE: _noise(False)}
 
     @property
     def training_parameters(self) -> dict[str, np.ndarray]:
-        return {NOISE: np.ones((), np.float32)}
+        return {NOISE: _noise(not self.scheduler.frozen)}
 
     @property
     def gradients(self) -> dict[str, tuple[GradientNode, ...]]:
