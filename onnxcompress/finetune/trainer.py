@@ -172,6 +172,7 @@ def build_training_model(model: onnx.ModelProto, settings: TrainingConfig, compr
                          custom_loss: LossBuilder | None = None) -> onnx.ModelProto:
     """`model` with the loss of `settings` (its first output becomes `loss`) in the form the training runtime
     differentiates."""
+    infer_shapes(model)  # the differentiable forms of some ops need their input's rank
     graph = gs.import_onnx(model)
     differentiable_forms(graph)
     add_loss(graph, task=settings.loss, distillation=settings.distillation, compression_losses=compression_losses,

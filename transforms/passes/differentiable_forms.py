@@ -15,7 +15,7 @@ quantizers, parameters and the export (which starts from the model, not the trai
 | Mish | x · Tanh(Softplus(x)) |
 | ThresholdedRelu(α) | Where(x > α, x, 0) |
 | Sum, Mean of n inputs | a chain of Add (times 1/n) |
-| ReduceMax, ReduceMin | ReduceSum(Where(x = extreme, x, 0)) / ReduceSum(x = extreme), the extreme computed by the op itself behind Equal (no gradient needed); exact unless elements tie |
+| ReduceMax, ReduceMin (known rank, constant axes) | GatherElements of x, reduced axes moved last and flattened, at its ArgMax or ArgMin: the gradient goes to the first extreme element |
 | Sqrt | Where(x > 0, Sqrt(Where(x > 0, x, 1)), 0): gradient 0 instead of ∞ at 0 (the op gives NaN below 0, the form 0) |
 | Pad, reflect or edge mode (constant non-negative pads) | per padded axis, a Gather of x with the reflected or repeated indices, computed from x's shape |
 | LayerNormalization | its optional Mean and InvStdDev outputs exposed, which the gradient reads |
@@ -35,8 +35,8 @@ _FORM = ".grad_form"  # in the names of the nodes a form adds
 class _Emitter:
     """Adds nodes and constants with names unique in the graph, derived from the node being rewritten."""
 
-    def __init__(self, node: gs.Node, opset: int) -> None:
-        self.prefix, self.ids, self.opset = f"{node.name or node.op}{_FORM}", count(), opset
+    def __init__(self, node: gs.Node) -> None:
+        self.prefix, self.ids = f"{node.name or node.op}{_FORM}", count()
         self.nodes: list[gs.Node] = []
 
     def const(self, value: float, dtype: np.dtype) -> gs.Constant:
@@ -126,25 +126,39 @@ def _pad(e: _Emitter, node: gs.Node) -> gs.Variable:
     return x
 
 
+def _reduce_axes(node: gs.Node) -> list[int] | None:
+    """The sorted non-negative axes a ReduceMax or ReduceMin with a known input rank and constant axes reduces;
+    None otherwise (and for the identity of empty axes with noop_with_empty_axes)."""
+    x = node.inputs[0]
+    if x.shape is None:
+        return None
+    if "axes" in node.attrs:  # opset < 18
+        axes = list(node.attrs["axes"])
+    elif len(node.inputs) > 1 and node.inputs[1].name:
+        if not isinstance(node.inputs[1], gs.Constant):
+            return None
+        axes = node.inputs[1].values.astype(np.int64).tolist()
+    else:
+        axes = []
+    if not axes:
+        return None if node.attrs.get("noop_with_empty_axes", 0) else list(range(len(x.shape)))
+    return sorted(axis % len(x.shape) for axis in axes)
+
+
 def _reduce_extreme(e: _Emitter, node: gs.Node) -> gs.Variable:
-    """ReduceMax or ReduceMin as the mean of the elements equal to it: Equal stops the gradient, so it flows to
-    the extreme elements only (split among ties, like the gradient of the op)."""
-    x, dtype = node.inputs[0], node.inputs[0].dtype or np.float32
-    axes = list(node.inputs[1:2])  # opset 18: an input, else an attribute
-    keepdims, noop = node.attrs.get("keepdims", 1), node.attrs.get("noop_with_empty_axes", 0)
-    extreme = e.op(node.op, [x, *axes], dtype, **{**node.attrs, "keepdims": 1})
-    hit = e.op("Equal", [x, extreme], dtype=np.bool_)
-
-    def total(values: gs.Variable) -> gs.Variable:
-        if e.opset >= 13:  # ReduceSum's axes became an input
-            attrs = {"keepdims": keepdims, "noop_with_empty_axes": noop}
-            bounds = axes or ([e.const(node.attrs["axes"], np.int64)] if "axes" in node.attrs else [])
-            return e.op("ReduceSum", [values, *bounds], **attrs)
-        return e.op("ReduceSum", [values], keepdims=keepdims, **({"axes": node.attrs["axes"]} if "axes" in node.attrs
-                                                                 else {}))
-
-    picked = total(e.op("Where", [hit, x, e.const(0.0, dtype)], dtype))
-    return e.op("Div", [picked, total(e.op("Where", [hit, e.const(1.0, dtype), e.const(0.0, dtype)], dtype))])
+    """ReduceMax or ReduceMin as the element its ArgMax or ArgMin picks over the reduced axes, moved last and
+    flattened: the same value, and the gradient goes to that one element (the first extreme). The index and the
+    shapes are read behind inputs the training runtime does not differentiate."""
+    x, dtype, axes = node.inputs[0], node.inputs[0].dtype or np.float32, _reduce_axes(node)
+    kept = [axis for axis in range(len(x.shape)) if axis not in axes]
+    moved = x if kept + axes == sorted(kept + axes) else e.op("Transpose", [x], dtype, perm=kept + axes)
+    kept_dims = e.op("Gather", [e.op("Shape", [x], np.int64), e.const(kept, np.int64)], np.int64, axis=0)
+    flat_shape = e.op("Concat", [kept_dims, e.const([-1], np.int64)], np.int64, axis=0)
+    flat = e.op("Reshape", [moved, flat_shape], dtype)
+    index = e.op("ArgMax" if node.op == "ReduceMax" else "ArgMin", [flat], np.int64, axis=-1, keepdims=1)
+    picked = e.op("GatherElements", [flat, index], dtype, axis=-1)
+    result_shape = e.op("Shape", [e.op(node.op, list(node.inputs), dtype, **node.attrs)], np.int64)
+    return e.op("Reshape", [picked, result_shape], dtype)
 
 
 def _sqrt(e: _Emitter, node: gs.Node) -> gs.Variable:
@@ -157,14 +171,17 @@ def _sqrt(e: _Emitter, node: gs.Node) -> gs.Variable:
 
 
 def _rewritten(node: gs.Node) -> bool:
-    """Whether `node` gets its form: Sum and Mean of several inputs, Pad as `_pads` says, all other FORMS ops,
-    except the ops of a form (the ReduceMax behind Equal, the Sqrt of positive values)."""
+    """Whether `node` gets its form: Sum and Mean of several inputs, Pad as `_pads` says, ReduceMax and ReduceMin
+    as `_reduce_axes` says, all other FORMS ops; never the ops of a form (the ReduceMax whose shape it reads, the
+    Sqrt of positive values)."""
     if _FORM in node.name:
         return False
     if node.op in ("Sum", "Mean"):
         return len(node.inputs) > 1
     if node.op == "Pad":
         return bool(_pads(node))
+    if node.op in ("ReduceMax", "ReduceMin"):
+        return _reduce_axes(node) is not None
     return node.op in FORMS
 
 
@@ -208,7 +225,7 @@ def differentiable_forms(graph: gs.Graph) -> bool:
                              gs.Variable(f"{node.name}.inv_std_dev", dtype=np.float32)]
             changed = True
         elif _rewritten(node):
-            emitter = _Emitter(node, graph.opset)
+            emitter = _Emitter(node)
             FORMS[node.op](emitter, node)
             output = node.outputs[0]
             node.inputs.clear()
