@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from onnxcompress.algorithms.pruning.oneshot import PruneResult, prune_model
 from onnxcompress.algorithms.quantization.ptq import quantize_graph
 from onnxcompress.algorithms.sparsity.oneshot import SparsifyResult, sparsify_model
-from onnxcompress.config import BiasCorrection, FinetuneConfig, QuantizationConfig, SparsifyConfig
+from onnxcompress.config import BiasCorrection, FinetuneConfig, PruneConfig, QuantizationConfig, SparsifyConfig
 from onnxcompress.data import calibration_batches, count_samples, model_inputs
 from onnxcompress.errors import DatasetError
 from onnxcompress.models import sample_for_model
@@ -79,6 +80,31 @@ def sparsify(model: ModelLike, dataset: Any = None, config: SparsifyConfig | Non
         total = count_samples(dataset, inputs, config.subset_size)
     result = sparsify_model(proto, config, batches, total=total, progress=progress)
     record_compression(result.model, [{"algorithm": "magnitude_sparsity", "one_shot": True,
+                                       **config.model_dump(mode="json")}])
+    return result
+
+
+def prune(model: ModelLike, dataset: Any = None, config: PruneConfig | None = None, *, progress: bool = True,
+          **options: Any) -> PruneResult:
+    """One-shot filter pruning: remove the `target` fraction of filters (or of MACs, `target_kind="flops"`) with
+    the lowest importance, from every group of channels that can lose them together, and every slice that
+    depends on them.
+
+    With `dataset` (calibration data as for `quantize`), the layers after pruned channels absorb those channels'
+    mean contribution in their biases. `options` are PruneConfig fields and override `config`. The result holds
+    the model, MACs and weights per layer before and after, and each channel group's outcome.
+    """
+    if options:
+        config = PruneConfig.build({**(config.model_dump() if config else {}), **options})
+    config = config or PruneConfig()
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    batches, total = None, None
+    if dataset is not None:
+        inputs = model_inputs(proto)
+        batches = calibration_batches(dataset, inputs, subset_size=config.subset_size, batch_size=config.batch_size)
+        total = count_samples(dataset, inputs, config.subset_size)
+    result = prune_model(proto, config, batches, total=total, progress=progress)
+    record_compression(result.model, [{"algorithm": "filter_pruning", "one_shot": True,
                                        **config.model_dump(mode="json")}])
     return result
 

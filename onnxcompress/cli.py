@@ -1,4 +1,4 @@
-"""The `onnxcompress` command line: quantize, sparsify, finetune, export, benchmark, compare, inspect, package, run,
+"""The `onnxcompress` command line: quantize, sparsify, prune, finetune, export, benchmark, compare, inspect, package, run,
 demo.
 
 Every command builds the same typed objects as the Python API. Errors of the OnnxCompressError family print one
@@ -173,6 +173,51 @@ def sparsify(model: Path, output: Path | None, level: float, data: str | None, i
     before, after = model_file_size(model), model_file_size(saved)
     click.echo(f"wrote {saved} ({after / 1e6:.2f} MB; {before / 1e6:.2f} MB before; zeros are stored densely, "
                "compress the file or quantize it to gain size)")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=_OutputFile(), help="Output .onnx (default: <model>.pruned<target>.onnx).")
+@click.option("--target", type=float, default=0.3, show_default=True,
+              help="Fraction of filters (or of MACs, with --target-kind flops) to remove, in (0, 1).")
+@click.option("--target-kind", type=click.Choice(["filters", "flops"]), help="What --target is a fraction of "
+              "(default filters: the same fraction of every group; flops: of the model's MACs).")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "geometric_median"]), help="Filter importance "
+              "(default l2).")
+@click.option("--min-width", type=click.IntRange(min=1), help="Channels every pruned group keeps (default 8).")
+@click.option("--data", help="Calibration data (as for quantize): the next layers' biases absorb the mean of the "
+              "pruned channels.")
+@click.option("--subset-size", type=click.IntRange(min=1), help="Samples for the bias adjustment (default 300).")
+@click.option("--report", "report_path", type=_OutputFile(), help="Markdown report with per-layer MACs and a plot.")
+@click.option("--ignore-names", multiple=True, help="Compute ops whose filters stay (repeat or comma-separate).")
+@click.option("--ignore-types", multiple=True, help="Op types whose filters stay.")
+@click.option("--ignore-patterns", multiple=True, help="Regexes over node names whose filters stay.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def prune(model: Path, output: Path | None, target: float, target_kind, criterion, min_width, data: str | None,
+          subset_size, report_path: Path | None, ignore_names, ignore_types, ignore_patterns, no_progress: bool) -> None:
+    """One-shot filter pruning of MODEL (no training): remove whole output channels and what depends on them."""
+    from onnxcompress.algorithms.pruning.report import summary, write_report
+    from onnxcompress.api import prune as run_prune
+    from onnxcompress.config import PruneConfig
+    from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
+
+    options = {key: value for key, value in {"target": target, "target_kind": target_kind, "criterion": criterion,
+                                             "min_width": min_width, "subset_size": subset_size}.items()
+               if value is not None}
+    scope = {"names": _split(ignore_names), "types": _split(ignore_types), "patterns": _split(ignore_patterns)}
+    if any(scope.values()):
+        options["ignored_scope"] = scope
+    config = PruneConfig.build(options)
+    output = output or model.with_name(f"{model.stem}.pruned{round(target * 100)}.onnx")
+    check_output_path(model, output, reads=(data,))
+    result = run_prune(model, data, config, progress=not no_progress)
+    saved = save_model(result.model, output)
+    click.echo(summary(result) + ("" if data else " (no data: biases unchanged)"))
+    if report_path is not None:
+        write_report(result, report_path)
+        click.echo(f"report: {report_path}")
+    before, after = model_file_size(model), model_file_size(saved)
+    click.echo(f"wrote {saved} ({after / 1e6:.2f} MB, {after / before:.2f}× of {before / 1e6:.2f} MB)")
 
 
 @cli.command()

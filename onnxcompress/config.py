@@ -384,6 +384,46 @@ class SparsifyConfig(_Strict):
             raise ConfigError(f"invalid {source}: {_describe(error)}") from None
 
 
+class PruningCriterion(str, enum.Enum):
+    """How a filter's importance is measured (lecture 001)."""
+
+    #: ‖F‖₁.
+    L1 = "l1"
+    #: ‖F‖₂.
+    L2 = "l2"
+    #: Σⱼ ‖F − Fⱼ‖₂ over the layer's other filters: the filter the others replace best goes first.
+    GEOMETRIC_MEDIAN = "geometric_median"
+
+
+class PruningTargetKind(str, enum.Enum):
+    """What the pruning target is a fraction of."""
+
+    #: Filters of every prunable group, the same fraction of each (uniform per layer).
+    FILTERS = "filters"
+    #: Multiply-accumulates of the whole model; the uniform fraction of filters that removes them is searched.
+    FLOPS = "flops"
+
+
+class PruneConfig(_Strict):
+    """One-shot filter pruning without training (`onnxcompress prune`)."""
+
+    target: float = Field(0.3, gt=0.0, lt=1.0, description="Fraction of filters or of MACs (target_kind) to remove.")
+    target_kind: PruningTargetKind = Field(PruningTargetKind.FILTERS, description="filters or flops.")
+    criterion: PruningCriterion = Field(PruningCriterion.L2, description="l1, l2 or geometric_median.")
+    min_width: int = Field(8, ge=1, description="Channels every pruned group keeps at least (all, if it has fewer).")
+    ignored_scope: IgnoredScope = Field(
+        default_factory=IgnoredScope, description="Compute ops whose filters are not pruned (their group is kept).")
+    subset_size: int = Field(300, ge=1, description="Samples used to adjust the biases, when data is given.")
+    batch_size: int = Field(1, ge=1, description="Samples per inference run of the bias-adjusting pass.")
+
+    @classmethod
+    def build(cls, values: dict[str, Any], *, source: str = "options") -> PruneConfig:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise ConfigError(f"invalid {source}: {_describe(error)}") from None
+
+
 def _algorithm_name(value: Any) -> str:
     """The `algorithm` of a compression entry; entries without one are quantization, the first algorithm."""
     if isinstance(value, dict):

@@ -57,6 +57,12 @@ class SparsityError(OnnxCompressError):
     stage = "sparsity"
 
 
+class PruningError(OnnxCompressError):
+    """Filter pruning cannot apply to this model as configured (nothing prunable, a target out of reach)."""
+
+    stage = "pruning"
+
+
 class OutputError(OnnxCompressError):
     """The output path is the input path, or cannot be written."""
 

@@ -235,6 +235,26 @@ def case_sparsify_scope_matches_nothing(tmp: Path) -> list[str]:
     return ["sparsify", "model.onnx", "-o", "out.onnx", "--ignore-names", "conv9"]
 
 
+def case_prune_target_out_of_range(tmp: Path) -> list[str]:
+    _tiny(tmp)
+    return ["prune", "model.onnx", "-o", "out.onnx", "--target", "1.5"]
+
+
+def case_prune_unreachable_flops(tmp: Path) -> list[str]:
+    _tiny(tmp)
+    return ["prune", "model.onnx", "-o", "out.onnx", "--target", "0.99", "--target-kind", "flops"]
+
+
+def case_prune_nothing_prunable(tmp: Path) -> list[str]:
+    _tiny(tmp)
+    return ["prune", "model.onnx", "-o", "out.onnx", "--ignore-types", "Conv"]
+
+
+def case_prune_scope_matches_nothing(tmp: Path) -> list[str]:
+    _tiny(tmp)
+    return ["prune", "model.onnx", "-o", "out.onnx", "--ignore-names", "conv9"]
+
+
 # (builder, stage, fragments that must all appear in the message)
 CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "sequence-input": (case_sequence_input, "load", ("input 's' is a sequence", "dense tensors")),
@@ -278,6 +298,12 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "sparsify-scope-matches-nothing": (case_sparsify_scope_matches_nothing, "config",
                                        ("ignored scope entries match no node", "name 'conv9'")),
     "demo-nan-round-seconds": (case_demo_nan_round_seconds, "benchmark", ("round_seconds", "nan")),
+    "prune-target-out-of-range": (case_prune_target_out_of_range, "config", ("'target'", "less than 1")),
+    "prune-unreachable-flops": (case_prune_unreachable_flops, "pruning",
+                                ("a 99% MAC reduction cannot be reached", "of the MACs")),
+    "prune-nothing-prunable": (case_prune_nothing_prunable, "pruning", ("no channel group can be pruned",)),
+    "prune-scope-matches-nothing": (case_prune_scope_matches_nothing, "config",
+                                    ("ignored scope entries match no node", "name 'conv9'")),
 }
 
 

@@ -1,0 +1,163 @@
+"""Filter pruning: channel groups through the hard cases, criteria, targets, exact surgery, bias adjustment, and
+bad settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.algorithms.pruning.channels import analyse_channels
+from onnxcompress.algorithms.pruning.criteria import filter_importance, group_importance
+from onnxcompress.algorithms.pruning.macs import layer_costs
+from onnxcompress.algorithms.pruning.select import keep_for_fraction
+from onnxcompress.algorithms.pruning.surgery import masking_commands
+from onnxcompress.algorithms.quantization.ptq import export_graph
+from onnxcompress.api import prune
+from onnxcompress.config import PruneConfig, PruningCriterion
+from onnxcompress.errors import ConfigError, PruningError
+from onnxcompress.models import sample
+from onnxcompress.transforms.applier import apply_commands
+from onnxcompress.transforms.passes import preprocess
+
+
+def _hard_cases(seed: int = 0) -> onnx.ModelProto:
+    """Conv → Relu → depthwise (bias) → HardSwish, concatenated with a second conv; BatchNorm, per-channel Mul and
+    Add over the concatenation; Split; a residual Add; a squeeze-excitation block; Flatten into Gemm."""
+    rng = np.random.default_rng(seed)
+    inits = []
+
+    def const(name: str, *shape: int, low: float | None = None) -> str:
+        values = rng.uniform(low, 1.5, shape) if low is not None else rng.normal(0, 0.4, shape)
+        inits.append(numpy_helper.from_array(values.astype(np.float32), name))
+        return name
+
+    def conv(name: str, x: str, out: int, inp: int, k: int = 3, group: int = 1) -> helper.NodeProto:
+        return helper.make_node("Conv", [x, const(f"{name}.w", out, inp // group, k, k), const(f"{name}.b", out)],
+                                [name], name=name, pads=[k // 2] * 4, group=group)
+
+    nodes = [
+        conv("conv_a", "x", 8, 3), helper.make_node("Relu", ["conv_a"], ["relu_a"], name="relu_a"),
+        conv("dw", "relu_a", 8, 8, group=8), helper.make_node("HardSwish", ["dw"], ["hs"], name="hs"),
+        conv("conv_b", "x", 6, 3),
+        helper.make_node("Concat", ["hs", "conv_b"], ["cat"], name="cat", axis=1),
+        helper.make_node("BatchNormalization", ["cat", const("bn.g", 14, low=0.5), const("bn.b", 14),
+                                                const("bn.m", 14), const("bn.v", 14, low=0.5)], ["bn"], name="bn"),
+        helper.make_node("Mul", ["bn", const("scale", 1, 14, 1, 1)], ["scaled"], name="scale"),
+        helper.make_node("Add", ["scaled", const("shift", 14, 1, 1)], ["shifted"], name="shift"),
+        helper.make_node("Split", ["shifted", "sizes"], ["part_a", "part_b"], name="split", axis=1),
+        conv("conv_c", "x", 8, 3), helper.make_node("Add", ["part_a", "conv_c"], ["sum"], name="residual"),
+        helper.make_node("GlobalAveragePool", ["sum"], ["gap"], name="gap"),
+        conv("se1", "gap", 4, 8, k=1), helper.make_node("Relu", ["se1"], ["se_relu"], name="se_relu"),
+        conv("se2", "se_relu", 8, 4, k=1), helper.make_node("HardSigmoid", ["se2"], ["gate"], name="gate"),
+        helper.make_node("Mul", ["sum", "gate"], ["excited"], name="excite"),
+        conv("conv_e", "excited", 10, 8), helper.make_node("Relu", ["conv_e"], ["relu_e"], name="relu_e"),
+        helper.make_node("Flatten", ["relu_e"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", const("fc.w", 5, 640), const("fc.b", 5)], ["y"], name="fc", transB=1),
+        conv("conv_d", "part_b", 4, 6), helper.make_node("GlobalAveragePool", ["conv_d"], ["gap_d"], name="gap_d"),
+        helper.make_node("Flatten", ["gap_d"], ["flat_d"], name="flatten_d"),
+        helper.make_node("Gemm", ["flat_d", const("fc_d.w", 4, 3)], ["z"], name="fc_d"),
+    ]
+    inits.append(numpy_helper.from_array(np.array([8, 6], np.int64), "sizes"))
+    graph = helper.make_graph(nodes, "hard", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
+def test_groups_follow_concat_split_residuals_and_squeeze_excitation() -> None:
+    analysis = analyse_channels(preprocess(_hard_cases()))
+    groups = {g.producers: g for g in analysis.groups}
+    assert set(groups) == {("conv_a", "conv_c", "se2"), ("conv_b",), ("se1",), ("conv_e",), ("conv_d",), ("fc",),
+                           ("fc_d",)}
+    assert {p for p, g in groups.items() if not g.prunable} == {("fc",), ("fc_d",)}
+    assert groups[("fc",)].reason == "reaches the graph output 'y'"
+    # conv_e's channels reach fc through Flatten as blocks of 8·8 features.
+    assert analysis.layouts["flat"].block == 64
+
+
+@pytest.mark.parametrize("name", ["hard_cases", "digits_cnn", "digits_mobile"])
+def test_the_pruned_graph_computes_what_the_masked_graph_computes(name: str) -> None:
+    model = _hard_cases() if name == "hard_cases" else onnx.load(sample(name).model_path)
+    graph = preprocess(onnx.load_from_string(model.SerializeToString()))
+    analysis = analyse_channels(graph)
+    importance = {i: group_importance(graph, analysis, g, PruningCriterion.L1)
+                  for i, g in enumerate(analysis.groups) if g.prunable}
+    keep = keep_for_fraction(analysis, importance, 0.4, 2)
+    masked = export_graph(apply_commands(graph, masking_commands(graph, analysis, keep)), model, shapes=False)
+    result = prune(model, target=0.4, min_width=2, criterion="l1", progress=False)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
+    assert result.macs_after < 0.75 * result.macs_before
+    shape = [2 if not d.dim_value else d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    for expected, actual, reference in zip(_run(masked, x), _run(result.model, x), _run(model, x)):
+        assert expected.shape == actual.shape == reference.shape
+        assert np.abs(expected - actual).max() <= 1e-5 * (np.ptp(expected) + 1e-12)
+        assert np.abs(reference - actual).max() > 1e-3  # channels really went
+
+
+def test_reported_macs_are_those_of_the_pruned_model_and_the_flops_target_holds() -> None:
+    result = prune(_hard_cases(), target=0.3, target_kind="flops", min_width=2, progress=False)
+    graph = preprocess(result.model)
+    recount = sum(cost.macs() for cost in layer_costs(graph, analyse_channels(graph)))
+    assert recount == result.macs_after
+    assert 1 - result.macs_after / result.macs_before >= 0.3
+    assert all(g.channels_after >= min(2, g.channels_before) for g in result.groups)
+
+
+def test_criteria_rank_filters_as_the_lecture_defines_them() -> None:
+    filters = np.array([[3.0, 0.0], [0.0, -2.0], [1.0, 1.0], [0.9, 0.1]])
+    np.testing.assert_allclose(filter_importance(filters, PruningCriterion.L1), [3, 2, 2, 1])
+    np.testing.assert_allclose(filter_importance(filters, PruningCriterion.L2), [3, 2, np.sqrt(2), np.sqrt(0.82)])
+    distances = np.linalg.norm(filters[:, None] - filters[None], axis=2).sum(axis=1)
+    np.testing.assert_allclose(filter_importance(filters, PruningCriterion.GEOMETRIC_MEDIAN), distances)
+    assert distances.argmin() == 3  # the filter nearest the others goes first
+
+
+def test_with_data_the_next_biases_absorb_the_pruned_channels_means(tmp_path) -> None:
+    digits = sample("digits_cnn")
+    with np.load(digits.test_path) as data:
+        x, labels = data["input"], data["labels"]
+
+    def accuracy(model: onnx.ModelProto) -> float:
+        return float((_run(model, x)[0].argmax(axis=1) == labels).mean())
+
+    plain = prune(digits.model_path, target=0.3, target_kind="flops", progress=False)
+    adjusted = prune(digits.model_path, digits.calibration_path, target=0.3, target_kind="flops", progress=False)
+    assert not plain.adjusted and set(adjusted.adjusted) >= {"conv2", "conv3", "fc"}
+    assert accuracy(adjusted.model) > accuracy(plain.model) + 0.1
+
+
+def test_bad_settings_are_refused_clearly() -> None:
+    with pytest.raises(ConfigError, match="target"):
+        PruneConfig.build({"target": 1.0})
+    with pytest.raises(ConfigError, match="criterion"):
+        PruneConfig.build({"criterion": "random"})
+    with pytest.raises(PruningError, match=r"a 90% MAC reduction cannot be reached: .* removes \d+\.\d% of the MACs"):
+        prune(_hard_cases(), target=0.9, target_kind="flops", progress=False)
+    with pytest.raises(ConfigError, match="ignored scope entries match no node: name 'nope'"):
+        prune(_hard_cases(), ignored_scope={"names": ["nope"]}, progress=False)
+    only_output = helper.make_model(helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(np.ones((4, 2), np.float32), "w")]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(PruningError, match="no channel group can be pruned: reaches the graph output 'y'"):
+        prune(only_output, progress=False)
+
+
+def test_ignored_layers_keep_their_group() -> None:
+    result = prune(_hard_cases(), target=0.5, min_width=2, ignored_scope={"names": ["conv_c"]}, progress=False)
+    groups = {g.producers: g for g in result.groups}
+    kept = groups[("conv_a", "conv_c", "se2")]
+    assert kept.channels_after == kept.channels_before and kept.reason == "in the ignored scope"
+    assert groups[("conv_b",)].channels_after == 3
