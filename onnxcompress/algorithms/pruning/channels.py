@@ -23,7 +23,6 @@ changes with them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -501,6 +500,3 @@ def kept_indices(layout: Layout, keep: dict[int, np.ndarray]) -> np.ndarray:
     channels = np.concatenate(positions) if positions else np.zeros(0, np.int64)
     return (channels[:, None] * layout.block + np.arange(layout.block)[None, :]).reshape(-1)
 
-
-def iter_layout_spaces(layout: Layout) -> Iterator[int]:
-    yield from sorted(layout.spaces)
