@@ -67,6 +67,27 @@ def _hard_cases(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def _grouped(seed: int = 0) -> onnx.ModelProto:
+    """Conv → grouped Conv (2 groups) → grouped Conv (2 groups) → Flatten → Gemm (AlexNet's pattern)."""
+    rng = np.random.default_rng(seed)
+    shapes = {"a.w": (8, 3, 3, 3), "b.w": (12, 4, 3, 3), "b.b": (12,), "c.w": (4, 6, 3, 3), "fc.w": (256, 5)}
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name)
+             for name, shape in shapes.items()]
+    nodes = [helper.make_node("Conv", ["x", "a.w"], ["a"], name="a", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ra"], name="ra"),
+             helper.make_node("Conv", ["ra", "b.w", "b.b"], ["b"], name="b", pads=[1] * 4, group=2),
+             helper.make_node("Relu", ["b"], ["rb"], name="rb"),
+             helper.make_node("Conv", ["rb", "c.w"], ["c"], name="c", pads=[1] * 4, group=2),
+             helper.make_node("Flatten", ["c"], ["flat"], name="flat"),
+             helper.make_node("MatMul", ["flat", "fc.w"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "grouped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+MODELS = {"hard_cases": _hard_cases, "grouped": _grouped}
+
+
 def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})
@@ -83,9 +104,9 @@ def test_groups_follow_concat_split_residuals_and_squeeze_excitation() -> None:
     assert analysis.layouts["flat"].block == 64
 
 
-@pytest.mark.parametrize("name", ["hard_cases", "digits_cnn", "digits_mobile"])
+@pytest.mark.parametrize("name", ["hard_cases", "grouped", "digits_cnn", "digits_mobile"])
 def test_the_pruned_graph_computes_what_the_masked_graph_computes(name: str) -> None:
-    model = _hard_cases() if name == "hard_cases" else onnx.load(sample(name).model_path)
+    model = MODELS[name]() if name in MODELS else onnx.load(sample(name).model_path)
     graph = preprocess(onnx.load_from_string(model.SerializeToString()))
     analysis = analyse_channels(graph)
     importance = {i: group_importance(graph, analysis, g, PruningCriterion.L1)
@@ -152,6 +173,15 @@ def test_bad_settings_are_refused_clearly() -> None:
         [numpy_helper.from_array(np.ones((4, 2), np.float32), "w")]), opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(PruningError, match="no channel group can be pruned: reaches the graph output 'y'"):
         prune(only_output, progress=False)
+
+
+def test_grouped_convolutions_lose_as_many_channels_in_each_group() -> None:
+    result = prune(_grouped(), target=0.5, min_width=2, progress=False)
+    layers = {layer.node: layer for layer in result.layers}
+    assert layers["a"].channels_after == (4, 3) and layers["b"].channels_after == (6, 4)
+    pruned = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert pruned["b.w"].shape == (6, 2, 3, 3) and pruned["c.w"].shape == (2, 3, 3, 3)
+    assert pruned["fc.w"].shape == (128, 5)  # conv c's 2 channels × 8 × 8 features
 
 
 def test_ignored_layers_keep_their_group() -> None:

@@ -15,14 +15,16 @@ lie, and which runs of which spaces they are (a Concat's output holds the runs o
                                 constant rewritten)
     compute op                  reads the layout through its weight's input axis (those weight slices go)
 
-A space whose channels reach a graph output, an op the table does not know, a grouped convolution, or a tensor
-of unknown channels cannot be pruned; its group records why. Groups are the merged spaces: pruning keeps the same
+A grouped convolution that makes or reads a space splits it into equal runs that must lose equally many
+channels. A space whose channels reach a graph output, an op the table does not know, or a tensor of unknown
+channels cannot be pruned; its group records why. Groups are the merged spaces: pruning keeps the same
 channels of every space in a group, and `ChannelAnalysis.edits` lists each constant slice and attribute that
 changes with them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +82,9 @@ class SliceEdit:
     axis: int
     layout: Layout
     reads: bool = False
+    #: A grouped convolution's input slices: the constant's rows (axis 0) form `groups` equal blocks, block j
+    #: reading the j-th `groups`-th of the layout's channels.
+    groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -100,11 +105,13 @@ Edit = SliceEdit | CountEdit
 
 @dataclass
 class Space:
-    """The filters of one compute op."""
+    """The filters of one compute op. A grouped convolution that makes or reads them splits them into `partitions`
+    equal runs, each of which must lose as many channels as the others."""
 
     producer: str
     channels: int
     reasons: list[str] = field(default_factory=list)
+    partitions: int = 1
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,8 @@ class ChannelGroup:
     producers: tuple[str, ...]
     channels: int
     reason: str | None
+    #: Equal runs of channels that must each lose as many (grouped convolutions).
+    partitions: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -226,8 +235,12 @@ class _Analysis:
         groups, group_of = [], {}
         for spaces in members.values():
             reasons = [r for s in spaces for r in self.spaces[s].reasons]
-            groups.append(ChannelGroup(tuple(spaces), tuple(self.spaces[s].producer for s in spaces),
-                                       self.spaces[spaces[0]].channels, reasons[0] if reasons else None))
+            channels = self.spaces[spaces[0]].channels
+            partitions = math.lcm(*(self.spaces[s].partitions for s in spaces))
+            if channels % partitions:
+                reasons.append(f"grouped convolutions split its {channels} channels into {partitions} runs")
+            groups.append(ChannelGroup(tuple(spaces), tuple(self.spaces[s].producer for s in spaces), channels,
+                                       reasons[0] if reasons else None, partitions))
             group_of.update({s: len(groups) - 1 for s in spaces})
         return ChannelAnalysis(self.spaces, groups, group_of, self.edits, self.layouts)
 
@@ -265,8 +278,9 @@ def _produce(a: _Analysis, node: gs.Node) -> None:
         a.spaces[space].reasons.append(f"{node.name!r}'s output rank is unknown")
         return
     layout = Layout(axis, (Segment(space, 0, channels),))
-    if groups(node) > 1:
-        a.spaces[space].reasons.append(f"{node.name!r} is a grouped convolution")
+    a.spaces[space].partitions = groups(node)
+    if node.op == "ConvTranspose" and groups(node) > 1:
+        a.spaces[space].reasons.append(f"{node.name!r} is a grouped ConvTranspose")
     if weight.values.ndim != 2 and node.op == "MatMul":
         a.spaces[space].reasons.append(f"{node.name!r} multiplies by a batch of matrices")
     a.edits.append(SliceEdit(node.name, spec(node).weight_port, weight_channel_axis(node), layout))
@@ -283,10 +297,20 @@ def _produce(a: _Analysis, node: gs.Node) -> None:
 def _read(a: _Analysis, node: gs.Node, source: Layout) -> None:
     """`node` reads channels of `source` through its weight's input axis."""
     expected = -1 if spec(node).channel_axis == -1 else 1 - (_rank(node.inputs[0]) or 0)
-    if source.axis != expected or (groups(node) > 1) or (source.block > 1 and spec(node).channel_axis != -1):
+    if source.axis != expected or (source.block > 1 and spec(node).channel_axis != -1):
         a.block(source, f"read along another layout by {node.op} node {node.name!r}")
         return
-    a.edits.append(SliceEdit(node.name, spec(node).weight_port, weight_input_axis(node), source, reads=True))
+    count = groups(node)
+    if count > 1:
+        whole = len(source.segments) == 1 and source.segments[0].space is not None and \
+            source.segments[0].length == a.spaces[source.segments[0].space].channels and node.op == "Conv"
+        if not whole:
+            a.block(source, f"read in groups by {node.name!r} through a layout the analysis does not split")
+            return
+        space = a.spaces[source.segments[0].space]
+        space.partitions = math.lcm(space.partitions, count)
+    a.edits.append(SliceEdit(node.name, spec(node).weight_port, weight_input_axis(node), source, reads=True,
+                             groups=count))
 
 
 def _depthwise(a: _Analysis, node: gs.Node, source: Layout | None) -> None:

@@ -1,7 +1,8 @@
 """Which channels each prunable group keeps, for a target fraction of filters or of MACs.
 
 filters: every group loses the same fraction of its channels, the least important first (ties: the later
-channel goes first), and keeps at least `min_width` (all of them when it has fewer).
+channel goes first), and keeps at least `min_width` (all of them when it has fewer); a group that grouped
+convolutions split into equal runs loses as many channels in each run.
 flops: the fraction of filters is searched (bisection) for the smallest one that removes the target fraction of
 the model's MACs; a target beyond what pruning every group to `min_width` removes is an error that says what can
 be reached.
@@ -28,9 +29,14 @@ def keep_for_fraction(analysis: ChannelAnalysis, importance: Mapping[int, np.nda
     for index, scores in importance.items():
         group = analysis.groups[index]
         kept = max(group.channels - int(np.floor(fraction * group.channels)), min(group.channels, min_width))
-        order = np.argsort(-scores, kind="stable")  # most important first; equal scores: the earlier stays
-        channels = np.sort(order[:kept])
-        keep.update({space: channels for space in group.spaces})
+        runs = group.partitions
+        per_run, size = -(-kept // runs), group.channels // runs
+        channels = []
+        for run in range(runs):
+            # Most important first; equal scores: the earlier channel stays.
+            order = np.argsort(-scores[run * size:(run + 1) * size], kind="stable")
+            channels.append(run * size + order[:per_run])
+        keep.update({space: np.sort(np.concatenate(channels)) for space in group.spaces})
     return keep
 
 

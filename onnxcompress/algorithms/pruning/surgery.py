@@ -39,6 +39,11 @@ def surgery_commands(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int,
 
 def _edited(values: np.ndarray, edit: SliceEdit | CountEdit, keep: dict[int, np.ndarray]) -> np.ndarray:
     kept = kept_indices(edit.layout, keep)
+    if isinstance(edit, SliceEdit) and edit.groups > 1:
+        size = edit.layout.channels // edit.groups
+        blocks = np.split(values, edit.groups, axis=0)
+        return np.concatenate([np.take(block, kept[(kept >= j * size) & (kept < (j + 1) * size)] - j * size,
+                                       axis=edit.axis) for j, block in enumerate(blocks)], axis=0)
     if isinstance(edit, SliceEdit):
         return np.take(values, kept, axis=edit.axis)
     values = values.copy()
