@@ -85,7 +85,34 @@ def _grouped(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-MODELS = {"hard_cases": _hard_cases, "grouped": _grouped}
+def _shuffle(seed: int = 0) -> onnx.ModelProto:
+    """ShuffleNet's unit: grouped 1×1 Conv → channel shuffle (Reshape, Transpose, Reshape) → depthwise Conv →
+    grouped 1×1 Conv, whose groups read the shuffled channels."""
+    rng = np.random.default_rng(seed)
+    shapes = {"a.w": (8, 3, 3, 3), "g1.w": (12, 4, 1, 1), "g1.b": (12,), "dw.w": (12, 1, 3, 3), "g2.w": (6, 6, 1, 1),
+              "fc.w": (6, 3)}
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name)
+             for name, shape in shapes.items()]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("split", [1, 2, 6, 8, 8]), ("merge", [1, 12, 8, 8]))]
+    nodes = [helper.make_node("Conv", ["x", "a.w"], ["a"], name="a", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ra"], name="ra"),
+             helper.make_node("Conv", ["ra", "g1.w", "g1.b"], ["g1"], name="g1", group=2),
+             helper.make_node("Relu", ["g1"], ["r1"], name="r1"),
+             helper.make_node("Reshape", ["r1", "split"], ["s"], name="split"),
+             helper.make_node("Transpose", ["s"], ["t"], name="swap", perm=[0, 2, 1, 3, 4]),
+             helper.make_node("Reshape", ["t", "merge"], ["m"], name="merge"),
+             helper.make_node("Conv", ["m", "dw.w"], ["dw"], name="dw", group=12, pads=[1] * 4),
+             helper.make_node("Conv", ["dw", "g2.w"], ["g2"], name="g2", group=2),
+             helper.make_node("GlobalAveragePool", ["g2"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+             helper.make_node("MatMul", ["flat", "fc.w"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "shuffle", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+MODELS = {"hard_cases": _hard_cases, "grouped": _grouped, "shuffle": _shuffle}
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
@@ -104,7 +131,7 @@ def test_groups_follow_concat_split_residuals_and_squeeze_excitation() -> None:
     assert analysis.layouts["flat"].block == 64
 
 
-@pytest.mark.parametrize("name", ["hard_cases", "grouped", "digits_cnn", "digits_mobile"])
+@pytest.mark.parametrize("name", ["hard_cases", "grouped", "shuffle", "digits_cnn", "digits_mobile"])
 def test_the_pruned_graph_computes_what_the_masked_graph_computes(name: str) -> None:
     model = MODELS[name]() if name in MODELS else onnx.load(sample(name).model_path)
     graph = preprocess(onnx.load_from_string(model.SerializeToString()))
@@ -182,6 +209,22 @@ def test_grouped_convolutions_lose_as_many_channels_in_each_group() -> None:
     pruned = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
     assert pruned["b.w"].shape == (6, 2, 3, 3) and pruned["c.w"].shape == (2, 3, 3, 3)
     assert pruned["fc.w"].shape == (128, 5)  # conv c's 2 channels × 8 × 8 features
+
+
+def test_a_channel_shuffle_prunes_whole_orbits_as_many_per_group_of_the_next_conv() -> None:
+    analysis = analyse_channels(preprocess(_shuffle()))
+    mid = next(g for g in analysis.groups if g.producers == ("g1",))
+    # Channel c = u·6 + v sits at position v·2 + u after the shuffle: orbits are the v's; g2's two groups read
+    # positions 0-5 (v = 0, 1, 2) and 6-11 (v = 3, 4, 5).
+    np.testing.assert_array_equal(mid.orbits, np.arange(12) % 6)
+    np.testing.assert_array_equal(mid.shuffled, (np.arange(12) % 6) // 3)
+    result = prune(_shuffle(), target=0.5, min_width=2, progress=False)
+    pruned = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    # Half of 12 is 3 orbits, which two groups cannot share equally: 4 orbits stay, 2 for each of g2's groups;
+    # g2 (grouped) keeps 2 of 3 filters per group.
+    assert pruned["g1.w"].shape == (8, 2, 1, 1) and pruned["dw.w"].shape == (8, 1, 3, 3)  # conv a: 8 → 4
+    assert pruned["g2.w"].shape == (4, 4, 1, 1) and pruned["fc.w"].shape == (4, 3)
+    assert list(pruned["split"]) == [1, 2, 4, 8, 8] and list(pruned["merge"]) == [1, 8, 8, 8]
 
 
 def test_ignored_layers_keep_their_group() -> None:

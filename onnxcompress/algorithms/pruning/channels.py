@@ -16,7 +16,8 @@ lie, and which runs of which spaces they are (a Concat's output holds the runs o
     compute op                  reads the layout through its weight's input axis (those weight slices go)
 
 A grouped convolution that makes or reads a space splits it into equal runs that must lose equally many
-channels. A space whose channels reach a graph output, an op the table does not know, or a tensor of unknown
+channels; through a channel shuffle (Reshape splitting the channel axis, Transpose swapping the two, Reshape
+merging them) the runs it reads are shuffled blocks. A space whose channels reach a graph output, an op the table does not know, or a tensor of unknown
 channels cannot be pruned; its group records why. Groups are the merged spaces: pruning keeps the same
 channels of every space in a group, and `ChannelAnalysis.edits` lists each constant slice and attribute that
 changes with them.
@@ -60,6 +61,10 @@ class Layout:
     axis: int
     segments: tuple[Segment, ...]
     block: int = 1
+    #: A channel shuffle in progress: the channel axis is split over two neighbouring axes starting at `axis`,
+    #: channel c = u · (channels / split) + v at (u, v), or at (v, u) when `transposed`. 0: not split.
+    split: int = 0
+    transposed: bool = False
 
     @property
     def channels(self) -> int:
@@ -98,6 +103,8 @@ class CountEdit:
     attribute: str | None = None
     port: int | None = None
     index: int | None = None
+    #: The count is the kept channels divided by this (the inner axis of a split channel axis).
+    divisor: int = 1
 
 
 Edit = SliceEdit | CountEdit
@@ -112,6 +119,11 @@ class Space:
     channels: int
     reasons: list[str] = field(default_factory=list)
     partitions: int = 1
+    #: Partitions from grouped convolutions that read the channels shuffled: each channel's block.
+    shuffled: list[np.ndarray] = field(default_factory=list)
+    #: After a channel shuffle, the channels that stay in order only if they go together: each channel's orbit
+    #: (the same index in every run of the split).
+    orbits: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,11 @@ class ChannelGroup:
     reason: str | None
     #: Equal runs of channels that must each lose as many (grouped convolutions).
     partitions: int = 1
+    #: Each channel's block in a partition into equal blocks that must each lose as many, from a grouped
+    #: convolution reading the channels after a shuffle.
+    shuffled: np.ndarray | None = None
+    #: Each channel's orbit: channels pruned only together (a channel shuffle keeps its order only then).
+    orbits: np.ndarray | None = None
 
     @property
     def prunable(self) -> bool:
@@ -168,7 +185,10 @@ class _Analysis:
         for node in self.graph.nodes:
             rule = spec(node).channels
             handler = _HANDLERS.get(rule) if rule is not None else None
-            if handler is None:
+            if rule not in (ChannelRule.RESHAPE, ChannelRule.TRANSPOSE) and \
+                    any(layout.split for layout in map(self.layout, node.inputs) if layout is not None):
+                self.block_inputs(node, f"read split over two axes by {node.op} node {node.name!r}")
+            elif handler is None:
                 self.block_inputs(node, f"read by {node.op} node {node.name!r}, which the analysis does not know")
             else:
                 handler(self, node)
@@ -239,10 +259,37 @@ class _Analysis:
             partitions = math.lcm(*(self.spaces[s].partitions for s in spaces))
             if channels % partitions:
                 reasons.append(f"grouped convolutions split its {channels} channels into {partitions} runs")
+            shuffled = _distinct([b for s in spaces for b in self.spaces[s].shuffled])
+            orbits = _distinct([o for s in spaces for o in self.spaces[s].orbits])
+            if not _selectable(channels, partitions, shuffled, orbits):
+                reasons.append("grouped convolutions and channel shuffles constrain its channels in ways no "
+                               "selection meets together")
             groups.append(ChannelGroup(tuple(spaces), tuple(self.spaces[s].producer for s in spaces), channels,
-                                       reasons[0] if reasons else None, partitions))
+                                       reasons[0] if reasons else None, partitions,
+                                       shuffled[0] if shuffled else None, orbits[0] if orbits else None))
             group_of.update({s: len(groups) - 1 for s in spaces})
         return ChannelAnalysis(self.spaces, groups, group_of, self.edits, self.layouts)
+
+
+def _selectable(channels: int, runs: int, shuffled: list[np.ndarray], orbits: list[np.ndarray]) -> bool:
+    """Whether select.py can keep channels meeting the runs, the shuffled blocks and the orbits together: orbits
+    with one channel per run, each within one shuffled block; or shuffled blocks alone, without runs."""
+    if len(shuffled) > 1 or len(orbits) > 1:
+        return False
+    if not orbits:
+        return not shuffled or runs == 1
+    per_orbit = channels // (int(orbits[0].max()) + 1)
+    if runs != per_orbit:
+        return False
+    return not shuffled or all(len(np.unique(shuffled[0][orbits[0] == o])) == 1 for o in np.unique(orbits[0]))
+
+
+def _distinct(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    unique: list[np.ndarray] = []
+    for array in arrays:
+        if not any(np.array_equal(array, u) for u in unique):
+            unique.append(array)
+    return unique
 
 
 # ------------------------------------------------------------------------------------------------- rules
@@ -302,15 +349,30 @@ def _read(a: _Analysis, node: gs.Node, source: Layout) -> None:
         return
     count = groups(node)
     if count > 1:
-        whole = len(source.segments) == 1 and source.segments[0].space is not None and \
-            source.segments[0].length == a.spaces[source.segments[0].space].channels and node.op == "Conv"
-        if not whole:
+        order = _permutation(a, source) if node.op == "Conv" else None
+        if order is None:
             a.block(source, f"read in groups by {node.name!r} through a layout the analysis does not split")
             return
         space = a.spaces[source.segments[0].space]
-        space.partitions = math.lcm(space.partitions, count)
+        if np.array_equal(order, np.arange(space.channels)):
+            space.partitions = math.lcm(space.partitions, count)
+        else:
+            blocks = np.empty(space.channels, np.int64)
+            blocks[order] = np.arange(space.channels) // (space.channels // count)
+            space.shuffled.append(blocks)
     a.edits.append(SliceEdit(node.name, spec(node).weight_port, weight_input_axis(node), source, reads=True,
                              groups=count))
+
+
+def _permutation(a: _Analysis, layout: Layout) -> np.ndarray | None:
+    """The channel of one space at each position of `layout`, when the layout holds all of that space's channels
+    once each (in any order); else None."""
+    spaces = {s.space for s in layout.segments}
+    if len(spaces) != 1 or None in spaces or layout.block != 1:
+        return None
+    order = np.concatenate([np.arange(s.start, s.start + s.length) for s in layout.segments])
+    space = a.spaces[layout.segments[0].space]
+    return order if len(order) == space.channels and len(np.unique(order)) == len(order) else None
 
 
 def _depthwise(a: _Analysis, node: gs.Node, source: Layout | None) -> None:
@@ -451,7 +513,16 @@ def _transpose(a: _Analysis, node: gs.Node) -> None:
     if perm is None or source.block != 1:
         a.block(source, f"transposed by {node.name!r} in a way the analysis does not follow")
         return
-    a.layouts[node.outputs[0].name] = Layout(perm.index(rank + source.axis) - rank, source.segments)
+    first = perm.index(rank + source.axis)
+    if not source.split:
+        a.layouts[node.outputs[0].name] = Layout(first - rank, source.segments)
+        return
+    second = perm.index(rank + source.axis + 1)
+    if abs(first - second) != 1:
+        a.block(source, f"transposed by {node.name!r} apart from its split channel axes")
+        return
+    a.layouts[node.outputs[0].name] = Layout(min(first, second) - rank, source.segments, split=source.split,
+                                             transposed=source.transposed != (second < first))
 
 
 def _reshape(a: _Analysis, node: gs.Node) -> None:
@@ -463,13 +534,27 @@ def _reshape(a: _Analysis, node: gs.Node) -> None:
         a.block(source, f"reshaped by {node.op} node {node.name!r} in a way that splits channels")
         return
     layout, index = mapped
+    if layout.split:
+        # Each of the `split` rows must keep as many channels: equal runs of the one space split.
+        order = _permutation(a, source)
+        if order is None or not np.array_equal(order, np.arange(len(order))):
+            a.block(source, f"split over two axes by {node.name!r} from a layout the analysis does not follow")
+            return
+        space = a.spaces[source.segments[0].space]
+        space.partitions = math.lcm(space.partitions, layout.split)
+    if source.split and source.transposed:
+        # A shuffle merged: the channels of one orbit (index v in every run) must be pruned together.
+        space = a.spaces[source.segments[0].space]
+        space.orbits.append(np.arange(space.channels) % (space.channels // source.split))
     if node.op == "Reshape":
         shape = node.inputs[1]
         if not isinstance(shape, gs.Constant):
             a.block(source, f"reshaped by {node.name!r} to a computed shape")
             return
+        # A split axis: the inner of the two holds channels / split.
+        index, divisor = (index + 1, layout.split) if layout.split else (index, 1)
         if int(shape.values[index]) not in (0, -1):
-            a.edits.append(CountEdit(node.name, layout, port=1, index=index))
+            a.edits.append(CountEdit(node.name, layout, port=1, index=index, divisor=divisor))
     a.layouts[node.outputs[0].name] = layout
 
 
@@ -487,8 +572,14 @@ def _reshaped(source: Layout, before: list | None, after: list | None) -> tuple[
     position = len(before) + source.axis
     if position < 1:
         return None
+    if source.split:
+        return _merged(source, before, after, position)
     leading = int(np.prod(before[1:position]))
     trailing = source.block * int(np.prod(before[position + 1:]))
+    for k in range(1, len(after) - 1):
+        if source.block == 1 and int(np.prod(after[1:k])) == leading and after[k] > 1 and \
+                after[k] * after[k + 1] == source.channels and int(np.prod(after[k + 2:])) == trailing:
+            return Layout(k - len(after), source.segments, split=after[k]), k
     for k in range(1, len(after)):
         if int(np.prod(after[1:k])) != leading:
             continue
@@ -497,6 +588,35 @@ def _reshaped(source: Layout, before: list | None, after: list | None) -> tuple[
             return None
         return Layout(k - len(after), source.segments, trailing // inner), k
     return None
+
+
+def _merged(source: Layout, before: list, after: list, position: int) -> tuple[Layout, int] | None:
+    """A split channel axis merged back into one: the shuffled order of channels when the two axes were swapped."""
+    leading, trailing = int(np.prod(before[1:position])), int(np.prod(before[position + 2:]))
+    for k in range(1, len(after)):
+        if int(np.prod(after[1:k])) == leading and after[k] == source.channels and \
+                int(np.prod(after[k + 1:])) == trailing:
+            segments = source.segments
+            if source.transposed:
+                flat = [(s.space, s.start + i) for s in source.segments for i in range(s.length)]
+                inner = source.channels // source.split
+                # Position q = v · split + u holds channel u · inner + v.
+                segments = _runs([flat[(q % source.split) * inner + q // source.split]
+                                  for q in range(source.channels)])
+            return Layout(k - len(after), segments), k
+    return None
+
+
+def _runs(channels: list[tuple[int | None, int]]) -> tuple[Segment, ...]:
+    """Segments for a list of (space, channel), consecutive channels of one space joined."""
+    runs: list[Segment] = []
+    for space, channel in channels:
+        last = runs[-1] if runs else None
+        if last is not None and last.space == space and last.start + last.length == channel:
+            runs[-1] = Segment(space, last.start, last.length + 1)
+        else:
+            runs.append(Segment(space, channel, 1))
+    return tuple(runs)
 
 
 _HANDLERS = {

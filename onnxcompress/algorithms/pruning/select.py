@@ -2,7 +2,9 @@
 
 filters: every group loses the same fraction of its channels, the least important first (ties: the later
 channel goes first), and keeps at least `min_width` (all of them when it has fewer); a group that grouped
-convolutions split into equal runs loses as many channels in each run.
+convolutions split into equal runs loses as many channels in each run; after a channel shuffle, channels go by
+orbits (the same index in every run: the shuffle then keeps their order), as many from each block a grouped
+convolution reads.
 flops: the fraction of filters is searched (bisection) for the smallest one that removes the target fraction of
 the model's MACs; a target beyond what pruning every group to `min_width` removes is an error that says what can
 be reached.
@@ -29,15 +31,43 @@ def keep_for_fraction(analysis: ChannelAnalysis, importance: Mapping[int, np.nda
     for index, scores in importance.items():
         group = analysis.groups[index]
         kept = max(group.channels - int(np.floor(fraction * group.channels)), min(group.channels, min_width))
-        runs = group.partitions
-        per_run, size = -(-kept // runs), group.channels // runs
-        channels = []
-        for run in range(runs):
-            # Most important first; equal scores: the earlier channel stays.
-            order = np.argsort(-scores[run * size:(run + 1) * size], kind="stable")
-            channels.append(run * size + order[:per_run])
-        keep.update({space: np.sort(np.concatenate(channels)) for space in group.spaces})
+        if group.orbits is not None:
+            channels = _kept_orbits(scores, group.orbits, group.shuffled, kept)
+        elif group.shuffled is not None:
+            channels = _kept_per_run(scores[np.argsort(group.shuffled, kind="stable")], int(group.shuffled.max()) + 1,
+                                     kept)
+            channels = np.sort(np.argsort(group.shuffled, kind="stable")[channels])
+        else:
+            channels = _kept_per_run(scores, group.partitions, kept)
+        keep.update({space: channels for space in group.spaces})
     return keep
+
+
+def _kept_per_run(scores: np.ndarray, runs: int, kept: int) -> np.ndarray:
+    """The most important channels, as many in each of `runs` equal runs (at least `kept` in all)."""
+    per_run, size = -(-kept // runs), len(scores) // runs
+    channels = []
+    for run in range(runs):
+        # Most important first; equal scores: the earlier channel stays.
+        order = np.argsort(-scores[run * size:(run + 1) * size], kind="stable")
+        channels.append(run * size + order[:per_run])
+    return np.sort(np.concatenate(channels))
+
+
+def _kept_orbits(scores: np.ndarray, orbits: np.ndarray, blocks: np.ndarray | None, kept: int) -> np.ndarray:
+    """Channels of the most important orbits (summed importance), at least `kept` channels, as many orbits in each
+    shuffled block."""
+    count = int(orbits.max()) + 1
+    orbit_scores = np.bincount(orbits, weights=scores, minlength=count)
+    orbit_blocks = np.zeros(count, np.int64)
+    if blocks is not None:
+        orbit_blocks[orbits] = blocks
+    kept_orbits = -(-kept // (len(scores) // count))
+    block_count = int(orbit_blocks.max()) + 1
+    per_block = -(-kept_orbits // block_count)
+    chosen = [np.flatnonzero(orbit_blocks == b)[np.argsort(-orbit_scores[orbit_blocks == b], kind="stable")
+                                                [:per_block]] for b in range(block_count)]
+    return np.flatnonzero(np.isin(orbits, np.concatenate(chosen)))
 
 
 def total_macs(costs: Sequence[LayerCost], keep: dict[int, np.ndarray] | None = None) -> int:

@@ -47,7 +47,7 @@ def _edited(values: np.ndarray, edit: SliceEdit | CountEdit, keep: dict[int, np.
     if isinstance(edit, SliceEdit):
         return np.take(values, kept, axis=edit.axis)
     values = values.copy()
-    values[edit.index] = len(kept)
+    values[edit.index] = len(kept) // edit.divisor
     return values
 
 
