@@ -34,6 +34,7 @@ from onnxcompress.transforms.commands import (
     ScaleActivation,
     SetAttribute,
     SetConstantInput,
+    SliceChannels,
     StochasticGateWeight,
     TensorReaders,
 )
@@ -220,6 +221,37 @@ def _set_constant_input(ctx: _Context, cmd: SetConstantInput) -> None:
     set_constant_input(ctx.nodes[cmd.node], cmd.port, cmd.values)
 
 
+def _slice_channels(ctx: _Context, cmd: SliceChannels) -> None:
+    node = ctx.nodes[cmd.node]
+    source = node.inputs[cmd.port] if cmd.port < len(node.inputs) else None
+    if isinstance(source, gs.Constant):
+        set_constant_input(node, cmd.port, _sliced(source.values, cmd))
+        return
+    producer = source.inputs[0] if source is not None and source.inputs else None
+    if producer is None or producer.op != "DequantizeLinear" or not isinstance(producer.inputs[0], gs.Constant):
+        raise UnknownNameError(f"input {cmd.port} of node {node.name!r} is neither a constant nor dequantized from one")
+    values = producer.inputs[0].values
+    axis = cmd.axis % values.ndim
+    set_constant_input(producer, 0, _sliced(values, cmd))
+    if producer.attrs.get("axis", 1) % values.ndim == axis:
+        for port in (1, 2):  # per-channel scale and zero-point along the sliced axis
+            parameter = producer.inputs[port] if port < len(producer.inputs) else None
+            if isinstance(parameter, gs.Constant) and parameter.values.ndim == 1:
+                # In place: the bias's scale is computed from the same weight scale (DequantizeBias).
+                parameter.values = np.take(parameter.values, cmd.kept)
+    source.shape = None  # stale; the exported file leaves shapes out
+
+
+def _sliced(values: np.ndarray, cmd: SliceChannels) -> np.ndarray:
+    if cmd.groups == 1:
+        return np.take(values, cmd.kept, axis=cmd.axis)
+    size = values.shape[cmd.axis] * cmd.groups
+    share = size // cmd.groups
+    blocks = np.split(values, cmd.groups, axis=0)
+    return np.concatenate([np.take(b, cmd.kept[(cmd.kept >= j * share) & (cmd.kept < (j + 1) * share)] - j * share,
+                                   axis=cmd.axis) for j, b in enumerate(blocks)], axis=0)
+
+
 def _set_attribute(ctx: _Context, cmd: SetAttribute) -> None:
     ctx.nodes[cmd.node].attrs[cmd.name] = cmd.value
 
@@ -263,6 +295,7 @@ def _complexity_loss(ctx: _Context, cmd: ComplexityLoss) -> None:
 _HANDLERS: dict[type, tuple[Phase, Callable[[_Context, Command], None]]] = {
     SetConstantInput: (Phase.SET_CONSTANTS, _set_constant_input),
     SetAttribute: (Phase.SET_CONSTANTS, _set_attribute),
+    SliceChannels: (Phase.SET_CONSTANTS, _slice_channels),
     ScaleActivation: (Phase.REWIRE_INPUTS, _scale_activation),
     MaskWeight: (Phase.GATE_WEIGHTS, _mask_weight),
     StochasticGateWeight: (Phase.GATE_WEIGHTS,

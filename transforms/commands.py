@@ -131,6 +131,21 @@ class SetConstantInput(AtNodeInput):
 
 
 @dataclass(frozen=True, eq=False)
+class SliceChannels(AtNodeInput):
+    """Keep only positions `kept` along `axis` of the constant behind input `port` of `node` (filter pruning): the
+    constant itself or, when a DequantizeLinear produces the input, its integer values and, if they are per
+    channel along the same axis, its scale and zero-point. With `groups` > 1 the rows (axis 0) form that many
+    equal blocks, block j keeping the positions of `kept` in its j-th share of the axis (a grouped convolution's
+    input channels), renumbered within the block."""
+
+    node: str
+    port: int
+    axis: int
+    kept: np.ndarray
+    groups: int = 1
+
+
+@dataclass(frozen=True, eq=False)
 class SetAttribute:
     """Set attribute `name` of `node` to `value` (a pruned depthwise convolution's group count)."""
 
@@ -285,6 +300,7 @@ class ComplexityLoss:
         return NewOutput(self.name)
 
 
-Command = (QuantizeDequantize | DequantizeWeight | DequantizeBias | SetConstantInput | SetAttribute | ScaleActivation
+Command = (QuantizeDequantize | DequantizeWeight | DequantizeBias | SetConstantInput | SliceChannels | SetAttribute
+           | ScaleActivation
            | FakeQuantize
            | FakeQuantizeWeight | FakeQuantizeBias | MaskWeight | StochasticGateWeight | ComplexityLoss)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -233,3 +234,29 @@ def test_ignored_layers_keep_their_group() -> None:
     kept = groups[("conv_a", "conv_c", "se2")]
     assert kept.channels_after == kept.channels_before and kept.reason == "in the ignored scope"
     assert groups[("conv_b",)].channels_after == 3
+
+
+def test_surgery_also_removes_channels_behind_dequantize_linear() -> None:
+    """Quantizing the masked graph, then removing the channels from the INT8 file (its integer weights, per-channel
+    scales and INT32 biases), computes what the quantized masked graph computes."""
+    from onnxcompress.algorithms.pruning.surgery import surgery_commands
+    from onnxcompress.api import quantize
+
+    digits = sample("digits_mobile")
+    model = onnx.load(digits.model_path)
+    graph = preprocess(onnx.load(digits.model_path))
+    analysis = analyse_channels(graph)
+    importance = {i: group_importance(graph, analysis, g, PruningCriterion.L2)
+                  for i, g in enumerate(analysis.groups) if g.prunable}
+    keep = keep_for_fraction(analysis, importance, 0.3, 8)
+    masked = export_graph(apply_commands(graph, masking_commands(graph, analysis, keep)), model)
+    quantized = quantize(masked, digits.calibration_path, progress=False)
+    int8 = gs.import_onnx(quantized)
+    pruned = export_graph(apply_commands(int8, surgery_commands(int8, analysis, keep)), quantized, shapes=False)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert sum(numpy_helper.to_array(i).size for i in pruned.graph.initializer) < \
+        0.8 * sum(numpy_helper.to_array(i).size for i in quantized.graph.initializer)
+    with np.load(digits.test_path) as data:
+        x = data["input"][:64]
+    expected, actual = _run(quantized, x)[0], _run(pruned, x)[0]
+    assert np.abs(expected - actual).max() <= 1e-4 * np.ptp(expected)
