@@ -349,6 +349,10 @@ class RBSparsityConfig(_Strict):
         1000.0, gt=0.0, description="Factor of the complexity loss in the total loss (a squared fraction, small "
                                     "beside the task loss until weighted).")
     logit_init: float = Field(5.0, gt=0.0, description="Initial logit of every gate (sigmoid 0.993: kept).")
+    logit_init_mode: Literal["constant", "importance"] = Field(
+        "constant", description="constant: every logit starts at logit_init (NNCF); importance: at logit_init times "
+                                "the weight's normed |w| over the importance threshold of the target level (at "
+                                "most 2·logit_init), so the loss closes the least important gates first.")
     logit_lr: float = Field(
         0.1, gt=0.0, description="Learning rate of the logits (the weights use training.learning_rate).")
     ignored_scope: IgnoredScope = Field(default_factory=IgnoredScope, description="Layers left dense.")

@@ -257,18 +257,19 @@ class MaskWeight(AtNodeInput):
 @dataclass(frozen=True, eq=False)
 class StochasticGateWeight(AtNodeInput):
     """Multiply constant input `port` of `node` by a stochastic binary gate per weight (RB sparsity, NNCF paper
-    eq. 6): logits s = k·δ (trainable `{name}.logit_delta`, shaped like the weight, initially `logit0`/k, so that
-    it learns k times faster than the weights), z = Round(sigmoid(s + n·logit(u))), n the scalar constant `noise`
-    (1 while training; 0 gives the deterministic gate [s > 0] for evaluation). u is uniform in (0, 1), a hash of
-    the gate's counters (`counter` onwards, `stochastic_gate.counters_used` of them) and the scalar constant
-    `step` (the training step), so that the same step draws the same noise in any session. Round needs a
-    straight-through gradient. The logits are the tensor `{name}.logits`.
+    eq. 6): logits s = k·δ (trainable `{name}.logit_delta`, shaped like the weight, initially `logit0`/k, where
+    `logit0` is one value or an array of the weight's shape, so that s learns k times faster than the weights),
+    z = Round(sigmoid(s + n·logit(u))), n the scalar constant `noise` (1 while training; 0 gives the deterministic
+    gate [s > 0] for evaluation). u is uniform in (0, 1), a hash of the gate's counters (`counter` onwards,
+    `stochastic_gate.counters_used` of them) and the scalar constant `step` (the training step), so that the same
+    step draws the same noise in any session. Round needs a straight-through gradient. The logits are the tensor
+    `{name}.logits`.
     """
 
     node: str
     port: int
     name: str
-    logit0: float
+    logit0: float | np.ndarray
     lr_scale: float
     noise: str
     step: str

@@ -143,7 +143,8 @@ def insert_stochastic_gate(graph: gs.Graph, tensors: dict[str, gs.Tensor], node:
     shape = tuple(weight.values.shape)
     if cmd.noise not in tensors:
         tensors[cmd.noise] = gs.Constant(cmd.noise, np.ones((), np.float32))
-    delta = gs.Constant(cmd.delta, np.full(shape, cmd.logit0 / cmd.lr_scale, np.float32))
+    delta = gs.Constant(cmd.delta, np.broadcast_to(np.float32(cmd.logit0) / np.float32(cmd.lr_scale), shape)
+                        .astype(np.float32))
     scale = gs.Constant(f"{cmd.name}.lr_scale", np.asarray(cmd.lr_scale, np.float32))
     one = gs.Constant(f"{cmd.name}.one", np.ones((), np.float32))
     logits = _op(graph, "Mul", [scale, delta], cmd.logits)

@@ -245,3 +245,26 @@ def test_the_rb_level_moves_every_step_with_update_per_step() -> None:
     densities = [float(scheduler.step(lambda names: {})[DENSITY]) for _ in range(4)]
     np.testing.assert_allclose(densities, [0.875, 0.75, 0.625, 0.5])
     assert scheduler.complete
+
+
+def test_importance_initial_logits_order_the_gates_like_magnitude_sparsity() -> None:
+    """The loss lowers every logit alike: with logits proportional to normed |w|, the gates close in the order
+    magnitude sparsity (global normed_abs threshold) zeroes the weights."""
+    from onnxcompress.algorithms.sparsity.rb import initial_logits
+    from onnxcompress.config import RBSparsityConfig
+
+    rng = np.random.default_rng(0)
+    weights = {"a": rng.standard_normal((8, 5)).astype(np.float32),
+               "b": 10 * rng.standard_normal((3, 7)).astype(np.float32)}
+    targets = _targets(weights)
+    config = RBSparsityConfig(algorithm="rb_sparsity", logit_init=4.0, logit_init_mode="importance",
+                              schedule={"target_level": 0.4})
+    logits = initial_logits(targets, weights, config)
+    flat = np.concatenate([logits[t.node].ravel() for t in targets])
+    masks = compute_masks(targets, weights, 0.4, NORMED, GLOBAL)
+    zeroed = np.concatenate([masks[t.mask].ravel() for t in targets]) == 0
+    assert flat[zeroed].max() <= 4.0 <= flat[~zeroed].min()
+    assert flat.max() == 8.0 and flat.min() >= 0.0
+    assert all(logits[t.node].shape == weights[t.weight].shape for t in targets)
+    constant = initial_logits(targets, weights, RBSparsityConfig(algorithm="rb_sparsity", logit_init=4.0))
+    assert set(constant.values()) == {4.0}

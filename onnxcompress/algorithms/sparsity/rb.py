@@ -1,7 +1,8 @@
 """Regularization-based (L0) sparsity, fine-tuned (NNCF paper §4.3, eq. 6–7).
 
-    build: a stochastic gate per weight (StochasticGateWeight: z = Round(sigmoid(s + logit(u))), straight-through)
-    and one complexity loss (ComplexityLoss: (mean sigmoid(s) - (1 - level))²) over every gated weight  →
+    build: a stochastic gate per weight (StochasticGateWeight: z = Round(sigmoid(s + logit(u))), straight-through;
+    logits s start at logit_init, or proportional to the weights' importance) and one complexity loss
+    (ComplexityLoss: (mean sigmoid(s) - (1 - level))²) over every gated weight  →
     training: the loss pulls the kept fraction to 1 - level; the scheduler sets the level of the schedule after
     every epoch, or every step (`update_per_step`; adaptive: raised once the deterministic gates reach it), and
     the step number that seeds the gates' noise after every step  →  freeze (after `freeze_epoch`): the noise
@@ -23,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.algorithms.quantization.ptq import resolve_ignored_scope
 from onnxcompress.algorithms.quantization.qat import quantizer_lr_scale
-from onnxcompress.algorithms.sparsity.masks import SparsityTarget, sparsity, sparsity_targets
+from onnxcompress.algorithms.sparsity.masks import SparsityTarget, importance, sparsity, sparsity_targets
 from onnxcompress.algorithms.sparsity.schedule import AdaptiveLevel, planned_level
 from onnxcompress.compression.api import (
     BuildContext,
@@ -33,7 +34,7 @@ from onnxcompress.compression.api import (
     Parameters,
     Stage,
 )
-from onnxcompress.config import RBSparsityConfig, SparsitySchedule
+from onnxcompress.config import RBSparsityConfig, SparsityImportance, SparsitySchedule
 from onnxcompress.runtime.training import IDENTITY_GRADIENT, GradientNode
 from onnxcompress.transforms.commands import Command, ComplexityLoss, SetConstantInput, StochasticGateWeight
 from onnxcompress.transforms.stochastic_gate import counters_used
@@ -50,11 +51,25 @@ PINNED_LOGIT = 30.0
 STEP_PERIOD = 1 << 24
 
 
-def _gates(targets: list[SparsityTarget], shapes: Mapping[str, tuple[int, ...]], config: RBSparsityConfig,
-           lr_scale: float) -> list[StochasticGateWeight]:
+def initial_logits(targets: list[SparsityTarget], weights: Mapping[str, np.ndarray],
+                   config: RBSparsityConfig) -> dict[str, float | np.ndarray]:
+    """By target node: logit_init (constant), or logit_init · importance / threshold (importance: normed |w|, the
+    threshold the importance below which the target level's fraction of all gated weights lies), at most
+    2·logit_init. The complexity loss lowers all logits alike, so these close the least important gates first."""
+    if config.logit_init_mode == "constant":
+        return {t.node: config.logit_init for t in targets}
+    scores = {t.node: importance(weights[t.weight], SparsityImportance.NORMED_ABS) for t in targets}
+    threshold = np.quantile(np.concatenate(list(scores.values())), config.schedule.target_level)
+    scale = config.logit_init / threshold if threshold > 0 else 0.0
+    return {t.node: np.minimum(scores[t.node] * scale, 2 * config.logit_init).reshape(weights[t.weight].shape)
+            for t in targets}
+
+
+def _gates(targets: list[SparsityTarget], logits: Mapping[str, float | np.ndarray],
+           shapes: Mapping[str, tuple[int, ...]], lr_scale: float) -> list[StochasticGateWeight]:
     """One gate per target; consecutive counter ranges give every weight its own noise."""
     starts = np.cumsum([0] + [counters_used(shapes[t.node]) for t in targets[:-1]])
-    return [StochasticGateWeight(t.node, t.port, f"{t.node}.rb_gate", config.logit_init, lr_scale, NOISE, STEP,
+    return [StochasticGateWeight(t.node, t.port, f"{t.node}.rb_gate", logits[t.node], lr_scale, NOISE, STEP,
                                  int(start)) for t, start in zip(targets, starts)]
 
 
@@ -142,10 +157,11 @@ class RBSparsityController(CompressionController):
     stage = Stage.SPARSITY
 
     def __init__(self, targets: list[SparsityTarget], config: RBSparsityConfig, lr_scale: float,
-                 shapes: Mapping[str, tuple[int, ...]], steps_per_epoch: int) -> None:
+                 weights: Mapping[str, np.ndarray], steps_per_epoch: int) -> None:
         super().__init__()
-        self.targets, self.config, self._shapes = targets, config, dict(shapes)
-        self.gates = _gates(targets, shapes, config, lr_scale)
+        self.targets, self.config = targets, config
+        self._shapes = {t.node: tuple(weights[t.weight].shape) for t in targets}
+        self.gates = _gates(targets, initial_logits(targets, weights, config), self._shapes, lr_scale)
         self.scheduler = RBSparsityScheduler(self.gates, config, steps_per_epoch)
 
     @classmethod
@@ -156,8 +172,8 @@ class RBSparsityController(CompressionController):
         targets = sparsity_targets(graph, resolve_ignored_scope(graph, config.ignored_scope))
         lr_scale = quantizer_lr_scale(config.logit_lr, context.learning_rate, context.optimizer)
         tensors = graph.tensors()
-        shapes = {t.node: tuple(tensors[t.weight].values.shape) for t in targets}
-        return cls(targets, config, lr_scale, shapes, context.steps_per_epoch), model
+        weights = {t.weight: tensors[t.weight].values for t in targets}
+        return cls(targets, config, lr_scale, weights, context.steps_per_epoch), model
 
     @property
     def training_commands(self) -> list[Command]:
@@ -167,7 +183,8 @@ class RBSparsityController(CompressionController):
 
     @property
     def trainable_parameters(self) -> dict[str, np.ndarray]:
-        return {g.delta: np.full(self._shapes[g.node], g.logit0 / g.lr_scale, np.float32) for g in self.gates}
+        return {g.delta: np.broadcast_to(np.float32(g.logit0) / np.float32(g.lr_scale), self._shapes[g.node])
+                .astype(np.float32) for g in self.gates}
 
     @property
     def frozen_parameters(self) -> dict[str, np.ndarray]:
