@@ -428,6 +428,64 @@ class PruneConfig(_Strict):
             raise ConfigError(f"invalid {source}: {_describe(error)}") from None
 
 
+class PruningSchedule(str, enum.Enum):
+    """How the pruning level rises to the target over fine-tuning."""
+
+    #: initial_level for num_init_steps epochs, then the target.
+    BASELINE = "baseline"
+    #: From initial_level after num_init_steps epochs to the target pruning_steps epochs later; the kept
+    #: fraction shrinks by the same factor every epoch.
+    EXPONENTIAL = "exponential"
+    #: Like exponential, but rising fastest at first: level = initial + (target − initial) · (1 − e^(−3t)) / (1 −
+    #: e^(−3)) at t = the fraction of pruning_steps done.
+    EXPONENTIAL_WITH_BIAS = "exponential_with_bias"
+
+
+class PruningScheduleConfig(_Strict):
+    """The level schedule of fine-tuned filter pruning, in epochs; masks stop changing once it reaches the
+    target."""
+
+    schedule: PruningSchedule = Field(PruningSchedule.EXPONENTIAL, description="Schedule kind.")
+    initial_level: float = Field(0.0, ge=0.0, lt=1.0, description="Level (of the target's kind) before pruning "
+                                                                  "steps start.")
+    num_init_steps: int = Field(0, ge=0, description="Epochs of fine-tuning at initial_level before the level rises.")
+    pruning_steps: int = Field(1, ge=1, description="exponential schedules: epochs from initial_level to the target.")
+
+    @property
+    def last_change_epoch(self) -> int:
+        """The epoch from which the level is the target."""
+        if self.schedule is PruningSchedule.BASELINE:
+            return self.num_init_steps
+        return self.num_init_steps + self.pruning_steps
+
+
+class FilterPruningConfig(_Strict):
+    """Filter pruning, fine-tuned: frozen masks zero whole filters (and what depends on them) in the training
+    graph, the schedule raises the level and recomputes them from the current weights, and the export removes
+    the pruned channels."""
+
+    algorithm: Literal["filter_pruning"] = Field(description="Compression algorithm name.")
+    target: float = Field(0.3, gt=0.0, lt=1.0, description="Fraction of filters or of MACs (target_kind) to remove.")
+    target_kind: PruningTargetKind = Field(PruningTargetKind.FLOPS, description="filters or flops.")
+    criterion: PruningCriterion = Field(PruningCriterion.L2, description="l1, l2 or geometric_median.")
+    min_width: int = Field(8, ge=1, description="Channels every pruned group keeps at least (all, if it has fewer).")
+    schedule: PruningScheduleConfig = Field(default_factory=PruningScheduleConfig,
+                                            description="How the level rises over the epochs.")
+    ignored_scope: IgnoredScope = Field(
+        default_factory=IgnoredScope, description="Compute ops whose filters are not pruned (their group is kept).")
+
+    @model_validator(mode="after")
+    def _initial_below_target(self) -> FilterPruningConfig:
+        if self.schedule.initial_level > self.target:
+            raise ValueError(f"schedule.initial_level {self.schedule.initial_level} is above the target {self.target}")
+        return self
+
+    @property
+    def calibration_samples(self) -> int:
+        """Filter pruning needs no data."""
+        return 0
+
+
 def _algorithm_name(value: Any) -> str:
     """The `algorithm` of a compression entry; entries without one are quantization, the first algorithm."""
     if isinstance(value, dict):
@@ -436,12 +494,13 @@ def _algorithm_name(value: Any) -> str:
 
 
 #: Names of the algorithms fine-tuning can stack.
-ALGORITHM_NAMES = ("quantization", "magnitude_sparsity", "rb_sparsity")
+ALGORITHM_NAMES = ("quantization", "magnitude_sparsity", "rb_sparsity", "filter_pruning")
 
 AlgorithmConfig = Annotated[
     Annotated[QuantizationAwareTrainingConfig, Tag("quantization")]
     | Annotated[MagnitudeSparsityConfig, Tag("magnitude_sparsity")]
-    | Annotated[RBSparsityConfig, Tag("rb_sparsity")],
+    | Annotated[RBSparsityConfig, Tag("rb_sparsity")]
+    | Annotated[FilterPruningConfig, Tag("filter_pruning")],
     Discriminator(_algorithm_name),
 ]
 
@@ -524,7 +583,8 @@ class FinetuneConfig(_Strict):
         epochs = config.training.epochs
         for index, algorithm in enumerate(config.compression):
             schedule = getattr(algorithm, "schedule", None)
-            if isinstance(schedule, SparsityScheduleConfig) and schedule.last_change_epoch > epochs:
+            if isinstance(schedule, (SparsityScheduleConfig, PruningScheduleConfig)) and \
+                    schedule.last_change_epoch > epochs:
                 raise ConfigError(f"invalid {source}: 'compression.{index}.schedule' reaches its target at epoch "
                                   f"{schedule.last_change_epoch}, after the last epoch ({epochs})")
         return config

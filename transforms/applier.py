@@ -258,16 +258,21 @@ def _set_attribute(ctx: _Context, cmd: SetAttribute) -> None:
 
 def _mask_weight(ctx: _Context, cmd: MaskWeight) -> None:
     node = ctx.nodes[cmd.node]
-    if cmd.port >= len(node.inputs) or not isinstance(node.inputs[cmd.port], gs.Constant):
+    weight = node.inputs[cmd.port] if cmd.port < len(node.inputs) else None
+    # A constant weight, or one an earlier mask multiplied (filter pruning, then sparsity).
+    previous = weight.inputs[0] if isinstance(weight, gs.Variable) and weight.inputs else None
+    if not isinstance(weight, gs.Constant) and not (previous is not None and previous.op == "Mul"
+                                                    and weight.name.endswith(".applied")):
         raise UnknownNameError(f"input {cmd.port} of node {node.name!r} is not a constant weight")
     if {cmd.mask, f"{cmd.mask}.applied", f"{cmd.mask}.Mul"} & ctx.used:
         raise ValueError(f"mask {cmd.mask!r}: a tensor of that name exists already")
-    weight = node.inputs[cmd.port]
-    if tuple(cmd.values.shape) != tuple(weight.values.shape):
+    shape = tuple(weight.values.shape) if isinstance(weight, gs.Constant) else tuple(weight.shape)
+    dtype = weight.values.dtype if isinstance(weight, gs.Constant) else weight.dtype
+    if tuple(cmd.values.shape) != shape:
         raise ValueError(f"mask {cmd.mask!r} is shaped {list(cmd.values.shape)}, the weight of {node.name!r} "
-                         f"{list(weight.values.shape)}")
-    mask = gs.Constant(cmd.mask, np.asarray(cmd.values, weight.values.dtype))
-    masked = gs.Variable(f"{cmd.mask}.applied", dtype=weight.values.dtype, shape=list(weight.values.shape))
+                         f"{list(shape)}")
+    mask = gs.Constant(cmd.mask, np.asarray(cmd.values, dtype))
+    masked = gs.Variable(f"{cmd.mask}.applied", dtype=dtype, shape=list(shape))
     ctx.graph.nodes.append(gs.Node("Mul", f"{cmd.mask}.Mul", inputs=[weight, mask], outputs=[masked]))
     node.inputs[cmd.port] = masked
     ctx.tensors[mask.name], ctx.tensors[masked.name] = mask, masked

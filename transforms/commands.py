@@ -245,7 +245,8 @@ class MaskWeight(AtNodeInput):
     stays a trainable float constant, the mask a frozen parameter the algorithm's scheduler rewrites.
 
     The masked weight is what later commands on the same input see (a fake quantizer quantizes the masked
-    weight). Its tensor is named `{mask}.applied`, unique because a mask name is.
+    weight; a second mask multiplies it: filter pruning's, then sparsity's). Its tensor is named `{mask}.applied`,
+    unique because a mask name is.
     """
 
     node: str

@@ -154,8 +154,9 @@ def fake_quantize_weight(graph: gs.Graph, tensors: dict[str, gs.Tensor], node: g
 def fake_quantize_bias(graph: gs.Graph, tensors: dict[str, gs.Tensor], node: gs.Node,
                        cmd: FakeQuantizeBias) -> None:
     bias = node.inputs[cmd.port]
-    if not isinstance(bias, gs.Constant):
-        raise ValueError(f"input {cmd.port} of node {node.name!r} is not a constant")
+    # A constant, or one already transformed for training (a masked bias).
+    if not isinstance(bias, gs.Constant) and not bias.inputs:
+        raise ValueError(f"input {cmd.port} of node {node.name!r} is not a bias")
     b = _Builder(graph, f"{bias.name}.int32")
     bias_step = b.op("Mul", tensors[cmd.input_step], tensors[cmd.weight_step])
     node.inputs[cmd.port] = b.op("Mul", b.op("Round", b.op("Div", bias, bias_step)), bias_step)

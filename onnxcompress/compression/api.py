@@ -16,7 +16,8 @@ and returns a *controller*. The controller owns:
   parameter values to set before the next step;
 * `statistics(parameters)` for logging, and `export_commands(graph, parameters)`: the commands that turn the
   graph as the previous algorithms of the stack exported it, with the trained weights, into this algorithm's
-  deployable form. Constants are read from `graph`, not from `parameters`, so exports compose.
+  deployable form. Constants are read from `graph`, not from `parameters`, so exports compose. Then
+  `finish_commands(graph)` of each, on the fully exported graph (filter pruning removes the masked channels).
 
 Algorithms register in `registry.py`; the fine-tuning loop only ever talks to this interface.
 """
@@ -44,7 +45,9 @@ class Stage(enum.IntEnum):
     """Where an algorithm acts on a weight's way to the compute op; a stack applies them in this order, and holds at
     most one algorithm per stage (two masks or two quantizers of one weight cannot be ordered)."""
 
-    #: Masks that zero float weights (sparsity, filter pruning).
+    #: Masks that zero whole channels (filter pruning).
+    PRUNING = 0
+    #: Masks that zero float weights (sparsity).
     SPARSITY = 1
     #: Quantizers of the (masked) float weights and activations.
     QUANTIZATION = 2
@@ -143,3 +146,8 @@ class CompressionController(ABC):
     @abstractmethod
     def export_commands(self, graph: gs.Graph, parameters: Parameters) -> list[Command]:
         """Commands that turn `graph` (trained weights, previous algorithms exported) into the deployable form."""
+
+    def finish_commands(self, graph: gs.Graph) -> list[Command]:
+        """Commands applied once every algorithm has exported (filter pruning removes its channels from the
+        quantized graph); none by default."""
+        return []

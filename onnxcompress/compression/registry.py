@@ -9,7 +9,8 @@ model)`; the factory gives a fresh pass over the calibration feeds on every call
     will quantize) → the last float model + every controller's training commands, in stack order → training graph
 
 Export composes the same way: trained weights set on the float model, then each controller's export commands,
-each computed from the graph the previous ones left.
+each computed from the graph the previous ones left, then each controller's finish commands (filter pruning
+removes the channels it zeroed, from the quantized graph).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcompress.algorithms.pruning.finetuned import FilterPruningController
 from onnxcompress.algorithms.quantization.ptq import export_graph
 from onnxcompress.algorithms.quantization.qat import QuantizationController
 from onnxcompress.algorithms.sparsity.magnitude import MagnitudeSparsityController
@@ -46,6 +48,7 @@ class Algorithm:
 
 
 ALGORITHMS: dict[str, Algorithm] = {
+    "filter_pruning": Algorithm(Stage.PRUNING, FilterPruningController.build),
     "magnitude_sparsity": Algorithm(Stage.SPARSITY, MagnitudeSparsityController.build),
     "rb_sparsity": Algorithm(Stage.SPARSITY, RBSparsityController.build),
     "quantization": Algorithm(Stage.QUANTIZATION, QuantizationController.build),
@@ -107,6 +110,8 @@ class CompressedModel:
                 tensor.values = np.asarray(parameters[tensor.name])
         for controller in self.controllers:
             apply_commands(graph, controller.export_commands(graph, parameters))
+        for controller in self.controllers:
+            apply_commands(graph, controller.finish_commands(graph))
         return export_graph(graph, self.float_model, shapes=False)
 
 

@@ -52,3 +52,14 @@ def test_wrong_mask_shape_and_unknown_node_are_errors() -> None:
         apply_commands(_gemm(), [MaskWeight("conv", 1, "m", MASK)])
     with pytest.raises(UnknownNameError, match="input 0 of node 'fc' is not a constant weight"):
         apply_commands(_gemm(), [MaskWeight("fc", 0, "m", MASK)])
+
+
+def test_a_second_mask_multiplies_the_first() -> None:
+    graph = _gemm()
+    first = np.ones_like(WEIGHT)
+    first[0] = 0
+    second = np.ones_like(WEIGHT)
+    second[:, 1] = 0
+    apply_commands(graph, [MaskWeight("fc", 1, "fc.filter_mask", first), MaskWeight("fc", 1, "fc.weight_mask", second)])
+    x = np.arange(1, 5, dtype=np.float32)[None]
+    np.testing.assert_allclose(_run(graph, x), x @ (WEIGHT * first * second).T, rtol=1e-6)

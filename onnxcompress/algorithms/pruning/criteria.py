@@ -11,6 +11,8 @@ A group's importance per channel is the sum over the compute ops whose filters i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -31,14 +33,16 @@ def filter_importance(filters: np.ndarray, criterion: PruningCriterion) -> np.nd
     return np.sqrt(np.maximum(distances, 0)).sum(axis=1)
 
 
-def group_importance(graph: gs.Graph, analysis: ChannelAnalysis, group: ChannelGroup,
-                     criterion: PruningCriterion) -> np.ndarray:
-    """The summed importance of each channel over the group's compute ops."""
+def group_importance(graph: gs.Graph, analysis: ChannelAnalysis, group: ChannelGroup, criterion: PruningCriterion,
+                     weights: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+    """The summed importance of each channel over the group's compute ops, from their weights in `graph` or, by
+    weight name, in `weights` (current values during fine-tuning)."""
     nodes = {n.name: n for n in graph.nodes}
     total = np.zeros(group.channels)
     for producer in group.producers:
         node = nodes[producer]
-        weight = constant_weight(node).values
+        constant = constant_weight(node)
+        weight = weights[constant.name] if weights is not None else constant.values
         rows = np.moveaxis(weight, weight_channel_axis(node), 0).reshape(weight.shape[weight_channel_axis(node)], -1)
         total += filter_importance(rows, criterion)
     return total
