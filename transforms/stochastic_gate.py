@@ -99,13 +99,13 @@ def _tables(graph: gs.Graph, tensors: dict[str, gs.Tensor], step: str) -> tuple[
     return high, low, offset
 
 
-def _hashed(graph: gs.Graph, tensors: dict[str, gs.Tensor], name: str, first: int, count: int,
-            offset: gs.Tensor | None, step: str) -> gs.Variable:
-    """h(k, t) for the counters first .. first + count - 1 (offset None: t' = 0), a 1-D float tensor."""
+def _hashed(graph: gs.Graph, tensors: dict[str, gs.Tensor], step: str, name: str, first: int, count: int, *,
+            stepped: bool) -> gs.Variable:
+    """h(k, t) for the counters first .. first + count - 1 (t' = t + 1 if `stepped`, else 0), a 1-D float tensor."""
     high, low, step_offset = _tables(graph, tensors, step)
     x = _op(graph, "Range", [_int(f"{name}.first", first * _A), _int(f"{name}.end", (first + count) * _A),
                              _int(f"{name}.stride", _A)], f"{name}.scaled", dtype=np.int64)
-    if offset is not None:
+    if stepped:
         x = _op(graph, "Add", [x, step_offset], f"{name}.shifted", dtype=np.int64)
     x = _op(graph, "Mod", [x, _int(f"{name}.word", _WORD)], f"{name}.x", dtype=np.int64)
     half = _int(f"{name}.half", _HALF)
@@ -122,14 +122,13 @@ def _uniform(graph: gs.Graph, tensors: dict[str, gs.Tensor], cmd: StochasticGate
     """u of every weight of the gate, shaped like the weight (see the module docstring)."""
     n, (rows, columns) = cmd.name, _matrix(shape)
     size = rows * columns
-    _, _, offset = _tables(graph, tensors, cmd.step)
-    per_weight = _hashed(graph, tensors, f"{n}.a", cmd.counter, size, None, cmd.step)
+    per_weight = _hashed(graph, tensors, cmd.step, f"{n}.a", cmd.counter, size, stepped=False)
     a = _op(graph, "Add", [
         _op(graph, "Reshape", [per_weight, _int(f"{n}.matrix", [rows, columns])], f"{n}.a_matrix"),
         gs.Constant(f"{n}.half_level", np.asarray(0.5 / _LEVELS, np.float32))], f"{n}.a_centred")
-    row = _op(graph, "Reshape", [_hashed(graph, tensors, f"{n}.r", cmd.counter + size, rows, offset, cmd.step),
+    row = _op(graph, "Reshape", [_hashed(graph, tensors, cmd.step, f"{n}.r", cmd.counter + size, rows, stepped=True),
                                  _int(f"{n}.column_vector", [rows, 1])], f"{n}.r_column")
-    column = _hashed(graph, tensors, f"{n}.c", cmd.counter + size + rows, columns, offset, cmd.step)
+    column = _hashed(graph, tensors, cmd.step, f"{n}.c", cmd.counter + size + rows, columns, stepped=True)
     total = _op(graph, "Add", [_op(graph, "Add", [a, row], f"{n}.a_r"), column], f"{n}.a_r_c")
     u = _op(graph, "Sub", [total, _op(graph, "Floor", [total], f"{n}.floor")], f"{n}.u_matrix")
     return _op(graph, "Reshape", [u, _int(f"{n}.shape", list(shape))], f"{n}.u")
