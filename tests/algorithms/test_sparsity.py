@@ -268,3 +268,5 @@ def test_importance_initial_logits_order_the_gates_like_magnitude_sparsity() -> 
     assert all(logits[t.node].shape == weights[t.weight].shape for t in targets)
     constant = initial_logits(targets, weights, RBSparsityConfig(algorithm="rb_sparsity", logit_init=4.0))
     assert set(constant.values()) == {4.0}
+    mostly_zero = {name: np.where(np.arange(w.size).reshape(w.shape) % 2 == 0, 0, w) for name, w in weights.items()}
+    assert set(initial_logits(targets, mostly_zero, config).values()) == {4.0}  # threshold 0: the constant start

@@ -55,14 +55,17 @@ def initial_logits(targets: list[SparsityTarget], weights: Mapping[str, np.ndarr
                    config: RBSparsityConfig) -> dict[str, float | np.ndarray]:
     """By target node: logit_init (constant), or logit_init · importance / threshold (importance: normed |w|, the
     threshold the importance below which the target level's fraction of all gated weights lies), at most
-    2·logit_init. The complexity loss lowers all logits alike, so these close the least important gates first."""
+    2·logit_init; constant if that threshold is 0 (the weights are that sparse already). The complexity loss lowers
+    all logits alike, so these close the least important gates first."""
+    constant = {t.node: config.logit_init for t in targets}
     if config.logit_init_mode == "constant":
-        return {t.node: config.logit_init for t in targets}
+        return constant
     scores = {t.node: importance(weights[t.weight], SparsityImportance.NORMED_ABS) for t in targets}
     threshold = np.quantile(np.concatenate(list(scores.values())), config.schedule.target_level)
-    scale = config.logit_init / threshold if threshold > 0 else 0.0
-    return {t.node: np.minimum(scores[t.node] * scale, 2 * config.logit_init).reshape(weights[t.weight].shape)
-            for t in targets}
+    if threshold <= 0:
+        return constant
+    return {t.node: np.minimum(scores[t.node] * (config.logit_init / threshold), 2 * config.logit_init)
+            .reshape(weights[t.weight].shape) for t in targets}
 
 
 def _gates(targets: list[SparsityTarget], logits: Mapping[str, float | np.ndarray],
