@@ -182,8 +182,8 @@ def sparsify(model: Path, output: Path | None, level: float, data: str | None, i
               help="Fraction of filters (or of MACs, with --target-kind flops) to remove, in (0, 1).")
 @click.option("--target-kind", type=click.Choice(["filters", "flops"]), help="What --target is a fraction of "
               "(default filters: the same fraction of every group; flops: of the model's MACs).")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "geometric_median"]), help="Filter importance "
-              "(default l2).")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "geometric_median", "bn_gamma"]),
+              help="Filter importance (default l2; bn_gamma: |γ| of the BatchNorm after the filter).")
 @click.option("--min-width", type=click.IntRange(min=1), help="Channels every pruned group keeps (default 8).")
 @click.option("--data", help="Calibration data (as for quantize): the next layers' biases absorb the mean of the "
               "pruned channels.")

@@ -397,6 +397,8 @@ class PruningCriterion(str, enum.Enum):
     L2 = "l2"
     #: Σⱼ ‖F − Fⱼ‖₂ over the layer's other filters: the filter the others replace best goes first.
     GEOMETRIC_MEDIAN = "geometric_median"
+    #: |γ| of the BatchNormalization after the filter (one-shot only: fine-tuning trains folded weights).
+    BN_GAMMA = "bn_gamma"
 
 
 class PruningTargetKind(str, enum.Enum):
@@ -413,7 +415,7 @@ class PruneConfig(_Strict):
 
     target: float = Field(0.3, gt=0.0, lt=1.0, description="Fraction of filters or of MACs (target_kind) to remove.")
     target_kind: PruningTargetKind = Field(PruningTargetKind.FILTERS, description="filters or flops.")
-    criterion: PruningCriterion = Field(PruningCriterion.L2, description="l1, l2 or geometric_median.")
+    criterion: PruningCriterion = Field(PruningCriterion.L2, description="l1, l2, geometric_median or bn_gamma.")
     min_width: int = Field(8, ge=1, description="Channels every pruned group keeps at least (all, if it has fewer).")
     ignored_scope: IgnoredScope = Field(
         default_factory=IgnoredScope, description="Compute ops whose filters are not pruned (their group is kept).")
@@ -476,6 +478,9 @@ class FilterPruningConfig(_Strict):
 
     @model_validator(mode="after")
     def _initial_below_target(self) -> FilterPruningConfig:
+        if self.criterion is PruningCriterion.BN_GAMMA:
+            raise ValueError("criterion bn_gamma is for one-shot pruning: fine-tuning trains the weights with the "
+                             "BatchNorms folded into them (use l1, l2 or geometric_median)")
         if self.schedule.initial_level > self.target:
             raise ValueError(f"schedule.initial_level {self.schedule.initial_level} is above the target {self.target}")
         return self

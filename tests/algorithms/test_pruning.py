@@ -17,7 +17,7 @@ from onnxcompress.algorithms.pruning.select import keep_for_fraction
 from onnxcompress.algorithms.pruning.surgery import masking_commands
 from onnxcompress.algorithms.quantization.ptq import export_graph
 from onnxcompress.api import prune
-from onnxcompress.config import PruneConfig, PruningCriterion
+from onnxcompress.config import FinetuneConfig, PruneConfig, PruningCriterion
 from onnxcompress.errors import ConfigError, PruningError
 from onnxcompress.models import sample
 from onnxcompress.transforms.applier import apply_commands
@@ -260,3 +260,20 @@ def test_surgery_also_removes_channels_behind_dequantize_linear() -> None:
         x = data["input"][:64]
     expected, actual = _run(quantized, x)[0], _run(pruned, x)[0]
     assert np.abs(expected - actual).max() <= 1e-4 * np.ptp(expected)
+
+
+def test_bn_gamma_ranks_filters_by_the_folded_batchnorms_scale() -> None:
+    from onnxcompress.algorithms.pruning.criteria import batchnorm_gammas
+
+    model = onnx.load(sample("digits_mobile").model_path)
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    gamma = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == bn.input[1])
+    gammas = batchnorm_gammas(model)
+    graph = preprocess(onnx.load(sample("digits_mobile").model_path))
+    analysis = analyse_channels(graph)
+    producer = next(n for n in graph.nodes if n.outputs[0].name == bn.output[0])
+    group = next(g for g in analysis.groups if producer.name in g.producers)
+    np.testing.assert_allclose(group_importance(graph, analysis, group, PruningCriterion.BN_GAMMA, gammas=gammas),
+                               np.abs(gamma))
+    with pytest.raises(ConfigError, match="bn_gamma is for one-shot pruning"):
+        FinetuneConfig.build({"compression": [{"algorithm": "filter_pruning", "criterion": "bn_gamma"}]})

@@ -11,6 +11,7 @@ subtracts it from that layer's bias, so the pruned model keeps the float model's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -20,14 +21,14 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.algorithms.pruning.channels import ChannelAnalysis, ChannelGroup, SliceEdit, analyse_channels, \
     kept_indices
-from onnxcompress.algorithms.pruning.criteria import group_importance
+from onnxcompress.algorithms.pruning.criteria import batchnorm_gammas, group_importance
 from onnxcompress.algorithms.pruning.macs import LayerCost, layer_costs
 from onnxcompress.algorithms.pruning.select import keep_for_fraction, keep_for_macs
 from onnxcompress.algorithms.pruning.surgery import surgery_commands
 from onnxcompress.algorithms.quantization.bias_correction import measured_bias_shifts
 from onnxcompress.algorithms.quantization.placement import bias_target
 from onnxcompress.algorithms.quantization.ptq import export_graph, resolve_ignored_scope
-from onnxcompress.config import PruneConfig, PruningTargetKind
+from onnxcompress.config import PruneConfig, PruningCriterion, PruningTargetKind
 from onnxcompress.errors import PruningError
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import SetConstantInput
@@ -35,6 +36,7 @@ from onnxcompress.transforms.op_table import channel_bias, weight_input_axis
 from onnxcompress.transforms.passes import preprocess
 
 Batches = Iterable[Mapping[str, np.ndarray]]
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class PruneResult:
 def prune_model(model: onnx.ModelProto, config: PruneConfig, batches: Batches | None = None, *,
                 total: int | None = None, progress: bool = True) -> PruneResult:
     """Remove `config.target` of the filters (or MACs) of `model`; with `batches`, adjust the next biases."""
+    gammas = batchnorm_gammas(model)
     graph = preprocess(model)
     analysis = analyse_channels(graph)
     ignored = resolve_ignored_scope(graph, config.ignored_scope, original=model)
@@ -98,7 +101,10 @@ def prune_model(model: onnx.ModelProto, config: PruneConfig, batches: Batches | 
     if not prunable:
         raise PruningError(_nothing_prunable(analysis, ignored))
     costs = layer_costs(graph, analysis)
-    importance = {i: group_importance(graph, analysis, analysis.groups[i], config.criterion) for i in prunable}
+    if config.criterion is PruningCriterion.BN_GAMMA:
+        _check_gammas(graph, analysis, prunable, gammas)
+    importance = {i: group_importance(graph, analysis, analysis.groups[i], config.criterion, gammas=gammas)
+                  for i in prunable}
     if config.target_kind is PruningTargetKind.FLOPS:
         keep, fraction = keep_for_macs(analysis, importance, costs, config.target, config.min_width)
     else:
@@ -111,6 +117,20 @@ def prune_model(model: onnx.ModelProto, config: PruneConfig, batches: Batches | 
     # The inferred shapes of the pruned tensors are stale: the file leaves them out, runtimes infer them.
     return PruneResult(export_graph(graph, model, shapes=False), _layer_changes(costs, keep), _group_changes(analysis, keep, ignored), fraction,
                        tuple(c.node for c in adjusted))
+
+
+def _check_gammas(graph: gs.Graph, analysis: ChannelAnalysis, prunable: list[int],
+                  gammas: Mapping[str, np.ndarray]) -> None:
+    nodes = {n.name: n for n in graph.nodes}
+    without = [analysis.groups[i].producers[0] for i in prunable
+               if not any(nodes[p].outputs[0].name in gammas for p in analysis.groups[i].producers)]
+    if len(without) == len(prunable):
+        raise PruningError("criterion bn_gamma: no BatchNormalization follows any prunable filters "
+                           "(use l1, l2 or geometric_median)")
+    if without:
+        _log.info("criterion bn_gamma: %d of %d groups have no BatchNormalization after their filters and are "
+                  "ranked by l2 (%s%s)", len(without), len(prunable), ", ".join(without[:4]),
+                  " ..." if len(without) > 4 else "")
 
 
 def _nothing_prunable(analysis: ChannelAnalysis, ignored: frozenset[str]) -> str:
