@@ -61,6 +61,17 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
     return quantized
 
 
+def _one_shot_inputs(model: ModelLike, dataset: Any, config: SparsifyConfig | PruneConfig
+                     ) -> tuple[onnx.ModelProto, Any, int | None]:
+    """The model (a private copy) and, with `dataset`, its calibration batches and their count."""
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    if dataset is None:
+        return proto, None, None
+    inputs = model_inputs(proto)
+    batches = calibration_batches(dataset, inputs, subset_size=config.subset_size, batch_size=config.batch_size)
+    return proto, batches, count_samples(dataset, inputs, config.subset_size)
+
+
 def sparsify(model: ModelLike, dataset: Any = None, config: SparsifyConfig | None = None, *, progress: bool = True,
              **options: Any) -> SparsifyResult:
     """One-shot magnitude sparsity: zero the `level` least important weights of every Conv/Gemm/MatMul.
@@ -72,12 +83,7 @@ def sparsify(model: ModelLike, dataset: Any = None, config: SparsifyConfig | Non
     if options:
         config = SparsifyConfig.build({**(config.model_dump() if config else {}), **options})
     config = config or SparsifyConfig()
-    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
-    batches, total = None, None
-    if dataset is not None:
-        inputs = model_inputs(proto)
-        batches = calibration_batches(dataset, inputs, subset_size=config.subset_size, batch_size=config.batch_size)
-        total = count_samples(dataset, inputs, config.subset_size)
+    proto, batches, total = _one_shot_inputs(model, dataset, config)
     result = sparsify_model(proto, config, batches, total=total, progress=progress)
     record_compression(result.model, [{"algorithm": "magnitude_sparsity", "one_shot": True,
                                        **config.model_dump(mode="json")}])
@@ -97,12 +103,7 @@ def prune(model: ModelLike, dataset: Any = None, config: PruneConfig | None = No
     if options:
         config = PruneConfig.build({**(config.model_dump() if config else {}), **options})
     config = config or PruneConfig()
-    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
-    batches, total = None, None
-    if dataset is not None:
-        inputs = model_inputs(proto)
-        batches = calibration_batches(dataset, inputs, subset_size=config.subset_size, batch_size=config.batch_size)
-        total = count_samples(dataset, inputs, config.subset_size)
+    proto, batches, total = _one_shot_inputs(model, dataset, config)
     result = prune_model(proto, config, batches, total=total, progress=progress)
     record_compression(result.model, [{"algorithm": "filter_pruning", "one_shot": True,
                                        **config.model_dump(mode="json")}])

@@ -90,6 +90,12 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
 
 
+def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tuple[str, ...]) -> dict:
+    """The `ignored_scope` option from the --ignore-* flags (nothing when none is given)."""
+    scope = {"names": _split(names), "types": _split(types), "patterns": _split(patterns)}
+    return {"ignored_scope": scope} if any(scope.values()) else {}
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=_OutputFile(), help="Output .onnx (default: <model>.int8.onnx).")
@@ -124,9 +130,7 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
         "smooth_quant_alpha": smooth_quant_alpha, "smooth_quant": smooth_quant}.items() if value is not None}
     if config_file and target:
         _note_target_override(target, [read_config_file(config_file).get("target")], config_file)
-    scope = {"names": _split(ignore_names), "types": _split(ignore_types), "patterns": _split(ignore_patterns)}
-    if any(scope.values()):
-        options["ignored_scope"] = scope
+    options.update(_ignored_scope(ignore_names, ignore_types, ignore_patterns))
     config = (QuantizationConfig.from_file(config_file, **options) if config_file
               else QuantizationConfig.build(options, source="options"))
     output = output or model.with_name(model.stem + ".int8.onnx")
@@ -160,9 +164,7 @@ def sparsify(model: Path, output: Path | None, level: float, data: str | None, i
 
     options = {key: value for key, value in {"level": level, "importance": importance, "threshold": threshold,
                                              "subset_size": subset_size}.items() if value is not None}
-    scope = {"names": _split(ignore_names), "types": _split(ignore_types), "patterns": _split(ignore_patterns)}
-    if any(scope.values()):
-        options["ignored_scope"] = scope
+    options.update(_ignored_scope(ignore_names, ignore_types, ignore_patterns))
     config = SparsifyConfig.build(options)
     output = output or model.with_name(f"{model.stem}.sparse{round(level * 100)}.onnx")
     check_output_path(model, output, reads=(data,))
@@ -204,9 +206,7 @@ def prune(model: Path, output: Path | None, target: float, target_kind, criterio
     options = {key: value for key, value in {"target": target, "target_kind": target_kind, "criterion": criterion,
                                              "min_width": min_width, "subset_size": subset_size}.items()
                if value is not None}
-    scope = {"names": _split(ignore_names), "types": _split(ignore_types), "patterns": _split(ignore_patterns)}
-    if any(scope.values()):
-        options["ignored_scope"] = scope
+    options.update(_ignored_scope(ignore_names, ignore_types, ignore_patterns))
     config = PruneConfig.build(options)
     output = output or model.with_name(f"{model.stem}.pruned{round(target * 100)}.onnx")
     check_output_path(model, output, reads=(data,))

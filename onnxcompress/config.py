@@ -370,22 +370,27 @@ class RBSparsityConfig(_Strict):
         return 0
 
 
-class SparsifyConfig(_Strict):
+class _OneShotConfig(_Strict):
+    """Settings every one-shot command shares: the calibration pass that adjusts biases when data is given."""
+
+    subset_size: int = Field(300, ge=1, description="Samples used to adjust the biases, when data is given.")
+    batch_size: int = Field(1, ge=1, description="Samples per inference run of the bias-adjusting pass.")
+
+    @classmethod
+    def build(cls, values: dict[str, Any], *, source: str = "options") -> Any:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise ConfigError(f"invalid {source}: {_describe(error)}") from None
+
+
+class SparsifyConfig(_OneShotConfig):
     """One-shot magnitude sparsity without training (`onnxcompress sparsify`)."""
 
     level: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of the sparsified weights set to zero.")
     importance: SparsityImportance = Field(SparsityImportance.NORMED_ABS, description="abs or normed_abs.")
     threshold: SparsityThreshold = Field(SparsityThreshold.PER_LAYER, description="per_layer or global level.")
     ignored_scope: IgnoredScope = Field(default_factory=IgnoredScope, description="Layers left dense.")
-    subset_size: int = Field(300, ge=1, description="Samples used for bias correction, when data is given.")
-    batch_size: int = Field(1, ge=1, description="Samples per inference run of the bias-correction pass.")
-
-    @classmethod
-    def build(cls, values: dict[str, Any], *, source: str = "options") -> SparsifyConfig:
-        try:
-            return cls.model_validate(values)
-        except ValidationError as error:
-            raise ConfigError(f"invalid {source}: {_describe(error)}") from None
 
 
 class PruningCriterion(str, enum.Enum):
@@ -410,7 +415,7 @@ class PruningTargetKind(str, enum.Enum):
     FLOPS = "flops"
 
 
-class PruneConfig(_Strict):
+class PruneConfig(_OneShotConfig):
     """One-shot filter pruning without training (`onnxcompress prune`)."""
 
     target: float = Field(0.3, gt=0.0, lt=1.0, description="Fraction of filters or of MACs (target_kind) to remove.")
@@ -419,15 +424,6 @@ class PruneConfig(_Strict):
     min_width: int = Field(8, ge=1, description="Channels every pruned group keeps at least (all, if it has fewer).")
     ignored_scope: IgnoredScope = Field(
         default_factory=IgnoredScope, description="Compute ops whose filters are not pruned (their group is kept).")
-    subset_size: int = Field(300, ge=1, description="Samples used to adjust the biases, when data is given.")
-    batch_size: int = Field(1, ge=1, description="Samples per inference run of the bias-adjusting pass.")
-
-    @classmethod
-    def build(cls, values: dict[str, Any], *, source: str = "options") -> PruneConfig:
-        try:
-            return cls.model_validate(values)
-        except ValidationError as error:
-            raise ConfigError(f"invalid {source}: {_describe(error)}") from None
 
 
 class PruningSchedule(str, enum.Enum):
