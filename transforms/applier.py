@@ -74,6 +74,9 @@ class _Context:
     nodes: dict[str, gs.Node]
     tensors: dict[str, gs.Tensor]
     used: set[str] = field(default_factory=set)
+    #: Weights already dequantized, by (constant, axis): a weight several nodes share is stored once when they
+    #: quantize it alike.
+    dequantized: dict[tuple[int, int], tuple[DequantizeWeight, gs.Variable]] = field(default_factory=dict)
 
     def stem(self, base: str, suffixes: tuple[str, ...]) -> str:
         """`base`, or `base.1`, `base.2`...: the first stem that makes every `stem + suffix` a new name."""
@@ -169,7 +172,16 @@ def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 
 def _dequantize_weight(ctx: _Context, cmd: DequantizeWeight) -> None:
     node = ctx.nodes[cmd.node]
-    stem = ctx.stem(_constant_input_stem(node, cmd.port), ("_q", "_scale", "_zp", "_dq", "_DQ"))
+    stem = _constant_input_stem(node, cmd.port)
+    key = (id(node.inputs[cmd.port]), cmd.axis)
+    if key in ctx.dequantized:
+        previous, dequantized = ctx.dequantized[key]
+        if np.array_equal(previous.quantized, cmd.quantized) and np.array_equal(previous.scale, cmd.scale) and \
+                spec(ctx.nodes[previous.node]).integer_kernel_needs_weight_zero_point == \
+                spec(node).integer_kernel_needs_weight_zero_point:
+            set_input(node, cmd.port, dequantized)
+            return
+    stem = ctx.stem(stem, ("_q", "_scale", "_zp", "_dq", "_DQ"))
     quantized = gs.Constant(f"{stem}_q", np.ascontiguousarray(cmd.quantized))
     scale = gs.Constant(f"{stem}_scale", np.asarray(cmd.scale, np.float32))
     inputs = [quantized, scale]
@@ -179,6 +191,7 @@ def _dequantize_weight(ctx: _Context, cmd: DequantizeWeight) -> None:
     dequantized = gs.Variable(f"{stem}_dq", dtype=np.float32, shape=list(cmd.quantized.shape))
     ctx.graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs={"axis": cmd.axis},
                                    inputs=inputs, outputs=[dequantized]))
+    ctx.dequantized.setdefault(key, (cmd, dequantized))
     set_input(node, cmd.port, dequantized)
 
 

@@ -108,3 +108,24 @@ def test_insertion_points_are_checked_before_anything_changes():
     with pytest.raises(UnknownNameError, match="node 'a' has no input 3"):
         apply_commands(graph, [SetConstantInput("a", 3, np.zeros(1, np.float32))])
     assert [n.op for n in graph.nodes] == ["Relu", "Neg"]
+
+
+@pytest.mark.parametrize("same_scale", [True, False])
+def test_a_weight_two_nodes_share_is_stored_once_when_they_quantize_it_alike(same_scale):
+    w = numpy_helper.from_array(np.full((2, 1, 1, 1), 0.5, np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="a"), helper.make_node("Conv", ["x", "w"], ["b"], name="b")]
+    graph = gs.import_onnx(helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 2, 2]) for n in "ab"], [w]),
+        opset_imports=[helper.make_opsetid("", 17)]))
+    levels, scale = np.array([[[[100]]], [[[-50]]]], np.int8), np.array([0.005, 0.01], np.float32)
+    other_scale = scale if same_scale else scale * 2
+    apply_commands(graph, [DequantizeWeight("a", 1, levels, scale, 0), DequantizeWeight("b", 1, levels, other_scale, 0)])
+    assert [n.op for n in graph.nodes].count("DequantizeLinear") == (1 if same_scale else 2)
+    a, b = _run_all(graph, np.ones((1, 1, 2, 2), np.float32))
+    np.testing.assert_allclose(b, a * (1 if same_scale else 2))
+
+
+def _run_all(graph, x):
+    model = gs.export_onnx(graph)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
