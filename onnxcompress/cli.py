@@ -43,6 +43,11 @@ class _Commands(click.Group):
             raise
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            # The reader of our output went away (`| head`): stop quietly, as other command-line tools do; the
+            # output file was already written atomically.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(1) from None
         except Exception as error:  # the last resort; each known cause has its own typed error
             if self.interrupted:
                 raise KeyboardInterrupt from error
@@ -187,6 +192,8 @@ def sparsify(model: Path, output: Path | None, level: float, data: str | None, i
 @click.option("--criterion", type=click.Choice(["l1", "l2", "geometric_median", "bn_gamma"]),
               help="Filter importance (default l2; bn_gamma: |γ| of the BatchNorm after the filter).")
 @click.option("--min-width", type=click.IntRange(min=1), help="Channels every pruned group keeps (default 8).")
+@click.option("--channel-multiple", type=click.IntRange(min=1),
+              help="Pruned groups keep a multiple of this many channels (default 8: full SIMD lanes).")
 @click.option("--data", help="Calibration data (as for quantize): the next layers' biases absorb the mean of the "
               "pruned channels.")
 @click.option("--subset-size", type=click.IntRange(min=1), help="Samples for the bias adjustment (default 300).")
@@ -195,8 +202,9 @@ def sparsify(model: Path, output: Path | None, level: float, data: str | None, i
 @click.option("--ignore-types", multiple=True, help="Op types whose filters stay.")
 @click.option("--ignore-patterns", multiple=True, help="Regexes over node names whose filters stay.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def prune(model: Path, output: Path | None, target: float, target_kind, criterion, min_width, data: str | None,
-          subset_size, report_path: Path | None, ignore_names, ignore_types, ignore_patterns, no_progress: bool) -> None:
+def prune(model: Path, output: Path | None, target: float, target_kind, criterion, min_width, channel_multiple,
+          data: str | None, subset_size, report_path: Path | None, ignore_names, ignore_types, ignore_patterns,
+          no_progress: bool) -> None:
     """One-shot filter pruning of MODEL (no training): remove whole output channels and what depends on them."""
     from onnxcompress.algorithms.pruning.report import summary, write_report
     from onnxcompress.api import prune as run_prune
@@ -204,8 +212,8 @@ def prune(model: Path, output: Path | None, target: float, target_kind, criterio
     from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
 
     options = {key: value for key, value in {"target": target, "target_kind": target_kind, "criterion": criterion,
-                                             "min_width": min_width, "subset_size": subset_size}.items()
-               if value is not None}
+                                             "min_width": min_width, "channel_multiple": channel_multiple,
+                                             "subset_size": subset_size}.items() if value is not None}
     options.update(_ignored_scope(ignore_names, ignore_types, ignore_patterns))
     config = PruneConfig.build(options)
     output = output or model.with_name(f"{model.stem}.pruned{round(target * 100)}.onnx")

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.algorithms.pruning.channels import analyse_channels
 from onnxcompress.algorithms.pruning.criteria import filter_importance, group_importance
 from onnxcompress.algorithms.pruning.macs import layer_costs
-from onnxcompress.algorithms.pruning.select import keep_for_fraction
+from onnxcompress.algorithms.pruning.select import Widths, keep_for_fraction
 from onnxcompress.algorithms.pruning.surgery import masking_commands
 from onnxcompress.algorithms.quantization.ptq import export_graph
 from onnxcompress.api import prune
@@ -139,9 +139,9 @@ def test_the_pruned_graph_computes_what_the_masked_graph_computes(name: str) -> 
     analysis = analyse_channels(graph)
     importance = {i: group_importance(graph, analysis, g, PruningCriterion.L1)
                   for i, g in enumerate(analysis.groups) if g.prunable}
-    keep = keep_for_fraction(analysis, importance, 0.4, 2)
+    keep = keep_for_fraction(analysis, importance, 0.4, Widths(2))
     masked = export_graph(apply_commands(graph, masking_commands(graph, analysis, keep)), model, shapes=False)
-    result = prune(model, target=0.4, min_width=2, criterion="l1", progress=False)
+    result = prune(model, target=0.4, min_width=2, channel_multiple=1, criterion="l1", progress=False)
     onnx.checker.check_model(result.model, full_check=True)
     assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
     assert result.macs_after < 0.75 * result.macs_before
@@ -154,7 +154,7 @@ def test_the_pruned_graph_computes_what_the_masked_graph_computes(name: str) -> 
 
 
 def test_reported_macs_are_those_of_the_pruned_model_and_the_flops_target_holds() -> None:
-    result = prune(_hard_cases(), target=0.3, target_kind="flops", min_width=2, progress=False)
+    result = prune(_hard_cases(), target=0.3, target_kind="flops", min_width=2, channel_multiple=1, progress=False)
     graph = preprocess(result.model)
     recount = sum(cost.macs() for cost in layer_costs(graph, analyse_channels(graph)))
     assert recount == result.macs_after
@@ -179,8 +179,9 @@ def test_with_data_the_next_biases_absorb_the_pruned_channels_means(tmp_path) ->
     def accuracy(model: onnx.ModelProto) -> float:
         return float((_run(model, x)[0].argmax(axis=1) == labels).mean())
 
-    plain = prune(digits.model_path, target=0.3, target_kind="flops", progress=False)
-    adjusted = prune(digits.model_path, digits.calibration_path, target=0.3, target_kind="flops", progress=False)
+    options = {"target": 0.3, "target_kind": "flops", "channel_multiple": 1, "progress": False}
+    plain = prune(digits.model_path, **options)
+    adjusted = prune(digits.model_path, digits.calibration_path, **options)
     assert not plain.adjusted and set(adjusted.adjusted) >= {"conv2", "conv3", "fc"}
     assert accuracy(adjusted.model) > accuracy(plain.model) + 0.1
 
@@ -204,7 +205,7 @@ def test_bad_settings_are_refused_clearly() -> None:
 
 
 def test_grouped_convolutions_lose_as_many_channels_in_each_group() -> None:
-    result = prune(_grouped(), target=0.5, min_width=2, progress=False)
+    result = prune(_grouped(), target=0.5, min_width=2, channel_multiple=1, progress=False)
     layers = {layer.node: layer for layer in result.layers}
     assert layers["a"].channels_after == (4, 3) and layers["b"].channels_after == (6, 4)
     pruned = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
@@ -219,7 +220,7 @@ def test_a_channel_shuffle_prunes_whole_orbits_as_many_per_group_of_the_next_con
     # positions 0-5 (v = 0, 1, 2) and 6-11 (v = 3, 4, 5).
     np.testing.assert_array_equal(mid.orbits, np.arange(12) % 6)
     np.testing.assert_array_equal(mid.shuffled, (np.arange(12) % 6) // 3)
-    result = prune(_shuffle(), target=0.5, min_width=2, progress=False)
+    result = prune(_shuffle(), target=0.5, min_width=2, channel_multiple=1, progress=False)
     pruned = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
     # Half of 12 is 3 orbits, which two groups cannot share equally: 4 orbits stay, 2 for each of g2's groups;
     # g2 (grouped) keeps 2 of 3 filters per group.
@@ -228,8 +229,14 @@ def test_a_channel_shuffle_prunes_whole_orbits_as_many_per_group_of_the_next_con
     assert list(pruned["split"]) == [1, 2, 4, 8, 8] and list(pruned["merge"]) == [1, 8, 8, 8]
 
 
+def test_pruned_widths_are_multiples_of_channel_multiple() -> None:
+    result = prune(onnx.load(sample("digits_cnn").model_path), target=0.3, target_kind="flops", progress=False)
+    assert all(g.channels_after % 8 == 0 for g in result.groups if g.channels_after < g.channels_before)
+    assert any(g.channels_after < g.channels_before for g in result.groups)
+
+
 def test_ignored_layers_keep_their_group() -> None:
-    result = prune(_hard_cases(), target=0.5, min_width=2, ignored_scope={"names": ["conv_c"]}, progress=False)
+    result = prune(_hard_cases(), target=0.5, min_width=2, channel_multiple=1, ignored_scope={"names": ["conv_c"]}, progress=False)
     groups = {g.producers: g for g in result.groups}
     kept = groups[("conv_a", "conv_c", "se2")]
     assert kept.channels_after == kept.channels_before and kept.reason == "in the ignored scope"
@@ -248,7 +255,7 @@ def test_surgery_also_removes_channels_behind_dequantize_linear() -> None:
     analysis = analyse_channels(graph)
     importance = {i: group_importance(graph, analysis, g, PruningCriterion.L2)
                   for i, g in enumerate(analysis.groups) if g.prunable}
-    keep = keep_for_fraction(analysis, importance, 0.3, 8)
+    keep = keep_for_fraction(analysis, importance, 0.3, Widths(8))
     masked = export_graph(apply_commands(graph, masking_commands(graph, analysis, keep)), model)
     quantized = quantize(masked, digits.calibration_path, progress=False)
     int8 = gs.import_onnx(quantized)

@@ -18,7 +18,7 @@ from onnxcompress.runtime.training_env import TrainingRuntime
 
 
 def pruning(schedule: dict[str, Any], *, quantize: bool, **settings: Any) -> FinetuneConfig:
-    stack = [{"algorithm": "filter_pruning", "target": 0.4, "target_kind": "filters", "min_width": 2,
+    stack = [{"algorithm": "filter_pruning", "target": 0.4, "target_kind": "filters", "min_width": 2, "channel_multiple": 1,
               "schedule": schedule}]
     if quantize:
         stack.insert(0, {"algorithm": "quantization", "subset_size": 32, "quantizer_lr": 1e-2})
@@ -87,7 +87,7 @@ def test_pruning_sparsity_and_quantization_in_one_stack(runtime: TrainingRuntime
         {"algorithm": "quantization", "subset_size": 32, "quantizer_lr": 1e-2},
         {"algorithm": "magnitude_sparsity", "threshold": "per_layer",
          "schedule": {"initial_level": 0.5, "target_level": 0.5, "target_epoch": 0}},
-        {"algorithm": "filter_pruning", "target": 0.4, "target_kind": "filters", "min_width": 2,
+        {"algorithm": "filter_pruning", "target": 0.4, "target_kind": "filters", "min_width": 2, "channel_multiple": 1,
          "schedule": {"schedule": "baseline"}}],
         "training": {"epochs": 1, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 2}})
     result = finetune(cnn, cnn_data(cnn, 64, 1), cnn_data(cnn, 32, 2), config, checkpoint_dir=tmp_path / "ckpt",

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.algorithms.pruning.channels import ChannelAnalysis, SliceEdit, analyse_channels, kept_indices
 from onnxcompress.algorithms.pruning.criteria import group_importance
 from onnxcompress.algorithms.pruning.macs import LayerCost, layer_costs
-from onnxcompress.algorithms.pruning.select import keep_for_fraction, keep_for_macs, total_macs
+from onnxcompress.algorithms.pruning.select import Widths, keep_for_fraction, keep_for_macs, total_macs
 from onnxcompress.algorithms.pruning.surgery import surgery_commands
 from onnxcompress.algorithms.quantization.ptq import export_graph, resolve_ignored_scope
 from onnxcompress.compression.api import (
@@ -87,9 +87,10 @@ class _Plan:
             return {}
         importance = {i: group_importance(self.graph, self.analysis, self.analysis.groups[i], self.config.criterion,
                                           weights) for i in self.prunable}
+        widths = Widths(self.config.min_width, self.config.channel_multiple)
         if self.config.target_kind is PruningTargetKind.FLOPS:
-            return keep_for_macs(self.analysis, importance, self.costs, level, self.config.min_width)[0]
-        return keep_for_fraction(self.analysis, importance, level, self.config.min_width)
+            return keep_for_macs(self.analysis, importance, self.costs, level, widths)[0]
+        return keep_for_fraction(self.analysis, importance, level, widths)
 
     def masks(self, keep: Keep) -> dict[str, np.ndarray]:
         masks = {name: np.ones(shape, np.float32) for name, shape in self.masked.values()}

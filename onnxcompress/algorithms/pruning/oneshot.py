@@ -23,7 +23,7 @@ from onnxcompress.algorithms.pruning.channels import ChannelAnalysis, ChannelGro
     kept_indices
 from onnxcompress.algorithms.pruning.criteria import batchnorm_gammas, group_importance
 from onnxcompress.algorithms.pruning.macs import LayerCost, layer_costs
-from onnxcompress.algorithms.pruning.select import keep_for_fraction, keep_for_macs
+from onnxcompress.algorithms.pruning.select import Widths, keep_for_fraction, keep_for_macs
 from onnxcompress.algorithms.pruning.surgery import surgery_commands
 from onnxcompress.algorithms.quantization.bias_correction import measured_bias_shifts
 from onnxcompress.algorithms.quantization.placement import bias_target
@@ -105,10 +105,11 @@ def prune_model(model: onnx.ModelProto, config: PruneConfig, batches: Batches | 
         _check_gammas(graph, analysis, prunable, gammas)
     importance = {i: group_importance(graph, analysis, analysis.groups[i], config.criterion, gammas=gammas)
                   for i in prunable}
+    widths = Widths(config.min_width, config.channel_multiple)
     if config.target_kind is PruningTargetKind.FLOPS:
-        keep, fraction = keep_for_macs(analysis, importance, costs, config.target, config.min_width)
+        keep, fraction = keep_for_macs(analysis, importance, costs, config.target, widths)
     else:
-        keep, fraction = keep_for_fraction(analysis, importance, config.target, config.min_width), config.target
+        keep, fraction = keep_for_fraction(analysis, importance, config.target, widths), config.target
     adjusted: list[SetConstantInput] = []
     if batches is not None:
         adjusted = _adjusted_biases(graph, model, analysis, keep, batches, total, progress)

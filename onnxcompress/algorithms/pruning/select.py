@@ -1,7 +1,8 @@
 """Which channels each prunable group keeps, for a target fraction of filters or of MACs.
 
 filters: every group loses the same fraction of its channels, the least important first (ties: the later
-channel goes first), and keeps at least `min_width` (all of them when it has fewer); a group that grouped
+channel goes first), and keeps at least `min_width` (all of them when it has fewer), rounded up to a multiple of
+`channel_multiple`; a group that grouped
 convolutions split into equal runs loses as many channels in each run; after a channel shuffle, channels go by
 orbits (the same index in every run: the shuffle then keeps their order), as many from each block a grouped
 convolution reads.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from onnxcompress.algorithms.pruning.channels import ChannelAnalysis
@@ -24,13 +27,26 @@ from onnxcompress.errors import PruningError
 _SEARCH_STEPS = 20
 
 
+@dataclass(frozen=True)
+class Widths:
+    """How narrow a pruned group may get: at least `minimum` channels (all, if it has fewer), a multiple of
+    `multiple` (kernels run full SIMD lanes) unless that would keep them all."""
+
+    minimum: int
+    multiple: int = 1
+
+    def kept(self, channels: int, fraction: float) -> int:
+        kept = max(channels - int(np.floor(fraction * channels)), min(channels, self.minimum))
+        return min(channels, -(-kept // self.multiple) * self.multiple)
+
+
 def keep_for_fraction(analysis: ChannelAnalysis, importance: Mapping[int, np.ndarray], fraction: float,
-                      min_width: int) -> dict[int, np.ndarray]:
+                      widths: Widths) -> dict[int, np.ndarray]:
     """Kept channels per space (sorted) when each group in `importance` (by group index) loses `fraction`."""
     keep: dict[int, np.ndarray] = {}
     for index, scores in importance.items():
         group = analysis.groups[index]
-        kept = max(group.channels - int(np.floor(fraction * group.channels)), min(group.channels, min_width))
+        kept = widths.kept(group.channels, fraction)
         if group.orbits is not None:
             channels = _kept_orbits(scores, group.orbits, group.shuffled, kept)
         elif group.shuffled is not None:
@@ -75,7 +91,7 @@ def total_macs(costs: Sequence[LayerCost], keep: dict[int, np.ndarray] | None = 
 
 
 def keep_for_macs(analysis: ChannelAnalysis, importance: Mapping[int, np.ndarray], costs: Sequence[LayerCost],
-                  target: float, min_width: int) -> tuple[dict[int, np.ndarray], float]:
+                  target: float, widths: Widths) -> tuple[dict[int, np.ndarray], float]:
     """Kept channels for the smallest uniform fraction of filters that removes `target` of the MACs, and that
     fraction."""
     before = total_macs(costs)
@@ -83,15 +99,15 @@ def keep_for_macs(analysis: ChannelAnalysis, importance: Mapping[int, np.ndarray
     def reduction(keep: dict[int, np.ndarray]) -> float:
         return 1 - total_macs(costs, keep) / before
 
-    widest = keep_for_fraction(analysis, importance, 1.0, min_width)
+    widest = keep_for_fraction(analysis, importance, 1.0, widths)
     if reduction(widest) < target:
         raise PruningError(f"a {target:.0%} MAC reduction cannot be reached: pruning every prunable group to "
-                           f"{min_width} channels removes {reduction(widest):.1%} of the MACs")
+                           f"{widths.minimum} channels removes {reduction(widest):.1%} of the MACs")
     low, high = 0.0, 1.0
     for _ in range(_SEARCH_STEPS):
         middle = (low + high) / 2
-        if reduction(keep_for_fraction(analysis, importance, middle, min_width)) >= target:
+        if reduction(keep_for_fraction(analysis, importance, middle, widths)) >= target:
             high = middle
         else:
             low = middle
-    return keep_for_fraction(analysis, importance, high, min_width), high
+    return keep_for_fraction(analysis, importance, high, widths), high
