@@ -68,7 +68,8 @@ class PruneResult:
     model: onnx.ModelProto
     layers: tuple[LayerChange, ...]
     groups: tuple[GroupChange, ...]
-    #: The fraction of filters each prunable group lost (the searched one for a MAC target).
+    #: The fraction of filters each prunable group lost (for a MAC target: the searched one, which groups given
+    #: width back lost less of).
     fraction: float
     #: Layers whose bias absorbed the mean of their pruned inputs (empty without data).
     adjusted: tuple[str, ...]

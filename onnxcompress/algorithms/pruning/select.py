@@ -7,14 +7,14 @@ convolutions split into equal runs loses as many channels in each run; after a c
 orbits (the same index in every run: the shuffle then keeps their order), as many from each block a grouped
 convolution reads.
 flops: the fraction of filters is searched (bisection) for the smallest one that removes the target fraction of
-the model's MACs; a target beyond what pruning every group to `min_width` removes is an error that says what can
+the model's MACs, then groups get width steps back while the target still holds; a target beyond what pruning every group to `min_width` removes is an error that says what can
 be reached.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,10 +43,18 @@ class Widths:
 def keep_for_fraction(analysis: ChannelAnalysis, importance: Mapping[int, np.ndarray], fraction: float,
                       widths: Widths) -> dict[int, np.ndarray]:
     """Kept channels per space (sorted) when each group in `importance` (by group index) loses `fraction`."""
+    counts = {index: widths.kept(analysis.groups[index].channels, fraction) for index in importance}
+    return keep_for_counts(analysis, importance, counts)
+
+
+def keep_for_counts(analysis: ChannelAnalysis, importance: Mapping[int, np.ndarray],
+                    counts: Mapping[int, int]) -> dict[int, np.ndarray]:
+    """Kept channels per space (sorted) when group `index` keeps at least `counts[index]` channels, the most
+    important, as its grouped convolutions and shuffles allow."""
     keep: dict[int, np.ndarray] = {}
     for index, scores in importance.items():
         group = analysis.groups[index]
-        kept = widths.kept(group.channels, fraction)
+        kept = counts[index]
         if group.orbits is not None:
             channels = _kept_orbits(scores, group.orbits, group.shuffled, kept)
         elif group.shuffled is not None:
@@ -110,4 +118,24 @@ def keep_for_macs(analysis: ChannelAnalysis, importance: Mapping[int, np.ndarray
             high = middle
         else:
             low = middle
-    return keep_for_fraction(analysis, importance, high, widths), high
+    keep = keep_for_fraction(analysis, importance, high, widths)
+    return _widen_back(analysis, importance, keep, widths, lambda k: reduction(k) >= target), high
+
+
+def _widen_back(analysis: ChannelAnalysis, importance: Mapping[int, np.ndarray], keep: dict[int, np.ndarray],
+                widths: Widths, enough: Callable[[dict[int, np.ndarray]], bool]) -> dict[int, np.ndarray]:
+    """Give channels back, one width step of one group at a time (the narrowest groups first), while the target
+    still holds: a uniform fraction overshoots when widths move in steps of `widths.multiple`."""
+    counts = {index: len(keep[analysis.groups[index].spaces[0]]) for index in importance}
+    order = sorted(counts, key=lambda index: counts[index] / analysis.groups[index].channels)
+    for index in order:
+        group = analysis.groups[index]
+        step = math.lcm(widths.multiple, group.partitions, group.channels // (int(group.orbits.max()) + 1)
+                        if group.orbits is not None else 1)
+        while counts[index] + step <= group.channels:
+            wider = keep_for_counts(analysis, importance, {**counts, index: counts[index] + step})
+            if not enough(wider):
+                break
+            counts[index] += step
+            keep = wider
+    return keep
