@@ -2,7 +2,8 @@
 
 Reports op counts, quantizers (QuantizeLinear/DequantizeLinear), weight storage (integer versus float bytes),
 file size raw and after zlib (what exact zeros save once a file is compressed for shipping), the fraction of zero
-weights per layer, and, compiled in both runtimes, which heavy ops execute as integer kernels.
+weights per layer, for a float model the channel groups filter pruning can shrink (and why the others are kept),
+and, compiled in both runtimes, which heavy ops execute as integer kernels.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from onnxcompress.algorithms.pruning.channels import ChannelGroup, analyse_channels
 from onnxcompress.portability import Portability, check_portability
 from onnxcompress.runtime.model_io import compressed_model_size, load_model, model_file_size, runtime_source
 from onnxcompress.runtime.openvino import Int8Summary, compile_model, int8_summary, runtime_precisions
 from onnxcompress.runtime.ort_kernels import OrtKernelSummary, ort_kernel_summary
 from onnxcompress.transforms.op_table import spec
+from onnxcompress.transforms.passes import preprocess
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class Inspection:
     openvino: Int8Summary | None
     onnxruntime: OrtKernelSummary | None
     portability: Portability
+    #: Filter pruning's channel groups of a float model (None for a quantized one).
+    channel_groups: tuple[ChannelGroup, ...] | None = None
 
 
 def inspect_model(path: str | Path, *, runtimes: bool = True) -> Inspection:
@@ -55,8 +60,16 @@ def inspect_model(path: str | Path, *, runtimes: bool = True) -> Inspection:
             openvino = int8_summary(runtime_precisions(compile_model(source)))
             onnxruntime = ort_kernel_summary(source)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    groups = None if ops.get("DequantizeLinear") else tuple(analyse_channels(preprocess(_copy(model))).groups)
     return Inspection(path, model_file_size(path), opset, ops, ops.get("QuantizeLinear", 0), dict(weight_bytes),
-                      compressed_model_size(path), layer_zeros(model), openvino, onnxruntime, check_portability(model))
+                      compressed_model_size(path), layer_zeros(model), openvino, onnxruntime, check_portability(model),
+                      groups)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def layer_zeros(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
@@ -82,6 +95,7 @@ def format_inspection(report: Inspection) -> str:
              f"activation quantizers: {report.activation_quantizers}",
              "initializers: " + ", ".join(f"{t} {b / 1e6:.2f} MB" for t, b in sorted(report.weight_bytes_by_type.items()))]
     lines += _sparsity_lines(report.layer_zeros)
+    lines += _pruning_lines(report.channel_groups)
     if report.openvino is not None:
         ov = report.openvino
         detail = ", ".join(f"{kind} {i8}/{total}" for kind, (i8, total) in ov.by_type.items())
@@ -91,6 +105,15 @@ def format_inspection(report: Inspection) -> str:
         lines.append(f"ONNX Runtime: {report.onnxruntime.describe()}")
     lines.append(f"CPU portability: {report.portability.describe()}")
     return "\n".join(lines)
+
+
+def _pruning_lines(groups: tuple[ChannelGroup, ...] | None) -> list[str]:
+    """How many channel groups filter pruning can shrink, and why the others are kept (by reason)."""
+    if not groups:
+        return []
+    kept = Counter(g.reason for g in groups if not g.prunable)
+    lines = [f"filter pruning: {sum(g.prunable for g in groups)} of {len(groups)} channel groups can lose channels"]
+    return lines + [f"  kept ({count}): {reason}" for reason, count in kept.most_common()]
 
 
 def _sparsity_lines(layers: dict[str, tuple[int, int]]) -> list[str]:

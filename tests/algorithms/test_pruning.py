@@ -291,3 +291,12 @@ def test_a_mac_target_is_met_closely_when_widths_move_in_steps() -> None:
     result = prune(onnx.load(sample("digits_cnn").model_path), target=0.3, target_kind="flops", progress=False)
     reduction = 1 - result.macs_after / result.macs_before
     assert 0.3 <= reduction < 0.35
+
+
+def test_inspect_lists_the_channel_groups_and_why_some_are_kept() -> None:
+    from onnxcompress.inspection import format_inspection, inspect_model
+
+    report = inspect_model(sample("digits_cnn").model_path, runtimes=False)
+    text = format_inspection(report)
+    assert "filter pruning: 4 of 5 channel groups can lose channels" in text
+    assert "kept (1): reaches the graph output 'logits'" in text
