@@ -9,11 +9,14 @@ from typing import Any
 
 import onnx
 import pytest
-from test_finetune import cnn, cnn_data  # noqa: F401 - cnn is a fixture
+import numpy as np
+from test_finetune import InterruptAfter, cnn, cnn_data  # noqa: F401 - cnn is a fixture
 
 from onnxcompress.api import finetune
 from onnxcompress.config import FinetuneConfig
 from onnxcompress.errors import ConfigError, PruningError
+from onnxcompress.finetune.trainer import Trainer
+from onnxcompress.runtime.training import TrainingRuntimeSession
 from onnxcompress.runtime.training_env import TrainingRuntime
 
 
@@ -99,3 +102,22 @@ def test_pruning_sparsity_and_quantization_in_one_stack(runtime: TrainingRuntime
     assert result.history[-1].statistics["magnitude_sparsity/sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert 0.1 < zeros < 0.5  # the pruned zeros left with their channels
     assert result.export_error_float_path < 1e-2
+
+
+def test_pruning_run_resumed_after_an_interruption_ends_identically(runtime: TrainingRuntime, cnn: onnx.ModelProto,
+                                                                     tmp_path: Path) -> None:
+    """The scheduler's kept channels are in the run state: a run killed after the level reached its target (so
+    no later epoch recomputes them) and resumed removes the same channels and ends with the same weights."""
+    train, val = cnn_data(cnn, 96, 1), cnn_data(cnn, 32, 2)
+    settings = pruning({"schedule": "exponential", "initial_level": 0.1, "pruning_steps": 2}, quantize=True, epochs=3)
+    straight = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "straight", progress=False)
+    with TrainingRuntimeSession(runtime) as session:
+        interrupted = Trainer(cnn, train, val, settings, tmp_path / "resumed", progress=False,
+                              session=InterruptAfter(session, 2 * (96 // 16) + 3))  # type: ignore[arg-type]
+        with pytest.raises(KeyboardInterrupt):
+            interrupted.run()
+    resumed = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "resumed", resume=True, progress=False)
+    assert [r.statistics for r in resumed.history] == [r.statistics for r in straight.history]
+    assert conv_widths(resumed.model) == conv_widths(straight.model) != conv_widths(cnn)
+    for a, b in zip(straight.model.graph.initializer, resumed.model.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), err_msg=a.name)
