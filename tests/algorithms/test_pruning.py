@@ -116,8 +116,11 @@ def _shuffle(seed: int = 0) -> onnx.ModelProto:
 MODELS = {"hard_cases": _hard_cases, "grouped": _grouped, "shuffle": _shuffle}
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def _run(model: onnx.ModelProto, x: np.ndarray, *, fused: bool = True) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})
 
 
@@ -265,7 +268,9 @@ def test_surgery_also_removes_channels_behind_dequantize_linear() -> None:
         0.8 * sum(numpy_helper.to_array(i).size for i in quantized.graph.initializer)
     with np.load(digits.test_path) as data:
         x = data["input"][:64]
-    expected, actual = _run(quantized, x)[0], _run(pruned, x)[0]
+    # Float evaluation of the QDQ graphs (no integer-kernel fusion): removing input channels pairs other weights in
+    # ONNX Runtime's int16 kernels on CPUs without VNNI, which is the portability check's business, not this test's.
+    expected, actual = _run(quantized, x, fused=False)[0], _run(pruned, x, fused=False)[0]
     assert np.abs(expected - actual).max() <= 1e-4 * np.ptp(expected)
 
 
