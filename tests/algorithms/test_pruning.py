@@ -140,7 +140,7 @@ def test_the_pruned_graph_computes_what_the_masked_graph_computes(name: str) -> 
     model = MODELS[name]() if name in MODELS else onnx.load(sample(name).model_path)
     graph = preprocess(onnx.load_from_string(model.SerializeToString()))
     analysis = analyse_channels(graph)
-    importance = {i: group_importance(graph, analysis, g, PruningCriterion.L1)
+    importance = {i: group_importance(graph, g, PruningCriterion.L1)
                   for i, g in enumerate(analysis.groups) if g.prunable}
     keep = keep_for_fraction(analysis, importance, 0.4, Widths(2))
     masked = export_graph(apply_commands(graph, masking_commands(graph, analysis, keep)), model, shapes=False)
@@ -256,7 +256,7 @@ def test_surgery_also_removes_channels_behind_dequantize_linear() -> None:
     model = onnx.load(digits.model_path)
     graph = preprocess(onnx.load(digits.model_path))
     analysis = analyse_channels(graph)
-    importance = {i: group_importance(graph, analysis, g, PruningCriterion.L2)
+    importance = {i: group_importance(graph, g, PruningCriterion.L2)
                   for i, g in enumerate(analysis.groups) if g.prunable}
     keep = keep_for_fraction(analysis, importance, 0.3, Widths(8))
     masked = export_graph(apply_commands(graph, masking_commands(graph, analysis, keep)), model)
@@ -285,7 +285,7 @@ def test_bn_gamma_ranks_filters_by_the_folded_batchnorms_scale() -> None:
     analysis = analyse_channels(graph)
     producer = next(n for n in graph.nodes if n.outputs[0].name == bn.output[0])
     group = next(g for g in analysis.groups if producer.name in g.producers)
-    np.testing.assert_allclose(group_importance(graph, analysis, group, PruningCriterion.BN_GAMMA, gammas=gammas),
+    np.testing.assert_allclose(group_importance(graph, group, PruningCriterion.BN_GAMMA, gammas=gammas),
                                np.abs(gamma))
     with pytest.raises(ConfigError, match="bn_gamma is for one-shot pruning"):
         FinetuneConfig.build({"compression": [{"algorithm": "filter_pruning", "criterion": "bn_gamma"}]})

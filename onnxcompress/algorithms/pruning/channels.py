@@ -631,6 +631,13 @@ _HANDLERS = {
 }
 
 
+def zero_pruned(values: np.ndarray, axis: int, layout: Layout, keep: dict[int, np.ndarray]) -> None:
+    """Zero, in place, the slices of `values` along `axis` at the positions of `layout` that `keep` drops."""
+    index: list = [slice(None)] * values.ndim
+    index[axis] = np.setdiff1d(np.arange(values.shape[axis]), kept_indices(layout, keep))
+    values[tuple(index)] = 0
+
+
 def kept_indices(layout: Layout, keep: dict[int, np.ndarray]) -> np.ndarray:
     """Positions along `layout`'s axis that stay when each space keeps the channels `keep[space]` (sorted; a
     space not in `keep` keeps all), a channel's `block` elements together."""

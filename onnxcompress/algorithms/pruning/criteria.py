@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxcompress.algorithms.pruning.channels import ChannelAnalysis, ChannelGroup
+from onnxcompress.algorithms.pruning.channels import ChannelGroup
 from onnxcompress.config import PruningCriterion
 from onnxcompress.transforms.op_table import constant_weight, weight_channel_axis
 
@@ -45,7 +45,7 @@ def batchnorm_gammas(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             for n in model.graph.node if n.op_type == "BatchNormalization" and n.input[1] in constants}
 
 
-def group_importance(graph: gs.Graph, analysis: ChannelAnalysis, group: ChannelGroup, criterion: PruningCriterion,
+def group_importance(graph: gs.Graph, group: ChannelGroup, criterion: PruningCriterion,
                      weights: Mapping[str, np.ndarray] | None = None,
                      gammas: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """The summed importance of each channel over the group's compute ops, from their weights in `graph` or, by

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.algorithms.pruning.channels import ChannelAnalysis, SliceEdit, analyse_channels, kept_indices
+from onnxcompress.algorithms.pruning.channels import ChannelAnalysis, SliceEdit, analyse_channels, zero_pruned
 from onnxcompress.algorithms.pruning.criteria import group_importance
 from onnxcompress.algorithms.pruning.macs import LayerCost, layer_costs
 from onnxcompress.algorithms.pruning.select import Widths, keep_for_fraction, keep_for_macs, total_macs
@@ -85,7 +85,7 @@ class _Plan:
     def keep(self, level: float, weights: Mapping[str, np.ndarray] | None) -> Keep:
         if level <= 0:
             return {}
-        importance = {i: group_importance(self.graph, self.analysis, self.analysis.groups[i], self.config.criterion,
+        importance = {i: group_importance(self.graph, self.analysis.groups[i], self.config.criterion,
                                           weights) for i in self.prunable}
         widths = Widths(self.config.min_width, self.config.channel_multiple)
         if self.config.target_kind is PruningTargetKind.FLOPS:
@@ -96,11 +96,7 @@ class _Plan:
         masks = {name: np.ones(shape, np.float32) for name, shape in self.masked.values()}
         for edit in self.analysis.edits:
             if isinstance(edit, SliceEdit) and not edit.reads and edit.layout.spaces & keep.keys():
-                mask = masks[self.masked[(edit.node, edit.port)][0]]
-                removed = np.setdiff1d(np.arange(mask.shape[edit.axis]), kept_indices(edit.layout, keep))
-                index = [slice(None)] * mask.ndim
-                index[edit.axis] = removed
-                mask[tuple(index)] = 0
+                zero_pruned(masks[self.masked[(edit.node, edit.port)][0]], edit.axis, edit.layout, keep)
         return masks
 
 

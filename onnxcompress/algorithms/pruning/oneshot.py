@@ -19,8 +19,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.algorithms.pruning.channels import ChannelAnalysis, ChannelGroup, SliceEdit, analyse_channels, \
-    kept_indices
+from onnxcompress.algorithms.pruning.channels import (
+    ChannelAnalysis,
+    ChannelGroup,
+    SliceEdit,
+    analyse_channels,
+    zero_pruned,
+)
 from onnxcompress.algorithms.pruning.criteria import batchnorm_gammas, group_importance
 from onnxcompress.algorithms.pruning.macs import LayerCost, layer_costs
 from onnxcompress.algorithms.pruning.select import Widths, keep_for_fraction, keep_for_macs
@@ -104,7 +109,7 @@ def prune_model(model: onnx.ModelProto, config: PruneConfig, batches: Batches | 
     costs = layer_costs(graph, analysis)
     if config.criterion is PruningCriterion.BN_GAMMA:
         _check_gammas(graph, analysis, prunable, gammas)
-    importance = {i: group_importance(graph, analysis, analysis.groups[i], config.criterion, gammas=gammas)
+    importance = {i: group_importance(graph, analysis.groups[i], config.criterion, gammas=gammas)
                   for i in prunable}
     widths = Widths(config.min_width, config.channel_multiple)
     if config.target_kind is PruningTargetKind.FLOPS:
@@ -154,10 +159,7 @@ def _adjusted_biases(graph: gs.Graph, model: onnx.ModelProto, analysis: ChannelA
                 or not edit.layout.spaces & keep.keys() or bias_target(node) is None:
             continue
         weight = np.array(node.inputs[1].values)
-        removed = np.setdiff1d(np.arange(weight.shape[edit.axis]), kept_indices(edit.layout, keep))
-        index = [slice(None)] * weight.ndim
-        index[edit.axis] = removed
-        weight[tuple(index)] = 0
+        zero_pruned(weight, edit.axis, edit.layout, keep)
         zeroed[node.name] = SetConstantInput(node.name, 1, weight)
     targets = [bias_target(nodes[name]) for name in zeroed]
     if not targets:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.algorithms.pruning.channels import ChannelAnalysis, SliceEdit, kept_indices
+from onnxcompress.algorithms.pruning.channels import ChannelAnalysis, SliceEdit, kept_indices, zero_pruned
 from onnxcompress.transforms.commands import Command, SetAttribute, SetConstantInput, SliceChannels
 
 
@@ -51,10 +51,7 @@ def masking_commands(graph: gs.Graph, analysis: ChannelAnalysis, keep: dict[int,
         values = constants.get(key)
         if values is None:
             values = np.array(nodes[edit.node].inputs[edit.port].values)
-        removed = np.setdiff1d(np.arange(values.shape[edit.axis]), kept_indices(edit.layout, keep))
-        index = [slice(None)] * values.ndim
-        index[edit.axis] = removed
-        values[tuple(index)] = 0
+        zero_pruned(values, edit.axis, edit.layout, keep)
         constants[key] = values
     return [SetConstantInput(node, port, values) for (node, port), values in constants.items()]
 
