@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.api import finetune
 from onnxcompress.finetune.loss import cross_entropy
+from onnxcompress.finetune.trainer import Trainer
 from onnxcompress.config import FinetuneConfig
 from onnxcompress.models.transformer_block import build_transformer_block
 from onnxcompress.portability import check_portability
@@ -141,6 +142,24 @@ class InterruptAfter:
         return getattr(self._session, name)
 
 
+def straight_and_resumed(runtime: TrainingRuntime, model: onnx.ModelProto, train: Any, val: Any, settings: Any,
+                         folder: Path, steps: int) -> tuple[Any, Any]:
+    """An uninterrupted run, and one killed after `steps` training steps then resumed."""
+    straight = finetune(model, train, val, settings, checkpoint_dir=folder / "straight", progress=False)
+    with TrainingRuntimeSession(runtime) as session:
+        interrupted = Trainer(model, train, val, settings, folder / "resumed", progress=False,
+                              session=InterruptAfter(session, steps))  # type: ignore[arg-type]
+        with pytest.raises(KeyboardInterrupt):
+            interrupted.run()
+    resumed = finetune(model, train, val, settings, checkpoint_dir=folder / "resumed", resume=True, progress=False)
+    return straight, resumed
+
+
+def assert_same_initializers(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    for x, y in zip(a.graph.initializer, b.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y), err_msg=x.name)
+
+
 @pytest.fixture()
 def session(runtime: TrainingRuntime) -> Iterator[TrainingRuntimeSession]:
     with TrainingRuntimeSession(runtime) as opened:
@@ -152,9 +171,6 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(
     train, val = cnn_data(cnn, 96, 1), cnn_data(cnn, 32, 2)
     settings = config(epochs=3)
     straight = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "straight", progress=False)
-
-    from onnxcompress.finetune.trainer import Trainer
-
     steps_per_epoch = 96 // 16
     interrupted = Trainer(cnn, train, val, settings, tmp_path / "resumed", progress=False,
                           session=InterruptAfter(session, steps_per_epoch + 2))  # type: ignore[arg-type]

@@ -9,14 +9,11 @@ from typing import Any
 
 import onnx
 import pytest
-import numpy as np
-from test_finetune import InterruptAfter, cnn, cnn_data  # noqa: F401 - cnn is a fixture
+from test_finetune import assert_same_initializers, cnn, cnn_data, straight_and_resumed  # noqa: F401 - cnn: fixture
 
 from onnxcompress.api import finetune
 from onnxcompress.config import FinetuneConfig
 from onnxcompress.errors import ConfigError, PruningError
-from onnxcompress.finetune.trainer import Trainer
-from onnxcompress.runtime.training import TrainingRuntimeSession
 from onnxcompress.runtime.training_env import TrainingRuntime
 
 
@@ -110,14 +107,7 @@ def test_pruning_run_resumed_after_an_interruption_ends_identically(runtime: Tra
     no later epoch recomputes them) and resumed removes the same channels and ends with the same weights."""
     train, val = cnn_data(cnn, 96, 1), cnn_data(cnn, 32, 2)
     settings = pruning({"schedule": "exponential", "initial_level": 0.1, "pruning_steps": 2}, quantize=True, epochs=3)
-    straight = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "straight", progress=False)
-    with TrainingRuntimeSession(runtime) as session:
-        interrupted = Trainer(cnn, train, val, settings, tmp_path / "resumed", progress=False,
-                              session=InterruptAfter(session, 2 * (96 // 16) + 3))  # type: ignore[arg-type]
-        with pytest.raises(KeyboardInterrupt):
-            interrupted.run()
-    resumed = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "resumed", resume=True, progress=False)
+    straight, resumed = straight_and_resumed(runtime, cnn, train, val, settings, tmp_path, 2 * (96 // 16) + 3)
     assert [r.statistics for r in resumed.history] == [r.statistics for r in straight.history]
     assert conv_widths(resumed.model) == conv_widths(straight.model) != conv_widths(cnn)
-    for a, b in zip(straight.model.graph.initializer, resumed.model.graph.initializer, strict=True):
-        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), err_msg=a.name)
+    assert_same_initializers(straight.model, resumed.model)

@@ -12,13 +12,17 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from test_finetune import InterruptAfter, cnn, cnn_data, float_outputs  # noqa: F401 - cnn is a fixture
+from test_finetune import (  # noqa: F401 - cnn is a fixture
+    assert_same_initializers,
+    cnn,
+    cnn_data,
+    float_outputs,
+    straight_and_resumed,
+)
 
 from onnxcompress.api import finetune
 from onnxcompress.config import FinetuneConfig
-from onnxcompress.finetune.trainer import Trainer
 from onnxcompress.models.transformer_block import build_transformer_block
-from onnxcompress.runtime.training import TrainingRuntimeSession
 from onnxcompress.runtime.training_env import TrainingRuntime
 
 
@@ -74,16 +78,9 @@ def test_stacked_run_resumed_after_an_interruption_ends_identically(runtime: Tra
     train, val = cnn_data(cnn, 96, 1), cnn_data(cnn, 32, 2)
     schedule = {"initial_level": 0.1, "target_level": 0.5, "target_epoch": 3, "update_per_step": True}
     settings = stacked(schedule, epochs=3)
-    straight = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "straight", progress=False)
-    with TrainingRuntimeSession(runtime) as session:
-        interrupted = Trainer(cnn, train, val, settings, tmp_path / "resumed", progress=False,
-                              session=InterruptAfter(session, 96 // 16 + 3))  # type: ignore[arg-type]
-        with pytest.raises(KeyboardInterrupt):
-            interrupted.run()
-    resumed = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "resumed", resume=True, progress=False)
+    straight, resumed = straight_and_resumed(runtime, cnn, train, val, settings, tmp_path, 96 // 16 + 3)
     assert [r.statistics for r in resumed.history] == [r.statistics for r in straight.history]
-    for a, b in zip(straight.model.graph.initializer, resumed.model.graph.initializer, strict=True):
-        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), err_msg=a.name)
+    assert_same_initializers(straight.model, resumed.model)
 
 
 def test_rb_and_qat_run_resumed_after_an_interruption_ends_identically(runtime: TrainingRuntime,
@@ -97,18 +94,11 @@ def test_rb_and_qat_run_resumed_after_an_interruption_ends_identically(runtime: 
     quantize = {"algorithm": "quantization", "subset_size": 32, "quantizer_lr": 1e-2}
     settings = FinetuneConfig.build({"compression": [rb, quantize], "training": {
         "epochs": 3, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 2}})
-    straight = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "straight", progress=False)
-    with TrainingRuntimeSession(runtime) as session:
-        interrupted = Trainer(cnn, train, val, settings, tmp_path / "resumed", progress=False,
-                              session=InterruptAfter(session, 96 // 16 + 3))  # type: ignore[arg-type]
-        with pytest.raises(KeyboardInterrupt):
-            interrupted.run()
-    resumed = finetune(cnn, train, val, settings, checkpoint_dir=tmp_path / "resumed", resume=True, progress=False)
+    straight, resumed = straight_and_resumed(runtime, cnn, train, val, settings, tmp_path, 96 // 16 + 3)
     assert [r.statistics for r in resumed.history] == [r.statistics for r in straight.history]
     assert [r.train_loss for r in resumed.history] == [r.train_loss for r in straight.history]
     assert straight.history[-1].statistics["rb_sparsity/sparsity"] > 0.3
-    for a, b in zip(straight.model.graph.initializer, resumed.model.graph.initializer, strict=True):
-        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), err_msg=a.name)
+    assert_same_initializers(straight.model, resumed.model)
 
 
 def test_transformer_block_with_sparsity_and_quantization(runtime: TrainingRuntime, tmp_path: Path) -> None:
