@@ -76,7 +76,7 @@ def run_model(name: str, args) -> dict[str, Any]:
     record = {"model": name, "prune_s": round(seconds, 2), "macs_before": result.macs_before,
               "macs_after": result.macs_after, "mac_reduction": 1 - result.macs_after / result.macs_before,
               "weights_before": result.weights_before, "weights_after": result.weights_after,
-              "fraction": result.fraction, "groups": len(result.groups),
+              "largest_cut": result.largest_cut, "groups": len(result.groups),
               "groups_pruned": sum(g.channels_after < g.channels_before for g in result.groups),
               "file_ratio": pruned.stat().st_size / fp32.stat().st_size, "checker": True, "openvino": True,
               "output_shapes_kept": shapes_kept, **_latency_ratios(fp32, pruned, args)}
@@ -94,7 +94,7 @@ def _table(records: list[dict[str, Any]]) -> str:
             continue
         lines.append(f"| {r['model']} | {r['macs_before'] / 1e6:.0f} → {r['macs_after'] / 1e6:.0f} | "
                      f"{r['mac_reduction']:.1%} | {r['weights_before'] / 1e6:.2f} → {r['weights_after'] / 1e6:.2f} | "
-                     f"{r['groups_pruned']}/{r['groups']} | {r['fraction']:.1%} | {r['file_ratio']:.2f}× | "
+                     f"{r['groups_pruned']}/{r['groups']} | {r['largest_cut']:.1%} | {r['file_ratio']:.2f}× | "
                      f"{r['ov-f32']:.2f}× | {r['ort']:.2f}× | {r['prune_s']:.1f} |")
     return "\n".join(lines)
 

@@ -188,7 +188,10 @@ def sparsify(model: Path, output: Path | None, level: float, data: str | None, i
 @click.option("--target", type=float, default=0.3, show_default=True,
               help="Fraction of filters (or of MACs, with --target-kind flops) to remove, in (0, 1).")
 @click.option("--target-kind", type=click.Choice(["filters", "flops"]), help="What --target is a fraction of "
-              "(default filters: the same fraction of every group; flops: of the model's MACs).")
+              "(default filters; flops: of the model's MACs).")
+@click.option("--ranking", type=click.Choice(["uniform", "global"]), help="How channels are chosen across groups "
+              "(default uniform: the same fraction of every group; global: one threshold on importance normalized "
+              "per group).")
 @click.option("--criterion", type=click.Choice(["l1", "l2", "geometric_median", "bn_gamma"]),
               help="Filter importance (default l2; bn_gamma: |γ| of the BatchNorm after the filter).")
 @click.option("--min-width", type=click.IntRange(min=1), help="Channels every pruned group keeps (default 8).")
@@ -202,8 +205,8 @@ def sparsify(model: Path, output: Path | None, level: float, data: str | None, i
 @click.option("--ignore-types", multiple=True, help="Op types whose filters stay.")
 @click.option("--ignore-patterns", multiple=True, help="Regexes over node names whose filters stay.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def prune(model: Path, output: Path | None, target: float, target_kind, criterion, min_width, channel_multiple,
-          data: str | None, subset_size, report_path: Path | None, ignore_names, ignore_types, ignore_patterns,
+def prune(model: Path, output: Path | None, target: float, target_kind, ranking, criterion, min_width,
+          channel_multiple, data: str | None, subset_size, report_path: Path | None, ignore_names, ignore_types, ignore_patterns,
           no_progress: bool) -> None:
     """One-shot filter pruning of MODEL (no training): remove whole output channels and what depends on them."""
     from onnxcompress.algorithms.pruning.report import summary, write_report
@@ -211,8 +214,9 @@ def prune(model: Path, output: Path | None, target: float, target_kind, criterio
     from onnxcompress.config import PruneConfig
     from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
 
-    options = {key: value for key, value in {"target": target, "target_kind": target_kind, "criterion": criterion,
-                                             "min_width": min_width, "channel_multiple": channel_multiple,
+    options = {key: value for key, value in {"target": target, "target_kind": target_kind, "ranking": ranking,
+                                             "criterion": criterion, "min_width": min_width,
+                                             "channel_multiple": channel_multiple,
                                              "subset_size": subset_size}.items() if value is not None}
     options.update(_ignored_scope(ignore_names, ignore_types, ignore_patterns))
     config = PruneConfig.build(options)

@@ -409,18 +409,31 @@ class PruningCriterion(str, enum.Enum):
 class PruningTargetKind(str, enum.Enum):
     """What the pruning target is a fraction of."""
 
-    #: Filters of every prunable group, the same fraction of each (uniform per layer).
+    #: Filters of the prunable groups: of each (uniform ranking) or of all of them together (global ranking).
     FILTERS = "filters"
-    #: Multiply-accumulates of the whole model; the uniform fraction of filters that removes them is searched.
+    #: Multiply-accumulates of the whole model; the ranking's strength that removes them is searched.
     FLOPS = "flops"
 
 
-class PruneConfig(_OneShotConfig):
-    """One-shot filter pruning without training (`onnxcompress prune`)."""
+class PruningRanking(str, enum.Enum):
+    """How the channels to remove are chosen across groups."""
+
+    #: Every group loses the same fraction of its channels.
+    UNIFORM = "uniform"
+    #: One threshold on importance normalized by each group's mean: groups of weak channels lose more.
+    GLOBAL = "global"
+
+
+class _PruningTarget(_Strict):
+    """What one-shot and fine-tuned filter pruning share: the target, how channels are ranked and how narrow
+    groups may get."""
 
     target: float = Field(0.3, gt=0.0, lt=1.0, description="Fraction of filters or of MACs (target_kind) to remove.")
-    target_kind: PruningTargetKind = Field(PruningTargetKind.FILTERS, description="filters or flops.")
-    criterion: PruningCriterion = Field(PruningCriterion.L2, description="l1, l2, geometric_median or bn_gamma.")
+    target_kind: PruningTargetKind = Field(PruningTargetKind.FLOPS, description="filters or flops.")
+    criterion: PruningCriterion = Field(PruningCriterion.L2, description="l1, l2, geometric_median or bn_gamma "
+                                                                          "(one-shot only).")
+    ranking: PruningRanking = Field(PruningRanking.UNIFORM, description="uniform (the same fraction of every group) "
+                                                                        "or global (one normalized threshold).")
     min_width: int = Field(8, ge=1, description="Channels every pruned group keeps at least (all, if it has fewer).")
     channel_multiple: int = Field(
         8, ge=1, description="Pruned groups keep a multiple of this many channels, unless that keeps them all: "
@@ -428,6 +441,12 @@ class PruneConfig(_OneShotConfig):
                              "than the unpruned one in ONNX Runtime).")
     ignored_scope: IgnoredScope = Field(
         default_factory=IgnoredScope, description="Compute ops whose filters are not pruned (their group is kept).")
+
+
+class PruneConfig(_OneShotConfig, _PruningTarget):
+    """One-shot filter pruning without training (`onnxcompress prune`)."""
+
+    target_kind: PruningTargetKind = Field(PruningTargetKind.FILTERS, description="filters or flops.")
 
 
 class PruningSchedule(str, enum.Enum):
@@ -461,24 +480,14 @@ class PruningScheduleConfig(_Strict):
         return self.num_init_steps + self.pruning_steps
 
 
-class FilterPruningConfig(_Strict):
+class FilterPruningConfig(_PruningTarget):
     """Filter pruning, fine-tuned: frozen masks zero whole filters (and what depends on them) in the training
     graph, the schedule raises the level and recomputes them from the current weights, and the export removes
     the pruned channels."""
 
     algorithm: Literal["filter_pruning"] = Field(description="Compression algorithm name.")
-    target: float = Field(0.3, gt=0.0, lt=1.0, description="Fraction of filters or of MACs (target_kind) to remove.")
-    target_kind: PruningTargetKind = Field(PruningTargetKind.FLOPS, description="filters or flops.")
-    criterion: PruningCriterion = Field(PruningCriterion.L2, description="l1, l2 or geometric_median.")
-    min_width: int = Field(8, ge=1, description="Channels every pruned group keeps at least (all, if it has fewer).")
-    channel_multiple: int = Field(
-        8, ge=1, description="Pruned groups keep a multiple of this many channels, unless that keeps them all: "
-                             "both runtimes' kernels run full SIMD lanes (odd widths made a pruned INT8 model slower "
-                             "than the unpruned one in ONNX Runtime).")
     schedule: PruningScheduleConfig = Field(default_factory=PruningScheduleConfig,
                                             description="How the level rises over the epochs.")
-    ignored_scope: IgnoredScope = Field(
-        default_factory=IgnoredScope, description="Compute ops whose filters are not pruned (their group is kept).")
 
     @model_validator(mode="after")
     def _initial_below_target(self) -> FilterPruningConfig:
@@ -547,6 +556,21 @@ class Distillation(_Strict):
     weight: float = Field(1.0, ge=0.0, description="Weight of the distillation term.")
 
 
+class Augmentation(_Strict):
+    """Random changes to the image inputs (4-D, [N, C, H, W]) of every training batch, drawn from the seed, the
+    epoch and the step (a resumed run sees the same batches); the teacher of distillation sees the same images.
+    Validation data is never changed."""
+
+    shift: int = Field(0, ge=0, description="Translate each image by up to this many pixels along H and W, "
+                                            "independently per sample (zeros fill the border).")
+    horizontal_flip: bool = Field(False, description="Mirror each image left-right with probability 1/2 (not for "
+                                                     "data whose meaning changes when mirrored, such as digits).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.shift > 0 or self.horizontal_flip
+
+
 class TrainingConfig(_Strict):
     """The fine-tuning loop."""
 
@@ -563,6 +587,8 @@ class TrainingConfig(_Strict):
     loss: Loss = Field(Loss.CROSS_ENTROPY, description="Task loss against the labels: cross_entropy or mse.")
     metric: Metric = Field(Metric.TOP1, description="Validation metric choosing the best checkpoint.")
     distillation: Distillation = Field(default_factory=Distillation, description="Knowledge distillation.")
+    augmentation: Augmentation = Field(default_factory=Augmentation,
+                                       description="Random shifts and flips of image inputs during training.")
     seed: int = Field(0, ge=0, description="Seed of the data shuffling.")
     labels: str = Field("labels", description="Name of the label array in the training and validation data.")
 
@@ -573,8 +599,9 @@ class FinetuneConfig(_Strict):
     compression: tuple[AlgorithmConfig, ...] = Field(
         (QuantizationAwareTrainingConfig(),), min_length=1,
         description="Compression algorithms, each a mapping with an `algorithm` key: quantization, "
-                    "magnitude_sparsity, rb_sparsity. They stack in the order weights flow through them: sparsity "
-                    "masks the float weight, quantization then quantizes the masked weight.")
+                    "magnitude_sparsity, rb_sparsity, filter_pruning. They stack in the order weights flow through "
+                    "them: pruning and sparsity mask the float weight, quantization then quantizes the masked "
+                    "weight.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training loop settings.")
 
     @classmethod

@@ -1,8 +1,8 @@
 """The fine-tuning loop: compress, train with onnxruntime-training, keep checkpoints, export the best.
 
     create_compressed_model (calibration on the first training samples)  →  training graph = compressed graph +
-    loss  →  artifacts (once per checkpoint folder)  →  epochs: seeded shuffle, per-step learning rate,
-    train steps, scheduler steps, validation metric, checkpoint (weights + optimizer state) and run state  →
+    loss  →  artifacts (once per checkpoint folder)  →  epochs: seeded shuffle and augmentation, per-step learning
+    rate, train steps, scheduler steps, validation metric, checkpoint (weights + optimizer state) and run state  →
     best checkpoint  →  exported deployable model
 
 Resuming: the checkpoint folder holds the artifacts, `last-<epoch>.ckpt` (with optimizer state),
@@ -37,6 +37,7 @@ from onnxcompress.compression.registry import CompressedModel, create_compressed
 from onnxcompress.config import FinetuneConfig, Metric, Schedule, TrainingConfig
 from onnxcompress.data import model_inputs
 from onnxcompress.errors import CheckpointError, ConfigError, OutputError, TrainingError
+from onnxcompress.finetune.augment import augment, check_image_inputs
 from onnxcompress.finetune.data import Batch, LabelledData, LabelSpec
 from onnxcompress.finetune.loss import LABELS_INPUT, TEACHER_INPUT, LossBuilder, add_loss
 from onnxcompress.runtime.checksum import sha256_file
@@ -215,6 +216,7 @@ class Trainer:
         self.checkpoint_dir, self.resume, self.progress = Path(checkpoint_dir), resume, progress
         self.custom_loss, self.custom_metric = loss, metric
         self.inputs = model_inputs(model)
+        check_image_inputs(self.settings.augmentation, self.inputs)
         label_spec = LabelSpec(self.settings.loss, _output_shape(model))
         label_name = self.settings.labels
         self.train = LabelledData(train, self.inputs, label_spec, label_name=label_name, what="training data")
@@ -364,7 +366,8 @@ class Trainer:
         for index, batch in enumerate(bar):
             learning_rate = learning_rate_at(epoch * steps + index, steps, settings)
             session.set_lr(learning_rate)
-            losses.append(session.train_step(self._feeds(batch)).loss)
+            feeds = augment(batch[0], settings.augmentation, settings.seed, epoch, index)
+            losses.append(session.train_step(self._feeds((feeds, batch[1]))).loss)
             if not math.isfinite(losses[-1]):
                 raise TrainingError(f"epoch {epoch + 1}, step {index + 1}: the training loss is {losses[-1]}; the "
                                     "weights diverged (try a lower training.learning_rate)")

@@ -305,3 +305,54 @@ def test_inspect_lists_the_channel_groups_and_why_some_are_kept() -> None:
     text = format_inspection(report)
     assert "filter pruning: 4 of 5 channel groups can lose channels" in text
     assert "kept (1): reaches the graph output 'logits'" in text
+
+
+def test_global_ranking_cuts_groups_of_weak_channels_more_under_one_threshold() -> None:
+    """Two groups of 16: one with half its channels far below its mean, one with equal channels. Uniform ranking
+    cuts both alike; global ranking takes the weak half of the first and nothing of the second, and the filters
+    target counts over all groups."""
+    from onnxcompress.algorithms.pruning.select import select_channels
+    from onnxcompress.config import PruningRanking, PruningTargetKind
+
+    model = _two_convs()
+    graph = preprocess(model)
+    analysis = analyse_channels(graph)
+    importance = {i: group_importance(graph, g, PruningCriterion.L2)
+                  for i, g in enumerate(analysis.groups) if g.prunable}
+    costs = layer_costs(graph, analysis)
+    by_producer = {analysis.groups[i].producers[0]: analysis.groups[i].spaces[0] for i in importance}
+
+    def widths(ranking: PruningRanking, kind: PruningTargetKind, target: float) -> dict[str, int]:
+        keep, _ = select_channels(analysis, importance, costs, target, kind, ranking, Widths(2))
+        return {name: len(keep[space]) for name, space in by_producer.items()}
+
+    assert widths(PruningRanking.UNIFORM, PruningTargetKind.FILTERS, 0.25) == {"spread": 12, "even": 12}
+    assert widths(PruningRanking.GLOBAL, PruningTargetKind.FILTERS, 0.25) == {"spread": 8, "even": 16}
+    keep, _ = select_channels(analysis, importance, costs, 0.25, PruningTargetKind.FILTERS, PruningRanking.GLOBAL,
+                              Widths(2))
+    np.testing.assert_array_equal(keep[by_producer["spread"]], np.arange(0, 16, 2))  # the strong (even) filters
+    result = prune(model, target=0.2, target_kind="flops", ranking="global", min_width=2, channel_multiple=1,
+                   progress=False)
+    assert 1 - result.macs_after / result.macs_before >= 0.2
+    assert {g.producers: g.channels_after for g in result.groups}[("even",)] == 16
+
+
+def _two_convs() -> onnx.ModelProto:
+    """x → conv 'spread' (odd filters 20× weaker) → Relu → conv 'even' (equal norms) → Relu → conv 'head' → y."""
+    rng = np.random.default_rng(4)
+    spread = rng.normal(0, 1, (16, 3, 3, 3))
+    spread /= np.linalg.norm(spread.reshape(16, -1), axis=1)[:, None, None, None]
+    spread[1::2] *= 0.05
+    even = rng.normal(0, 1, (16, 16, 3, 3))
+    even /= np.linalg.norm(even.reshape(16, -1), axis=1)[:, None, None, None]
+    head = rng.normal(0, 0.2, (4, 16, 1, 1))
+    inits = [numpy_helper.from_array(w.astype(np.float32), n) for n, w in
+             (("spread.w", spread), ("even.w", even), ("head.w", head))]
+    nodes = [helper.make_node("Conv", ["x", "spread.w"], ["a"], name="spread", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+             helper.make_node("Conv", ["ra", "even.w"], ["b"], name="even", pads=[1] * 4),
+             helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+             helper.make_node("Conv", ["rb", "head.w"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "two_convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.algorithms.pruning.channels import ChannelAnalysis, SliceEdit, analyse_channels, zero_pruned
 from onnxcompress.algorithms.pruning.criteria import group_importance
 from onnxcompress.algorithms.pruning.macs import LayerCost, layer_costs
-from onnxcompress.algorithms.pruning.select import Widths, keep_for_fraction, keep_for_macs, total_macs
+from onnxcompress.algorithms.pruning.select import Keep, Widths, select_channels, total_macs
 from onnxcompress.algorithms.pruning.surgery import surgery_commands
 from onnxcompress.algorithms.quantization.ptq import export_graph, resolve_ignored_scope
 from onnxcompress.compression.api import (
@@ -35,14 +35,13 @@ from onnxcompress.compression.api import (
     Parameters,
     Stage,
 )
-from onnxcompress.config import FilterPruningConfig, PruningSchedule, PruningScheduleConfig, PruningTargetKind
+from onnxcompress.config import FilterPruningConfig, PruningSchedule, PruningScheduleConfig
 from onnxcompress.errors import PruningError
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import Command, MaskWeight, SetConstantInput
 from onnxcompress.transforms.op_table import constant_weight, spec
 
 Batches = Iterable[Mapping[str, np.ndarray]]
-Keep = dict[int, np.ndarray]
 
 
 def planned_level(schedule: PruningScheduleConfig, target: float, epoch: int) -> float:
@@ -87,10 +86,8 @@ class _Plan:
             return {}
         importance = {i: group_importance(self.graph, self.analysis.groups[i], self.config.criterion,
                                           weights) for i in self.prunable}
-        widths = Widths(self.config.min_width, self.config.channel_multiple)
-        if self.config.target_kind is PruningTargetKind.FLOPS:
-            return keep_for_macs(self.analysis, importance, self.costs, level, widths)[0]
-        return keep_for_fraction(self.analysis, importance, level, widths)
+        return select_channels(self.analysis, importance, self.costs, level, self.config.target_kind,
+                               self.config.ranking, Widths(self.config.min_width, self.config.channel_multiple))[0]
 
     def masks(self, keep: Keep) -> dict[str, np.ndarray]:
         masks = {name: np.ones(shape, np.float32) for name, shape in self.masked.values()}

@@ -28,12 +28,12 @@ from onnxcompress.algorithms.pruning.channels import (
 )
 from onnxcompress.algorithms.pruning.criteria import batchnorm_gammas, group_importance
 from onnxcompress.algorithms.pruning.macs import LayerCost, layer_costs
-from onnxcompress.algorithms.pruning.select import Widths, keep_for_fraction, keep_for_macs
+from onnxcompress.algorithms.pruning.select import Widths, select_channels
 from onnxcompress.algorithms.pruning.surgery import surgery_commands
 from onnxcompress.algorithms.quantization.bias_correction import measured_bias_shifts
 from onnxcompress.algorithms.quantization.placement import bias_target
 from onnxcompress.algorithms.quantization.ptq import export_graph, resolve_ignored_scope
-from onnxcompress.config import PruneConfig, PruningCriterion, PruningTargetKind
+from onnxcompress.config import PruneConfig, PruningCriterion
 from onnxcompress.errors import PruningError
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import SetConstantInput
@@ -73,9 +73,9 @@ class PruneResult:
     model: onnx.ModelProto
     layers: tuple[LayerChange, ...]
     groups: tuple[GroupChange, ...]
-    #: The fraction of filters each prunable group lost (for a MAC target: the searched one, which groups given
-    #: width back lost less of).
-    fraction: float
+    #: The searched strength of the ranking: under uniform ranking, the fraction of filters each group lost (for
+    #: a MAC target, groups given width back lost less).
+    strength: float
     #: Layers whose bias absorbed the mean of their pruned inputs (empty without data).
     adjusted: tuple[str, ...]
 
@@ -90,6 +90,11 @@ class PruneResult:
     @property
     def weights_before(self) -> int:
         return sum(layer.weights_before for layer in self.layers)
+
+    @property
+    def largest_cut(self) -> float:
+        """The largest fraction of filters one group lost."""
+        return max((1 - g.channels_after / g.channels_before for g in self.groups), default=0.0)
 
     @property
     def weights_after(self) -> int:
@@ -111,18 +116,15 @@ def prune_model(model: onnx.ModelProto, config: PruneConfig, batches: Batches | 
         _check_gammas(graph, analysis, prunable, gammas)
     importance = {i: group_importance(graph, analysis.groups[i], config.criterion, gammas=gammas)
                   for i in prunable}
-    widths = Widths(config.min_width, config.channel_multiple)
-    if config.target_kind is PruningTargetKind.FLOPS:
-        keep, fraction = keep_for_macs(analysis, importance, costs, config.target, widths)
-    else:
-        keep, fraction = keep_for_fraction(analysis, importance, config.target, widths), config.target
+    keep, strength = select_channels(analysis, importance, costs, config.target, config.target_kind, config.ranking,
+                                     Widths(config.min_width, config.channel_multiple))
     adjusted: list[SetConstantInput] = []
     if batches is not None:
         adjusted = _adjusted_biases(graph, model, analysis, keep, batches, total, progress)
         apply_commands(graph, adjusted)
     apply_commands(graph, surgery_commands(graph, analysis, keep))
     # The inferred shapes of the pruned tensors are stale: the file leaves them out, runtimes infer them.
-    return PruneResult(export_graph(graph, model, shapes=False), _layer_changes(costs, keep), _group_changes(analysis, keep, ignored), fraction,
+    return PruneResult(export_graph(graph, model, shapes=False), _layer_changes(costs, keep), _group_changes(analysis, keep, ignored), strength,
                        tuple(c.node for c in adjusted))
 
 

@@ -15,7 +15,7 @@ def summary(result: PruneResult) -> str:
     return (f"MACs {result.macs_before / 1e6:.1f} M → {result.macs_after / 1e6:.1f} M "
             f"({1 - result.macs_after / result.macs_before:.1%} fewer), weights {result.weights_before / 1e6:.2f} M → "
             f"{result.weights_after / 1e6:.2f} M; {sum(g.channels_after < g.channels_before for g in result.groups)} "
-            f"of {len(result.groups)} channel groups pruned, by up to {result.fraction:.1%} of their filters")
+            f"of {len(result.groups)} channel groups pruned, by up to {result.largest_cut:.1%} of their filters")
 
 
 def markdown(result: PruneResult, plot: str | None = None) -> str:
