@@ -82,7 +82,7 @@ def step_times(out: Path, rounds: int, steps: int) -> dict:
     weights = trainable_weights(float_model)
     feeds = {"input": x[:settings.batch_size], LABELS_INPUT: y[:settings.batch_size]}
     if settings.distillation.enabled:
-        teacher = ort.InferenceSession(float_model.SerializeToString())
+        teacher = ort.InferenceSession(compressed["qat"].reference_model.SerializeToString())
         feeds[TEACHER_INPUT] = teacher.run(None, {"input": feeds["input"]})[0]
     graphs = {"fp32": (build_training_model(float_model, settings, []), None)}
     graphs.update({name: (build_training_model(c.training_model, settings, c.loss_outputs), c)

@@ -57,9 +57,11 @@ ALGORITHMS: dict[str, Algorithm] = {
 
 @dataclass
 class CompressedModel:
-    """The float graph the algorithms planned on, the trainable graph with their operations, and the
-    controllers that know how to schedule, measure and export them."""
+    """The user's model as preprocessed (the teacher of distillation: what compression must not lose), the float
+    graph the algorithms planned on (masked at their initial levels, biases corrected), the trainable graph with
+    their operations, and the controllers that know how to schedule, measure and export them."""
 
+    reference_model: onnx.ModelProto
     float_model: onnx.ModelProto
     training_model: onnx.ModelProto
     controllers: list[CompressionController]
@@ -136,7 +138,8 @@ def create_compressed_model(model: onnx.ModelProto, configs: Iterable[AlgorithmC
                             context: BuildContext) -> CompressedModel:
     """Build every configured algorithm on `model`; `batches()` gives a fresh pass over calibration feeds."""
     ordered = order_stack(configs)
-    float_model = export_graph(preprocess(model), model)
+    reference = export_graph(preprocess(model), model)
+    float_model = reference
     controllers = []
     for config in ordered:
         controller, float_model = ALGORITHMS[config.algorithm].build(float_model, batches, config, context)
@@ -144,4 +147,4 @@ def create_compressed_model(model: onnx.ModelProto, configs: Iterable[AlgorithmC
     graph = gs.import_onnx(float_model)
     for controller in controllers:
         apply_commands(graph, controller.training_commands)
-    return CompressedModel(float_model, export_graph(graph, float_model), controllers)
+    return CompressedModel(reference, float_model, export_graph(graph, float_model), controllers)

@@ -246,7 +246,7 @@ class Trainer:
         training_model = self._training_model(compressed).SerializeToString(deterministic=True)
         state = self._load_or_start(training_model)
         if self.settings.distillation.enabled:
-            self._teacher = ort.InferenceSession(compressed.float_model.SerializeToString(),
+            self._teacher = ort.InferenceSession(compressed.reference_model.SerializeToString(),
                                                  providers=["CPUExecutionProvider"])
         owns_session = self._session is None
         session = self._session or TrainingRuntimeSession()

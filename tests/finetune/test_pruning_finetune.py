@@ -111,3 +111,29 @@ def test_pruning_run_resumed_after_an_interruption_ends_identically(runtime: Tra
     assert [r.statistics for r in resumed.history] == [r.statistics for r in straight.history]
     assert conv_widths(resumed.model) == conv_widths(straight.model) != conv_widths(cnn)
     assert_same_initializers(straight.model, resumed.model)
+
+
+def test_the_teacher_is_the_uncompressed_model_not_the_masked_one(cnn: onnx.ModelProto) -> None:
+    """Distillation must pull the student towards what the user's model computes: the float model the algorithms
+    return is masked at the initial level (and bias-corrected), so it cannot be the teacher."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from onnxcompress.compression.api import BuildContext
+    from onnxcompress.compression.registry import create_compressed_model
+
+    config = pruning({"schedule": "exponential", "initial_level": 0.3, "pruning_steps": 1}, quantize=True)
+    feeds = cnn_data(cnn, 32, 1)[0]
+    name = next(iter(feeds))
+
+    def batches():
+        return ({name: feeds[name][i:i + 1]} for i in range(32))
+
+    compressed = create_compressed_model(cnn, config.compression, batches, BuildContext(1e-3, "adamw", 2, 32, False))
+
+    def run(model: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    expected = run(cnn)
+    np.testing.assert_allclose(run(compressed.reference_model), expected, atol=1e-4 * np.ptp(expected))
+    assert np.abs(run(compressed.float_model) - expected).max() > 1e-2 * np.ptp(expected)
