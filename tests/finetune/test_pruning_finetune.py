@@ -54,6 +54,11 @@ def test_pruned_channels_are_removed_at_export(runtime: TrainingRuntime, cnn: on
     assert after != before and all(after[name] <= width for name, width in before.items())
     # The exported model (channels removed) computes what the masked training graph computed.
     assert result.export_error_float_path < (1e-5 if not quantize else 1e-2)
+    if quantize:  # QAT levels stay within half the int16 pair budget, so the pairs surgery re-forms fit too
+        from onnxcompress.portability import check_portability
+
+        portability = check_portability(result.model)
+        assert portability.checked and portability.safe_without_vnni, portability.describe()
 
 
 def test_pruning_settings_that_cannot_work_are_refused(cnn: onnx.ModelProto, tmp_path: Path) -> None:
