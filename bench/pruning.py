@@ -10,6 +10,7 @@ latency ratio unpruned / pruned in OpenVINO (f32 hint) and ONNX Runtime, from on
 two files (`onnxcompress.runtime.benchmark`). A model whose pruning fails records the error and the run goes on.
 
     .venv/bin/python bench/pruning.py [--models all] [--rounds 5] [--round-seconds 1.0] [--criterion l2]
+        [--ranking uniform|global]
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def run_model(name: str, args) -> dict[str, Any]:
     start = time.perf_counter()
     data = model["calib"] if name in BUNDLED_MODELS else None
     result = onnxcompress.prune(fp32, data, target=args.target, target_kind="flops", criterion=args.criterion,
-                                progress=False)
+                                ranking=args.ranking, progress=False)
     seconds = time.perf_counter() - start
     pruned = save_model(result.model, folder / f"{name}.pruned.onnx")
     onnx.checker.check_model(str(pruned), full_check=True)
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="all", help=f"comma list, or all: {','.join(MODELS)}")
     parser.add_argument("--target", type=float, default=0.3)
     parser.add_argument("--criterion", default="l2")
+    parser.add_argument("--ranking", default="uniform", choices=["uniform", "global"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--round-seconds", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR / "pruning.json")
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
         except OnnxCompressError as error:
             records.append({"model": name, "error": str(error)})
         log(f"{name}: {records[-1]}")
-        write_json(args.out, {"host": host_info(), "target": args.target, "criterion": args.criterion,
+        write_json(args.out, {"host": host_info(), "target": args.target, "criterion": args.criterion, "ranking": args.ranking,
                               "records": records})
     print(_table(records))
     return 0

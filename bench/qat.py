@@ -34,8 +34,8 @@ from common import REPO_DIR, log, write_json  # noqa: E402
 from onnxcompress.compression.api import BuildContext  # noqa: E402
 from onnxcompress.compression.registry import CompressedModel, create_compressed_model  # noqa: E402
 from onnxcompress.config import FinetuneConfig  # noqa: E402
-from onnxcompress.finetune.loss import LABELS_INPUT, TEACHER_INPUT  # noqa: E402
-from onnxcompress.finetune.trainer import build_training_model, trainable_weights  # noqa: E402
+from onnxcompress.training.loss import LABELS_INPUT, TEACHER_INPUT  # noqa: E402
+from onnxcompress.training.trainer import build_training_model, trainable_weights  # noqa: E402
 from onnxcompress.models import sample  # noqa: E402
 from onnxcompress.runtime.openvino import compile_model, int8_summary, runtime_precisions  # noqa: E402
 from onnxcompress.runtime.training import TrainingRuntimeSession  # noqa: E402

@@ -27,8 +27,8 @@ from onnxcompress.runtime.model_io import load_model
 ModelLike = onnx.ModelProto | str | os.PathLike
 
 if TYPE_CHECKING:
-    from onnxcompress.finetune.loss import LossBuilder
-    from onnxcompress.finetune.trainer import FinetuneResult, MetricFunction
+    from onnxcompress.training.loss import LossBuilder
+    from onnxcompress.training.trainer import FinetuneResult, MetricFunction
 
 
 def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None, *,
@@ -121,7 +121,7 @@ def finetune(model: ModelLike, train: Any = None, val: Any = None, config: Finet
     function `(logits, labels) -> float` (higher is better). Checkpoints go to `checkpoint_dir`; `resume`
     continues the run found there.
     """
-    from onnxcompress.finetune.trainer import Trainer
+    from onnxcompress.training.trainer import Trainer
 
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
     bundled = sample_for_model(model) if not isinstance(model, onnx.ModelProto) else None

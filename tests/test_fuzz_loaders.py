@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from onnxcompress.config import FinetuneConfig, QuantizationConfig, read_config_file
 from onnxcompress.data import calibration_batches, model_inputs
 from onnxcompress.errors import OnnxCompressError
-from onnxcompress.finetune.data import LabelledData, LabelSpec
+from onnxcompress.training.data import LabelledData, LabelSpec
 from onnxcompress.config import Loss
 from onnxcompress.runtime.model_io import load_model
 

@@ -9,7 +9,7 @@ import pytest
 from onnxcompress.config import Augmentation
 from onnxcompress.data import InputSpec
 from onnxcompress.errors import ConfigError
-from onnxcompress.finetune.augment import augment, check_image_inputs
+from onnxcompress.training.augment import augment, check_image_inputs
 
 
 def images(count: int = 16) -> dict[str, np.ndarray]:

@@ -10,8 +10,8 @@ import pytest
 from onnxcompress.config import Loss, TrainingConfig
 from onnxcompress.data import InputSpec
 from onnxcompress.errors import DatasetError
-from onnxcompress.finetune.data import LabelledData, LabelSpec
-from onnxcompress.finetune.trainer import learning_rate_at
+from onnxcompress.training.data import LabelledData, LabelSpec
+from onnxcompress.training.trainer import learning_rate_at
 
 INPUTS = [InputSpec("x", np.dtype(np.float32), (None, 2))]
 CLASSES = LabelSpec(Loss.CROSS_ENTROPY, (None, 3))
@@ -109,3 +109,17 @@ def test_warmup_then_cosine_to_zero() -> None:
 def test_step_schedule_decays_every_step_epochs() -> None:
     config = TrainingConfig(epochs=6, learning_rate=1.0, schedule="step", step_epochs=2, gamma=0.5)
     assert [learning_rate_at(epoch * 10 + 3, 10, config) for epoch in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_the_api_functions_survive_importing_every_subpackage() -> None:
+    """A subpackage named like an API function would replace `onnxcompress.<name>` once anything imports it."""
+    import importlib
+    import pkgutil
+
+    import onnxcompress
+
+    for module in pkgutil.walk_packages(onnxcompress.__path__, "onnxcompress."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+    for name in onnxcompress.__all__:
+        assert callable(getattr(onnxcompress, name)), name

@@ -20,8 +20,8 @@ from conftest import TINY_CNN_INPUT, build_tiny_cnn
 import onnx_graphsurgeon as gs
 
 from onnxcompress.api import finetune
-from onnxcompress.finetune.loss import cross_entropy
-from onnxcompress.finetune.trainer import Trainer
+from onnxcompress.training.loss import cross_entropy
+from onnxcompress.training.trainer import Trainer
 from onnxcompress.config import FinetuneConfig
 from onnxcompress.models.transformer_block import build_transformer_block
 from onnxcompress.portability import check_portability

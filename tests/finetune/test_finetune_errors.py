@@ -17,7 +17,7 @@ from conftest import TINY_CNN_INPUT, save_tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
 from test_cli_errors import OUTPUT, assert_clean_failure, run_cli
 
-from onnxcompress.finetune.trainer import RunState
+from onnxcompress.training.trainer import RunState
 from onnxcompress.runtime.training_env import DIR_ENV
 
 

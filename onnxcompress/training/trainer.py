@@ -37,13 +37,13 @@ from onnxcompress.compression.registry import CompressedModel, create_compressed
 from onnxcompress.config import FinetuneConfig, Metric, Schedule, TrainingConfig
 from onnxcompress.data import model_inputs
 from onnxcompress.errors import CheckpointError, ConfigError, OutputError, TrainingError
-from onnxcompress.finetune.augment import augment, check_image_inputs
-from onnxcompress.finetune.data import Batch, LabelledData, LabelSpec
-from onnxcompress.finetune.loss import LABELS_INPUT, TEACHER_INPUT, LossBuilder, add_loss
 from onnxcompress.runtime.checksum import sha256_file
 from onnxcompress.runtime.model_io import external_data_files, static_dim
 from onnxcompress.runtime.outputs import write_text_atomic
 from onnxcompress.runtime.training import TrainingRuntimeSession
+from onnxcompress.training.augment import augment, check_image_inputs
+from onnxcompress.training.data import Batch, LabelledData, LabelSpec
+from onnxcompress.training.loss import LABELS_INPUT, TEACHER_INPUT, LossBuilder, add_loss
 from onnxcompress.transforms.op_table import Role, spec
 from onnxcompress.transforms.passes import differentiable_forms, infer_shapes
 
