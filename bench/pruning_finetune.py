@@ -13,6 +13,7 @@ against `quantize` of the unpruned model (same calibration data) in one interlea
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def _top1(path: Path, test: Path) -> dict[str, float]:
 def run_sample(name: str, folder: Path, args) -> dict[str, Any]:
     bundled = sample(name)
     config = FinetuneConfig.from_file(CONFIGS / SAMPLES[name])
+    shutil.rmtree(folder / f"{name}.ckpt", ignore_errors=True)  # a fresh run each time
     start = time.perf_counter()
     result = onnxcompress.finetune(bundled.model_path, config=config, checkpoint_dir=folder / f"{name}.ckpt",
                                    progress=False)
