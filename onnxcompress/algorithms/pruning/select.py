@@ -51,7 +51,6 @@ class Widths:
         return min(channels, -(-kept // self.multiple) * self.multiple)
 
 
-
 def select_channels(analysis: ChannelAnalysis, importance: Mapping[int, np.ndarray], costs: Sequence[LayerCost],
                     target: float, kind: PruningTargetKind, ranking: PruningRanking,
                     widths: Widths) -> tuple[Keep, float]:
