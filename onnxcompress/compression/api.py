@@ -17,7 +17,10 @@ and returns a *controller*. The controller owns:
 * `statistics(parameters)` for logging, and `export_commands(graph, parameters)`: the commands that turn the
   graph as the previous algorithms of the stack exported it, with the trained weights, into this algorithm's
   deployable form. Constants are read from `graph`, not from `parameters`, so exports compose. Then
-  `finish_commands(graph)` of each, on the fully exported graph (filter pruning removes the masked channels).
+  `finish_commands(graph)` of each, on the fully exported graph (filter pruning removes the masked channels);
+* `surviving_weights()`: which elements of the model's weights survive its export (filter pruning removes whole
+  filters and the next layers' inputs). Algorithms of later stages get them from `BuildContext.surviving_weights`
+  and count their level over what survives, so the exported file has the level asked for.
 
 Algorithms register in `registry.py`; the fine-tuning loop only ever talks to this interface.
 """
@@ -39,6 +42,12 @@ from onnxcompress.transforms.commands import Command
 Parameters = Mapping[str, np.ndarray]
 #: Current values of the named parameters of the training session.
 ParameterReader = Callable[[Iterable[str]], dict[str, np.ndarray]]
+#: 0/1 masks (boolean, shaped like the weight) by weight name; a weight not named survives whole.
+SurvivingWeights = Callable[[], dict[str, np.ndarray]]
+
+
+def _all_survive() -> dict[str, np.ndarray]:
+    return {}
 
 
 class Stage(enum.IntEnum):
@@ -65,6 +74,8 @@ class BuildContext:
     #: Number of calibration samples `batches()` yields, when known (progress bars).
     calibration_samples: int | None = None
     progress: bool = True
+    #: The weights the algorithms built before this one leave, current at each call (their schedules move).
+    surviving_weights: SurvivingWeights = _all_survive
 
 
 class CompressionScheduler:
@@ -146,6 +157,10 @@ class CompressionController(ABC):
     @abstractmethod
     def export_commands(self, graph: gs.Graph, parameters: Parameters) -> list[Command]:
         """Commands that turn `graph` (trained weights, previous algorithms exported) into the deployable form."""
+
+    def surviving_weights(self) -> dict[str, np.ndarray]:
+        """The elements of weights its current state keeps in the export (see `SurvivingWeights`); all by default."""
+        return {}
 
     def finish_commands(self, graph: gs.Graph) -> list[Command]:
         """Commands applied once every algorithm has exported (filter pruning removes its channels from the

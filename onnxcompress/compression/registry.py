@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -140,11 +140,26 @@ def create_compressed_model(model: onnx.ModelProto, configs: Iterable[AlgorithmC
     ordered = order_stack(configs)
     reference = export_graph(preprocess(model), model)
     float_model = reference
-    controllers = []
+    controllers: list[CompressionController] = []
     for config in ordered:
         controller, float_model = ALGORITHMS[config.algorithm].build(float_model, batches, config, context)
         controllers.append(controller)
+        context = replace(context, surviving_weights=_Surviving(tuple(controllers)))
     graph = gs.import_onnx(float_model)
     for controller in controllers:
         apply_commands(graph, controller.training_commands)
     return CompressedModel(reference, float_model, export_graph(graph, float_model), controllers)
+
+
+@dataclass(frozen=True)
+class _Surviving:
+    """`SurvivingWeights` of a stack's first algorithms: an element survives when it survives each of them."""
+
+    controllers: tuple[CompressionController, ...]
+
+    def __call__(self) -> dict[str, np.ndarray]:
+        masks: dict[str, np.ndarray] = {}
+        for controller in self.controllers:
+            for name, mask in controller.surviving_weights().items():
+                masks[name] = mask & masks[name] if name in masks else mask
+        return masks

@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_CNN_INPUT, build_tiny_cnn
 from onnx import TensorProto, helper
 
-from onnxcompress.algorithms.sparsity.masks import SparsityTarget, compute_masks, sparsity
+from onnxcompress.algorithms.sparsity.masks import SparsityTarget, alive_elements, compute_masks, sparsity
 from onnxcompress.algorithms.sparsity.schedule import AdaptiveLevel, planned_level
 from onnxcompress.api import sparsify
 from onnxcompress.config import (
@@ -52,6 +52,25 @@ def test_a_global_threshold_prunes_the_layer_of_small_weights_more() -> None:
     # normed_abs divides each layer by its norm: the two layers are the same up to scale, so each loses half.
     by_norm = compute_masks(_targets(weights), weights, 0.5, NORMED, GLOBAL)
     assert [sparsity({k: v}) for k, v in by_norm.items()] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("threshold", [PER_LAYER, GLOBAL])
+def test_the_level_counts_only_the_weights_an_earlier_algorithm_leaves(threshold: SparsityThreshold) -> None:
+    """Filter pruning removes whole rows at export: those are zeroed but not counted, so what survives has the
+    level asked for; the zeros among the survivors are its smallest weights."""
+    rng = np.random.default_rng(1)
+    weights = {"a": rng.standard_normal((6, 10)).astype(np.float32), "b": rng.standard_normal((4, 5)).astype(np.float32)}
+    rows = np.ones((6, 10), bool)
+    rows[[0, 3]] = False
+    targets = _targets(weights)
+    alive = alive_elements(targets, {"a": rows})
+    masks = compute_masks(targets, weights, 0.5, ABS, threshold, alive)
+    a = masks["node_a.weight_mask"]
+    assert (a[~rows] == 0).all()
+    assert sparsity(masks, alive) == 0.5 and sparsity(masks) == (20 + 20 + 10) / 80
+    if threshold is PER_LAYER:
+        assert int((a[rows] == 0).sum()) == 20
+        assert np.abs(weights["a"][rows & (a == 0)]).max() <= np.abs(weights["a"][a == 1]).min()
 
 
 def test_schedules_rise_from_the_initial_to_the_target_level() -> None:

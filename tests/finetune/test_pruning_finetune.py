@@ -87,7 +87,8 @@ def test_pruning_stacks_before_sparsity_and_quantization() -> None:
 def test_pruning_sparsity_and_quantization_in_one_stack(runtime: TrainingRuntime, cnn: onnx.ModelProto,
                                                         tmp_path: Path) -> None:
     """Filter masks, then sparsity masks, then fake quantizers; the INT8 export has the channels removed and the
-    sparsity zeros of what is left. The sparsity level counts the pruned filters' weights, which are zero too."""
+    sparsity zeros of what is left: the sparsity level counts only the weights the surgery keeps, so the exported
+    file has that level, not less."""
     config = FinetuneConfig.build({"compression": [
         {"algorithm": "quantization", "subset_size": 32, "quantizer_lr": 1e-2},
         {"algorithm": "magnitude_sparsity", "threshold": "per_layer",
@@ -102,7 +103,7 @@ def test_pruning_sparsity_and_quantization_in_one_stack(runtime: TrainingRuntime
                if i.data_type == onnx.TensorProto.INT8 and i.name.endswith("_q")]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.size for w in weights)
     assert result.history[-1].statistics["magnitude_sparsity/sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert 0.1 < zeros < 0.5  # the pruned zeros left with their channels
+    assert 0.5 <= zeros < 0.53  # above 0.5 only by weights that round to zero in INT8
     assert result.export_error_float_path < 1e-2
 
 

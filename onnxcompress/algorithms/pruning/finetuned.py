@@ -71,6 +71,12 @@ class _Plan:
                                + "; ".join(sorted({g.reason or "in the ignored scope" for g in self.analysis.groups})))
         self.costs: list[LayerCost] = layer_costs(graph, self.analysis)
         nodes = {n.name: n for n in graph.nodes}
+        # Weights (two or more axes) whose slices go with pruned channels, with the edits that slice them.
+        self.sliced: dict[str, tuple[tuple[int, ...], list[SliceEdit]]] = {}
+        for edit in self.analysis.edits:
+            constant = nodes[edit.node].inputs[edit.port] if isinstance(edit, SliceEdit) else None
+            if isinstance(constant, gs.Constant) and constant.values.ndim >= 2 and edit.groups == 1:
+                self.sliced.setdefault(constant.name, (constant.values.shape, []))[1].append(edit)
         # Constants that make channels, by (node, port), with their shapes and mask names.
         self.masked: dict[tuple[str, int], tuple[str, tuple[int, ...]]] = {}
         for edit in self.analysis.edits:
@@ -94,6 +100,18 @@ class _Plan:
         for edit in self.analysis.edits:
             if isinstance(edit, SliceEdit) and not edit.reads and edit.layout.spaces & keep.keys():
                 zero_pruned(masks[self.masked[(edit.node, edit.port)][0]], edit.axis, edit.layout, keep)
+        return masks
+
+
+    def surviving(self, keep: Keep) -> dict[str, np.ndarray]:
+        """Which elements of each sliced weight the surgery keeps (a grouped convolution's input slices count as
+        kept)."""
+        masks = {}
+        for name, (shape, edits) in self.sliced.items():
+            if any(edit.layout.spaces & keep.keys() for edit in edits):
+                masks[name] = np.ones(shape, bool)
+                for edit in edits:
+                    zero_pruned(masks[name], edit.axis, edit.layout, keep)
         return masks
 
 
@@ -186,6 +204,10 @@ class FilterPruningController(CompressionController):
         nodes = {node.name: node for node in graph.nodes}
         return [SetConstantInput(node, port, nodes[node].inputs[port].values * parameters[name])
                 for (node, port), (name, _) in self.plan.masked.items()]
+
+    def surviving_weights(self) -> dict[str, np.ndarray]:
+        """The filters and next layers' input slices of the channels kept now."""
+        return self.plan.surviving(self.scheduler.kept)
 
     def finish_commands(self, graph: gs.Graph) -> list[Command]:
         """The pruned channels removed from the exported `graph` (float or quantized)."""

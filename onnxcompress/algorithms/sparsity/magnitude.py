@@ -5,6 +5,10 @@ raises the level and recomputes the masks from the current weights' importance; 
     stacked after it calibrate on them)  →  training commands MaskWeight (weight · mask)  →  after every epoch (or
     step, with update_per_step) until freeze_epoch: level from the schedule, masks from the current weights  →
     export: each weight times its trained mask (exact zeros, kept exact by quantization).
+
+Stacked after filter pruning, the level counts only the weights its surgery keeps (`BuildContext.surviving_weights`):
+the pruned filters' and inputs' weights are zeroed on top, so the exported file has the level. Masks frozen before
+pruning's last change keep their zeros; the level of what survives then drifts (the statistics show it).
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.algorithms.quantization.ptq import export_graph, resolve_ignored_scope
-from onnxcompress.algorithms.sparsity.masks import SparsityTarget, compute_masks, sparsity, sparsity_targets
+from onnxcompress.algorithms.sparsity.masks import (
+    SparsityTarget,
+    alive_elements,
+    compute_masks,
+    sparsity,
+    sparsity_targets,
+)
 from onnxcompress.algorithms.sparsity.schedule import AdaptiveLevel, planned_level
 from onnxcompress.compression.api import (
     BuildContext,
@@ -26,6 +36,7 @@ from onnxcompress.compression.api import (
     ParameterReader,
     Parameters,
     Stage,
+    SurvivingWeights,
 )
 from onnxcompress.config import MagnitudeSparsityConfig, SparsitySchedule
 from onnxcompress.transforms.applier import apply_commands
@@ -37,8 +48,10 @@ Batches = Iterable[Mapping[str, np.ndarray]]
 class MagnitudeSparsityScheduler(CompressionScheduler):
     """Level and masks over training; state: finished epochs, steps into the current epoch, the adaptive level."""
 
-    def __init__(self, targets: list[SparsityTarget], config: MagnitudeSparsityConfig, steps_per_epoch: int) -> None:
+    def __init__(self, targets: list[SparsityTarget], config: MagnitudeSparsityConfig, steps_per_epoch: int,
+                 surviving: SurvivingWeights) -> None:
         self.targets, self.config, self.steps_per_epoch = targets, config, max(steps_per_epoch, 1)
+        self.surviving = surviving
         self.epoch, self.step_in_epoch = 0, 0
         self.adaptive = AdaptiveLevel(config.schedule.initial_level)
         self.level = config.schedule.initial_level
@@ -50,7 +63,13 @@ class MagnitudeSparsityScheduler(CompressionScheduler):
     def masks(self, read: ParameterReader, level: float) -> dict[str, np.ndarray]:
         self.level = level
         weights = read([t.weight for t in self.targets])
-        return compute_masks(self.targets, weights, level, self.config.importance, self.config.threshold)
+        return compute_masks(self.targets, weights, level, self.config.importance, self.config.threshold,
+                             self.alive())
+
+    def alive(self) -> dict[str, np.ndarray]:
+        """The elements the level counts: those the stack's earlier algorithms leave (filter pruning's kept
+        channels), by mask name."""
+        return alive_elements(self.targets, self.surviving())
 
     def step(self, read: ParameterReader) -> dict[str, np.ndarray]:
         self.step_in_epoch += 1
@@ -67,7 +86,7 @@ class MagnitudeSparsityScheduler(CompressionScheduler):
         schedule = self.config.schedule
         if schedule.schedule is SparsitySchedule.ADAPTIVE:
             masks = read([t.mask for t in self.targets])
-            return self.masks(read, self.adaptive.update(schedule, sparsity(masks)))
+            return self.masks(read, self.adaptive.update(schedule, sparsity(masks, self.alive())))
         return self.masks(read, planned_level(schedule, self.epoch))
 
     def _frozen(self) -> bool:
@@ -90,10 +109,11 @@ class MagnitudeSparsityController(CompressionController):
     stage = Stage.SPARSITY
 
     def __init__(self, targets: list[SparsityTarget], config: MagnitudeSparsityConfig,
-                 weights: Mapping[str, np.ndarray], steps_per_epoch: int) -> None:
+                 weights: Mapping[str, np.ndarray], context: BuildContext) -> None:
         super().__init__()
         self.targets = targets
-        self.scheduler = MagnitudeSparsityScheduler(targets, config, steps_per_epoch)
+        self.scheduler = MagnitudeSparsityScheduler(targets, config, context.steps_per_epoch,
+                                                    context.surviving_weights)
         self._initial_masks = self.scheduler.masks(lambda names: {n: weights[n] for n in names},
                                                    planned_level(config.schedule, 0))
 
@@ -106,7 +126,7 @@ class MagnitudeSparsityController(CompressionController):
         targets = sparsity_targets(graph, resolve_ignored_scope(graph, config.ignored_scope))
         tensors = graph.tensors()
         weights = {t.weight: tensors[t.weight].values for t in targets}
-        controller = cls(targets, config, weights, context.steps_per_epoch)
+        controller = cls(targets, config, weights, context)
         apply_commands(graph, controller.export_commands(graph, controller.frozen_parameters))
         return controller, export_graph(graph, model)
 
@@ -123,10 +143,11 @@ class MagnitudeSparsityController(CompressionController):
         return dict(self._initial_masks)
 
     def statistics(self, parameters: Parameters) -> dict[str, float]:
-        """The scheduled level, the sparsity of all masked weights, and each layer's."""
-        masks = {t.mask: parameters[t.mask] for t in self.targets}
-        stats = {"level": float(self.scheduler.level), "sparsity": sparsity(masks)}
-        stats.update({f"layer/{t.node}": sparsity({t.mask: masks[t.mask]}) for t in self.targets})
+        """The scheduled level, the sparsity of all masked weights, and each layer's (of the elements that survive
+        the stack's earlier algorithms)."""
+        masks, alive = {t.mask: parameters[t.mask] for t in self.targets}, self.scheduler.alive()
+        stats = {"level": float(self.scheduler.level), "sparsity": sparsity(masks, alive)}
+        stats.update({f"layer/{t.node}": sparsity({t.mask: masks[t.mask]}, alive) for t in self.targets})
         return stats
 
     def export_commands(self, graph: gs.Graph, parameters: Parameters) -> list[Command]:

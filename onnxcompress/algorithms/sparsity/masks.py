@@ -58,27 +58,49 @@ def importance(weight: np.ndarray, kind: SparsityImportance) -> np.ndarray:
 
 
 def compute_masks(targets: list[SparsityTarget], weights: Mapping[str, np.ndarray], level: float,
-                  kind: SparsityImportance, threshold: SparsityThreshold) -> dict[str, np.ndarray]:
+                  kind: SparsityImportance, threshold: SparsityThreshold,
+                  alive: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Masks (by mask name, float32 0/1 shaped like the weight) zeroing the `level` fraction of least important
-    weights; `weights` maps each target's weight name to its current values."""
-    scores = [importance(weights[t.weight], kind) for t in targets]
+    weights; `weights` maps each target's weight name to its current values. With `alive` (see `alive_elements`),
+    the level counts only the live elements, and the others are zeroed as well."""
+    live = [_live(t.mask, weights[t.weight].shape, alive) for t in targets]
+    # Dead elements score below every live one (importance ≥ 0): they are zeroed on top of the level.
+    scores = [np.where(flat, importance(weights[t.weight] * flat.reshape(weights[t.weight].shape), kind), -1.0)
+              for t, flat in zip(targets, live)]
     if threshold is SparsityThreshold.GLOBAL:
-        flat_masks = np.split(_keep(np.concatenate(scores), level), np.cumsum([s.size for s in scores])[:-1])
+        flat_masks = np.split(_keep(np.concatenate(scores), np.concatenate(live), level),
+                              np.cumsum([s.size for s in scores])[:-1])
     else:
-        flat_masks = [_keep(score, level) for score in scores]
+        flat_masks = [_keep(score, flat, level) for score, flat in zip(scores, live)]
     return {t.mask: flat.reshape(weights[t.weight].shape).astype(np.float32) for t, flat in zip(targets, flat_masks)}
 
 
-def _keep(scores: np.ndarray, level: float) -> np.ndarray:
-    """Boolean array, False at the round(level · n) smallest scores."""
-    zeros = int(round(level * scores.size))
+def alive_elements(targets: list[SparsityTarget], surviving: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """By mask name, the elements of each target's weight that survive the stack's earlier algorithms
+    (`surviving`: boolean masks by weight name); targets whose weight survives whole are left out."""
+    return {t.mask: surviving[t.weight] for t in targets if t.weight in surviving}
+
+
+def _live(mask: str, shape: tuple[int, ...], alive: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    flat = (alive or {}).get(mask)
+    return np.ones(int(np.prod(shape)), bool) if flat is None else np.broadcast_to(flat, shape).reshape(-1)
+
+
+def _keep(scores: np.ndarray, live: np.ndarray, level: float) -> np.ndarray:
+    """Boolean array, False where not `live` and at the round(level · live count) smallest live scores."""
+    count = int(np.count_nonzero(live))
+    zeros = live.size - count + int(round(level * count))
     keep = np.ones(scores.size, bool)
     if zeros:
         keep[np.argsort(scores, kind="stable")[:zeros]] = False
     return keep
 
 
-def sparsity(masks: Mapping[str, np.ndarray]) -> float:
-    """The fraction of zeros over all `masks`."""
-    total = sum(m.size for m in masks.values())
-    return float(sum(m.size - np.count_nonzero(m) for m in masks.values()) / total) if total else 0.0
+def sparsity(masks: Mapping[str, np.ndarray], alive: Mapping[str, np.ndarray] | None = None) -> float:
+    """The fraction of zeros over all `masks`, counting only their `alive` elements (see `alive_elements`)."""
+    total = zeros = 0
+    for name, mask in masks.items():
+        live = _live(name, mask.shape, alive)
+        total += int(np.count_nonzero(live))
+        zeros += int(np.count_nonzero(live & (mask.reshape(-1) == 0)))
+    return zeros / total if total else 0.0

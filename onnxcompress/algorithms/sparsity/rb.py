@@ -10,6 +10,9 @@
     under them  →  evaluation with the noise off (z = [s > 0])  →  export: each weight times [s > 0], exact zeros
     kept by quantization.
 
+The complexity loss counts every gated weight, also those filter pruning earlier in the stack removes at export;
+their gates close first (no task gradient holds them open), so what survives ends sparser than the level.
+
 The logits learn at their own rate through s = k·δ, as the quantizer ranges do (`quantizer_lr_scale`).
 """
 
