@@ -4,7 +4,8 @@ the unpruned INT8 model in one run.
 For each sample (`models/configs/digits_pruning_int8.yaml` on digits_cnn, `digits_mobile_pruning_int8.yaml` on
 digits_mobile): fine-tune (its own training data; validation on the held-out test images), then measure the
 exported file's top-1 on the test images in ONNX Runtime and OpenVINO, its MAC reduction (the trainer's
-statistics), the export check (exported vs masked, fake-quantized training graph), and its median latency
+statistics), the export checks (exported vs masked, fake-quantized training graph; and channels removed vs
+zeroed, float path: what surgery changes), and its median latency
 against `quantize` of the unpruned model (same calibration data) in one interleaved benchmark.
 
     .venv/bin/python bench/pruning_finetune.py [--samples digits_cnn,digits_mobile] [--rounds 5] [--round-seconds 1]
@@ -70,6 +71,7 @@ def run_sample(name: str, folder: Path, args) -> dict[str, Any]:
             "top1_pruned_int8": _top1(pruned, Path(bundled.test_path)),
             "export_error_float_path": result.export_error_float_path,
             "export_error_integer_kernels": result.export_error_integer_kernels,
+            "export_error_surgery": result.export_error_surgery,
             "file_kb": {"dense_int8": dense.stat().st_size / 1e3, "pruned_int8": pruned.stat().st_size / 1e3},
             "speedup_vs_dense_int8": {backend: latency[f"dense_int8/{backend}/latency"]
                                       / latency[f"pruned_int8/{backend}/latency"] for backend in ("ov-f32", "ort")}}
@@ -77,13 +79,16 @@ def run_sample(name: str, folder: Path, args) -> dict[str, Any]:
 
 def _table(records: list[dict[str, Any]]) -> str:
     lines = ["| sample | fewer MACs | top-1 FP32 | top-1 dense INT8 | top-1 pruned INT8 (ORT / OV) | speed-up vs dense "
-             "INT8 OV f32 / ORT | file KB | fine-tune s |", "|---|---|---|---|---|---|---|---|"]
+             "INT8 OV f32 / ORT | file KB | export check float / int / surgery | fine-tune s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['sample']} | {r['mac_reduction']:.1%} | {r['top1_fp32']['ort']:.1%} | "
                      f"{r['top1_dense_int8']['ort']:.1%} | {r['top1_pruned_int8']['ort']:.1%} / "
                      f"{r['top1_pruned_int8']['openvino']:.1%} | {r['speedup_vs_dense_int8']['ov-f32']:.2f}× / "
                      f"{r['speedup_vs_dense_int8']['ort']:.2f}× | {r['file_kb']['dense_int8']:.0f} → "
-                     f"{r['file_kb']['pruned_int8']:.0f} | {r['finetune_s']:.0f} |")
+                     f"{r['file_kb']['pruned_int8']:.0f} | {r['export_error_float_path']:.1e} / "
+                     f"{r['export_error_integer_kernels']:.1e} / {r['export_error_surgery']:.1e} | "
+                     f"{r['finetune_s']:.0f} |")
     return "\n".join(lines)
 
 

@@ -283,7 +283,9 @@ def finetune(model: Path, output: Path | None, config_file: Path | None, train_d
     click.echo(f"{metric}: compressed before training {result.initial_metric:.4f}, best {result.best_metric:.4f} "
                f"(epoch {result.best_epoch}); exported vs fake-quantized logits: max error "
                f"{result.export_error_float_path:.2e} (float path), {result.export_error_integer_kernels:.2e} "
-               "(ONNX Runtime integer kernels) of the logit range")
+               "(ONNX Runtime integer kernels) of the logit range"
+               + (f"; channels removed vs zeroed {result.export_error_surgery:.2e}"
+                  if result.export_error_surgery else ""))
     before, after = model_file_size(model), model_file_size(saved)
     click.echo(f"wrote {saved} ({after / 1e6:.2f} MB, {after / before:.2f}× of {before / 1e6:.2f} MB); "
                f"checkpoints in {checkpoint_dir}")

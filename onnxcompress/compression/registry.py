@@ -103,16 +103,17 @@ class CompressedModel:
     def statistics(self, parameters: Parameters) -> dict[str, float]:
         return {f"{c.name}/{key}": value for c in self.controllers for key, value in c.statistics(parameters).items()}
 
-    def export(self, parameters: Parameters) -> onnx.ModelProto:
+    def export(self, parameters: Parameters, finish: bool = True) -> onnx.ModelProto:
         """The deployable model: trained float weights set by name, then each algorithm's export commands, computed
-        from the graph the previous algorithms exported."""
+        from the graph the previous algorithms exported; then (`finish`) their finish commands (filter pruning's
+        surgery). Unfinished, the model computes the same with pruned channels zeroed instead of removed."""
         graph = gs.import_onnx(self.float_model)
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Constant) and tensor.name in parameters:
                 tensor.values = np.asarray(parameters[tensor.name])
         for controller in self.controllers:
             apply_commands(graph, controller.export_commands(graph, parameters))
-        for controller in self.controllers:
+        for controller in self.controllers if finish else ():
             apply_commands(graph, controller.finish_commands(graph))
         return export_graph(graph, self.float_model, shapes=False)
 

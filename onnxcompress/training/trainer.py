@@ -141,11 +141,15 @@ class FinetuneResult:
     #: Runtime running the exported QDQ model in float (exact arithmetic) and with its fused integer kernels.
     export_error_float_path: float
     export_error_integer_kernels: float
+    #: Largest |exported - exported without the finish commands| (channels removed vs zeroed), float path, relative
+    #: to the logit range: what filter pruning's surgery changes (0 when no algorithm has finish commands).
+    export_error_surgery: float
 
     def summary(self) -> dict[str, Any]:
         return {"initial_metric": self.initial_metric, "best_epoch": self.best_epoch, "best_metric": self.best_metric,
                 "export_error_float_path": self.export_error_float_path,
                 "export_error_integer_kernels": self.export_error_integer_kernels,
+                "export_error_surgery": self.export_error_surgery,
                 "history": [asdict(record) for record in self.history]}
 
 
@@ -262,7 +266,8 @@ class Trainer:
             parameters = session.get_parameters()
             _require_finite(parameters)
             exported = compressed.export(parameters)
-            errors = self._export_errors(session, exported)
+            errors = (*self._export_errors(session, exported),
+                      self._surgery_error(exported, compressed.export(parameters, finish=False)))
         finally:
             if owns_session:
                 session.close()
@@ -478,6 +483,18 @@ class Trainer:
                                      for feeds, _ in self.val.batches(self.settings.eval_batch_size)])
             errors.append(float(np.abs(logits - fake_quantized).max() / value_range))
         return errors[0], errors[1]
+
+
+    def _surgery_error(self, exported: onnx.ModelProto, unfinished: onnx.ModelProto) -> float:
+        """Max |exported - unfinished| over the validation logits on the float path, relative to their range."""
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        logits = []
+        for model in (unfinished, exported):
+            runner = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            logits.append(np.concatenate([runner.run(None, feeds)[0]
+                                          for feeds, _ in self.val.batches(self.settings.eval_batch_size)]))
+        return float(np.abs(logits[1] - logits[0]).max() / (float(np.ptp(logits[0])) or 1.0))
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
