@@ -7,16 +7,30 @@ line naming the failed stage and exit non-zero; no traceback reaches the user.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from onnxcompress.errors import InternalError, OnnxCompressError
+
+
+# Seconds the clean-up after Ctrl-C may take: the training worker's bounded shutdown waits fit well inside.
+CLEANUP_GRACE_S = 45
+
+
+def _exit_interrupted(message: str) -> NoReturn:
+    click.echo(message, err=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream has nothing left to flush
+            stream.flush()
+    os._exit(130)
 
 
 class _Commands(click.Group):
@@ -28,8 +42,17 @@ class _Commands(click.Group):
 
     def on_interrupt(self, signum: int, frame: object) -> None:
         """SIGINT handler: remember it, then interrupt as Python does. An extension module whose import it cuts
-        short raises ImportError, often without the KeyboardInterrupt in its chain."""
+        short raises ImportError, often without the KeyboardInterrupt in its chain.
+
+        A KeyboardInterrupt can land between a lock's acquire and the block that releases it, and the clean-up
+        would then wait forever; so the first Ctrl-C also arms an alarm that ends the process with 130 if the
+        clean-up outlasts CLEANUP_GRACE_S, and a second Ctrl-C ends it at once."""
+        if self.interrupted:
+            _exit_interrupted("interrupted again; stopping without clean-up")
         self.interrupted = True
+        signal.signal(signal.SIGALRM, lambda *_: _exit_interrupted(
+            f"interrupted; clean-up did not finish within {CLEANUP_GRACE_S} s, stopping without it"))
+        signal.alarm(CLEANUP_GRACE_S)
         signal.default_int_handler(signum, frame)
 
     def invoke(self, ctx: click.Context) -> object:
@@ -499,8 +522,9 @@ def main() -> None:
         error.show()
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        # Every finally block has run; a native library's exit handlers could still hang in a half-initialised
+        # state, so the interpreter is not finalised.
+        _exit_interrupted("interrupted")
 
 
 if __name__ == "__main__":

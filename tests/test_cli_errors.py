@@ -412,3 +412,28 @@ def test_target_flag_wins_over_the_config_file_and_says_so(tmp_path: Path) -> No
     vnni = run_cli(tmp_path, *_quantize("model.onnx", "calib.npz", "--config", "config.yaml", "-o", "vnni.onnx"))
     assert vnni.returncode == 0 and "note:" not in vnni.stderr  # no flag: the file's setting, silently
     assert not check_portability(onnx.load(tmp_path / "vnni.onnx")).safe_without_vnni
+
+
+_INTERRUPT_SCRIPT = """
+import signal, threading
+import onnxcompress.cli as command_line
+command_line.CLEANUP_GRACE_S = 1
+try:
+    command_line.cli.on_interrupt(signal.SIGINT, None)
+except KeyboardInterrupt:
+    pass
+{after}
+print("not reached", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("after", "message"), [
+    # The clean-up waits on a lock the interruption left held: the alarm ends it.
+    ("lock = threading.Lock(); lock.acquire(); lock.acquire()", "clean-up did not finish within 1 s"),
+    ("command_line.cli.on_interrupt(signal.SIGINT, None)", "interrupted again"),
+])
+def test_an_interrupted_run_ends_with_130_even_when_its_clean_up_hangs(after: str, message: str) -> None:
+    script = _INTERRUPT_SCRIPT.format(after=after)
+    ended = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert ended.returncode == 130, ended.stderr
+    assert message in ended.stderr and "not reached" not in ended.stdout and "Traceback" not in ended.stderr

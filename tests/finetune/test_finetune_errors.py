@@ -262,7 +262,11 @@ def test_ctrl_c_during_finetune_leaves_no_output_and_a_resumable_folder_or_none(
                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)
+        try:
+            _, stderr = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail(f"still running 120 s after Ctrl-C at {delay} s:\n{process.communicate()[1][-3000:]}")
         # -SIGINT: interrupted before Python had installed its handler, which ends the process at once.
         assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in stderr, (delay, stderr)
         assert not (tmp_path / OUTPUT).exists()
