@@ -5,7 +5,7 @@ For each sample (`models/configs/digits_pruning_int8.yaml` on digits_cnn, `digit
 digits_mobile): fine-tune (its own training data; validation on the held-out test images), then measure the
 exported file's top-1 on the test images in ONNX Runtime and OpenVINO, its MAC reduction (the trainer's
 statistics), the export checks (exported vs masked, fake-quantized training graph; and channels removed vs
-zeroed, float path: what surgery changes), and its median latency
+zeroed, ONNX Runtime as deployed: what surgery changes), and its median latency
 against `quantize` of the unpruned model (same calibration data) in one interleaved benchmark.
 
     .venv/bin/python bench/pruning_finetune.py [--samples digits_cnn,digits_mobile] [--rounds 5] [--round-seconds 1]

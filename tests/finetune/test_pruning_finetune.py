@@ -12,9 +12,12 @@ import pytest
 from test_finetune import assert_same_initializers, cnn, cnn_data, straight_and_resumed  # noqa: F401 - cnn: fixture
 
 from onnxcompress.api import finetune
-from onnxcompress.config import FinetuneConfig
+from onnxcompress.config import FinetuneConfig, read_config_file
 from onnxcompress.errors import ConfigError, PruningError
+from onnxcompress.models import sample
 from onnxcompress.runtime.training_env import TrainingRuntime
+
+CONFIGS = Path(__file__).resolve().parents[2] / "models" / "configs"
 
 
 def pruning(schedule: dict[str, Any], *, quantize: bool, **settings: Any) -> FinetuneConfig:
@@ -54,7 +57,8 @@ def test_pruned_channels_are_removed_at_export(runtime: TrainingRuntime, cnn: on
     assert after != before and all(after[name] <= width for name, width in before.items())
     # The exported model (channels removed) computes what the masked training graph computed.
     assert result.export_error_float_path < (1e-5 if not quantize else 1e-2)
-    # Removing the channels, also from the quantized graph, changes nothing against zeroing them.
+    # Removing the channels, also from the quantized graph (exact integer kernels), changes nothing against zeroing
+    # them.
     assert result.export_error_surgery < 1e-5
     if quantize:  # QAT levels stay within half the int16 pair budget, so the pairs surgery re-forms fit too
         from onnxcompress.portability import check_portability
@@ -145,3 +149,22 @@ def test_the_teacher_is_the_uncompressed_model_not_the_masked_one(cnn: onnx.Mode
     expected = run(cnn)
     np.testing.assert_allclose(run(compressed.reference_model), expected, atol=1e-4 * np.ptp(expected))
     assert np.abs(run(compressed.float_model) - expected).max() > 1e-2 * np.ptp(expected)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_mobile"])
+def test_sample_pruning_config_on_trained_weights_removes_channels_exactly(runtime: TrainingRuntime, tmp_path: Path,
+                                                                          name: str) -> None:
+    """The sample pruning + INT8 config, shortened to two epochs with the target reached after the first, on the
+    bundled trained model: narrower INT8 layers, and removing the channels gives what zeroing them gives."""
+    bundled = sample(name)
+    values = read_config_file(CONFIGS / f"{name.replace('_cnn', '')}_pruning_int8.yaml")
+    values["compression"][0]["schedule"]["pruning_steps"] = 1
+    values["training"]["epochs"] = 2
+    result = finetune(bundled.model_path, config=FinetuneConfig.build(values), checkpoint_dir=tmp_path / "ckpt",
+                      progress=False)
+    target = values["compression"][0]["target"]
+    assert result.history[-1].statistics["filter_pruning/mac_reduction"] >= target - 0.01
+    before, after = conv_widths(onnx.load(bundled.model_path)), conv_widths(result.model)
+    assert sum(after.values()) < sum(before.values())
+    assert result.export_error_surgery < 1e-5
+    assert result.export_error_float_path < 1e-2
