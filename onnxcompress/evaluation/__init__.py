@@ -1,0 +1,1 @@
+"""Scoring compressed models: metrics (built in and the user's own); sensitivity and accuracy control build on them."""
