@@ -84,7 +84,7 @@ def quantize_graph(model: onnx.ModelProto, batches: Batches, config: Quantizatio
     if not commands:
         _log.info("nothing to quantize: no layer outside the ignored scope is one this algorithm quantizes; the "
                   "output computes in float")
-    apply_commands(plan.graph, commands + _bias_commands(plan.graph, commands, plan.corrected_biases))
+    apply_commands(plan.graph, commands + bias_commands(plan.graph, commands, plan.corrected_biases))
     return export_graph(plan.graph, model, shapes=False)
 
 
@@ -226,7 +226,7 @@ def _stored_zero_point(params: QuantParams, target: ActivationTarget, roles: dic
     return params.zero_point
 
 
-def _bias_commands(graph: gs.Graph, commands: list[Command],
+def bias_commands(graph: gs.Graph, commands: list[Command],
                    corrected: list[SetConstantInput]) -> list[Command]:
     """Biases of compute ops with quantized input and weight become INT32 with scale s_input · s_weight.
 
