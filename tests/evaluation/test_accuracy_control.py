@@ -1,0 +1,63 @@
+"""Accuracy control returns exactly the unit that breaks the budget to float, stops as soon as the budget holds,
+and says so clearly when the allowed units cannot meet it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import TINY_CNN_INPUT, build_tiny_cnn
+
+from onnxcompress.algorithms.quantization.partial import apply_partial, quantizer_units
+from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, plan_quantization
+from onnxcompress.config import QuantizationConfig
+from onnxcompress.errors import ConfigError
+from onnxcompress.evaluation.accuracy_control import AccuracyControlError, control_accuracy
+from onnxcompress.evaluation.metrics import EvalSet, resolve_metric
+from onnxcompress.evaluation.sensitivity import score_model
+
+
+@pytest.fixture()
+def planted(tmp_path: Path):
+    """A plan whose last weight keeps only every 32nd level, the cosine metric against the float model, and the
+    scores with nothing and with only that weight in float."""
+    model = build_tiny_cnn()
+    fp32 = tmp_path / "fp32.onnx"
+    onnx.save(model, fp32)
+    shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+    x = np.random.default_rng(0).standard_normal((16, *shape)).astype(np.float32)
+    plan = plan_quantization(model, [{TINY_CNN_INPUT: x}], QuantizationConfig(), progress=False)
+    command = plan.weights[-1]
+    coarse = (np.round(command.quantized.astype(np.float32) / 32) * 32).clip(-127, 127).astype(np.int8)
+    plan = dataclasses.replace(plan, weights=[*plan.weights[:-1], dataclasses.replace(command, quantized=coarse)])
+    metric = resolve_metric("cosine", EvalSet.from_arrays({TINY_CNN_INPUT: x}, [TINY_CNN_INPUT]), fp32)
+    victim = next(u for u in quantizer_units(plan) if u.label == command.node)
+    scores = [score_model(apply_partial(plan, model, units), metric, tmp_path, "s") for units in ([], [victim])]
+    return plan, model, metric, victim, scores
+
+
+def test_the_planted_unit_alone_goes_to_float(planted: tuple[QuantizationPlan, onnx.ModelProto, object, object,
+                                                             list[float]]) -> None:
+    plan, model, metric, victim, (quantized, victim_float) = planted
+    budget = (1 - victim_float) * 1.5
+    assert 1 - quantized > budget  # the quantized model breaks it
+    result = control_accuracy(plan, model, metric, budget, progress=False)
+    assert result.float_units == (victim,)
+    assert result.quantized_score == pytest.approx(quantized) and result.final_score == pytest.approx(victim_float)
+    assert result.float_score == pytest.approx(1.0, abs=1e-6)
+    assert result.model.graph == apply_partial(plan, model, [victim]).graph
+    nothing = control_accuracy(plan, model, metric, 1 - quantized + 1e-9, progress=False)
+    assert nothing.float_units == () and nothing.evaluations == 2  # float and quantized only
+
+
+def test_a_budget_the_allowed_units_cannot_meet_is_refused(planted) -> None:
+    plan, model, metric, victim, (quantized, victim_float) = planted
+    others = [u for u in quantizer_units(plan) if u != victim]
+    with pytest.raises(AccuracyControlError, match=rf"with all {len(others)} allowed quantizer units in float .* "
+                                                   "over the budget"):
+        control_accuracy(plan, model, metric, (1 - victim_float) * 1.5, allowed=others, progress=False)
+    with pytest.raises(ConfigError, match="max_drop must be 0 or more, got -0.1"):
+        control_accuracy(plan, model, metric, -0.1, progress=False)
