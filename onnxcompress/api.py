@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx
 
 from onnxcompress.algorithms.pruning.oneshot import PruneResult, prune_model
-from onnxcompress.algorithms.quantization.ptq import quantize_graph
+from onnxcompress.algorithms.quantization.partial import apply_partial
+from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, plan_quantization
 from onnxcompress.algorithms.sparsity.oneshot import SparsifyResult, sparsify_model
 from onnxcompress.config import BiasCorrection, FinetuneConfig, PruneConfig, QuantizationConfig, SparsifyConfig
-from onnxcompress.data import calibration_batches, count_samples, model_inputs
+from onnxcompress.data import calibration_batches, count_samples, model_inputs, read_npz
 from onnxcompress.errors import DatasetError
+from onnxcompress.evaluation.accuracy_control import ControlResult, control_accuracy
+from onnxcompress.evaluation.metrics import EvalSet, resolve_metric
 from onnxcompress.models import sample_for_model
 from onnxcompress.packaging.manifest import COMPRESSION_METADATA
-from onnxcompress.runtime.model_io import load_model
+from onnxcompress.runtime.model_io import load_model, save_model
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -40,6 +45,37 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
     fields (e.g. preset="mixed", subset_size=100) and override `config`. The input model is never modified.
     """
     config = _merge(config, options)
+    proto, plan = _plan_quantization(model, dataset, config, progress)
+    quantized = apply_partial(plan, proto, in_place=True)
+    record_compression(quantized, [{"algorithm": "quantization", **config.model_dump(mode="json")}])
+    return quantized
+
+
+def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None,
+                                   *, metric: str | Callable[[str], object], max_drop: float, eval_data: Any = None,
+                                   progress: bool = True, **options: Any) -> ControlResult:
+    """`quantize`, then the fewest quantizer units returned to float that keep the metric within `max_drop` of the
+    float model's (`evaluation/accuracy_control.py`). `metric` is top1, cosine, sqnr (these score `eval_data`, an
+    .npz with an array per model input and, for top1, `labels`), `FILE.py:FUNC` or a callable taking a model
+    path; higher is better."""
+    config = _merge(config, options)
+    proto, plan = _plan_quantization(model, dataset, config, progress)
+    data = None
+    if eval_data is not None:
+        arrays = read_npz(eval_data) if isinstance(eval_data, (str, os.PathLike)) else dict(eval_data)
+        data = EvalSet.from_arrays(arrays, [spec.name for spec in model_inputs(proto)])
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-reference-") as tmp:
+        reference = save_model(proto, Path(tmp) / "fp32.onnx")
+        result = control_accuracy(plan, proto, resolve_metric(metric, data, reference), max_drop, progress=progress)
+    record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
+                                       "accuracy_control": {"max_drop": max_drop,
+                                                            "float_units": [u.label for u in result.float_units]}}])
+    return result
+
+
+def _plan_quantization(model: ModelLike, dataset: Any, config: QuantizationConfig, progress: bool
+                       ) -> tuple[onnx.ModelProto, QuantizationPlan]:
+    """The model (a private copy) and its post-training quantization plan, calibrated on `dataset`."""
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
     dataset = _default_dataset(model) if dataset is None else dataset
     inputs = model_inputs(proto)
@@ -55,10 +91,9 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
     if (second_pass or smoothing_pass) and not _reiterable(dataset):
         raise DatasetError("full bias correction and SmoothQuant read the data twice; pass a list, a file or a "
                            "folder, not a one-shot iterator")
-    quantized = quantize_graph(proto, batches(), config, total=total, progress=progress, second_pass=second_pass,
-                               batches_for_smoothing=smoothing_pass)
-    record_compression(quantized, [{"algorithm": "quantization", **config.model_dump(mode="json")}])
-    return quantized
+    plan = plan_quantization(proto, batches(), config, total=total, progress=progress, second_pass=second_pass,
+                             batches_for_smoothing=smoothing_pass)
+    return proto, plan
 
 
 def _one_shot_inputs(model: ModelLike, dataset: Any, config: SparsifyConfig | PruneConfig

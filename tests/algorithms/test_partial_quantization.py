@@ -10,7 +10,8 @@ import pytest
 from conftest import TINY_CNN_INPUT, build_tiny_cnn
 
 from onnxcompress.algorithms.quantization.partial import UnitKind, apply_partial, quantizer_units
-from onnxcompress.algorithms.quantization.ptq import plan_quantization, quantize_graph
+from onnxcompress.algorithms.quantization.ptq import plan_quantization
+from onnxcompress.api import quantize
 from onnxcompress.config import QuantizationConfig
 
 
@@ -37,7 +38,7 @@ def test_no_unit_left_out_is_quantize_and_all_left_out_is_the_float_model(setup)
     units = quantizer_units(plan)
     assert {u.kind for u in units} == {UnitKind.WEIGHT, UnitKind.ACTIVATIONS}
     full = apply_partial(plan, model)
-    assert full.graph == quantize_graph(model, feeds, config, progress=False).graph
+    assert full.graph == quantize(model, feeds, config, progress=False).graph
     none = apply_partial(plan, model, units)
     assert not {"QuantizeLinear", "DequantizeLinear"} & set(_ops(none))
     np.testing.assert_allclose(_run(none, feeds[0]), _run(model, feeds[0]), rtol=1e-5, atol=1e-5)

@@ -61,3 +61,22 @@ def test_a_budget_the_allowed_units_cannot_meet_is_refused(planted) -> None:
         control_accuracy(plan, model, metric, (1 - victim_float) * 1.5, allowed=others, progress=False)
     with pytest.raises(ConfigError, match="max_drop must be 0 or more, got -0.1"):
         control_accuracy(plan, model, metric, -0.1, progress=False)
+
+
+def test_the_api_meets_a_top1_budget_on_the_bundled_model(tmp_path: Path) -> None:
+    """Real trained weights and real held-out digits: the budget holds, measured again on the returned model."""
+    import onnxruntime as ort
+
+    from onnxcompress.api import quantize_with_accuracy_control
+    from onnxcompress.models import sample
+
+    digits = sample("digits_cnn")
+    test = np.load(digits.test_path)
+    eval_data = {"input": test["input"][:200], "labels": test["labels"][:200]}
+    result = quantize_with_accuracy_control(digits.model_path, metric="top1", max_drop=0.0, eval_data=eval_data,
+                                            progress=False)
+    assert result.float_score - result.final_score <= 0.0
+    logits = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": eval_data["input"]})[0]
+    assert float((logits.argmax(1) == eval_data["labels"]).mean()) == pytest.approx(result.final_score)
+    assert "QuantizeLinear" in {n.op_type for n in result.model.graph.node}

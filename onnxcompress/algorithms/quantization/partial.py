@@ -9,6 +9,7 @@ quantized, as in the full plan.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -19,6 +20,8 @@ import onnx_graphsurgeon as gs
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, bias_commands, export_graph
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import Command
+
+_log = logging.getLogger(__name__)
 
 
 class UnitKind(str, Enum):
@@ -44,14 +47,18 @@ def quantizer_units(plan: QuantizationPlan) -> list[QuantizerUnit]:
     return units
 
 
-def apply_partial(plan: QuantizationPlan, model: onnx.ModelProto,
-                  float_units: Iterable[QuantizerUnit] = ()) -> onnx.ModelProto:
-    """The quantized model of `plan` with `float_units` left in float; `plan.graph` is not modified."""
+def apply_partial(plan: QuantizationPlan, model: onnx.ModelProto, float_units: Iterable[QuantizerUnit] = (), *,
+                  in_place: bool = False) -> onnx.ModelProto:
+    """The quantized model of `plan` with `float_units` left in float. `plan.graph` is edited only `in_place` (a
+    plan applied once, whole: no copy of a large model's weights)."""
     left_out = {(unit.kind, unit.index) for unit in float_units}
     weights = [c for i, c in enumerate(plan.weights) if (UnitKind.WEIGHT, i) not in left_out]
     activations = [c for i, group in enumerate(plan.activation_groups)
                    if (UnitKind.ACTIVATIONS, i) not in left_out for c in group]
-    graph = gs.import_onnx(gs.export_onnx(plan.graph, do_type_check=False))  # a private copy: commands edit it
+    graph = plan.graph if in_place else gs.import_onnx(gs.export_onnx(plan.graph, do_type_check=False))
     commands: list[Command] = [*weights, *activations]
+    if not commands and not left_out:
+        _log.info("nothing to quantize: no layer outside the ignored scope is one this algorithm quantizes; the "
+                  "output computes in float")
     apply_commands(graph, commands + bias_commands(graph, commands, plan.corrected_biases))
     return export_graph(graph, model, shapes=False)

@@ -9,7 +9,6 @@ DequantizeLinear pairs. Both OpenVINO and ONNX Runtime turn this QDQ form into i
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -49,8 +48,6 @@ from onnxcompress.transforms.commands import (
 from onnxcompress.transforms.op_table import Role, spec
 from onnxcompress.transforms.passes import preprocess
 
-_log = logging.getLogger(__name__)
-
 Batches = Iterable[Mapping[str, np.ndarray]]
 _INT32 = np.iinfo(np.int32)
 
@@ -73,26 +70,12 @@ class QuantizationPlan:
         return [command for group in self.activation_groups for command in group]
 
 
-def quantize_graph(model: onnx.ModelProto, batches: Batches, config: QuantizationConfig, *,
-                   total: int | None = None, progress: bool = True, second_pass: Batches | None = None,
-                   batches_for_smoothing: Batches | None = None) -> onnx.ModelProto:
-    """Quantize `model` with calibration feeds `batches`; `second_pass` feeds the full bias correction and
-    `batches_for_smoothing` the SmoothQuant statistics pass (each an independent pass over the data)."""
-    plan = plan_quantization(model, batches, config, total=total, progress=progress, second_pass=second_pass,
-                             batches_for_smoothing=batches_for_smoothing)
-    commands: list[Command] = [*plan.weights, *plan.activations]
-    if not commands:
-        _log.info("nothing to quantize: no layer outside the ignored scope is one this algorithm quantizes; the "
-                  "output computes in float")
-    apply_commands(plan.graph, commands + bias_commands(plan.graph, commands, plan.corrected_biases))
-    return export_graph(plan.graph, model, shapes=False)
-
-
 def plan_quantization(model: onnx.ModelProto, batches: Batches, config: QuantizationConfig, *,
                       total: int | None = None, progress: bool = True, second_pass: Batches | None = None,
                       batches_for_smoothing: Batches | None = None, preprocessed: bool = False) -> QuantizationPlan:
-    """Preprocess (unless `model` is `preprocessed` already), place quantizers, calibrate and correct biases (see
-    `quantize_graph`)."""
+    """Preprocess (unless `model` is `preprocessed` already), place quantizers, calibrate on `batches` and correct
+    biases; `second_pass` feeds the full bias correction and `batches_for_smoothing` the SmoothQuant statistics
+    pass (each an independent pass over the data). `partial.apply_partial` turns the plan into the model."""
     graph = gs.import_onnx(model).toposort() if preprocessed else preprocess(model)
     ignored = resolve_ignored_scope(graph, config.ignored_scope, original=model)
     if config.effective_smooth_quant_alpha is not None:
