@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import click
 
-from onnxcompress.errors import InternalError, OnnxCompressError
+from onnxcompress.errors import ConfigError, InternalError, OnnxCompressError
 
 
 # Seconds the clean-up after Ctrl-C may take: the training worker's bounded shutdown waits fit well inside.
@@ -143,12 +143,19 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
 @click.option("--ignore-names", multiple=True, help="Node names to keep in float (repeat or comma-separate).")
 @click.option("--ignore-types", multiple=True, help="Op types to keep in float.")
 @click.option("--ignore-patterns", multiple=True, help="Regexes over node names to keep in float.")
+@click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy control: the largest metric drop from the "
+              "float model; the fewest quantizers return to float until it holds (needs --metric).")
+@click.option("--metric", help="Accuracy control metric: top1, cosine, sqnr (on --eval-data) or FILE.py:FUNC, "
+              "FUNC(model_path) -> float, higher is better.")
+@click.option("--eval-data", help="Accuracy control data: an .npz with an array per model input (and labels for top1).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
              calibration, model_type, bias_correction, weight_bits, target, smooth_quant_alpha, smooth_quant,
-             ignore_names, ignore_types, ignore_patterns, no_progress: bool) -> None:
+             ignore_names, ignore_types, ignore_patterns, max_drop: float | None, metric: str | None,
+             eval_data: str | None, no_progress: bool) -> None:
     """Post-training INT8 quantization of MODEL."""
     from onnxcompress.api import quantize as run_quantize
+    from onnxcompress.api import quantize_with_accuracy_control
     from onnxcompress.config import QuantizationConfig, read_config_file
     from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
 
@@ -161,9 +168,20 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
     options.update(_ignored_scope(ignore_names, ignore_types, ignore_patterns))
     config = (QuantizationConfig.from_file(config_file, **options) if config_file
               else QuantizationConfig.build(options, source="options"))
+    if (max_drop is None) != (metric is None) or (eval_data is not None and metric is None):
+        raise ConfigError("accuracy control needs both --max-drop and --metric (and --eval-data for built-in metrics)")
     output = output or model.with_name(model.stem + ".int8.onnx")
-    check_output_path(model, output, reads=(data, config_file))
-    quantized = run_quantize(model, data, config, progress=not no_progress)
+    check_output_path(model, output, reads=(data, config_file, eval_data))
+    if max_drop is None:
+        quantized = run_quantize(model, data, config, progress=not no_progress)
+    else:
+        assert metric is not None
+        result = quantize_with_accuracy_control(model, data, config, metric=metric, max_drop=max_drop,
+                                                eval_data=eval_data, progress=not no_progress)
+        quantized = result.model
+        units = ", ".join(unit.label for unit in result.float_units) or "none"
+        click.echo(f"accuracy control: {metric} float {result.float_score:.6g}, quantized {result.quantized_score:.6g}"
+                   f", final {result.final_score:.6g} after {result.evaluations} evaluations; in float: {units}")
     saved = save_model(quantized, output)
     before, after = model_file_size(model), model_file_size(saved)
     click.echo(f"wrote {saved} ({after / 1e6:.2f} MB, {after / before:.2f}× of {before / 1e6:.2f} MB)")

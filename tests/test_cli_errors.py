@@ -437,3 +437,37 @@ def test_an_interrupted_run_ends_with_130_even_when_its_clean_up_hangs(after: st
     ended = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert ended.returncode == 130, ended.stderr
     assert message in ended.stderr and "not reached" not in ended.stdout and "Traceback" not in ended.stderr
+
+
+def test_quantize_with_accuracy_control_reports_what_it_left_in_float(tmp_path: Path) -> None:
+    save_tiny_cnn(tmp_path / "tiny_cnn.onnx")
+    make_calib_npz(tmp_path / "tiny.npz")
+    (tmp_path / "strict.py").write_text(
+        "import onnx\n"
+        "def no_quantized_weights(path):\n"
+        "    ops = [n.op_type for n in onnx.load(path).graph.node]\n"
+        "    return -float(ops.count('DequantizeLinear'))\n")
+    # Every DequantizeLinear costs one point: only a fully float model is within 0.5 of the float model.
+    result = run_cli(tmp_path, "quantize", "tiny_cnn.onnx", "--data", "tiny.npz", "--no-progress",
+                     "--max-drop", "0.5", "--metric", "strict.py:no_quantized_weights")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"accuracy control: strict.py:no_quantized_weights float -0, quantized -\d+, final -0 after "
+                     r"\d+ evaluations; in float: \S", result.stdout), result.stdout
+    ops = {n.op_type for n in onnx.load(tmp_path / "tiny_cnn.int8.onnx").graph.node}
+    assert "DequantizeLinear" not in ops
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (("--max-drop", "0.01"), "needs both --max-drop and --metric"),
+    (("--metric", "top1"), "needs both --max-drop and --metric"),
+    (("--max-drop", "-0.1", "--metric", "top1"), "-0.1 is not in the range x>=0"),
+    (("--max-drop", "0.01", "--metric", "top1"), "metric top1 needs evaluation data"),
+    (("--max-drop", "0.01", "--metric", "missing.py:f"), "metric file not found"),
+])
+def test_impossible_accuracy_control_settings_are_refused(tmp_path: Path, flags: tuple[str, ...],
+                                                          fragment: str) -> None:
+    save_tiny_cnn(tmp_path / "tiny_cnn.onnx")
+    make_calib_npz(tmp_path / "tiny.npz")
+    result = run_cli(tmp_path, "quantize", "tiny_cnn.onnx", "--data", "tiny.npz", "--no-progress", *flags)
+    assert result.returncode == 2 and fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "tiny_cnn.int8.onnx").exists()
