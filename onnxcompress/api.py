@@ -59,24 +59,28 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
     .npz with an array per model input and, for top1, `labels`), `FILE.py:FUNC` or a callable taking a model
     path; higher is better."""
     config = _merge(config, options)
-    proto, plan = _plan_quantization(model, dataset, config, progress)
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
     data = None
     if eval_data is not None:
         arrays = read_npz(eval_data) if isinstance(eval_data, (str, os.PathLike)) else dict(eval_data)
         data = EvalSet.from_arrays(arrays, [spec.name for spec in model_inputs(proto)])
     with tempfile.TemporaryDirectory(prefix="onnxcompress-reference-") as tmp:
         reference = save_model(proto, Path(tmp) / "fp32.onnx")
-        result = control_accuracy(plan, proto, resolve_metric(metric, data, reference), max_drop, progress=progress)
+        resolved = resolve_metric(metric, data, reference)  # a bad metric fails before the calibration pass
+        proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
+        result = control_accuracy(plan, proto, resolved, max_drop, progress=progress)
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
                                        "accuracy_control": {"max_drop": max_drop,
                                                             "float_units": [u.label for u in result.float_units]}}])
     return result
 
 
-def _plan_quantization(model: ModelLike, dataset: Any, config: QuantizationConfig, progress: bool
-                       ) -> tuple[onnx.ModelProto, QuantizationPlan]:
-    """The model (a private copy) and its post-training quantization plan, calibrated on `dataset`."""
-    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+def _plan_quantization(model: ModelLike, dataset: Any, config: QuantizationConfig, progress: bool, *,
+                       proto: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, QuantizationPlan]:
+    """The model (a private copy, or `proto` when the caller loaded one) and its post-training quantization
+    plan, calibrated on `dataset`."""
+    if proto is None:
+        proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
     dataset = _default_dataset(model) if dataset is None else dataset
     inputs = model_inputs(proto)
 

@@ -80,3 +80,21 @@ def test_the_api_meets_a_top1_budget_on_the_bundled_model(tmp_path: Path) -> Non
         None, {"input": eval_data["input"]})[0]
     assert float((logits.argmax(1) == eval_data["labels"]).mean()) == pytest.approx(result.final_score)
     assert "QuantizeLinear" in {n.op_type for n in result.model.graph.node}
+
+
+def test_a_bad_metric_is_refused_before_the_calibration_pass(tmp_path: Path) -> None:
+    from onnxcompress.api import quantize_with_accuracy_control
+
+    model = tmp_path / "fp32.onnx"
+    onnx.save(build_tiny_cnn(), model)
+    read = []
+
+    def calibration():
+        read.append(True)
+        yield {TINY_CNN_INPUT: np.zeros((1, *[d.dim_value or 1 for d in build_tiny_cnn().graph.input[0].type
+                                               .tensor_type.shape.dim][1:]), np.float32)}
+
+    with pytest.raises(ConfigError, match="metric file not found"):
+        quantize_with_accuracy_control(model, calibration(), metric=str(tmp_path / "absent.py:f"), max_drop=0.01,
+                                       progress=False)
+    assert not read
