@@ -12,7 +12,7 @@ from onnxcompress.privacy import limit_footprint
 limit_footprint()  # before anything imports ONNX Runtime or OpenVINO
 
 __version__ = "0.1.0"
-__all__ = ["finetune", "load_package", "package", "prune", "quantize", "sparsify"]
+__all__ = ["compress_weights", "finetune", "load_package", "package", "prune", "quantize", "sparsify"]
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,15 @@ from onnxcompress.algorithms.pruning.oneshot import PruneResult, prune_model
 from onnxcompress.algorithms.quantization.partial import apply_partial
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, plan_quantization
 from onnxcompress.algorithms.sparsity.oneshot import SparsifyResult, sparsify_model
-from onnxcompress.config import BiasCorrection, FinetuneConfig, PruneConfig, QuantizationConfig, SparsifyConfig
+from onnxcompress.algorithms.weight_compression.oneshot import WeightCompressionResult, compress_model
+from onnxcompress.config import (
+    BiasCorrection,
+    FinetuneConfig,
+    PruneConfig,
+    QuantizationConfig,
+    SparsifyConfig,
+    WeightCompressionConfig,
+)
 from onnxcompress.data import calibration_batches, count_samples, model_inputs, read_npz
 from onnxcompress.errors import DatasetError
 from onnxcompress.evaluation.accuracy_control import ControlResult, control_accuracy
@@ -145,6 +153,31 @@ def prune(model: ModelLike, dataset: Any = None, config: PruneConfig | None = No
     proto, batches, total = _one_shot_inputs(model, dataset, config)
     result = prune_model(proto, config, batches, total=total, progress=progress)
     record_compression(result.model, [{"algorithm": "filter_pruning", "one_shot": True,
+                                       **config.model_dump(mode="json")}])
+    return result
+
+
+def compress_weights(model: ModelLike, dataset: Any = None, config: WeightCompressionConfig | None = None, *,
+                     progress: bool = True, **options: Any) -> WeightCompressionResult:
+    """Weight-only compression of the MatMul/Gemm/Gather tables: INT8 per channel, or blockwise INT4 with the
+    most sensitive tables in INT8 (`ratio`); activations stay float.
+
+    Without `dataset` the levels are rounded to nearest; with it (calibration data as for `quantize`), each block's
+    clipping minimises the output error its input features' E[x²] predicts. `options` are WeightCompressionConfig
+    fields (e.g. mode="int4_sym", group_size=64) and override `config`. The result holds the model and what each
+    table became.
+    """
+    if options:
+        config = WeightCompressionConfig.build({**(config.model_dump() if config else {}), **options})
+    config = config or WeightCompressionConfig()
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    batches, total = None, None
+    if dataset is not None:
+        inputs = model_inputs(proto)
+        batches = calibration_batches(dataset, inputs, subset_size=config.subset_size, batch_size=config.batch_size)
+        total = count_samples(dataset, inputs, config.subset_size)
+    result = compress_model(proto, config, batches, total=total, progress=progress)
+    record_compression(result.model, [{"algorithm": "weight_compression", "data_aware": dataset is not None,
                                        **config.model_dump(mode="json")}])
     return result
 

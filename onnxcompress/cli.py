@@ -223,6 +223,63 @@ def sparsify(model: Path, output: Path | None, level: float, data: str | None, i
                "compress the file or quantize it to gain size)")
 
 
+@cli.command("compress-weights")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=_OutputFile(), help="Output .onnx (default: <model>.<mode>.onnx).")
+@click.option("--mode", type=click.Choice(["int8", "int4_sym", "int4_asym"]), default="int8", show_default=True,
+              help="int8: one scale per channel; int4_sym/int4_asym: one scale (and zero-point) per group.")
+@click.option("--group-size", type=click.IntRange(min=16), help="Values per scale along the reduction axis, a power "
+              "of two (default 128 for int4; int8: per channel). Layers it does not divide take per-channel scales.")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), help="int4 modes: fraction of the weights in "
+              "4 bits, the least sensitive first; the rest INT8 (default 1).")
+@click.option("--all-layers", is_flag=True, help="int4 modes: embeddings and the last matrix product in 4 bits too "
+              "(by default INT8).")
+@click.option("--data", help="Calibration data (as for quantize): each block's clipping minimises the error its "
+              "input features' E[x²] predicts (default: round to nearest, no data).")
+@click.option("--subset-size", type=click.IntRange(min=1), help="Samples of --data to measure (default 128).")
+@click.option("--ignore-names", multiple=True, help="Node names to leave in float (repeat or comma-separate).")
+@click.option("--ignore-types", multiple=True, help="Op types to leave in float.")
+@click.option("--ignore-patterns", multiple=True, help="Regexes over node names to leave in float.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def compress_weights(model: Path, output: Path | None, mode: str, group_size: int | None, ratio: float | None,
+                     all_layers: bool, data: str | None, subset_size: int | None, ignore_names, ignore_types,
+                     ignore_patterns, no_progress: bool) -> None:
+    """Weight-only compression of MODEL's MatMul, Gemm and Gather tables (activations stay float)."""
+    from onnxcompress.api import compress_weights as run_compress
+    from onnxcompress.config import WeightCompressionConfig
+    from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
+
+    options = {key: value for key, value in {"mode": mode, "group_size": group_size, "ratio": ratio,
+                                             "subset_size": subset_size}.items() if value is not None}
+    if all_layers:
+        options["all_layers"] = True
+    options.update(_ignored_scope(ignore_names, ignore_types, ignore_patterns))
+    config = WeightCompressionConfig.build(options)
+    output = output or model.with_name(f"{model.stem}.{mode}.onnx")
+    check_output_path(model, output, reads=(data,))
+    result = run_compress(model, data, config, progress=not no_progress)
+    saved = save_model(result.model, output)
+    click.echo(_describe_weight_compression(result))
+    before, after = model_file_size(model), model_file_size(saved)
+    click.echo(f"wrote {saved} ({after / 1e6:.2f} MB, {after / before:.2f}× of {before / 1e6:.2f} MB)")
+
+
+def _describe_weight_compression(result) -> str:
+    from onnxcompress.config import WeightMode
+
+    parts = []
+    for mode in WeightMode:
+        layers = [layer for layer in result.layers if layer.mode is mode]
+        if layers:
+            groups = sorted({layer.group_size for layer in layers}, key=lambda g: g or 0)
+            where = ", ".join("per channel" if g is None else f"group {g}" for g in groups)
+            parts.append(f"{len(layers)} in {mode.value} ({where})")
+    fallback = result.per_channel_fallbacks
+    note = f"; {len(fallback)} 4-bit tables per channel (group size does not divide K)" if fallback else ""
+    return (f"compressed {len(result.layers)} tables: {', '.join(parts)}{note}; weights {result.float_bytes / 1e6:.2f}"
+            f" MB -> {result.compressed_bytes / 1e6:.2f} MB")
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=_OutputFile(), help="Output .onnx (default: <model>.pruned<target>.onnx).")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from onnxcompress.algorithms.quantization.ranges import RangeMethod
 from onnxcompress.errors import ConfigError
@@ -391,6 +391,73 @@ class SparsifyConfig(_OneShotConfig):
     importance: SparsityImportance = Field(SparsityImportance.NORMED_ABS, description="abs or normed_abs.")
     threshold: SparsityThreshold = Field(SparsityThreshold.PER_LAYER, description="per_layer or global level.")
     ignored_scope: IgnoredScope = Field(default_factory=IgnoredScope, description="Layers left dense.")
+
+
+class WeightMode(str, enum.Enum):
+    """How `compress-weights` stores a weight."""
+
+    #: Symmetric INT8, one scale per output channel (or per block, with a group size).
+    INT8 = "int8"
+    #: Symmetric INT4 (levels -8..7), one scale per block of `group_size` values along the reduction axis.
+    INT4_SYM = "int4_sym"
+    #: Asymmetric UINT4 (levels 0..15) with a 4-bit zero-point per block.
+    INT4_ASYM = "int4_asym"
+
+    @property
+    def four_bit(self) -> bool:
+        return self is not WeightMode.INT8
+
+
+class WeightCompressionConfig(_Strict):
+    """Weight-only compression of matrix products and embeddings (`onnxcompress compress-weights`); activations
+    stay float."""
+
+    mode: WeightMode = Field(WeightMode.INT8, description="int8 (per channel), int4_sym or int4_asym (blockwise).")
+    group_size: int | None = Field(
+        None, ge=16, description="Values per scale along the reduction axis (a power of two, at least 16, as "
+                                 "ONNX Runtime's MatMulNBits needs); default: 128 for the int4 modes, one scale per "
+                                 "channel for int8. A layer whose reduction axis it does not divide falls back to "
+                                 "per-channel scales, with a note.")
+    ratio: float = Field(
+        1.0, gt=0.0, le=1.0, description="Fraction of the 4-bit candidates' weights (by count; as nearly as whole "
+                                         "layers allow) stored in 4 bits in the int4 modes, the least sensitive "
+                                         "first; the rest takes INT8 per channel.")
+    all_layers: bool = Field(
+        False, description="In the int4 modes, store the embeddings (Gather) and the last matrix product in 4 bits "
+                           "too; by default they take INT8, being the most sensitive.")
+    subset_size: int = Field(128, ge=1, description="Samples of the data (when given) that measure activations.")
+    batch_size: int = Field(1, ge=1, description="Samples per inference run of that pass.")
+    ignored_scope: IgnoredScope = Field(default_factory=IgnoredScope, description="Layers left in float.")
+
+    @field_validator("group_size")
+    @classmethod
+    def _power_of_two(cls, value: int | None) -> int | None:
+        if value is not None and value & (value - 1):
+            raise ValueError(f"group_size {value} is not a power of two (16, 32, 64, 128...)")
+        return value
+
+    @model_validator(mode="after")
+    def _ratio_needs_four_bits(self) -> WeightCompressionConfig:
+        if self.ratio < 1.0 and not self.mode.four_bit:
+            raise ValueError(f"ratio {self.ratio} splits weights between 4 and 8 bits: use mode int4_sym or "
+                             "int4_asym")
+        if self.all_layers and not self.mode.four_bit:
+            raise ValueError("all_layers only changes the int4 modes (int8 compresses every layer alike)")
+        return self
+
+    @property
+    def effective_group_size(self) -> int | None:
+        """The group size of the 4-bit (or INT8 blockwise) layers; None: one scale per channel."""
+        if self.group_size is not None:
+            return self.group_size
+        return 128 if self.mode.four_bit else None
+
+    @classmethod
+    def build(cls, values: dict[str, Any], *, source: str = "options") -> WeightCompressionConfig:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise ConfigError(f"invalid {source}: {_describe(error)}") from None
 
 
 class PruningCriterion(str, enum.Enum):

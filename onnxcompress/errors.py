@@ -63,6 +63,12 @@ class PruningError(OnnxCompressError):
     stage = "pruning"
 
 
+class WeightCompressionError(OnnxCompressError):
+    """Weight compression cannot apply to this model as configured (no table it can compress)."""
+
+    stage = "compress-weights"
+
+
 class OutputError(OnnxCompressError):
     """The output path is the input path, or cannot be written."""
 

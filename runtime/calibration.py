@@ -40,6 +40,8 @@ class Statistic(enum.Enum):
     CHANNEL_MEAN = "channel_mean"
     #: Per-channel maximum of |x| along `axis`.
     CHANNEL_ABS_MAX = "channel_abs_max"
+    #: Per-channel mean of x² along `axis` (weight compression weighs each input feature's error by it).
+    CHANNEL_MEAN_SQUARE = "channel_mean_square"
     #: Streaming histogram of all values.
     HISTOGRAM = "histogram"
 
@@ -116,6 +118,8 @@ class TensorStatistics:
     channel_sum: np.ndarray | None = None
     channel_count: int = 0
     channel_abs_max: np.ndarray | None = None
+    channel_square_sum: np.ndarray | None = None
+    channel_square_count: int = 0
     histogram: Histogram | None = None
 
     @property
@@ -137,6 +141,10 @@ class TensorStatistics:
     @property
     def channel_mean(self) -> np.ndarray:
         return self.channel_sum / max(self.channel_count, 1)
+
+    @property
+    def channel_mean_square(self) -> np.ndarray:
+        return self.channel_square_sum / max(self.channel_square_count, 1)
 
 
 def collect_statistics(
@@ -269,6 +277,11 @@ class _Reader:
             stats.sample_min.append(np.zeros_like(stats.sample_max[-1]))
         elif self.kind == "sum":
             stats.channel_sum = value.astype(np.float64) + (0 if stats.channel_sum is None else stats.channel_sum)
+        elif self.kind == "square_sum":
+            stats.channel_square_sum = value.astype(np.float64) + (
+                0 if stats.channel_square_sum is None else stats.channel_square_sum)
+        elif self.kind == "square_count":
+            stats.channel_square_count += int(value)
         elif self.kind == "count":
             stats.channel_count += int(value)
         elif self.kind == "abs_max":
@@ -353,6 +366,11 @@ class _ReductionBuilder:
             return [self._output(t, "raw", self._node("Identity", [t]))]
         if request.statistic is Statistic.CHANNEL_MEAN:
             return self._channel_mean(request)
+        if request.statistic is Statistic.CHANNEL_MEAN_SQUARE:
+            rows = self._channels_first(request)
+            total = self._reduce("ReduceSum", self._node("Mul", [rows, rows]), [0, 2])
+            return [self._output(t, "square_sum", total),
+                    self._output(t, "square_count", self._per_channel(self._node("Size", [t]), request))]
         abs_values = self._node("Abs", [self._channels_first(request)])
         return [self._output(t, "abs_max", self._reduce("ReduceMax", abs_values, [0, 2]))]
 

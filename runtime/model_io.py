@@ -287,6 +287,18 @@ def _convert_opset(model: onnx.ModelProto, lowest: int, highest: int) -> onnx.Mo
     return converted
 
 
+def upgrade_opset(model: onnx.ModelProto, lowest: int) -> onnx.ModelProto:
+    """`model` converted to default-domain opset `lowest` when it imports an older one (with the IR version that
+    opset needs), else `model` itself; UnsupportedModelError when the converter cannot."""
+    opset = _default_opset(model)
+    if opset is None or opset.version >= lowest:
+        return model
+    converted = _convert_opset(model, lowest, lowest)
+    needed = min(ir for _release, ir, ai_onnx, *_ in onnx.helper.VERSION_TABLE if ai_onnx >= lowest)
+    converted.ir_version = max(converted.ir_version, needed)
+    return converted
+
+
 def _require_ops_exist(model: onnx.ModelProto, version: int, problem: str) -> None:
     """Fail if the converter left ops that have no (or only a deprecated) schema at `version`."""
     # The converter passes through ops it has no adapter for, e.g. experimental ones.

@@ -406,6 +406,15 @@ def int8_summary(
     )
 
 
+def heavy_layer_precisions(layers: Iterable[LayerPrecision], heavy_types: Iterable[str] = HEAVY_LAYER_TYPES
+                           ) -> Counter[str]:
+    """How many heavy layers run in each kernel precision, as "<layer type> <precision>": a FullyConnected in i4
+    or u4 reads compressed 4-bit weights (its activations stay float), one in i8 or u8 reads INT8 weights, or
+    INT8 activations too when its input is quantized."""
+    heavy = frozenset(heavy_types)
+    return Counter(f"{layer.layer_type} {layer.runtime_precision}" for layer in layers if layer.layer_type in heavy)
+
+
 # ------------------------------------------------------------------------------------------------ sparse weights
 
 

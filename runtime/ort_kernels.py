@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -21,12 +21,15 @@ from onnxcompress.runtime.model_io import RuntimeSource, runtime_source
 INTEGER_KERNELS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger",
                              "ConvInteger", "DynamicQuantizeMatMul", "QLinearConvTranspose"})
 FLOAT_HEAVY = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose"})
+#: Kernels that read compressed weights (weight-only INT4/INT8 blocks) with float activations.
+WEIGHT_ONLY_KERNELS = frozenset({"MatMulNBits", "GatherBlockQuantized"})
 
 
 @dataclass(frozen=True)
 class OrtKernelSummary:
     integer: Counter
     float: Counter
+    weight_only: Counter = field(default_factory=Counter)
 
     @property
     def all_integer(self) -> bool:
@@ -35,7 +38,8 @@ class OrtKernelSummary:
     def describe(self) -> str:
         integer = ", ".join(f"{op}×{n}" for op, n in sorted(self.integer.items())) or "none"
         floating = ", ".join(f"{op}×{n}" for op, n in sorted(self.float.items())) or "none"
-        return f"integer kernels: {integer}; float heavy ops: {floating}"
+        weight_only = "".join(f"; compressed-weight kernels: {op}×{n}" for op, n in sorted(self.weight_only.items()))
+        return f"integer kernels: {integer}; float heavy ops: {floating}{weight_only}"
 
 
 def ort_kernel_summary(model: str | os.PathLike | RuntimeSource) -> OrtKernelSummary:
@@ -52,4 +56,5 @@ def ort_kernel_summary(model: str | os.PathLike | RuntimeSource) -> OrtKernelSum
     return OrtKernelSummary(
         integer=Counter({op: n for op, n in ops.items() if op in INTEGER_KERNELS}),
         float=Counter({op: n for op, n in ops.items() if op in FLOAT_HEAVY}),
+        weight_only=Counter({op: n for op, n in ops.items() if op in WEIGHT_ONLY_KERNELS}),
     )

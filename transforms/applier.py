@@ -15,8 +15,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import count
 
+import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxcompress.transforms.commands import (
     Command,
@@ -177,22 +180,34 @@ def _dequantize_weight(ctx: _Context, cmd: DequantizeWeight) -> None:
     if key in ctx.dequantized:
         previous, dequantized = ctx.dequantized[key]
         if np.array_equal(previous.quantized, cmd.quantized) and np.array_equal(previous.scale, cmd.scale) and \
+                (previous.zero_point is None) == (cmd.zero_point is None) and previous.block_size == cmd.block_size \
+                and (cmd.zero_point is None or np.array_equal(previous.zero_point, cmd.zero_point)) and \
                 spec(ctx.nodes[previous.node]).integer_kernel_needs_weight_zero_point == \
                 spec(node).integer_kernel_needs_weight_zero_point:
             set_input(node, cmd.port, dequantized)
             return
     stem = ctx.stem(stem, ("_q", "_scale", "_zp", "_dq", "_DQ"))
-    quantized = gs.Constant(f"{stem}_q", np.ascontiguousarray(cmd.quantized))
-    scale = gs.Constant(f"{stem}_scale", np.asarray(cmd.scale, np.float32))
-    inputs = [quantized, scale]
-    # The zero-point is 0, the default when it is left out; stored only where a runtime's fusion needs it.
-    if spec(node).integer_kernel_needs_weight_zero_point:
-        inputs.append(gs.Constant(f"{stem}_zp", np.zeros(cmd.scale.shape, cmd.quantized.dtype)))
+    inputs = [integer_constant(f"{stem}_q", cmd.quantized), gs.Constant(f"{stem}_scale",
+                                                                         np.asarray(cmd.scale, np.float32))]
+    if cmd.zero_point is not None:
+        inputs.append(integer_constant(f"{stem}_zp", cmd.zero_point))
+    elif spec(node).integer_kernel_needs_weight_zero_point and not cmd.block_size:
+        # The zero-point is 0, the default when it is left out; stored only where a runtime's INT8 fusion needs it.
+        inputs.append(integer_constant(f"{stem}_zp", np.zeros(cmd.scale.shape, cmd.quantized.dtype)))
     dequantized = gs.Variable(f"{stem}_dq", dtype=np.float32, shape=list(cmd.quantized.shape))
-    ctx.graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs={"axis": cmd.axis},
-                                   inputs=inputs, outputs=[dequantized]))
+    attrs = {"axis": cmd.axis, **({"block_size": cmd.block_size} if cmd.block_size else {})}
+    ctx.graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs=attrs, inputs=inputs,
+                                   outputs=[dequantized]))
     ctx.dequantized.setdefault(key, (cmd, dequantized))
     set_input(node, cmd.port, dequantized)
+
+
+def integer_constant(name: str, values: np.ndarray) -> gs.Constant:
+    """A constant of integer levels; 4-bit ones go through ONNX's own packing (two values per byte), which
+    onnx-graphsurgeon's exporter does not do."""
+    if values.dtype in (ml_dtypes.int4, ml_dtypes.uint4):
+        return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(values), name)))
+    return gs.Constant(name, np.ascontiguousarray(values))
 
 
 def _dequantize_bias(ctx: _Context, cmd: DequantizeBias) -> None:

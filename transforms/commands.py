@@ -91,7 +91,11 @@ class QuantizeDequantize(AtTensorReaders):
 class DequantizeWeight(AtNodeInput):
     """Replace constant input `port` of `node` by an integer initializer read through DequantizeLinear.
 
-    Stores only the integer tensor (INT8 on disk) with a per-channel `scale` along `axis`.
+    Stores only the integer tensor with a per-channel `scale` along `axis` (INT8: post-training quantization), or
+    with `block_size`, one scale per block of that many values along `axis` (the opset-21 blockwise form; `scale`
+    is shaped like `quantized` with that axis divided by the block size). `quantized` may be 4-bit
+    (`ml_dtypes.int4`/`uint4`), stored packed, two values per byte. `zero_point` (the dtype and shape of `scale`'s
+    levels) is left out when None: a zero-point of 0.
     """
 
     node: str
@@ -99,6 +103,8 @@ class DequantizeWeight(AtNodeInput):
     quantized: np.ndarray
     scale: np.ndarray
     axis: int
+    zero_point: np.ndarray | None = None
+    block_size: int = 0
 
 
 @dataclass(frozen=True, eq=False)

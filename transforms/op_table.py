@@ -74,6 +74,26 @@ class ChannelRule(enum.Enum):
 
 
 @dataclass(frozen=True)
+class WeightLayout:
+    """Where weight-only compression (`onnxcompress compress-weights`) finds an op's constant 2-D table and how it
+    quantizes it: one scale per slice of `channel_axis`, in blocks along `block_axis`."""
+
+    port: int
+    #: Axis with one scale (per block) per slice: output channels; an embedding's rows.
+    channel_axis: int
+    #: Axis the blocks run along: the reduction axis K of a matrix product, as blockwise kernels need (ONNX
+    #: Runtime's MatMulNBits, OpenVINO's compressed FullyConnected); an embedding's features.
+    block_axis: int
+    #: Attribute that, when set, swaps the two axes (Gemm's transB).
+    transpose_attr: str | None = None
+    #: Attributes (with their default) that must have the given value for the layout to hold (Gather's axis 0).
+    required_attrs: tuple[tuple[str, int, int], ...] = ()
+    #: Whether an activation input (port 0) holds features along its last axis that meet the table's block axis,
+    #: so activation statistics can weigh the weight's rows (matrix products, not a Gather's indices).
+    activation_features: bool = True
+
+
+@dataclass(frozen=True)
 class OpSpec:
     """The facts about one op type."""
 
@@ -123,6 +143,8 @@ class OpSpec:
     channels: ChannelRule | None = None
     #: Axis of the weight that enumerates input channels (2-D Gemm weights: the other one than the channel axis).
     weight_input_axis: int | None = None
+    #: Weight-only compression's layout of the op's constant table; None: compress-weights leaves the op alone.
+    compress_weight: WeightLayout | None = None
 
 
 _PASSTHROUGH = OpSpec(Role.PASSTHROUGH, channels=ChannelRule.ELEMENTWISE)
@@ -146,12 +168,14 @@ OP_TABLE: dict[str, OpSpec] = {
                    input_transpose_attr="transA", bias_scale_attr="beta", channel_axis=-1,
                    integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES,
                    sparsify_weight=True, fold_channel_affine=True, correct_bias=True, channels=ChannelRule.PRODUCE,
-                   weight_input_axis=0),
+                   weight_input_axis=0, compress_weight=WeightLayout(1, channel_axis=1, block_axis=0,
+                                                                     transpose_attr="transB")),
     # MatMul with a constant weight [.., in, out]; with two activations (attention) both inputs are quantized.
     # Two activations are both uint8 in our files: ONNX Runtime's u8u8 kernel widens to int16 first (exact).
     "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, channel_axis=-1, activation_ports=(0, 1),
                      integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES,
-                     sparsify_weight=True, channels=ChannelRule.PRODUCE, weight_input_axis=-2),
+                     sparsify_weight=True, channels=ChannelRule.PRODUCE, weight_input_axis=-2,
+                     compress_weight=WeightLayout(1, channel_axis=1, block_axis=0)),
     # Only activations both runtimes fuse in front of a QuantizeLinear: ONNX Runtime drops Relu/Clip before a
     # quantizer whose range starts at zero; other activations (Sigmoid, HardSwish...) would leave Conv in float.
     "Relu": _FUSED,
@@ -177,6 +201,9 @@ OP_TABLE: dict[str, OpSpec] = {
                                          "Celu", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Neg", "Abs",
                                          "Dropout", "GlobalMaxPool")},
     "Split": OpSpec(Role.FLOAT, activation_ports=(), channels=ChannelRule.SPLIT),
+    # An embedding table [rows, features] read by index: compressed with one scale per row (block) of features.
+    "Gather": OpSpec(Role.FLOAT, activation_ports=(), compress_weight=WeightLayout(
+        0, channel_axis=0, block_axis=1, required_attrs=(("axis", 0, 0),), activation_features=False)),
 }
 
 #: Ops whose output is never negative.
@@ -209,6 +236,21 @@ def weight_channel_axis(node: gs.Node) -> int | None:
     if entry.weight_transpose_attr and node.attrs.get(entry.weight_transpose_attr, 0):
         return 1 - entry.weight_channel_axis
     return entry.weight_channel_axis
+
+
+def compressed_weight_layout(node: gs.Node) -> WeightLayout | None:
+    """Weight-only compression's layout for `node`, with its attributes resolved (Gemm's transB swaps the axes);
+    None when the op has none, its attributes rule it out, or the table is not a 2-D constant."""
+    layout = spec(node).compress_weight
+    if layout is None or any(node.attrs.get(name, default) != value for name, default, value in layout.required_attrs):
+        return None
+    if layout.port >= len(node.inputs) or not isinstance(node.inputs[layout.port], gs.Constant) or \
+            len(node.inputs[layout.port].shape) != 2:
+        return None
+    if layout.transpose_attr and node.attrs.get(layout.transpose_attr, 0):
+        return WeightLayout(layout.port, layout.block_axis, layout.channel_axis,
+                            activation_features=layout.activation_features)
+    return layout
 
 
 def weight_input_axis(node: gs.Node) -> int | None:

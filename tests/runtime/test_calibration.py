@@ -21,6 +21,7 @@ def test_statistics_match_numpy_across_batches_and_dynamic_shapes(opset):
                 StatisticRequest("x", Statistic.CHANNEL_MEAN, axis=1),
                 StatisticRequest("x", Statistic.CHANNEL_MEAN, axis=1),  # duplicates are collected once
                 StatisticRequest("r", Statistic.CHANNEL_MEAN, axis=-1, channels=5),
+                StatisticRequest("r", Statistic.CHANNEL_MEAN_SQUARE, axis=-1, channels=5),
                 StatisticRequest("r", Statistic.HISTOGRAM)]
     stats = collect_statistics(_model(opset), requests, feeds, progress=False)
     xs = [f["x"] for f in feeds]
@@ -33,6 +34,7 @@ def test_statistics_match_numpy_across_batches_and_dynamic_shapes(opset):
     np.testing.assert_allclose(stats["x"].channel_mean, per_sample_means.mean(axis=0), rtol=1e-5)
     last = np.concatenate([np.maximum(x, 0).reshape(-1, 5) for x in xs])
     np.testing.assert_allclose(stats["r"].channel_mean, last.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(stats["r"].channel_mean_square, (last ** 2).mean(axis=0), rtol=1e-5)
     histogram = stats["r"].histogram
     assert histogram.counts.sum() == sum(x.size for x in xs)
     assert histogram.high >= max(x.max() for x in xs)

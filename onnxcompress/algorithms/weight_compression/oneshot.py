@@ -1,0 +1,106 @@
+"""Weight compression of a model (`onnxcompress compress-weights`).
+
+    opset 21 when 4-bit or blockwise tables need it  →  nodes named  →  compressible tables (plan.py)  →  with data:
+    E[x²] per input feature of every product's activation, in one ONNX Runtime pass  →  each table's precision and
+    levels (plan.py, scheme.py)  →  DequantizeWeight commands through the applier  →  the model with float
+    activations and integer tables
+
+The graph is not otherwise preprocessed: nothing but the tables changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress.algorithms.quantization.ptq import export_graph, resolve_ignored_scope
+from onnxcompress.algorithms.weight_compression.plan import (
+    CompressibleLayer,
+    LayerChoice,
+    compressible_layers,
+    plan_weight_compression,
+)
+from onnxcompress.config import WeightCompressionConfig, WeightMode
+from onnxcompress.errors import WeightCompressionError
+from onnxcompress.runtime.calibration import Statistic, StatisticRequest, collect_statistics
+from onnxcompress.runtime.model_io import upgrade_opset
+from onnxcompress.transforms.applier import apply_commands
+from onnxcompress.transforms.passes.name_nodes import name_nodes
+
+Batches = Iterable[Mapping[str, np.ndarray]]
+
+#: DequantizeLinear takes 4-bit levels and block_size from opset 21.
+BLOCKWISE_OPSET = 21
+
+
+@dataclass(frozen=True)
+class WeightCompressionResult:
+    model: onnx.ModelProto
+    layers: tuple[LayerChoice, ...]
+    #: Bytes of the float tables before, and of their levels, scales and zero-points after.
+    float_bytes: int
+    compressed_bytes: int
+
+    def count(self, mode: WeightMode) -> int:
+        return sum(1 for layer in self.layers if layer.mode is mode)
+
+    @property
+    def per_channel_fallbacks(self) -> tuple[str, ...]:
+        """4-bit layers whose reduction axis the group size did not divide."""
+        return tuple(layer.node for layer in self.layers if layer.mode.four_bit and layer.group_size is None)
+
+
+def needs_blockwise_opset(config: WeightCompressionConfig) -> bool:
+    return config.mode.four_bit or config.effective_group_size is not None
+
+
+def compress_model(model: onnx.ModelProto, config: WeightCompressionConfig, batches: Batches | None = None, *,
+                   total: int | None = None, progress: bool = True) -> WeightCompressionResult:
+    """Compress the tables of `model` (a private copy the caller does not use again) as `config` says; with
+    `batches`, weigh each table's error by its input features' E[x²]."""
+    if needs_blockwise_opset(config):
+        model = upgrade_opset(model, BLOCKWISE_OPSET)
+    graph = gs.import_onnx(model)
+    name_nodes(graph)
+    layers = compressible_layers(graph, resolve_ignored_scope(graph, config.ignored_scope, original=model))
+    if not layers:
+        raise WeightCompressionError("the model has no constant 2-D table in a MatMul, Gemm or Gather to compress")
+    importance = _input_energy(export_graph(graph, model), layers, batches, total, progress) if batches else {}
+    nodes = {node.name: node for node in graph.nodes}
+
+    def table(layer: CompressibleLayer) -> np.ndarray:
+        return nodes[layer.node].inputs[layer.layout.port].values
+
+    plan = plan_weight_compression(layers, table, config, importance)
+    float_bytes = sum(table(layer).nbytes for layer in {layer.weight: layer for layer in layers}.values())
+    apply_commands(graph, plan.commands)
+    compressed = export_graph(graph, model, shapes=False)
+    return WeightCompressionResult(compressed, plan.layers, float_bytes, _stored_bytes(compressed))
+
+
+def _input_energy(float_model: onnx.ModelProto, layers: list[CompressibleLayer], batches: Batches,
+                  total: int | None, progress: bool) -> dict[str, np.ndarray]:
+    """E[x²] per feature of each layer's activation input, by activation name."""
+    requests = [StatisticRequest(layer.activation, Statistic.CHANNEL_MEAN_SQUARE, axis=-1, channels=layer.reduction)
+                for layer in layers if layer.activation is not None]
+    statistics = collect_statistics(float_model, requests, batches, total=total, progress=progress,
+                                    description="activation statistics")
+    return {name: stats.channel_mean_square.astype(np.float32) for name, stats in statistics.items()}
+
+
+def _stored_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers DequantizeLinear nodes read."""
+    readers = {node.input[i] for node in model.graph.node if node.op_type == "DequantizeLinear"
+               for i in range(len(node.input))}
+    return sum(_tensor_bytes(t) for t in model.graph.initializer if t.name in readers)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize

@@ -1,0 +1,123 @@
+"""The arithmetic of weight-only compression: the levels, scales and zero-points of one 2-D table.
+
+A table comes oriented as [channels, K]: one row per output channel (an embedding's row), K the reduction axis
+(an embedding's features); the planner orients it and back. Values are quantized in blocks of `block` values along
+K (`block == K`: one scale per channel):
+
+    symmetric:  s = clip · max|w| / high,                     q = clamp(round(w / s), low, high),   w ≈ s · q
+    asymmetric: s = clip · (max w − min w) / (high − low),    z = clamp(round(−clip · min w / s)),  w ≈ s · (q − z)
+
+`clip` is 1 (round to nearest, data-free) unless an importance per input feature is given (E[x²] of the activation
+the table multiplies): then each block takes the clipping factor from `CLIP_GRID` that minimises
+Σₖ E[xₖ²] (wₖ − ŵₖ)², the output error the block adds when features are uncorrelated (AWQ's clipping search).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from onnxcompress.config import WeightMode
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The integer grid of one mode."""
+
+    dtype: type
+    low: int
+    high: int
+    symmetric: bool
+
+
+LEVELS: dict[WeightMode, Levels] = {
+    WeightMode.INT8: Levels(np.int8, -127, 127, symmetric=True),
+    WeightMode.INT4_SYM: Levels(ml_dtypes.int4, -8, 7, symmetric=True),
+    WeightMode.INT4_ASYM: Levels(ml_dtypes.uint4, 0, 15, symmetric=False),
+}
+
+#: Clipping factors the data-aware search tries on each block's range (1 is round-to-nearest).
+CLIP_GRID = np.linspace(1.0, 0.5, 11, dtype=np.float32)
+
+#: Rows compressed at once: bounds the temporary float arrays of a large table to ~64 MB each.
+_CHUNK_VALUES = 1 << 24
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """One oriented table: `levels` [channels, K], `scale` and `zero_point` [channels, K / block]."""
+
+    levels: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    block: int
+    #: ‖W − Ŵ‖² / ‖W‖², weighted per input feature by the importance when one was given.
+    relative_error: float
+
+    def dequantized(self) -> np.ndarray:
+        levels = self.levels.astype(np.float32).reshape(self.scale.shape[0], self.scale.shape[1], self.block)
+        if self.zero_point is not None:
+            levels -= self.zero_point.astype(np.float32)[..., None]
+        return (levels * self.scale[..., None]).reshape(self.levels.shape)
+
+
+def compress_table(table: np.ndarray, mode: WeightMode, block: int, importance: np.ndarray | None = None
+                   ) -> Compressed:
+    """Quantize the oriented `table` [channels, K] in blocks of `block` values (which must divide K);
+    `importance` [K] weighs each input feature's error and turns on the clipping search."""
+    channels, k = table.shape
+    if k % block:
+        raise ValueError(f"block {block} does not divide the reduction axis ({k})")
+    levels = LEVELS[mode]
+    weights = None if importance is None else np.asarray(importance, np.float32).reshape(k // block, block)
+    rows = max(1, _CHUNK_VALUES // max(k, 1))
+    parts = [_compress_rows(np.asarray(table[start:start + rows], np.float32), levels, block, weights)
+             for start in range(0, channels, rows)]
+    error = sum(p[3] for p in parts)
+    reference = sum(p[4] for p in parts)
+    return Compressed(
+        levels=np.concatenate([p[0] for p in parts]), scale=np.concatenate([p[1] for p in parts]),
+        zero_point=None if levels.symmetric else np.concatenate([p[2] for p in parts]), block=block,
+        relative_error=float(error / reference) if reference > 0 else 0.0)
+
+
+def _compress_rows(rows: np.ndarray, levels: Levels, block: int, weights: np.ndarray | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """Levels, scales, zero-points, weighted squared error and weighted squared norm of some rows."""
+    blocks = rows.reshape(rows.shape[0], -1, block)
+    weighting = np.ones((1, 1, block), np.float32) if weights is None else weights[None]
+    best = None
+    for clip in (CLIP_GRID if weights is not None else CLIP_GRID[:1]):
+        q, scale, zero = _quantize(blocks, levels, float(clip))
+        error = (weighting * (blocks - _dequantize(q, scale, zero)) ** 2).sum(axis=-1)
+        if best is None:
+            best = [q, scale, zero, error]
+            continue
+        better = error < best[3]
+        best[0] = np.where(better[..., None], q, best[0])
+        best[1] = np.where(better, scale, best[1])
+        best[2] = np.where(better, zero, best[2])
+        best[3] = np.minimum(error, best[3])
+    q, scale, zero, error = best
+    return (q.reshape(rows.shape).astype(levels.dtype), scale.astype(np.float32), zero.astype(levels.dtype),
+            float(error.sum(dtype=np.float64)), float((weighting * blocks ** 2).sum(dtype=np.float64)))
+
+
+def _quantize(blocks: np.ndarray, levels: Levels, clip: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if levels.symmetric:
+        scale = clip * np.abs(blocks).max(axis=-1) / levels.high
+        zero = np.zeros_like(scale)
+    else:
+        low, high = clip * blocks.min(axis=-1), clip * blocks.max(axis=-1)
+        scale = (high - low) / (levels.high - levels.low)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale gives levels 0
+    if not levels.symmetric:
+        zero = np.clip(np.round(-low / scale), levels.low, levels.high)
+    q = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], levels.low, levels.high)
+    return q, scale, zero
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    return (q - zero[..., None]) * scale[..., None]
