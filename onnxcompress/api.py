@@ -165,18 +165,20 @@ def compress_weights(model: ModelLike, dataset: Any = None, config: WeightCompre
     Without `dataset` the levels are rounded to nearest; with it (calibration data as for `quantize`), each block's
     clipping minimises the output error its input features' E[x²] predicts. `options` are WeightCompressionConfig
     fields (e.g. mode="int4_sym", group_size=64) and override `config`. The result holds the model and what each
-    table became.
+    table became; `result.save(path)` writes it (streaming what stayed in the input's external data).
     """
     if options:
         config = WeightCompressionConfig.build({**(config.model_dump() if config else {}), **options})
     config = config or WeightCompressionConfig()
-    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    # A file's external data stays where it is: tables are read one at a time, the rest streamed when saving.
+    source = None if isinstance(model, onnx.ModelProto) else Path(model)
+    proto = _copy(model) if source is None else load_model(source, lazy_external_data=True)
     batches, total = None, None
     if dataset is not None:
         inputs = model_inputs(proto)
         batches = calibration_batches(dataset, inputs, subset_size=config.subset_size, batch_size=config.batch_size)
         total = count_samples(dataset, inputs, config.subset_size)
-    result = compress_model(proto, config, batches, total=total, progress=progress)
+    result = compress_model(proto, config, batches, total=total, progress=progress, source=source)
     record_compression(result.model, [{"algorithm": "weight_compression", "data_aware": dataset is not None,
                                        **config.model_dump(mode="json")}])
     return result

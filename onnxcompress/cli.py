@@ -247,7 +247,7 @@ def compress_weights(model: Path, output: Path | None, mode: str, group_size: in
     """Weight-only compression of MODEL's MatMul, Gemm and Gather tables (activations stay float)."""
     from onnxcompress.api import compress_weights as run_compress
     from onnxcompress.config import WeightCompressionConfig
-    from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
+    from onnxcompress.runtime.model_io import check_output_path, model_file_size
 
     options = {key: value for key, value in {"mode": mode, "group_size": group_size, "ratio": ratio,
                                              "subset_size": subset_size}.items() if value is not None}
@@ -258,7 +258,7 @@ def compress_weights(model: Path, output: Path | None, mode: str, group_size: in
     output = output or model.with_name(f"{model.stem}.{mode}.onnx")
     check_output_path(model, output, reads=(data,))
     result = run_compress(model, data, config, progress=not no_progress)
-    saved = save_model(result.model, output)
+    saved = result.save(output)
     click.echo(_describe_weight_compression(result))
     before, after = model_file_size(model), model_file_size(saved)
     click.echo(f"wrote {saved} ({after / 1e6:.2f} MB, {after / before:.2f}× of {before / 1e6:.2f} MB)")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
+import numpy as np
 import onnx
 import onnx.checker
 import onnx.defs
@@ -49,6 +50,8 @@ _SINGLE_FILE_LIMIT = 1_900_000_000
 _MIN_EXTERNAL_TENSOR_BYTES = 1024
 # Page-aligned offsets let runtimes memory-map each tensor.
 _EXTERNAL_DATA_ALIGNMENT = 4096
+# Writes of one tensor go out in pieces of this size, so a mapped source is never resident all at once.
+_STREAM_CHUNK_BYTES = 64 << 20
 
 # onnxruntime-training needs IR <= 10.
 _IR_VERSION_CAP = 10
@@ -88,8 +91,15 @@ _TENSOR_HOLDERS = frozenset(
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(path: PathLike, *, target_opset_min: int = 13, target_opset_max: int = 21) -> onnx.ModelProto:
-    """Load, validate and normalise an ONNX model; see the module docstring for the guarantees."""
+def load_model(path: PathLike, *, target_opset_min: int = 13, target_opset_max: int = 21,
+               lazy_external_data: bool = False) -> onnx.ModelProto:
+    """Load, validate and normalise an ONNX model; see the module docstring for the guarantees.
+
+    With `lazy_external_data`, tensors in external data stay references (each checked to lie inside the model's
+    folder): read one with `external_array(tensor, path)`, and save a model that still refers to them with
+    `save_model(..., external_source=path)`, which streams them; a model of any size then never has its weights
+    in memory all at once.
+    """
     if target_opset_min > target_opset_max:
         raise ValueError(f"target_opset_min {target_opset_min} > target_opset_max {target_opset_max}")
     model_path = Path(path)
@@ -103,8 +113,37 @@ def load_model(path: PathLike, *, target_opset_min: int = 13, target_opset_max: 
     model = _convert_opset(model, target_opset_min, target_opset_max)
     _lower_ir_version(model)
     _require_tensor_signature(model.graph)
-    _load_external_data(model, model_path)
+    if not lazy_external_data:
+        _load_external_data(model, model_path)
     return model
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """Whether some tensor of `model` is still a reference into an external data file."""
+    return any(_is_external(tensor) for tensor in _tensors(model))
+
+
+def external_array(tensor: onnx.TensorProto, model_path: PathLike) -> np.ndarray:
+    """The values of external `tensor` of the model file at `model_path`, memory-mapped read-only (pages are
+    read when used), after the same checks as loading: inside the folder, no symlinks, within the file."""
+    model_path = Path(model_path)
+    data_file = _safe_data_file(tensor, model_path)
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or dtype == np.dtype(object):
+        raise ModelLoadError(f"external tensor {tensor.name!r} has an element type that cannot be mapped")
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    try:
+        offset, length = int(entries.get("offset", 0)), int(entries.get("length", count * dtype.itemsize))
+    except ValueError as exc:
+        raise ModelLoadError(f"external data of tensor {tensor.name!r} has a malformed offset or length") from exc
+    size = data_file.stat().st_size
+    if length != count * dtype.itemsize or offset < 0 or offset + length > size:
+        raise ModelLoadError(f"external data of tensor {tensor.name!r} does not fit: {length} bytes at offset "
+                             f"{offset} of {data_file} ({size} bytes) for {count} values of {dtype}")
+    if count == 0:
+        return np.zeros(tuple(tensor.dims), dtype)
+    return np.memmap(data_file, dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
 
 
 @dataclass(frozen=True)
@@ -338,22 +377,35 @@ def _load_external_data(model: onnx.ModelProto, model_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def save_model(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None = None) -> Path:
+def save_model(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None = None,
+               external_source: PathLike | None = None) -> Path:
     """Atomically write `model` to `path` and return its absolute path.
 
     `external_data=None` stores tensors in `<name>.data` next to the model only when the model is
-    too big for one protobuf file. The caller's model is never modified.
+    too big for one protobuf file. Tensors still in external data (`load_model(lazy_external_data=True)`) are
+    read from the files of the model at `external_source`, checked again, and streamed in chunks into the new data
+    file (or inlined when the result fits in one file). The caller's model is never modified.
     """
     target = Path(os.path.abspath(path))
     _require_writable_folder(target)
-    if any(_is_external(tensor) for tensor in _tensors(model)):
-        raise OutputError(f"cannot write {target}: the model still references external data; load it first")
+    if has_external_data(model):
+        if external_source is None:
+            raise OutputError(f"cannot write {target}: the model still references external data; load it first")
+        if any(same_file(target, file) or same_file(target.with_name(target.name + ".data"), file)
+               for file in external_data_files(external_source)):
+            raise OutputError(f"cannot write {target}: it would overwrite the external data it reads")
     if external_data is None:
         external_data = needs_external_data(model)
+    if external_source is not None and not external_data and has_external_data(model):
+        inlined = onnx.ModelProto()
+        inlined.CopyFrom(model)
+        _load_external_data(inlined, Path(external_source))
+        model = inlined
     temporaries: list[Path] = []
     try:
         try:
-            _write_atomically(model, target, external_data, temporaries)
+            _write_atomically(model, target, external_data, temporaries,
+                              None if external_source is None else Path(external_source))
         finally:
             for temporary in temporaries:  # after a successful rename the name no longer exists
                 with contextlib.suppress(OSError):
@@ -446,18 +498,22 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
 
 
 def _payload_bytes(tensor: onnx.TensorProto) -> int:
+    if _is_external(tensor):
+        length = next((entry.value for entry in tensor.external_data if entry.key == "length"), "")
+        return int(length) if length.isdigit() else 0
     wide = len(tensor.int64_data) + len(tensor.double_data) + len(tensor.uint64_data)
     return (len(tensor.raw_data) + 4 * (len(tensor.float_data) + len(tensor.int32_data)) + 8 * wide
             + sum(len(s) for s in tensor.string_data))
 
 
-def _write_atomically(model: onnx.ModelProto, target: Path, external_data: bool, temporaries: list[Path]) -> None:
+def _write_atomically(model: onnx.ModelProto, target: Path, external_data: bool, temporaries: list[Path],
+                      source: Path | None) -> None:
     """Write temporaries for the data file and the model, then rename them: data first, model last."""
     data_target = target.with_name(target.name + ".data")
     data_written = False
     if external_data:
         with _temporary_file(target.parent, data_target.name, temporaries) as data_file:
-            writer = _ExternalDataWriter(data_file, data_target.name)
+            writer = _ExternalDataWriter(data_file, data_target.name, source)
             skeleton = onnx.ModelProto()
             _copy_externalized(model, skeleton, writer)
         # When no tensor was big enough, the empty temporary is simply discarded.
@@ -499,17 +555,21 @@ def _fsync_folder(folder: Path) -> None:
 class _ExternalDataWriter:
     """Appends tensor payloads to the external data file and records where each one went."""
 
-    def __init__(self, file: BinaryIO, location: str) -> None:
+    def __init__(self, file: BinaryIO, location: str, source: Path | None = None) -> None:
         self.file = file
         self.location = location
+        #: The model file whose external data files the tensors still referring to them are read from.
+        self.source = source
         self.size = 0
 
-    def append(self, data: bytes) -> int:
+    def append(self, data: bytes | np.ndarray) -> int:
         """Write `data` at the next aligned offset and return that offset."""
         offset = -(-self.size // _EXTERNAL_DATA_ALIGNMENT) * _EXTERNAL_DATA_ALIGNMENT
         self.file.write(b"\0" * (offset - self.size))
-        self.file.write(data)
-        self.size = offset + len(data)
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), _STREAM_CHUNK_BYTES):
+            self.file.write(view[start:start + _STREAM_CHUNK_BYTES])
+        self.size = offset + len(view)
         return offset
 
 
@@ -524,6 +584,16 @@ def _copy_externalized(source: Message, destination: Message, writer: _ExternalD
 
 
 def _copy_tensor(source: onnx.TensorProto, destination: onnx.TensorProto, writer: _ExternalDataWriter) -> None:
+    if _is_external(source):
+        if writer.source is None:
+            raise ValueError(f"tensor {source.name!r} still refers to external data")
+        values = external_array(source, writer.source)
+        _copy_fields(source, destination, writer, skip="external_data")
+        offset = writer.append(np.ascontiguousarray(values))  # a mapped file is paged through, not held
+        del destination.external_data[:]
+        for key, value in (("location", writer.location), ("offset", offset), ("length", values.nbytes)):
+            destination.external_data.add(key=key, value=str(value))
+        return
     # Reading raw_data copies it (upb), but only one tensor at a time.
     data = source.raw_data
     if len(data) < _MIN_EXTERNAL_TENSOR_BYTES:

@@ -255,6 +255,13 @@ def case_prune_scope_matches_nothing(tmp: Path) -> list[str]:
     return ["prune", "model.onnx", "-o", "out.onnx", "--ignore-names", "conv9"]
 
 
+def _compress_weights(*flags: str) -> Builder:
+    def build(tmp: Path) -> list[str]:
+        _tiny(tmp)
+        return ["compress-weights", "model.onnx", "-o", "out.onnx", *flags]
+    return build
+
+
 # (builder, stage, fragments that must all appear in the message)
 CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "sequence-input": (case_sequence_input, "load", ("input 's' is a sequence", "dense tensors")),
@@ -304,6 +311,16 @@ CASES: dict[str, tuple[Builder, str, tuple[str, ...]]] = {
     "prune-nothing-prunable": (case_prune_nothing_prunable, "pruning", ("no channel group can be pruned",)),
     "prune-scope-matches-nothing": (case_prune_scope_matches_nothing, "config",
                                     ("ignored scope entries match no node", "name 'conv9'")),
+    "compress-weights-nothing-to-compress": (_compress_weights("--ignore-types", "Gemm"), "compress-weights",
+                                             ("no constant 2-D table in a MatMul, Gemm or Gather",)),
+    "compress-weights-group-not-power-of-two": (_compress_weights("--mode", "int4_sym", "--group-size", "48"),
+                                                "config", ("group_size 48 is not a power of two",)),
+    "compress-weights-ratio-with-int8": (_compress_weights("--ratio", "0.5"), "config",
+                                         ("ratio 0.5 splits weights between 4 and 8 bits", "int4_sym")),
+    "compress-weights-output-over-data": (_compress_weights("--data", "calib.npz", "-o", "calib.npz"), "output",
+                                          ("would overwrite", "calib.npz")),
+    "compress-weights-scope-matches-nothing": (_compress_weights("--ignore-names", "fc9"), "config",
+                                               ("ignored scope entries match no node", "name 'fc9'")),
 }
 
 

@@ -40,6 +40,8 @@ def _surface(work: Path) -> list[list[str]]:
         ["finetune", "model.onnx", "--config", "qat.yaml", "--train", "train.npz", "--val", "train.npz",
          "-o", "qat.onnx", "--no-progress", "--report", "qat.json"],
         ["demo", "-o", "demo", *timing],
+        ["compress-weights", "model.onnx", "--mode", "int4_asym", "--group-size", "16", "--all-layers",
+         "--data", "calib.npz", "-o", "int4.onnx", "--no-progress"],
     ]
 
 

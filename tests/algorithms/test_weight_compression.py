@@ -207,3 +207,46 @@ def test_a_model_without_tables_is_refused() -> None:
     with pytest.raises(WeightCompressionError, match="no constant 2-D table"):
         compress_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
                        WeightCompressionConfig(), progress=False)
+
+
+def test_the_command_and_the_api_write_the_same_compressed_model(tmp_path) -> None:
+    from test_cli_errors import run_cli
+
+    import onnxcompress
+
+    onnx.save(build_encoder(), tmp_path / "encoder.onnx")
+    np.savez(tmp_path / "calib.npz", ids=ids(8))
+    result = run_cli(tmp_path, "compress-weights", "encoder.onnx", "--mode", "int4_sym", "--group-size", "64",
+                     "--ratio", "0.5", "--data", "calib.npz", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "compressed 4 tables: 3 in int8 (per channel), 1 in int4_sym (group 64)" in result.stdout
+    written = onnx.load(tmp_path / "encoder.int4_sym.onnx")
+    api = onnxcompress.compress_weights(tmp_path / "encoder.onnx", tmp_path / "calib.npz", mode="int4_sym",
+                                        group_size=64, ratio=0.5, progress=False)
+    assert written.graph == api.model.graph
+    settings = {p.key: p.value for p in written.metadata_props}["onnxcompress.compression"]
+    assert '"mode": "int4_sym"' in settings and '"data_aware": true' in settings
+
+
+def test_a_model_in_external_data_is_compressed_from_its_mapped_file(tmp_path, monkeypatch) -> None:
+    import onnxcompress
+
+    source = tmp_path / "source"
+    source.mkdir()
+    onnx.save(build_encoder(), source / "encoder.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    np.savez(tmp_path / "calib.npz", ids=ids(8))
+    settings = {"mode": "int4_asym", "ratio": 0.5, "ignored_scope": {"names": ["classifier"]}}
+    expected = compress_model(build_encoder(), WeightCompressionConfig(**settings),
+                              [{"ids": ids(8)[i:i + 1]} for i in range(8)], progress=False)
+    # Nothing loads the external file the way onnx.load does (every tensor, relative to the working directory).
+    monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_model",
+                        lambda *a, **k: pytest.fail("the whole model was loaded"))
+    result = onnxcompress.compress_weights(source / "encoder.onnx", tmp_path / "calib.npz", progress=False,
+                                           **settings)
+    assert result.external_source == source / "encoder.onnx"  # the ignored head is still a reference
+    assert [layer.mode for layer in result.layers] == [layer.mode for layer in expected.layers]
+    (tmp_path / "out").mkdir()
+    saved = result.save(tmp_path / "out" / "int4.onnx")
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["int4.onnx"]  # small enough to hold its data
+    np.testing.assert_array_equal(run(onnx.load(saved), ids()), run(expected.model, ids()))

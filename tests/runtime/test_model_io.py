@@ -194,6 +194,39 @@ def test_save_refuses_a_model_still_pointing_at_external_data(external_model: Pa
         save_model(unloaded, tmp_path / "copy.onnx")
 
 
+@pytest.mark.parametrize("external_data", [True, False])
+def test_lazy_external_data_is_mapped_and_streamed_into_the_copy(external_model: Path, tmp_path: Path,
+                                                                 external_data: bool) -> None:
+    lazy = load_model(external_model, lazy_external_data=True)
+    big = next(t for t in lazy.graph.initializer if t.name == "BIG_T")
+    assert big.data_location == TensorProto.EXTERNAL
+    mapped = model_io.external_array(big, external_model)
+    assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+    np.testing.assert_array_equal(mapped, BIG.T)
+    (tmp_path / "copy").mkdir()
+    with pytest.raises(OutputError, match="still references external data"):
+        save_model(lazy, tmp_path / "copy" / "copy.onnx")
+    copy = save_model(lazy, tmp_path / "copy" / "copy.onnx", external_data=external_data,
+                      external_source=external_model)
+    assert (tmp_path / "copy" / "copy.onnx.data").exists() == external_data
+    for name, value in weights(make_model()).items():
+        np.testing.assert_array_equal(weights(load_model(copy))[name], value)
+    with pytest.raises(OutputError, match="would overwrite the external data it reads"):
+        save_model(lazy, external_model, external_data=True, external_source=external_model)
+
+
+def test_a_mapped_tensor_must_fit_its_file(external_model: Path) -> None:
+    lazy = load_model(external_model, lazy_external_data=True)
+    big = next(t for t in lazy.graph.initializer if t.name == "BIG_T")
+    for entry in big.external_data:
+        if entry.key == "offset":
+            entry.value = str(1 << 20)
+    if not any(entry.key == "offset" for entry in big.external_data):
+        big.external_data.add(key="offset", value=str(1 << 20))
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        model_io.external_array(big, external_model)
+
+
 def test_load_leaves_files_on_disk_unchanged(tmp_path: Path) -> None:
     path = save_model(make_model(opset=9), tmp_path / "model.onnx", external_data=True)
     files = [path, tmp_path / "model.onnx.data"]

