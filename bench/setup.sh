@@ -13,7 +13,8 @@ PY="${1:-python3}"
 VENV="${PEERS_VENV:-$HERE/.venv-peers}"
 # sympy: needed by onnxruntime.quantization.shape_inference.quant_pre_process (symbolic shape inference)
 # tokenizers: the real-encoder case tokenizes its text with the tokenizer.json its package ships
-PKGS=(nncf==3.4.0 onnx onnxruntime openvino scikit-learn psutil tqdm numpy sympy tokenizers)
+# onnx_ir: onnxruntime's MatMulNBitsQuantizer (bench/compress_weights_peer.py) imports it
+PKGS=(nncf==3.4.0 onnx onnxruntime openvino scikit-learn psutil tqdm numpy sympy tokenizers onnx_ir)
 # NNCF's own requirements minus anything torch-related (used only in the --no-deps fallback).
 NNCF_DEPS=(jsonschema jstyleson natsort networkx ninja "numpy>=1.24" openvino-telemetry packaging
            psutil pydot pymoo rich safetensors scikit-learn scipy tabulate tqdm ml_dtypes)

@@ -17,6 +17,12 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from onnxcompress.algorithms.pruning.oneshot import PruneResult, prune_model
+from onnxcompress.algorithms.quantization.mixed_precision import (
+    FOUR_BIT_OPSET,
+    MixedPrecisionResult,
+    choose_weight_bits,
+    initializer_bytes,
+)
 from onnxcompress.algorithms.quantization.partial import apply_partial
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, plan_quantization
 from onnxcompress.algorithms.sparsity.oneshot import SparsifyResult, sparsify_model
@@ -30,12 +36,12 @@ from onnxcompress.config import (
     WeightCompressionConfig,
 )
 from onnxcompress.data import calibration_batches, count_samples, model_inputs, read_npz
-from onnxcompress.errors import DatasetError
+from onnxcompress.errors import ConfigError, DatasetError
 from onnxcompress.evaluation.accuracy_control import ControlResult, control_accuracy
 from onnxcompress.evaluation.metrics import EvalSet, resolve_metric
 from onnxcompress.models import sample_for_model
 from onnxcompress.packaging.manifest import COMPRESSION_METADATA
-from onnxcompress.runtime.model_io import load_model, save_model
+from onnxcompress.runtime.model_io import load_model, save_model, upgrade_opset
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -80,6 +86,42 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
                                        "accuracy_control": {"max_drop": max_drop,
                                                             "float_units": [u.label for u in result.float_units]}}])
+    return result
+
+
+def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None, *,
+                             max_size: float, metric: str | Callable[[str], object] = "cosine",
+                             eval_data: Any = None, progress: bool = True, **options: Any) -> MixedPrecisionResult:
+    """`quantize` with per-layer weight bits from {8, 4}: the weights whose 4 bits cost the least `metric` per byte
+    saved go to 4 bits (stored as INT4, opset 21) until the initializers are at most `max_size` × the FP32
+    model's (`algorithms/quantization/mixed_precision.py`). `metric` scores `eval_data` as in
+    `quantize_with_accuracy_control`; without `eval_data`, the cosine to the FP32 outputs is measured on up to
+    128 samples of `dataset` when it is an .npz."""
+    config = _merge(config, options)
+    if not 0 < max_size <= 1:
+        raise ConfigError(f"max_size must be in (0, 1] (a fraction of the FP32 model's size), got {max_size}")
+    loaded = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    float_bytes = initializer_bytes(loaded)
+    proto = upgrade_opset(loaded, FOUR_BIT_OPSET)
+    names = [spec.name for spec in model_inputs(proto)]
+    source = eval_data if eval_data is not None else (dataset if dataset is not None else _default_dataset(model))
+    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
+        arrays = read_npz(source)
+        data = EvalSet.from_arrays({k: v[:128] for k, v in arrays.items()} if eval_data is None else arrays, names)
+    elif eval_data is not None:
+        data = EvalSet.from_arrays(dict(eval_data), names)
+    else:
+        data = None
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-reference-") as tmp:
+        reference = save_model(loaded, Path(tmp) / "fp32.onnx")
+        resolved = resolve_metric(metric, data, reference)
+        # Top-1 on a few hundred samples ties most single-weight changes; the outputs' cosine ranks them.
+        ranking = resolve_metric("cosine", data, reference) if metric == "top1" else resolved
+        proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
+        result = choose_weight_bits(plan, proto, resolved, max_size, float_bytes=float_bytes, ranking=ranking,
+                                    progress=progress)
+    record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
+                                       "mixed_precision": {"max_size": max_size, "four_bit": list(result.four_bit)}}])
     return result
 
 

@@ -147,15 +147,17 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
               "float model; the fewest quantizers return to float until it holds (needs --metric).")
 @click.option("--metric", help="Accuracy control metric: top1, cosine, sqnr (on --eval-data) or FILE.py:FUNC, "
               "FUNC(model_path) -> float, higher is better.")
+@click.option("--max-size", type=click.FloatRange(0, 1, min_open=True), help="Mixed precision: the largest size of "
+              "the initializers as a fraction of the FP32 model's; the weights whose 4 bits cost the least --metric "
+              "(default: cosine to FP32 on --eval-data or the calibration .npz) take 4 bits, stored as INT4.")
 @click.option("--eval-data", help="Accuracy control data: an .npz with an array per model input (and labels for top1).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
              calibration, model_type, bias_correction, weight_bits, target, smooth_quant_alpha, smooth_quant,
              ignore_names, ignore_types, ignore_patterns, max_drop: float | None, metric: str | None,
-             eval_data: str | None, no_progress: bool) -> None:
+             max_size: float | None, eval_data: str | None, no_progress: bool) -> None:
     """Post-training INT8 quantization of MODEL."""
     from onnxcompress.api import quantize as run_quantize
-    from onnxcompress.api import quantize_with_accuracy_control
     from onnxcompress.config import QuantizationConfig, read_config_file
     from onnxcompress.runtime.model_io import check_output_path, model_file_size, save_model
 
@@ -168,23 +170,47 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
     options.update(_ignored_scope(ignore_names, ignore_types, ignore_patterns))
     config = (QuantizationConfig.from_file(config_file, **options) if config_file
               else QuantizationConfig.build(options, source="options"))
-    if (max_drop is None) != (metric is None) or (eval_data is not None and metric is None):
+    if max_size is not None and max_drop is not None:
+        raise ConfigError("--max-size and --max-drop cannot be combined yet: choose the size budget or the "
+                          "accuracy budget")
+    if max_size is None and ((max_drop is None) != (metric is None) or (eval_data is not None and metric is None)):
         raise ConfigError("accuracy control needs both --max-drop and --metric (and --eval-data for built-in metrics)")
     output = output or model.with_name(model.stem + ".int8.onnx")
     check_output_path(model, output, reads=(data, config_file, eval_data))
-    if max_drop is None:
-        quantized = run_quantize(model, data, config, progress=not no_progress)
+    if max_drop is not None:
+        quantized = _quantize_within_drop(model, data, config, metric, max_drop, eval_data, not no_progress)
+    elif max_size is not None:
+        quantized = _quantize_within_size(model, data, config, metric, max_size, eval_data, not no_progress)
     else:
-        assert metric is not None
-        result = quantize_with_accuracy_control(model, data, config, metric=metric, max_drop=max_drop,
-                                                eval_data=eval_data, progress=not no_progress)
-        quantized = result.model
-        units = ", ".join(unit.label for unit in result.float_units) or "none"
-        click.echo(f"accuracy control: {metric} float {result.float_score:.6g}, quantized {result.quantized_score:.6g}"
-                   f", final {result.final_score:.6g} after {result.evaluations} evaluations; in float: {units}")
+        quantized = run_quantize(model, data, config, progress=not no_progress)
     saved = save_model(quantized, output)
     before, after = model_file_size(model), model_file_size(saved)
     click.echo(f"wrote {saved} ({after / 1e6:.2f} MB, {after / before:.2f}× of {before / 1e6:.2f} MB)")
+
+
+def _quantize_within_drop(model: Path, data: str | None, config, metric: str, max_drop: float,
+                          eval_data: str | None, progress: bool):
+    from onnxcompress.api import quantize_with_accuracy_control
+
+    result = quantize_with_accuracy_control(model, data, config, metric=metric, max_drop=max_drop,
+                                            eval_data=eval_data, progress=progress)
+    units = ", ".join(unit.label for unit in result.float_units) or "none"
+    click.echo(f"accuracy control: {metric} float {result.float_score:.6g}, quantized {result.quantized_score:.6g}"
+               f", final {result.final_score:.6g} after {result.evaluations} evaluations; in float: {units}")
+    return result.model
+
+
+def _quantize_within_size(model: Path, data: str | None, config, metric: str | None, max_size: float,
+                          eval_data: str | None, progress: bool):
+    from onnxcompress.api import quantize_mixed_precision
+
+    result = quantize_mixed_precision(model, data, config, max_size=max_size, metric=metric or "cosine",
+                                      eval_data=eval_data, progress=progress)
+    four = len(result.four_bit)
+    click.echo(f"mixed precision: {four} of {len(result.weights)} weights in 4 bits, size {result.size_ratio:.3f} of "
+               f"FP32 (budget {max_size:g}); {metric or 'cosine'} float {result.float_score:.6g}, all INT8 "
+               f"{result.int8_score:.6g}, mixed {result.score:.6g} after {result.evaluations} evaluations")
+    return result.model
 
 
 @cli.command()

@@ -39,7 +39,7 @@ def bias_correction_commands(graph: gs.Graph, float_model: onnx.ModelProto | Non
     nodes = {n.name: n for n in graph.nodes}
     weights = {c.node: c for c in commands if isinstance(c, DequantizeWeight)}
     if config.bias_correction is BiasCorrection.FAST:
-        shifts = {t.node: _weight_error_shift(nodes[t.node], weights[t.node], stats[t.input_tensor].channel_mean)
+        shifts = {t.node: weight_error_shift(nodes[t.node], weights[t.node], stats[t.input_tensor].channel_mean)
                   for t in setup.bias_targets if t.input_tensor in stats}
     else:
         subset = min(total, config.bias_correction_subset_size) if total is not None else None
@@ -54,12 +54,12 @@ def _output_mean_request(node: gs.Node) -> StatisticRequest:
                             output_channels(node))
 
 
-def _weight_error_shift(node: gs.Node, command: DequantizeWeight, input_mean: np.ndarray) -> np.ndarray:
+def weight_error_shift(node: gs.Node, command: DequantizeWeight, input_mean: np.ndarray) -> np.ndarray:
     weight = constant_weight(node).values
     shape = [1] * weight.ndim
     shape[command.axis] = -1
     # float32 like the runtimes; each output channel's error sum is over at most a few thousand terms.
-    error = command.quantized * command.scale.reshape(shape) - weight
+    error = command.quantized.astype(np.float32) * command.scale.reshape(shape) - weight
     # Each output channel sums its filter's error over space, weighted by its group's input means.
     error = filters(node, error).sum(axis=2)  # [O, I/g]
     out_channels, count = error.shape[0], groups(node)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -64,6 +64,9 @@ class QuantizationPlan:
     weights: list[DequantizeWeight]
     activation_groups: list[list[QuantizeDequantize]]
     corrected_biases: list[SetConstantInput]
+    #: Per-channel means of each bias-corrected layer's float input, by node (fast bias correction): a weight
+    #: quantized again (mixed precision) gets its correction recomputed from them.
+    input_means: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def activations(self) -> list[QuantizeDequantize]:
@@ -99,7 +102,9 @@ def plan_quantization(model: onnx.ModelProto, batches: Batches, config: Quantiza
         activations = [command for group in activation_groups for command in group]
         corrected = bias_correction_commands(graph, float_model, setup, [*weights, *activations], stats, config,
                                              second_pass=second_pass, total=total, progress=progress)
-    return QuantizationPlan(graph, setup, weights, activation_groups, corrected)
+    means = {t.node: stats[t.input_tensor].channel_mean for t in setup.bias_targets
+             if config.bias_correction is BiasCorrection.FAST and t.input_tensor in stats}
+    return QuantizationPlan(graph, setup, weights, activation_groups, corrected, means)
 
 
 def _smooth(graph: gs.Graph, model: onnx.ModelProto, ignored: frozenset[str], batches: Batches | None,

@@ -82,7 +82,9 @@ def compressible_layers(graph: gs.Graph, ignored: frozenset[str] = frozenset()) 
         if layout is None or node.name in ignored:
             continue
         table = node.inputs[layout.port]
-        if not np.issubdtype(np.dtype(table.dtype), np.floating):
+        if np.dtype(table.dtype) != np.float32:
+            if np.issubdtype(np.dtype(table.dtype), np.floating):
+                _log.info("%s: its table is %s; only float32 tables are compressed", node.name, np.dtype(table.dtype))
             continue
         first = node.inputs[0] if node.inputs else None
         reads_features = layout.activation_features and isinstance(first, gs.Variable) and input_layout_known(node)

@@ -1,0 +1,158 @@
+"""Per-layer weight bits from {8, 4} under a model-size budget (`quantize --max-size RATIO`), post-training.
+
+    INT8 plan  →  each weight's 4-bit version (per-channel levels −7..7, stored as INT4 on disk, opset 21; a fast
+    bias correction recomputed for its error)  →  its sensitivity: the metric drop when that weight alone goes to
+    4 bits  →  greedy: the weights with the smallest drop per byte saved take 4 bits until the initializers fit
+    `max_size` × the FP32 model's  →  the plan with those weights in 4 bits (nothing is calibrated again)
+
+Activations stay INT8. What the runtimes run (docs/benchmarks.md): ONNX Runtime has no integer kernel with 4-bit
+weights and runs such a Conv or Gemm in float; OpenVINO runs a 4-bit Gemm/MatMul as a compressed-weight
+FullyConnected and a 4-bit Conv in float (bf16 where the CPU has it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from onnxcompress.algorithms.quantization.bias_correction import weight_error_shift
+from onnxcompress.algorithms.quantization.partial import apply_partial, quantizer_units
+from onnxcompress.algorithms.quantization.ptq import QuantizationPlan
+from onnxcompress.algorithms.quantization.scheme import quantize_weight
+from onnxcompress.errors import ConfigError
+from onnxcompress.evaluation.sensitivity import Metric, score_model
+from onnxcompress.transforms.commands import DequantizeWeight, SetConstantInput
+from onnxcompress.transforms.op_table import channel_bias
+
+#: DequantizeLinear reads 4-bit levels from opset 21.
+FOUR_BIT_OPSET = 21
+
+
+@dataclass(frozen=True)
+class WeightBits:
+    """One weight's outcome: its bits, the metric drop it alone costs in 4 bits, the bytes 4 bits save."""
+
+    node: str
+    bits: int
+    drop: float
+    saved_bytes: int
+
+
+@dataclass(frozen=True)
+class MixedPrecisionResult:
+    model: onnx.ModelProto
+    plan: QuantizationPlan
+    weights: tuple[WeightBits, ...]
+    #: The metric of the float, all-INT8 and chosen models.
+    float_score: float
+    int8_score: float
+    score: float
+    #: Initializer bytes of the chosen model and of the FP32 model.
+    size_bytes: int
+    float_bytes: int
+    evaluations: int
+
+    @property
+    def size_ratio(self) -> float:
+        return self.size_bytes / self.float_bytes
+
+    @property
+    def four_bit(self) -> tuple[str, ...]:
+        return tuple(w.node for w in self.weights if w.bits == 4)
+
+
+def four_bit_weight(plan: QuantizationPlan, command: DequantizeWeight) -> DequantizeWeight:
+    """`command`'s weight quantized again to 4-bit levels per channel, stored as INT4."""
+    nodes = {n.name: n for n in plan.graph.nodes}
+    weight = nodes[command.node].inputs[command.port].values
+    quantized, params = quantize_weight(weight, command.axis, 4)
+    return dataclasses.replace(command, quantized=quantized.astype(ml_dtypes.int4), scale=params.scale)
+
+
+def with_four_bit_weights(plan: QuantizationPlan, indices: Iterable[int],
+                          four_bit: dict[int, DequantizeWeight] | None = None) -> QuantizationPlan:
+    """`plan` with weights `indices` (into plan.weights) in 4 bits, their fast bias corrections recomputed for the
+    4-bit error (a full correction, measured for the INT8 weight, is kept as it is)."""
+    chosen = set(indices)
+    four_bit = four_bit or {}
+    weights = [four_bit.get(i) or four_bit_weight(plan, c) if i in chosen else c for i, c in enumerate(plan.weights)]
+    nodes = {n.name: n for n in plan.graph.nodes}
+    changed = {weights[i].node: weights[i] for i in chosen}
+    corrected = []
+    for command in plan.corrected_biases:
+        weight = changed.get(command.node)
+        mean = plan.input_means.get(command.node)
+        if weight is not None and mean is not None:
+            node = nodes[command.node]
+            values = (channel_bias(node) - weight_error_shift(node, weight, mean)).astype(np.float32)
+            command = SetConstantInput(command.node, command.port, values)
+        corrected.append(command)
+    return dataclasses.replace(plan, weights=weights, corrected_biases=corrected)
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers as stored (4-bit values packed two per byte)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            total += (count + 1) // 2
+        else:
+            total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
+
+
+def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, max_size: float, *,
+                       float_bytes: int, ranking: Metric | None = None, progress: bool = True
+                       ) -> MixedPrecisionResult:
+    """The plan with the weights whose 4 bits cost the least metric per byte saved in 4 bits, until the model's
+    initializers are at most `max_size` × `float_bytes`; ConfigError (with the smallest reachable ratio) when even
+    every weight in 4 bits is over. `ranking` (default `metric`) measures each weight's drop: a continuous metric
+    ranks where a coarse one (top-1 on few samples) ties."""
+    ranking = ranking or metric
+    four_bit = {i: four_bit_weight(plan, c) for i, c in enumerate(plan.weights)}
+    saved = {i: _stored_bytes(c) - _stored_bytes(four_bit[i]) for i, c in enumerate(plan.weights)}
+    int8_model = apply_partial(plan, model)
+    int8_bytes = initializer_bytes(int8_model)
+    budget = max_size * float_bytes
+    smallest = initializer_bytes(apply_partial(with_four_bit_weights(plan, four_bit, four_bit), model))
+    if smallest > budget:
+        raise ConfigError(f"--max-size {max_size:g} cannot be met: with every weight in 4 bits the model keeps "
+                          f"{smallest / float_bytes:.3f} of the FP32 model's size (the smallest reachable)")
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-bits-") as tmp:
+        folder = Path(tmp)
+        float_score = score_model(apply_partial(plan, model, quantizer_units(plan)), metric, folder, "float")
+        int8_score = score_model(int8_model, metric, folder, "int8")
+        drops = {}
+        candidates = [i for i in four_bit if saved[i] > 0] if int8_bytes > budget else []
+        reference = int8_score if ranking is metric else score_model(int8_model, ranking, folder, "int8-ranking")
+        for i in tqdm(candidates, desc="4-bit sensitivity", unit="weight", disable=not progress):
+            alone = apply_partial(with_four_bit_weights(plan, [i], four_bit), model)
+            drops[i] = reference - score_model(alone, ranking, folder, f"w{i}")
+        chosen, size = [], int8_bytes
+        for i in sorted(candidates, key=lambda i: (max(drops[i], 0.0) / saved[i], -saved[i])):
+            if size <= budget:
+                break
+            chosen.append(i)
+            size -= saved[i]
+        final_plan = with_four_bit_weights(plan, chosen, four_bit)
+        final = apply_partial(final_plan, model)
+        score = score_model(final, metric, folder, "mixed") if chosen else int8_score
+    weights = tuple(WeightBits(c.node, 4 if i in chosen else 8, drops.get(i, 0.0), saved[i])
+                    for i, c in enumerate(plan.weights))
+    evaluations = len(drops) + 2 + bool(chosen) + (ranking is not metric)
+    return MixedPrecisionResult(final, final_plan, weights, float_score, int8_score, score,
+                                initializer_bytes(final), float_bytes, evaluations)
+
+
+def _stored_bytes(command: DequantizeWeight) -> int:
+    bits = 4 if command.quantized.dtype in (ml_dtypes.int4, ml_dtypes.uint4) else 8 * command.quantized.itemsize
+    return (command.quantized.size * bits + 7) // 8

@@ -1,0 +1,111 @@
+"""Mixed W4/W8 under a size budget: the measured size holds the budget, the weight that 4 bits hurt most keeps 8,
+4-bit weights are INT4 on disk with their bias correction recomputed, and an unreachable budget is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import TINY_CNN_INPUT, build_tiny_cnn
+from onnx import numpy_helper
+
+from onnxcompress.algorithms.quantization.bias_correction import weight_error_shift
+from onnxcompress.algorithms.quantization.mixed_precision import (
+    FOUR_BIT_OPSET,
+    choose_weight_bits,
+    four_bit_weight,
+    initializer_bytes,
+    with_four_bit_weights,
+)
+from onnxcompress.algorithms.quantization.partial import apply_partial
+from onnxcompress.algorithms.quantization.ptq import plan_quantization
+from onnxcompress.config import QuantizationConfig
+from onnxcompress.errors import ConfigError
+from onnxcompress.evaluation.metrics import EvalSet, resolve_metric
+from onnxcompress.runtime.model_io import upgrade_opset
+from onnxcompress.transforms.op_table import channel_bias
+
+
+@pytest.fixture()
+def planted(tmp_path: Path):
+    """The tiny CNN (opset 21) whose conv2 filters each hold one outlier, so 4 bits leave them almost nothing;
+    its plan and the cosine metric against the float model."""
+    model = build_tiny_cnn()
+    conv2 = next(t for t in model.graph.initializer if t.name == "conv2.weight")
+    values = numpy_helper.to_array(conv2).copy()
+    values[:, 0, 0, 0] = 12 * np.abs(values).max()
+    conv2.CopyFrom(numpy_helper.from_array(values, conv2.name))
+    fp32 = tmp_path / "fp32.onnx"
+    onnx.save(model, fp32)
+    float_bytes = initializer_bytes(model)
+    model = upgrade_opset(model, FOUR_BIT_OPSET)
+    shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+    x = np.random.default_rng(0).standard_normal((16, *shape)).astype(np.float32)
+    plan = plan_quantization(model, [{TINY_CNN_INPUT: x}], QuantizationConfig(), progress=False)
+    metric = resolve_metric("cosine", EvalSet.from_arrays({TINY_CNN_INPUT: x}, [TINY_CNN_INPUT]), fp32)
+    return model, plan, metric, float_bytes, x
+
+
+def test_the_weight_4_bits_hurt_most_keeps_8_bits_and_the_size_holds(planted) -> None:
+    model, plan, metric, float_bytes, x = planted
+    int8_bytes = initializer_bytes(apply_partial(plan, model))
+    others = [i for i, c in enumerate(plan.weights) if c.node != "conv2"]
+    saving = sum(plan.weights[i].quantized.size - (plan.weights[i].quantized.size + 1) // 2 for i in others)
+    budget = (int8_bytes - saving) / float_bytes
+    result = choose_weight_bits(plan, model, metric, budget, float_bytes=float_bytes, progress=False)
+    assert set(result.four_bit) == {plan.weights[i].node for i in others}
+    assert result.size_bytes <= budget * float_bytes and result.size_bytes == initializer_bytes(result.model)
+    drops = {w.node: w.drop for w in result.weights}
+    assert drops["conv2"] > max(drops[plan.weights[i].node] for i in others)
+    # 4-bit weights are INT4 initializers read through DequantizeLinear, in a model of opset 21 both runtimes run.
+    tensors = {t.name: t for t in result.model.graph.initializer}
+    stored = {n.input[0]: tensors[n.input[0]].data_type for n in result.model.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0] in tensors and "weight" in n.input[0]}
+    assert stored == {"conv1.weight_q": onnx.TensorProto.INT4, "conv2.weight_q": onnx.TensorProto.INT8,
+                      "fc.weight_q": onnx.TensorProto.INT4}
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {TINY_CNN_INPUT: x[:2]})[0].shape == (2, 10)
+    assert result.score < result.int8_score <= result.float_score
+
+
+def test_a_4_bit_weight_gets_the_fast_bias_correction_of_its_own_error(planted) -> None:
+    model, plan, _, _, _ = planted
+    index = next(i for i, c in enumerate(plan.weights) if c.node == "fc")
+    mixed = with_four_bit_weights(plan, [index])
+    node = next(n for n in plan.graph.nodes if n.name == "fc")
+    four = four_bit_weight(plan, plan.weights[index])
+    expected = channel_bias(node) - weight_error_shift(node, four, plan.input_means["fc"])
+    corrected = next(c for c in mixed.corrected_biases if c.node == "fc")
+    np.testing.assert_allclose(corrected.values, expected, rtol=1e-6)
+    assert not np.allclose(corrected.values, next(c for c in plan.corrected_biases if c.node == "fc").values)
+    assert np.abs(four.quantized.astype(np.float32)).max() == 7
+
+
+def test_a_budget_below_every_weight_in_4_bits_names_the_smallest_reachable(planted) -> None:
+    model, plan, metric, float_bytes, _ = planted
+    smallest = initializer_bytes(apply_partial(with_four_bit_weights(plan, range(len(plan.weights))), model))
+    with pytest.raises(ConfigError, match=rf"keeps {smallest / float_bytes:.3f} of the FP32 model's size \(the "
+                                          "smallest reachable\\)"):
+        choose_weight_bits(plan, model, metric, 0.01, float_bytes=float_bytes, progress=False)
+
+
+def test_on_the_bundled_model_mixed_bits_beat_4_bits_everywhere() -> None:
+    from onnxcompress.api import quantize_mixed_precision
+    from onnxcompress.models import sample_for_model
+    from onnxcompress.runtime.model_io import load_model
+
+    path = Path(__file__).resolve().parents[2] / "models" / "data" / "digits_cnn.onnx"
+    test = sample_for_model(path).test_path
+    result = quantize_mixed_precision(path, max_size=0.18, metric="top1", eval_data=test, progress=False)
+    assert result.size_ratio <= 0.18 and 0 < len(result.four_bit) < len(result.weights)
+    uniform = apply_partial(with_four_bit_weights(result.plan, range(len(result.plan.weights))),
+                            upgrade_opset(load_model(path), FOUR_BIT_OPSET))
+    with np.load(test) as data:
+        x, labels = data["input"], data["labels"]
+    session = ort.InferenceSession(uniform.SerializeToString(), providers=["CPUExecutionProvider"])
+    uniform_top1 = float((session.run(None, {"input": x})[0].argmax(axis=1) == labels).mean())
+    assert result.score > uniform_top1
+    assert result.float_score - result.score <= 0.01
