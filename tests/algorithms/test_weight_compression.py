@@ -80,13 +80,18 @@ def test_levels_follow_the_formulas_and_round_to_nearest(mode: WeightMode) -> No
         np.testing.assert_allclose(result.scale, (blocks.max(-1) - blocks.min(-1)) / 15, rtol=1e-6)
         assert levels.min() == 0 and levels.max() == 15
     else:
-        high = 127 if mode is WeightMode.INT8 else 7
+        low = -128 if mode is WeightMode.INT8 else -8
         assert result.levels.dtype == (np.int8 if mode is WeightMode.INT8 else ml_dtypes.int4)
         assert result.zero_point is None
-        np.testing.assert_allclose(result.scale, np.abs(blocks).max(-1) / high, rtol=1e-6)
-    # Round to nearest: no value is further than half a step from its level.
+        # The value of largest magnitude lands exactly on the lowest level (a negative scale when it is positive).
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+        np.testing.assert_allclose(result.scale, extreme / low, rtol=1e-6)
+        assert (levels.min(-1) == low).all()
+    # Round to nearest: no value is further than half a step from its level, except the few values of the opposite
+    # sign beyond high · |step| that clip at the high end.
+    step = np.abs(result.scale)[..., None]
     error = np.abs(result.dequantized() - table).reshape(6, 2, 32)
-    assert (error <= result.scale[..., None] / 2 * (1 + 1e-5)).all()
+    assert ((error <= step / 2 * (1 + 1e-5)) | (levels == levels.max())).all()
     assert result.relative_error == pytest.approx(((result.dequantized() - table) ** 2).sum() / (table ** 2).sum(),
                                                   rel=1e-4)
 

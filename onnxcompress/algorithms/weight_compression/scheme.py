@@ -4,10 +4,12 @@ A table comes oriented as [channels, K]: one row per output channel (an embeddin
 (an embedding's features); the planner orients it and back. Values are quantized in blocks of `block` values along
 K (`block == K`: one scale per channel):
 
-    symmetric:  s = clip · max|w| / high,                     q = clamp(round(w / s), low, high),   w ≈ s · q
+    symmetric:  s = clip · w* / low,                          q = clamp(round(w / s), low, high),   w ≈ s · q
     asymmetric: s = clip · (max w − min w) / (high − low),    z = clamp(round(−clip · min w / s)),  w ≈ s · (q − z)
 
-`clip` is 1 (round to nearest, data-free) unless an importance per input feature is given (E[x²] of the activation
+where w* is the block's value of largest magnitude, with its sign: it maps exactly onto the wider end of the grid
+(−8 of −8..7; the scale is negative when w* is positive), so every level is used, as ONNX Runtime's own blockwise
+quantizer does. `clip` is 1 (round to nearest, data-free) unless an importance per input feature is given (E[x²] of the activation
 the table multiplies): then each block takes the clipping factor from `CLIP_GRID` that minimises
 Σₖ E[xₖ²] (wₖ − ŵₖ)², the output error the block adds when features are uncorrelated (AWQ's clipping search).
 """
@@ -33,7 +35,7 @@ class Levels:
 
 
 LEVELS: dict[WeightMode, Levels] = {
-    WeightMode.INT8: Levels(np.int8, -127, 127, symmetric=True),
+    WeightMode.INT8: Levels(np.int8, -128, 127, symmetric=True),
     WeightMode.INT4_SYM: Levels(ml_dtypes.int4, -8, 7, symmetric=True),
     WeightMode.INT4_ASYM: Levels(ml_dtypes.uint4, 0, 15, symmetric=False),
 }
@@ -107,12 +109,13 @@ def _compress_rows(rows: np.ndarray, levels: Levels, block: int, weights: np.nda
 
 def _quantize(blocks: np.ndarray, levels: Levels, clip: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if levels.symmetric:
-        scale = clip * np.abs(blocks).max(axis=-1) / levels.high
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        scale = clip * extreme / levels.low
         zero = np.zeros_like(scale)
     else:
         low, high = clip * blocks.min(axis=-1), clip * blocks.max(axis=-1)
         scale = (high - low) / (levels.high - levels.low)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale gives levels 0
+    scale = np.where(scale != 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale gives levels 0
     if not levels.symmetric:
         zero = np.clip(np.round(-low / scale), levels.low, levels.high)
     q = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], levels.low, levels.high)
