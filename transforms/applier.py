@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import count
 
-import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
@@ -77,9 +76,9 @@ class _Context:
     nodes: dict[str, gs.Node]
     tensors: dict[str, gs.Tensor]
     used: set[str] = field(default_factory=set)
-    #: Weights already dequantized, by (constant, axis): a weight several nodes share is stored once when they
-    #: quantize it alike.
-    dequantized: dict[tuple[int, int], tuple[DequantizeWeight, gs.Variable]] = field(default_factory=dict)
+    #: Weights already dequantized, by (constant, axis): a weight several nodes share is stored once for each
+    #: distinct way they quantize it.
+    dequantized: dict[tuple[int, int], list[tuple[DequantizeWeight, gs.Variable]]] = field(default_factory=dict)
 
     def stem(self, base: str, suffixes: tuple[str, ...]) -> str:
         """`base`, or `base.1`, `base.2`...: the first stem that makes every `stem + suffix` a new name."""
@@ -177,13 +176,9 @@ def _dequantize_weight(ctx: _Context, cmd: DequantizeWeight) -> None:
     node = ctx.nodes[cmd.node]
     stem = _constant_input_stem(node, cmd.port)
     key = (id(node.inputs[cmd.port]), cmd.axis)
-    if key in ctx.dequantized:
-        previous, dequantized = ctx.dequantized[key]
-        if np.array_equal(previous.quantized, cmd.quantized) and np.array_equal(previous.scale, cmd.scale) and \
-                (previous.zero_point is None) == (cmd.zero_point is None) and previous.block_size == cmd.block_size \
-                and (cmd.zero_point is None or np.array_equal(previous.zero_point, cmd.zero_point)) and \
-                spec(ctx.nodes[previous.node]).integer_kernel_needs_weight_zero_point == \
-                spec(node).integer_kernel_needs_weight_zero_point:
+    for previous, dequantized in ctx.dequantized.get(key, []):
+        if _same_levels(previous, cmd) and spec(ctx.nodes[previous.node]).integer_kernel_needs_weight_zero_point \
+                == spec(node).integer_kernel_needs_weight_zero_point:
             set_input(node, cmd.port, dequantized)
             return
     stem = ctx.stem(stem, ("_q", "_scale", "_zp", "_dq", "_DQ"))
@@ -198,16 +193,21 @@ def _dequantize_weight(ctx: _Context, cmd: DequantizeWeight) -> None:
     attrs = {"axis": cmd.axis, **({"block_size": cmd.block_size} if cmd.block_size else {})}
     ctx.graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}_DQ", attrs=attrs, inputs=inputs,
                                    outputs=[dequantized]))
-    ctx.dequantized.setdefault(key, (cmd, dequantized))
+    ctx.dequantized.setdefault(key, []).append((cmd, dequantized))
     set_input(node, cmd.port, dequantized)
 
 
+def _same_levels(a: DequantizeWeight, b: DequantizeWeight) -> bool:
+    return (a.quantized.dtype == b.quantized.dtype and np.array_equal(a.quantized, b.quantized)
+            and np.array_equal(a.scale, b.scale) and a.block_size == b.block_size
+            and (a.zero_point is None) == (b.zero_point is None)
+            and (a.zero_point is None or np.array_equal(a.zero_point, b.zero_point)))
+
+
 def integer_constant(name: str, values: np.ndarray) -> gs.Constant:
-    """A constant of integer levels; 4-bit ones go through ONNX's own packing (two values per byte), which
-    onnx-graphsurgeon's exporter does not do."""
-    if values.dtype in (ml_dtypes.int4, ml_dtypes.uint4):
-        return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(values), name)))
-    return gs.Constant(name, np.ascontiguousarray(values))
+    """A constant of integer levels, held as its ONNX tensor: 4-bit ones packed two values per byte by ONNX's own
+    helper (onnx-graphsurgeon's exporter does not pack them), and the export copies no large array again."""
+    return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(values), name)))
 
 
 def _dequantize_bias(ctx: _Context, cmd: DequantizeBias) -> None:

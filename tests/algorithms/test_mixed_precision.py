@@ -109,3 +109,33 @@ def test_on_the_bundled_model_mixed_bits_beat_4_bits_everywhere() -> None:
     uniform_top1 = float((session.run(None, {"input": x})[0].argmax(axis=1) == labels).mean())
     assert result.score > uniform_top1
     assert result.float_score - result.score <= 0.01
+
+
+def test_nodes_sharing_a_weight_share_its_bits_and_one_stored_copy(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    shared = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "shared")
+    own = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "own")
+    nodes = [helper.make_node("MatMul", ["x", "shared"], ["a"], name="first"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "shared"], ["b"], name="second"),
+             helper.make_node("MatMul", ["b", "own"], ["y"], name="third")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], [shared, own])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "fp32.onnx")
+    x = rng.standard_normal((32, 64)).astype(np.float32)
+    float_bytes = initializer_bytes(model)
+    model = upgrade_opset(model, FOUR_BIT_OPSET)
+    plan = plan_quantization(model, [{"x": x}], QuantizationConfig(), progress=False)
+    metric = resolve_metric("cosine", EvalSet.from_arrays({"x": x}, ["x"]), tmp_path / "fp32.onnx")
+    int8_bytes = initializer_bytes(apply_partial(plan, model))
+    result = choose_weight_bits(plan, model, metric, (int8_bytes - 64 * 64 // 2) / float_bytes,
+                                float_bytes=float_bytes, progress=False)
+    bits = {w.node: w.bits for w in result.weights}
+    assert bits["first"] == bits["second"]
+    levels = [t for t in result.model.graph.initializer if t.name.startswith("shared") and t.name.endswith("_q")]
+    assert len(levels) == 1
+    assert result.size_bytes <= int8_bytes - 64 * 64 // 2

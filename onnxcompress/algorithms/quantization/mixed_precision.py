@@ -38,7 +38,8 @@ FOUR_BIT_OPSET = 21
 
 @dataclass(frozen=True)
 class WeightBits:
-    """One weight's outcome: its bits, the metric drop it alone costs in 4 bits, the bytes 4 bits save."""
+    """One weight's outcome: its bits, the metric drop it alone (with the nodes sharing its constant) costs in 4
+    bits, the bytes 4 bits save."""
 
     node: str
     bits: int
@@ -119,7 +120,13 @@ def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: M
     ranks where a coarse one (top-1 on few samples) ties."""
     ranking = ranking or metric
     four_bit = {i: four_bit_weight(plan, c) for i, c in enumerate(plan.weights)}
-    saved = {i: _stored_bytes(c) - _stored_bytes(four_bit[i]) for i, c in enumerate(plan.weights)}
+    # Nodes that share one constant weight share its bits (one stored copy): each sharing set is one choice.
+    nodes = {n.name: n for n in plan.graph.nodes}
+    sharing: dict[str, list[int]] = {}
+    for i, c in enumerate(plan.weights):
+        sharing.setdefault(nodes[c.node].inputs[c.port].name, []).append(i)
+    groups = [tuple(indices) for indices in sharing.values()]
+    saved = {g: _stored_bytes(plan.weights[g[0]]) - _stored_bytes(four_bit[g[0]]) for g in groups}
     int8_model = apply_partial(plan, model)
     int8_bytes = initializer_bytes(int8_model)
     budget = max_size * float_bytes
@@ -132,21 +139,22 @@ def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: M
         float_score = score_model(apply_partial(plan, model, quantizer_units(plan)), metric, folder, "float")
         int8_score = score_model(int8_model, metric, folder, "int8")
         drops = {}
-        candidates = [i for i in four_bit if saved[i] > 0] if int8_bytes > budget else []
+        candidates = [g for g in groups if saved[g] > 0] if int8_bytes > budget else []
         reference = int8_score if ranking is metric else score_model(int8_model, ranking, folder, "int8-ranking")
-        for i in tqdm(candidates, desc="4-bit sensitivity", unit="weight", disable=not progress):
-            alone = apply_partial(with_four_bit_weights(plan, [i], four_bit), model)
-            drops[i] = reference - score_model(alone, ranking, folder, f"w{i}")
+        for g in tqdm(candidates, desc="4-bit sensitivity", unit="weight", disable=not progress):
+            alone = apply_partial(with_four_bit_weights(plan, g, four_bit), model)
+            drops[g] = reference - score_model(alone, ranking, folder, f"w{g[0]}")
         chosen, size = [], int8_bytes
-        for i in sorted(candidates, key=lambda i: (max(drops[i], 0.0) / saved[i], -saved[i])):
+        for g in sorted(candidates, key=lambda g: (max(drops[g], 0.0) / saved[g], -saved[g])):
             if size <= budget:
                 break
-            chosen.append(i)
-            size -= saved[i]
+            chosen += g
+            size -= saved[g]
         final_plan = with_four_bit_weights(plan, chosen, four_bit)
         final = apply_partial(final_plan, model)
         score = score_model(final, metric, folder, "mixed") if chosen else int8_score
-    weights = tuple(WeightBits(c.node, 4 if i in chosen else 8, drops.get(i, 0.0), saved[i])
+    group_of = {i: g for g in groups for i in g}
+    weights = tuple(WeightBits(c.node, 4 if i in chosen else 8, drops.get(group_of[i], 0.0), saved[group_of[i]])
                     for i, c in enumerate(plan.weights))
     evaluations = len(drops) + 2 + bool(chosen) + (ranking is not metric)
     return MixedPrecisionResult(final, final_plan, weights, float_score, int8_score, score,

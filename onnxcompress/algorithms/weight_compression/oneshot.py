@@ -91,12 +91,14 @@ def compress_model(model: onnx.ModelProto, config: WeightCompressionConfig, batc
     def table(layer: CompressibleLayer) -> np.ndarray:
         return peek_values(nodes[layer.node].inputs[layer.layout.port])
 
-    plan = plan_weight_compression(layers, table, config, importance)
     float_bytes = sum(_tensor_bytes_of(nodes[layer.node].inputs[layer.layout.port])
                       for layer in {layer.weight: layer for layer in layers}.values())
+    plan = plan_weight_compression(layers, table, config, importance)
+    choices = plan.layers
     apply_commands(graph, plan.commands)
+    del plan  # the graph holds the levels now, as tensors: the commands' arrays go
     compressed = export_graph(graph, model, shapes=False)
-    return WeightCompressionResult(compressed, plan.layers, float_bytes, _stored_bytes(compressed),
+    return WeightCompressionResult(compressed, choices, float_bytes, _stored_bytes(compressed),
                                    source if has_external_data(compressed) else None)
 
 

@@ -113,7 +113,7 @@ def plan_weight_compression(layers: Sequence[CompressibleLayer], table: Callable
             compressed[layer] = _compress(layer, table(layer), backup, backup_group, importance)
     commands, choices = [], []
     for layer in layers:
-        result, mode, group = compressed[layer]
+        result, mode, group = compressed.pop(layer)  # one layout of the levels in memory at a time
         commands.append(_command(layer, result))
         choices.append(LayerChoice(layer.node, layer.op, layer.weight, mode, group, layer.parameters,
                                    result.relative_error))

@@ -43,8 +43,8 @@ LEVELS: dict[WeightMode, Levels] = {
 #: Clipping factors the data-aware search tries on each block's range (1 is round-to-nearest).
 CLIP_GRID = np.linspace(1.0, 0.5, 11, dtype=np.float32)
 
-#: Rows compressed at once: bounds the temporary float arrays of a large table to ~64 MB each.
-_CHUNK_VALUES = 1 << 24
+#: Values compressed at once: bounds the temporary float arrays of a large table to ~16 MB each.
+_CHUNK_VALUES = 1 << 22
 
 
 @dataclass(frozen=True)
