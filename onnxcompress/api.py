@@ -33,17 +33,22 @@ from onnxcompress.config import (
     PruneConfig,
     QuantizationConfig,
     SparsifyConfig,
+    UnitRanking,
     WeightCompressionConfig,
 )
 from onnxcompress.data import calibration_batches, count_samples, model_inputs, read_npz
 from onnxcompress.errors import ConfigError, DatasetError
 from onnxcompress.evaluation.accuracy_control import ControlResult, control_accuracy
-from onnxcompress.evaluation.metrics import EvalSet, resolve_metric
+from onnxcompress.evaluation.metrics import BUILTIN, EvalSet, resolve_metric
+from onnxcompress.evaluation.noise import noise_ranking
 from onnxcompress.models import sample_for_model
 from onnxcompress.packaging.manifest import COMPRESSION_METADATA
 from onnxcompress.runtime.model_io import load_model, save_model, upgrade_opset
 
 ModelLike = onnx.ModelProto | str | os.PathLike
+
+#: Calibration samples the noise ranking of accuracy control runs the float model on.
+NOISE_SAMPLES = 16
 
 if TYPE_CHECKING:
     from onnxcompress.training.loss import LossBuilder
@@ -67,11 +72,12 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
 
 def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None,
                                    *, metric: str | Callable[[str], object], max_drop: float, eval_data: Any = None,
-                                   progress: bool = True, **options: Any) -> ControlResult:
+                                   ranking: UnitRanking | str = UnitRanking.AUTO, progress: bool = True,
+                                   **options: Any) -> ControlResult:
     """`quantize`, then the fewest quantizer units returned to float that keep the metric within `max_drop` of the
     float model's (`evaluation/accuracy_control.py`). `metric` is top1, cosine, sqnr (these score `eval_data`, an
     .npz with an array per model input and, for top1, `labels`), `FILE.py:FUNC` or a callable taking a model
-    path; higher is better."""
+    path; higher is better. `ranking` (`config.UnitRanking`) says how the units are ranked."""
     config = _merge(config, options)
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
     data = None
@@ -81,8 +87,16 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
     with tempfile.TemporaryDirectory(prefix="onnxcompress-reference-") as tmp:
         reference = save_model(proto, Path(tmp) / "fp32.onnx")
         resolved = resolve_metric(metric, data, reference)  # a bad metric fails before the calibration pass
+        ranking = UnitRanking(ranking)
+        if ranking is UnitRanking.AUTO:
+            ranking = UnitRanking.METRIC if isinstance(metric, str) and metric in BUILTIN else UnitRanking.NOISE
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
-        result = control_accuracy(plan, proto, resolved, max_drop, progress=progress)
+        order = None
+        if ranking is UnitRanking.NOISE:
+            feeds = calibration_batches(_default_dataset(model) if dataset is None else dataset,
+                                        model_inputs(proto), subset_size=NOISE_SAMPLES, batch_size=1)
+            order = [u.unit for u in noise_ranking(plan, proto, feeds)]
+        result = control_accuracy(plan, proto, resolved, max_drop, order=order, progress=progress)
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
                                        "accuracy_control": {"max_drop": max_drop,
                                                             "float_units": [u.label for u in result.float_units]}}])

@@ -147,6 +147,10 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
               "float model; the fewest quantizers return to float until it holds (needs --metric).")
 @click.option("--metric", help="Accuracy control metric: top1, cosine, sqnr (on --eval-data) or FILE.py:FUNC, "
               "FUNC(model_path) -> float, higher is better.")
+@click.option("--ranking", type=click.Choice(["auto", "metric", "noise"]), help="Accuracy control: rank the "
+              "quantizers by the metric with each alone in float (metric), or by the noise each adds, measuring the "
+              "metric only on the ranking's prefixes (noise); default auto: metric for built-in metrics, noise for "
+              "FILE.py:FUNC.")
 @click.option("--max-size", type=click.FloatRange(0, 1, min_open=True), help="Mixed precision: the largest size of "
               "the initializers as a fraction of the FP32 model's; the weights whose 4 bits cost the least --metric "
               "(default: cosine to FP32 on --eval-data or the calibration .npz) take 4 bits, stored as INT4.")
@@ -155,7 +159,7 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
 def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
              calibration, model_type, bias_correction, weight_bits, target, smooth_quant_alpha, smooth_quant,
              ignore_names, ignore_types, ignore_patterns, max_drop: float | None, metric: str | None,
-             max_size: float | None, eval_data: str | None, no_progress: bool) -> None:
+             ranking: str | None, max_size: float | None, eval_data: str | None, no_progress: bool) -> None:
     """Post-training INT8 quantization of MODEL."""
     from onnxcompress.api import quantize as run_quantize
     from onnxcompress.config import QuantizationConfig, read_config_file
@@ -177,8 +181,11 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
         raise ConfigError("accuracy control needs both --max-drop and --metric (and --eval-data for built-in metrics)")
     output = output or model.with_name(model.stem + ".int8.onnx")
     check_output_path(model, output, reads=(data, config_file, eval_data))
+    if ranking is not None and max_drop is None:
+        raise ConfigError("--ranking orders accuracy control's search: it needs --max-drop and --metric")
     if max_drop is not None:
-        quantized = _quantize_within_drop(model, data, config, metric, max_drop, eval_data, not no_progress)
+        quantized = _quantize_within_drop(model, data, config, metric, max_drop, eval_data, ranking or "auto",
+                                          not no_progress)
     elif max_size is not None:
         quantized = _quantize_within_size(model, data, config, metric, max_size, eval_data, not no_progress)
     else:
@@ -189,11 +196,11 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
 
 
 def _quantize_within_drop(model: Path, data: str | None, config, metric: str, max_drop: float,
-                          eval_data: str | None, progress: bool):
+                          eval_data: str | None, ranking: str, progress: bool):
     from onnxcompress.api import quantize_with_accuracy_control
 
     result = quantize_with_accuracy_control(model, data, config, metric=metric, max_drop=max_drop,
-                                            eval_data=eval_data, progress=progress)
+                                            eval_data=eval_data, ranking=ranking, progress=progress)
     units = ", ".join(unit.label for unit in result.float_units) or "none"
     click.echo(f"accuracy control: {metric} float {result.float_score:.6g}, quantized {result.quantized_score:.6g}"
                f", final {result.final_score:.6g} after {result.evaluations} evaluations; in float: {units}")

@@ -393,6 +393,18 @@ class SparsifyConfig(_OneShotConfig):
     ignored_scope: IgnoredScope = Field(default_factory=IgnoredScope, description="Layers left dense.")
 
 
+class UnitRanking(str, enum.Enum):
+    """How accuracy control ranks the quantizer units it may return to float."""
+
+    #: The metric measured with each unit alone in float (one evaluation per unit), re-measured as it goes.
+    METRIC = "metric"
+    #: The quantization noise each unit adds at its tensor, from one float pass on a few calibration samples; the
+    #: metric is measured only on the ranking's prefixes (a handful of evaluations).
+    NOISE = "noise"
+    #: metric for the built-in metrics (fast), noise for a user's FILE.py:FUNC or callable (any cost).
+    AUTO = "auto"
+
+
 class WeightMode(str, enum.Enum):
     """How `compress-weights` stores a weight."""
 

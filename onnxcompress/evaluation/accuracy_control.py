@@ -5,13 +5,15 @@ measured gain is largest, measured on the model as it now is (the gains of units
 path share the error), and re-measure the remaining units' gains on that model only when the last step gained
 less than half of what its ranking promised. Every candidate comes from the same plan, so nothing is calibrated
 again. When every allowed unit is float and the drop still exceeds the budget, AccuracyControlError says what that
-model and the float model scored.
+model and the float model scored. With a given ranking (`order`), only its prefixes are measured, for metrics too
+slow to measure every unit alone (see `control_accuracy`).
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +51,15 @@ class ControlResult:
 
 
 def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, max_drop: float, *,
-                     allowed: Iterable[QuantizerUnit] | None = None, progress: bool = True) -> ControlResult:
+                     allowed: Iterable[QuantizerUnit] | None = None, order: Sequence[QuantizerUnit] | None = None,
+                     progress: bool = True) -> ControlResult:
     """The quantized model of `plan` with the fewest units in float (greedy by measured gain) such that
-    `float score - score <= max_drop`; only `allowed` units (default: all) may go to float."""
+    `float score - score <= max_drop`; only `allowed` units (default: all) may go to float.
+
+    With `order` (the units most harmful first, e.g. `noise.noise_ranking`), the metric is measured only on
+    prefixes of it: the shortest prefix that meets the budget (doubling, then bisecting: O(log k) evaluations for
+    k units), then each of its units dropped again where the budget still holds without it (when k is at most
+    `REFINED_PREFIX`). For metrics too slow to measure every unit alone."""
     if not max_drop >= 0:
         raise ConfigError(f"max_drop must be 0 or more, got {max_drop}")
     every = quantizer_units(plan)
@@ -60,6 +68,14 @@ def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Met
             _Search(plan, model, metric, Path(tmp), progress) as search:
         float_score = search.score(every)
         quantized_score = score = search.score([])
+        if order is not None:
+            ranked = [u for u in order if u in set(units)]
+            chosen = _shortest_prefix(search, ranked, float_score, max_drop)
+            score = search.score(chosen)
+            steps = tuple(ControlStep(u, search.cache.get(frozenset(chosen[:i + 1]), math.nan))
+                          for i, u in enumerate(chosen))
+            return ControlResult(apply_partial(plan, model, chosen), float_score, quantized_score, score, steps,
+                                 search.evaluations)
         chosen: list[QuantizerUnit] = []
         steps: list[ControlStep] = []
         gains: dict[QuantizerUnit, float] = {}
@@ -82,6 +98,39 @@ def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Met
             steps.append(ControlStep(best, score))
         final = apply_partial(plan, model, chosen)
     return ControlResult(final, float_score, quantized_score, score, tuple(steps), search.evaluations)
+
+
+#: Prefixes up to this many units are refined (each unit dropped again if the budget holds without it).
+REFINED_PREFIX = 8
+
+
+def _shortest_prefix(search: _Search, ranked: list[QuantizerUnit], float_score: float, max_drop: float
+                     ) -> list[QuantizerUnit]:
+    def meets(units: list[QuantizerUnit]) -> bool:
+        return float_score - search.score(units) <= max_drop
+
+    if meets([]):
+        return []
+    low, high = 0, 1
+    while high < len(ranked) and not meets(ranked[:high]):
+        low, high = high, min(2 * high, len(ranked))
+    if not meets(ranked[:high]):
+        score = search.score(ranked)
+        raise AccuracyControlError(
+            f"with all {len(ranked)} allowed quantizer units in float the metric is {score:.6g}, a drop of "
+            f"{float_score - score:.6g} from the float model's {float_score:.6g}, over the budget {max_drop:g}")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if meets(ranked[:middle]) else (middle, high)
+    chosen = ranked[:high]
+    changed = len(chosen) <= REFINED_PREFIX
+    while changed:  # until no unit can go: units interact, so one that could not may after another went
+        changed = False
+        for unit in reversed(chosen):
+            trial = [u for u in chosen if u != unit]
+            if meets(trial):  # sets measured before (the failing prefix) come from the cache
+                chosen, changed = trial, True
+    return chosen
 
 
 class _Search:

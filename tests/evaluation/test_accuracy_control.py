@@ -98,3 +98,26 @@ def test_a_bad_metric_is_refused_before_the_calibration_pass(tmp_path: Path) -> 
         quantize_with_accuracy_control(model, calibration(), metric=str(tmp_path / "absent.py:f"), max_drop=0.01,
                                        progress=False)
     assert not read
+
+
+def test_the_noise_ranking_puts_the_planted_unit_first(planted, tmp_path: Path) -> None:
+    from onnxcompress.evaluation.noise import noise_ranking
+
+    plan, model, metric, victim, _ = planted
+    shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+    feeds = [{TINY_CNN_INPUT: np.random.default_rng(1).standard_normal((4, *shape)).astype(np.float32)}]
+    ranking = noise_ranking(plan, model, feeds)
+    assert ranking[0].unit == victim
+    assert ranking[0].noise > 10 * ranking[1].noise
+    assert {r.unit for r in ranking} == set(quantizer_units(plan))
+
+
+@pytest.mark.parametrize("position", [0, 4])
+def test_a_ranking_is_searched_by_its_prefixes_and_refined(planted, position: int) -> None:
+    plan, model, metric, victim, (quantized, victim_float) = planted
+    others = [u for u in quantizer_units(plan) if u != victim]
+    order = [*others[:position], victim, *others[position:]]
+    result = control_accuracy(plan, model, metric, (1 - victim_float) * 1.5, order=order, progress=False)
+    assert result.float_units == (victim,)
+    # float and quantized, then prefixes of 1, 2, 4, 8 units (doubling), bisection, and the refinement's trials
+    assert result.evaluations <= (3 if position == 0 else 2 + 4 + 2 + position)
