@@ -91,12 +91,14 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
         if ranking is UnitRanking.AUTO:
             ranking = UnitRanking.METRIC if isinstance(metric, str) and metric in BUILTIN else UnitRanking.NOISE
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
-        order = None
+        order = weights = None
         if ranking is UnitRanking.NOISE:
             feeds = calibration_batches(_default_dataset(model) if dataset is None else dataset,
                                         model_inputs(proto), subset_size=NOISE_SAMPLES, batch_size=1)
-            order = [u.unit for u in noise_ranking(plan, proto, feeds)]
-        result = control_accuracy(plan, proto, resolved, max_drop, order=order, progress=progress)
+            noise = noise_ranking(plan, proto, feeds)
+            order, weights = [u.unit for u in noise], {u.unit: u.noise for u in noise}
+        result = control_accuracy(plan, proto, resolved, max_drop, order=order, weights=weights,
+                                  progress=progress)
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
                                        "accuracy_control": {"max_drop": max_drop,
                                                             "float_units": [u.label for u in result.float_units]}}])

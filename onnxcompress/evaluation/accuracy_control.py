@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from onnxcompress.algorithms.quantization.partial import QuantizerUnit, apply_partial, quantizer_units
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan
 from onnxcompress.errors import ConfigError, EvaluationError
-from onnxcompress.evaluation.sensitivity import Metric, score_model
+from onnxcompress.evaluation.parallel import Evaluator
+from onnxcompress.evaluation.sensitivity import Metric, score_candidates
 
 
 class AccuracyControlError(EvaluationError):
@@ -52,25 +53,32 @@ class ControlResult:
 
 def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, max_drop: float, *,
                      allowed: Iterable[QuantizerUnit] | None = None, order: Sequence[QuantizerUnit] | None = None,
+                     weights: Mapping[QuantizerUnit, float] | None = None, evaluator: Evaluator | None = None,
                      progress: bool = True) -> ControlResult:
     """The quantized model of `plan` with the fewest units in float (greedy by measured gain) such that
     `float score - score <= max_drop`; only `allowed` units (default: all) may go to float.
 
     With `order` (the units most harmful first, e.g. `noise.noise_ranking`), the metric is measured only on
     prefixes of it: the shortest prefix that meets the budget (doubling, then bisecting: O(log k) evaluations for
-    k units), then each of its units dropped again where the budget still holds without it (when k is at most
-    `REFINED_PREFIX`). For metrics too slow to measure every unit alone."""
+    k units; beyond `REFINED_PREFIX` units, to within a quarter of the prefix), then each of its units dropped
+    again where the budget still holds without it (when k is at most `REFINED_PREFIX`). With `weights` (each unit's share of the harm, e.g. its noise), the search starts at the
+    prefix predicted to recover the needed part of the drop, (drop − max_drop) / drop of the total weight. For
+    metrics too slow to measure every unit alone."""
     if not max_drop >= 0:
         raise ConfigError(f"max_drop must be 0 or more, got {max_drop}")
     every = quantizer_units(plan)
     units = every if allowed is None else [u for u in every if u in set(allowed)]
     with tempfile.TemporaryDirectory(prefix="onnxcompress-accuracy-") as tmp, \
-            _Search(plan, model, metric, Path(tmp), progress) as search:
-        float_score = search.score(every)
-        quantized_score = score = search.score([])
+            _Search(plan, model, metric, Path(tmp), evaluator, progress) as search:
+        float_score, quantized_score = search.scores([every, []])
+        score = quantized_score
         if order is not None:
             ranked = [u for u in order if u in set(units)]
-            chosen = _shortest_prefix(search, ranked, float_score, max_drop)
+            start = 1
+            if weights is not None and float_score - quantized_score > max_drop:
+                start = _predicted_prefix([weights[u] for u in ranked],
+                                          1 - max_drop / (float_score - quantized_score))
+            chosen = _shortest_prefix(search, ranked, float_score, max_drop, start)
             score = search.score(chosen)
             steps = tuple(ControlStep(u, search.cache.get(frozenset(chosen[:i + 1]), math.nan))
                           for i, u in enumerate(chosen))
@@ -87,7 +95,8 @@ def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Met
                     f"{float_score - score:.6g} from the float model's {float_score:.6g}, over the budget "
                     f"{max_drop:g}")
             if not gains:
-                gains = {u: search.score([*chosen, u]) - score for u in remaining}
+                measured = search.scores([[*chosen, u] for u in remaining])
+                gains = {u: value - score for u, value in zip(remaining, measured)}
             best = max(remaining, key=lambda u: gains[u])
             chosen.append(best)
             new_score = search.score(chosen)
@@ -104,14 +113,28 @@ def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Met
 REFINED_PREFIX = 8
 
 
-def _shortest_prefix(search: _Search, ranked: list[QuantizerUnit], float_score: float, max_drop: float
-                     ) -> list[QuantizerUnit]:
+def _predicted_prefix(weights: list[float], share: float) -> int:
+    """The shortest prefix whose weights add up to `share` of them all (at least 1)."""
+    total = sum(weights)
+    if total <= 0:
+        return 1
+    covered = 0.0
+    for count, weight in enumerate(weights, 1):
+        covered += weight
+        if covered >= share * total:
+            return count
+    return len(weights)
+
+
+def _shortest_prefix(search: _Search, ranked: list[QuantizerUnit], float_score: float, max_drop: float,
+                     start: int = 1) -> list[QuantizerUnit]:
     def meets(units: list[QuantizerUnit]) -> bool:
         return float_score - search.score(units) <= max_drop
 
     if meets([]):
         return []
-    low, high = 0, 1
+    # The shortest meeting prefix lies in (low, high]: grow `high` by doubling from `start` until it meets.
+    low, high = 0, max(1, min(start, len(ranked)))
     while high < len(ranked) and not meets(ranked[:high]):
         low, high = high, min(2 * high, len(ranked))
     if not meets(ranked[:high]):
@@ -119,7 +142,9 @@ def _shortest_prefix(search: _Search, ranked: list[QuantizerUnit], float_score: 
         raise AccuracyControlError(
             f"with all {len(ranked)} allowed quantizer units in float the metric is {score:.6g}, a drop of "
             f"{float_score - score:.6g} from the float model's {float_score:.6g}, over the budget {max_drop:g}")
-    while high - low > 1:
+    # Bisect to the unit for short prefixes; a long one only to within a quarter of its length (each step costs a
+    # whole evaluation of a metric that may take minutes, and a few units more in float cost little).
+    while high - low > max(1, high // 4 if high > REFINED_PREFIX else 1):
         middle = (low + high) // 2
         low, high = (low, middle) if meets(ranked[:middle]) else (middle, high)
     chosen = ranked[:high]
@@ -137,8 +162,9 @@ class _Search:
     """Scores candidate sets of float units, each set once."""
 
     def __init__(self, plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, folder: Path,
-                 progress: bool) -> None:
+                 evaluator: Evaluator | None, progress: bool) -> None:
         self.plan, self.model, self.metric, self.folder = plan, model, metric, folder
+        self.evaluator = evaluator
         self.cache: dict[frozenset[QuantizerUnit], float] = {}
         self.bar = tqdm(desc="accuracy control", unit="eval", disable=not progress)
 
@@ -153,9 +179,12 @@ class _Search:
         return len(self.cache)
 
     def score(self, float_units: list[QuantizerUnit]) -> float:
-        key = frozenset(float_units)
-        if key not in self.cache:
-            candidate = apply_partial(self.plan, self.model, float_units)
-            self.cache[key] = score_model(candidate, self.metric, self.folder, f"candidate{len(self.cache)}")
-            self.bar.update()
-        return self.cache[key]
+        return self.scores([float_units])[0]
+
+    def scores(self, sets: list[list[QuantizerUnit]]) -> list[float]:
+        """The metric with each set of units in float; sets not measured before are scored together."""
+        new = list(dict.fromkeys(frozenset(units) for units in sets if frozenset(units) not in self.cache))
+        measured = score_candidates(lambda units: apply_partial(self.plan, self.model, list(units)), new,
+                                    self.metric, self.folder, self.evaluator, bar=self.bar)
+        self.cache.update(zip(new, measured))
+        return [self.cache[frozenset(units)] for units in sets]

@@ -8,18 +8,21 @@ candidate is built from the same plan (`apply_partial`), so nothing is calibrate
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import onnx
 from tqdm.auto import tqdm
 
 from onnxcompress.algorithms.quantization.partial import QuantizerUnit, apply_partial, quantizer_units
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan
+from onnxcompress.evaluation.parallel import Evaluator, SerialEvaluator
 from onnxcompress.runtime.model_io import save_model
 
 Metric = Callable[[str], float]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,17 +55,36 @@ def score_model(model: onnx.ModelProto, metric: Metric, folder: Path, name: str)
             written.unlink()
 
 
+def score_candidates(build: Callable[[T], onnx.ModelProto], candidates: Sequence[T], metric: Metric, folder: Path,
+                     evaluator: Evaluator | None = None, *, bar: tqdm | None = None) -> list[float]:
+    """Score `build(c)` for every candidate, in order: `evaluator.workers` files on disk and scored at a time
+    (default: serially, in this process)."""
+    evaluator = evaluator or SerialEvaluator()
+    scores: list[float] = []
+    for start in range(0, len(candidates), evaluator.workers):
+        paths = [save_model(build(c), folder / f"candidate{start + i}.onnx")
+                 for i, c in enumerate(candidates[start:start + evaluator.workers])]
+        try:
+            scores += evaluator.scores(metric, paths)
+        finally:
+            for path in paths:
+                for written in folder.glob(f"{path.name}*"):
+                    written.unlink()
+        if bar is not None:
+            bar.update(len(paths))
+    return scores
+
+
 def quantizer_sensitivity(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, *,
-                          progress: bool = True) -> SensitivityReport:
+                          evaluator: Evaluator | None = None, progress: bool = True) -> SensitivityReport:
     """Score the float model, the quantized model and the quantized model with each unit alone in float."""
     units = quantizer_units(plan)
-    with tempfile.TemporaryDirectory(prefix="onnxcompress-sensitivity-") as tmp:
-        folder = Path(tmp)
-        float_score = score_model(apply_partial(plan, model, units), metric, folder, "float")
-        quantized_score = score_model(apply_partial(plan, model), metric, folder, "quantized")
-        results = []
-        for index, unit in enumerate(tqdm(units, desc="sensitivity", unit="unit", disable=not progress)):
-            score = score_model(apply_partial(plan, model, [unit]), metric, folder, f"unit{index}")
-            results.append(UnitSensitivity(unit, score, score - quantized_score))
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-sensitivity-") as tmp, \
+            tqdm(total=len(units) + 2, desc="sensitivity", unit="model", disable=not progress) as bar:
+        sets = [units, [], *([unit] for unit in units)]
+        scores = score_candidates(lambda units: apply_partial(plan, model, units), sets, metric, Path(tmp),
+                                  evaluator, bar=bar)
+        float_score, quantized_score = scores[0], scores[1]
+        results = [UnitSensitivity(unit, score, score - quantized_score) for unit, score in zip(units, scores[2:])]
     ranked = sorted(results, key=lambda r: -r.gain)  # stable: equal gains keep plan order
     return SensitivityReport(float_score, quantized_score, tuple(ranked))

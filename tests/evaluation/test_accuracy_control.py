@@ -121,3 +121,10 @@ def test_a_ranking_is_searched_by_its_prefixes_and_refined(planted, position: in
     assert result.float_units == (victim,)
     # float and quantized, then prefixes of 1, 2, 4, 8 units (doubling), bisection, and the refinement's trials
     assert result.evaluations <= (3 if position == 0 else 2 + 4 + 2 + position)
+
+
+def test_the_search_starts_at_the_prefix_that_holds_the_needed_share_of_the_noise() -> None:
+    from onnxcompress.evaluation.accuracy_control import _predicted_prefix
+
+    assert [_predicted_prefix([5, 3, 1, 1], share) for share in (0.05, 0.5, 0.7, 0.95, 1.0)] == [1, 1, 2, 4, 4]
+    assert _predicted_prefix([0, 0], 0.5) == 1

@@ -28,7 +28,8 @@ from onnxcompress.algorithms.quantization.partial import apply_partial, quantize
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan
 from onnxcompress.algorithms.quantization.scheme import quantize_weight
 from onnxcompress.errors import ConfigError
-from onnxcompress.evaluation.sensitivity import Metric, score_model
+from onnxcompress.evaluation.parallel import Evaluator
+from onnxcompress.evaluation.sensitivity import Metric, score_candidates, score_model
 from onnxcompress.transforms.commands import DequantizeWeight, SetConstantInput
 from onnxcompress.transforms.op_table import channel_bias
 
@@ -112,8 +113,8 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
 
 
 def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, max_size: float, *,
-                       float_bytes: int, ranking: Metric | None = None, progress: bool = True
-                       ) -> MixedPrecisionResult:
+                       float_bytes: int, ranking: Metric | None = None, evaluator: Evaluator | None = None,
+                       progress: bool = True) -> MixedPrecisionResult:
     """The plan with the weights whose 4 bits cost the least metric per byte saved in 4 bits, until the model's
     initializers are at most `max_size` × `float_bytes`; ConfigError (with the smallest reachable ratio) when even
     every weight in 4 bits is over. `ranking` (default `metric`) measures each weight's drop: a continuous metric
@@ -138,12 +139,12 @@ def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: M
         folder = Path(tmp)
         float_score = score_model(apply_partial(plan, model, quantizer_units(plan)), metric, folder, "float")
         int8_score = score_model(int8_model, metric, folder, "int8")
-        drops = {}
         candidates = [g for g in groups if saved[g] > 0] if int8_bytes > budget else []
         reference = int8_score if ranking is metric else score_model(int8_model, ranking, folder, "int8-ranking")
-        for g in tqdm(candidates, desc="4-bit sensitivity", unit="weight", disable=not progress):
-            alone = apply_partial(with_four_bit_weights(plan, g, four_bit), model)
-            drops[g] = reference - score_model(alone, ranking, folder, f"w{g[0]}")
+        with tqdm(total=len(candidates), desc="4-bit sensitivity", unit="weight", disable=not progress) as bar:
+            scores = score_candidates(lambda g: apply_partial(with_four_bit_weights(plan, g, four_bit), model),
+                                      candidates, ranking, folder, evaluator, bar=bar)
+        drops = {g: reference - score for g, score in zip(candidates, scores)}
         chosen, size = [], int8_bytes
         for g in sorted(candidates, key=lambda g: (max(drops[g], 0.0) / saved[g], -saved[g])):
             if size <= budget:

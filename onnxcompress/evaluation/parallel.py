@@ -1,0 +1,139 @@
+"""Where candidate models are scored: in this process, in local worker processes, or on a Ray cluster.
+
+Sensitivity, accuracy control's measured gains and mixed precision's 4-bit drops score candidate files that do not
+depend on each other; an evaluator scores a batch of them and returns the scores in the batch's order, so a search
+makes the same choices whichever evaluator ran it. The metric travels to the workers once per pool (a `FILE.py:FUNC`
+metric as its spec, imported again there); a Ray task receives the model's bytes, so cluster nodes need no shared
+disk, only the metric's file and data at the same paths.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+from onnxcompress.errors import ConfigError, EvaluationError
+
+Metric = Callable[[str], float]
+
+
+class Evaluator(Protocol):
+    #: How many candidates it scores at once (a search writes that many files at a time).
+    workers: int
+
+    def scores(self, metric: Metric, paths: Sequence[Path]) -> list[float]: ...
+
+    def close(self) -> None: ...
+
+
+class SerialEvaluator:
+    """Scores in this process, one candidate after another."""
+
+    workers = 1
+
+    def scores(self, metric: Metric, paths: Sequence[Path]) -> list[float]:
+        return [metric(str(path)) for path in paths]
+
+    def close(self) -> None:
+        pass
+
+
+_worker_metric: Metric | None = None
+
+
+def _install(metric: Metric) -> None:
+    global _worker_metric  # one metric per worker process, set once by the pool's initializer
+    _worker_metric = metric
+
+
+def _score_in_worker(path: str) -> float:
+    assert _worker_metric is not None
+    return _worker_metric(path)
+
+
+class ProcessEvaluator:
+    """Scores in `workers` local processes (spawned, so nothing of this process's state leaks into them)."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ConfigError(f"workers must be 1 or more, got {workers}")
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._metric: Metric | None = None
+
+    def scores(self, metric: Metric, paths: Sequence[Path]) -> list[float]:
+        if len(paths) < 2 or self.workers == 1:
+            return [metric(str(path)) for path in paths]
+        if self._pool is None or self._metric is not metric:
+            self.close()
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_install, initargs=(metric,))
+            self._metric = metric
+        return list(self._pool.map(_score_in_worker, [str(path) for path in paths]))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+def _score_bytes(metric: Metric, files: dict[str, bytes]) -> float:
+    """A Ray task: write the candidate's files into a private folder and score its model file."""
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-ray-") as folder:
+        for name, content in files.items():
+            Path(folder, name).write_bytes(content)
+        return metric(str(Path(folder, "model.onnx")))
+
+
+class RayEvaluator:
+    """Scores as tasks on the Ray cluster at `address` (`ray` is an optional extra: pip install onnxcompress[ray])."""
+
+    def __init__(self, address: str) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--ray-address needs Ray: pip install 'onnxcompress[ray]'") from None
+        self._ray = ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+            except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError... for a bad address
+                raise EvaluationError(f"cannot reach the Ray cluster at {address}: {error}") from None
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self._task = ray.remote(num_cpus=1)(_score_bytes)
+
+    def scores(self, metric: Metric, paths: Sequence[Path]) -> list[float]:
+        metric_ref = self._ray.put(metric)
+        tasks = [self._task.remote(metric_ref, _candidate_files(path)) for path in paths]
+        try:
+            return [float(score) for score in self._ray.get(tasks)]
+        except self._ray.exceptions.RayTaskError as error:
+            cause = error.cause if isinstance(getattr(error, "cause", None), Exception) else error
+            if isinstance(cause, EvaluationError):
+                raise cause from None
+            raise EvaluationError(f"a Ray task failed to score a candidate: {cause}") from None
+
+    def close(self) -> None:
+        pass
+
+
+def _candidate_files(path: Path) -> dict[str, bytes]:
+    """The model file (as model.onnx) and its external data file, if any, by the names the model refers to."""
+    files = {"model.onnx": path.read_bytes()}
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        files[data.name] = data.read_bytes()
+    return files
+
+
+def make_evaluator(workers: int | None = None, ray_address: str | None = None) -> Evaluator:
+    """Ray when an address is given, else `workers` local processes (default: one per core; 1 is serial)."""
+    if ray_address is not None:
+        return RayEvaluator(ray_address)
+    count = workers if workers is not None else (os.cpu_count() or 1)
+    return SerialEvaluator() if count == 1 else ProcessEvaluator(count)
