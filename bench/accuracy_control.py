@@ -3,7 +3,8 @@
 For each bundled model: plain `quantize` and `quantize --max-drop D --metric top1 --eval-data <its test split>`,
 each a fresh process; top-1 of FP32, INT8 and the controlled file on the 500 test images (ONNX Runtime and
 OpenVINO), which heavy layers still run INT8 (OpenVINO's executed graph; ONNX Runtime's integer kernels), and the
-wall times.
+wall times. Then digits_mobile's accuracy control again with `--workers 1`, `--workers 2` and `--ray-address` of a
+local Ray head with 2 CPUs that the bench starts and stops: the same choice, and the wall time of each.
 
     .venv/bin/python bench/accuracy_control.py --out bench/out/accuracy_control.json [--max-drop 0.001]
 """
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_DIR / "bench" / "out" / "accuracy_control.json")
     parser.add_argument("--models", default="digits_cnn,digits_mobile")
     parser.add_argument("--max-drop", type=float, default=0.001)
+    parser.add_argument("--scale-out-model", default="digits_mobile",
+                        help="the model whose accuracy control also runs in 2 processes and on a local Ray head")
     args = parser.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     test = DATA / "digits_test.npz"
@@ -72,8 +75,28 @@ def main(argv: list[str] | None = None) -> int:
                   "controlled": top1(controlled, x, labels)}
         results["models"][name] = record
         print(name, json.dumps(record), flush=True)
+    results["scale_out"] = scale_out(DATA / f"{args.scale_out_model}.onnx", test, args.max_drop)
     args.out.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def scale_out(model: Path, test: Path, max_drop: float) -> dict:
+    """The same accuracy control serial, in 2 local worker processes and on a local 2-CPU Ray head."""
+    runs = {}
+    port = 6391
+    ray = str(REPO_DIR / ".venv" / "bin" / "ray")
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True)
+    try:
+        for label, flags in (("serial", ["--workers", "1"]), ("2 processes", ["--workers", "2"]),
+                             ("ray, 2 CPUs", ["--ray-address", f"127.0.0.1:{port}"])):
+            seconds, said = timed("quantize", str(model), "-o", str(WORK / "scale_out.onnx"), "--max-drop",
+                                  str(max_drop), "--metric", "top1", "--eval-data", str(test), *flags)
+            runs[label] = {"seconds": seconds, "said": said.strip().splitlines()[0]}
+            print(label, json.dumps(runs[label]), flush=True)
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True)
+    return runs
 
 
 if __name__ == "__main__":

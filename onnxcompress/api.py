@@ -41,6 +41,7 @@ from onnxcompress.errors import ConfigError, DatasetError
 from onnxcompress.evaluation.accuracy_control import ControlResult, control_accuracy
 from onnxcompress.evaluation.metrics import BUILTIN, EvalSet, resolve_metric
 from onnxcompress.evaluation.noise import noise_ranking
+from onnxcompress.evaluation.parallel import make_evaluator
 from onnxcompress.models import sample_for_model
 from onnxcompress.packaging.manifest import COMPRESSION_METADATA
 from onnxcompress.runtime.model_io import load_model, save_model, upgrade_opset
@@ -72,12 +73,15 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
 
 def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None,
                                    *, metric: str | Callable[[str], object], max_drop: float, eval_data: Any = None,
-                                   ranking: UnitRanking | str = UnitRanking.AUTO, progress: bool = True,
+                                   ranking: UnitRanking | str = UnitRanking.AUTO, workers: int | None = None,
+                                   ray_address: str | None = None, progress: bool = True,
                                    **options: Any) -> ControlResult:
     """`quantize`, then the fewest quantizer units returned to float that keep the metric within `max_drop` of the
     float model's (`evaluation/accuracy_control.py`). `metric` is top1, cosine, sqnr (these score `eval_data`, an
     .npz with an array per model input and, for top1, `labels`), `FILE.py:FUNC` or a callable taking a model
-    path; higher is better. `ranking` (`config.UnitRanking`) says how the units are ranked."""
+    path; higher is better. `ranking` (`config.UnitRanking`) says how the units are ranked. Candidates are scored
+    in `workers` local processes (default: one per core) or on the Ray cluster at `ray_address`
+    (`evaluation/parallel.py`); the result does not depend on where."""
     config = _merge(config, options)
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
     data = None
@@ -97,8 +101,12 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
                                         model_inputs(proto), subset_size=NOISE_SAMPLES, batch_size=1)
             noise = noise_ranking(plan, proto, feeds)
             order, weights = [u.unit for u in noise], {u.unit: u.noise for u in noise}
-        result = control_accuracy(plan, proto, resolved, max_drop, order=order, weights=weights,
-                                  progress=progress)
+        evaluator = make_evaluator(workers, ray_address)
+        try:
+            result = control_accuracy(plan, proto, resolved, max_drop, order=order, weights=weights,
+                                      evaluator=evaluator, progress=progress)
+        finally:
+            evaluator.close()
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
                                        "accuracy_control": {"max_drop": max_drop,
                                                             "float_units": [u.label for u in result.float_units]}}])
@@ -107,10 +115,11 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
 
 def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None, *,
                              max_size: float, metric: str | Callable[[str], object] = "cosine",
-                             eval_data: Any = None, progress: bool = True, **options: Any) -> MixedPrecisionResult:
+                             eval_data: Any = None, workers: int | None = None, ray_address: str | None = None,
+                             progress: bool = True, **options: Any) -> MixedPrecisionResult:
     """`quantize` with per-layer weight bits from {8, 4}: the weights whose 4 bits cost the least `metric` per byte
     saved go to 4 bits (stored as INT4, opset 21) until the initializers are at most `max_size` × the FP32
-    model's (`algorithms/quantization/mixed_precision.py`). `metric` scores `eval_data` as in
+    model's (`algorithms/quantization/mixed_precision.py`). `metric`, `workers` and `ray_address` as in
     `quantize_with_accuracy_control`; without `eval_data`, the cosine to the FP32 outputs is measured on up to
     128 samples of `dataset` when it is an .npz."""
     config = _merge(config, options)
@@ -134,8 +143,12 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
         # Top-1 on a few hundred samples ties most single-weight changes; the outputs' cosine ranks them.
         ranking = resolve_metric("cosine", data, reference) if metric == "top1" else resolved
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
-        result = choose_weight_bits(plan, proto, resolved, max_size, float_bytes=float_bytes, ranking=ranking,
-                                    progress=progress)
+        evaluator = make_evaluator(workers, ray_address)
+        try:
+            result = choose_weight_bits(plan, proto, resolved, max_size, float_bytes=float_bytes, ranking=ranking,
+                                        evaluator=evaluator, progress=progress)
+        finally:
+            evaluator.close()
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
                                        "mixed_precision": {"max_size": max_size, "four_bit": list(result.four_bit)}}])
     return result

@@ -151,6 +151,10 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
               "quantizers by the metric with each alone in float (metric), or by the noise each adds, measuring the "
               "metric only on the ranking's prefixes (noise); default auto: metric for built-in metrics, noise for "
               "FILE.py:FUNC.")
+@click.option("--workers", type=click.IntRange(min=1), help="Accuracy control and --max-size: local processes that "
+              "score candidate models (default: one per core; 1: in this process).")
+@click.option("--ray-address", help="Score candidate models on this Ray cluster instead (ray://HOST:10001 or "
+              "HOST:6379; needs pip install 'onnxcompress[ray]').")
 @click.option("--max-size", type=click.FloatRange(0, 1, min_open=True), help="Mixed precision: the largest size of "
               "the initializers as a fraction of the FP32 model's; the weights whose 4 bits cost the least --metric "
               "(default: cosine to FP32 on --eval-data or the calibration .npz) take 4 bits, stored as INT4.")
@@ -159,7 +163,8 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
 def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
              calibration, model_type, bias_correction, weight_bits, target, smooth_quant_alpha, smooth_quant,
              ignore_names, ignore_types, ignore_patterns, max_drop: float | None, metric: str | None,
-             ranking: str | None, max_size: float | None, eval_data: str | None, no_progress: bool) -> None:
+             ranking: str | None, workers: int | None, ray_address: str | None, max_size: float | None,
+             eval_data: str | None, no_progress: bool) -> None:
     """Post-training INT8 quantization of MODEL."""
     from onnxcompress.api import quantize as run_quantize
     from onnxcompress.config import QuantizationConfig, read_config_file
@@ -183,11 +188,15 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
     check_output_path(model, output, reads=(data, config_file, eval_data))
     if ranking is not None and max_drop is None:
         raise ConfigError("--ranking orders accuracy control's search: it needs --max-drop and --metric")
+    if (workers is not None or ray_address is not None) and max_drop is None and max_size is None:
+        raise ConfigError("--workers and --ray-address score candidates of accuracy control (--max-drop) or mixed "
+                          "precision (--max-size); plain quantization has none")
     if max_drop is not None:
         quantized = _quantize_within_drop(model, data, config, metric, max_drop, eval_data, ranking or "auto",
-                                          not no_progress)
+                                          workers, ray_address, not no_progress)
     elif max_size is not None:
-        quantized = _quantize_within_size(model, data, config, metric, max_size, eval_data, not no_progress)
+        quantized = _quantize_within_size(model, data, config, metric, max_size, eval_data, workers, ray_address,
+                                          not no_progress)
     else:
         quantized = run_quantize(model, data, config, progress=not no_progress)
     saved = save_model(quantized, output)
@@ -196,11 +205,13 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
 
 
 def _quantize_within_drop(model: Path, data: str | None, config, metric: str, max_drop: float,
-                          eval_data: str | None, ranking: str, progress: bool):
+                          eval_data: str | None, ranking: str, workers: int | None, ray_address: str | None,
+                          progress: bool):
     from onnxcompress.api import quantize_with_accuracy_control
 
     result = quantize_with_accuracy_control(model, data, config, metric=metric, max_drop=max_drop,
-                                            eval_data=eval_data, ranking=ranking, progress=progress)
+                                            eval_data=eval_data, ranking=ranking, workers=workers,
+                                            ray_address=ray_address, progress=progress)
     units = ", ".join(unit.label for unit in result.float_units) or "none"
     click.echo(f"accuracy control: {metric} float {result.float_score:.6g}, quantized {result.quantized_score:.6g}"
                f", final {result.final_score:.6g} after {result.evaluations} evaluations; in float: {units}")
@@ -208,11 +219,12 @@ def _quantize_within_drop(model: Path, data: str | None, config, metric: str, ma
 
 
 def _quantize_within_size(model: Path, data: str | None, config, metric: str | None, max_size: float,
-                          eval_data: str | None, progress: bool):
+                          eval_data: str | None, workers: int | None, ray_address: str | None, progress: bool):
     from onnxcompress.api import quantize_mixed_precision
 
     result = quantize_mixed_precision(model, data, config, max_size=max_size, metric=metric or "cosine",
-                                      eval_data=eval_data, progress=progress)
+                                      eval_data=eval_data, workers=workers, ray_address=ray_address,
+                                      progress=progress)
     four = len(result.four_bit)
     click.echo(f"mixed precision: {four} of {len(result.weights)} weights in 4 bits, size {result.size_ratio:.3f} of "
                f"FP32 (budget {max_size:g}); {metric or 'cosine'} float {result.float_score:.6g}, all INT8 "

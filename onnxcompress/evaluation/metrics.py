@@ -120,6 +120,13 @@ class CustomMetric:
 
     function: Callable[[str], object]
     name: str
+    #: `FILE.py:FUNC` (absolute) when loaded from a file: a worker process imports it again from there.
+    spec: str | None = None
+
+    def __reduce__(self):
+        if self.spec is not None:
+            return load_custom_metric, (self.spec,)
+        return CustomMetric, (self.function, self.name)
 
     def __call__(self, model_path: str) -> float:
         try:
@@ -162,7 +169,7 @@ def load_custom_metric(spec: str) -> CustomMetric:
     if not callable(function):
         defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise ConfigError(f"metric file {path} defines no function {function_name} (it defines {defined})")
-    return CustomMetric(function, f"{path.name}:{function_name}")
+    return CustomMetric(function, f"{path.name}:{function_name}", f"{path.resolve()}:{function_name}")
 
 
 Metric = Callable[[str], float]

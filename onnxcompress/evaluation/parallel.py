@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Protocol
 
@@ -23,8 +25,10 @@ Metric = Callable[[str], float]
 
 
 class Evaluator(Protocol):
-    #: How many candidates it scores at once (a search writes that many files at a time).
+    #: How many candidates it scores at once.
     workers: int
+    #: How many candidates a search hands it per call (and so writes to disk at a time).
+    batch: int
 
     def scores(self, metric: Metric, paths: Sequence[Path]) -> list[float]: ...
 
@@ -34,7 +38,7 @@ class Evaluator(Protocol):
 class SerialEvaluator:
     """Scores in this process, one candidate after another."""
 
-    workers = 1
+    workers = batch = 1
 
     def scores(self, metric: Metric, paths: Sequence[Path]) -> list[float]:
         return [metric(str(path)) for path in paths]
@@ -57,24 +61,32 @@ def _score_in_worker(path: str) -> float:
 
 
 class ProcessEvaluator:
-    """Scores in `workers` local processes (spawned, so nothing of this process's state leaks into them)."""
+    """Scores in `workers` local processes (spawned, so nothing of this process's state leaks into them), started
+    by the first batch of at least two candidates per worker; smaller batches before that run in this process."""
 
     def __init__(self, workers: int) -> None:
         if workers < 1:
             raise ConfigError(f"workers must be 1 or more, got {workers}")
         self.workers = workers
+        self.batch = 2 * workers  # two candidates per worker in flight: none waits while another is written
         self._pool: ProcessPoolExecutor | None = None
         self._metric: Metric | None = None
 
     def scores(self, metric: Metric, paths: Sequence[Path]) -> list[float]:
-        if len(paths) < 2 or self.workers == 1:
+        if len(paths) < self.batch and self._pool is None:
+            # Starting the workers (each imports the runtimes) costs more than a short batch saves.
             return [metric(str(path)) for path in paths]
         if self._pool is None or self._metric is not metric:
             self.close()
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_install, initargs=(metric,))
             self._metric = metric
-        return list(self._pool.map(_score_in_worker, [str(path) for path in paths]))
+        try:
+            return list(self._pool.map(_score_in_worker, [str(path) for path in paths]))
+        except BrokenProcessPool:
+            self._pool = None
+            raise EvaluationError("a worker process scoring candidates died (out of memory, or a __main__ that "
+                                  "cannot be imported again); score them in this process with --workers 1") from None
 
     def close(self) -> None:
         if self._pool is not None:
@@ -99,12 +111,14 @@ class RayEvaluator:
         except ImportError:
             raise ConfigError("--ray-address needs Ray: pip install 'onnxcompress[ray]'") from None
         self._ray = ray
-        if not ray.is_initialized():
+        _require_reachable(address)
+        if not ray.is_initialized():  # a session the caller started already is used as it is
             try:
-                ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError... for a bad address
                 raise EvaluationError(f"cannot reach the Ray cluster at {address}: {error}") from None
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.batch = 2 * self.workers
         self._task = ray.remote(num_cpus=1)(_score_bytes)
 
     def scores(self, metric: Metric, paths: Sequence[Path]) -> list[float]:
@@ -120,6 +134,21 @@ class RayEvaluator:
 
     def close(self) -> None:
         pass
+
+
+#: Seconds to wait for the cluster's port to accept a connection (Ray itself retries for minutes).
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _require_reachable(address: str) -> None:
+    """Refuse at once an address whose port accepts no connection: `ray.init` would wait for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r} is not HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise EvaluationError(f"cannot reach the Ray cluster at {address}: {error.strerror or error}") from None
 
 
 def _candidate_files(path: Path) -> dict[str, bytes]:

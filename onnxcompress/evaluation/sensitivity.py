@@ -57,13 +57,13 @@ def score_model(model: onnx.ModelProto, metric: Metric, folder: Path, name: str)
 
 def score_candidates(build: Callable[[T], onnx.ModelProto], candidates: Sequence[T], metric: Metric, folder: Path,
                      evaluator: Evaluator | None = None, *, bar: tqdm | None = None) -> list[float]:
-    """Score `build(c)` for every candidate, in order: `evaluator.workers` files on disk and scored at a time
+    """Score `build(c)` for every candidate, in order: `evaluator.batch` files on disk and scored at a time
     (default: serially, in this process)."""
     evaluator = evaluator or SerialEvaluator()
     scores: list[float] = []
-    for start in range(0, len(candidates), evaluator.workers):
+    for start in range(0, len(candidates), evaluator.batch):
         paths = [save_model(build(c), folder / f"candidate{start + i}.onnx")
-                 for i, c in enumerate(candidates[start:start + evaluator.workers])]
+                 for i, c in enumerate(candidates[start:start + evaluator.batch])]
         try:
             scores += evaluator.scores(metric, paths)
         finally:
