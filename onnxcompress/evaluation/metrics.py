@@ -54,11 +54,15 @@ class EvalSet:
         return cls(feeds, None if labels is None else np.asarray(labels))
 
 
-def run_outputs(model: str | os.PathLike, feeds: Sequence[Feed]) -> list[list[np.ndarray]]:
-    """Every output of `model` for each feed, in ONNX Runtime."""
+def run_outputs(model: str | os.PathLike, feeds: Sequence[Feed], *, threads: int | None = None
+                ) -> list[list[np.ndarray]]:
+    """Every output of `model` for each feed, in ONNX Runtime (on `threads` threads; default: its own choice)."""
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
     try:
         with runtime_source(model) as source:
-            session = ort.InferenceSession(source.readable, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(source.readable, options, providers=["CPUExecutionProvider"])
         return [session.run(None, dict(feed)) for feed in feeds]
     except OnnxCompressError:
         raise
@@ -73,6 +77,8 @@ class OutputMetric:
     name: str
     data: EvalSet
     reference_model: str | os.PathLike | None = None
+    #: ONNX Runtime threads per scoring (None: its default, every core); worker processes take a share.
+    threads: int | None = None
     _reference: list[list[np.ndarray]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,15 +89,19 @@ class OutputMetric:
         if self.name != "top1" and self.reference_model is None:
             raise ConfigError(f"metric {self.name} compares with the FP32 model: give its path")
 
+    def with_threads(self, threads: int) -> OutputMetric:
+        """The same metric scoring on `threads` threads (for one of several worker processes)."""
+        return OutputMetric(self.name, self.data, self.reference_model, threads)
+
     def __call__(self, model_path: str) -> float:
-        outputs = run_outputs(model_path, self.data.feeds)
+        outputs = run_outputs(model_path, self.data.feeds, threads=self.threads)
         if self.name == "top1":
             assert self.data.labels is not None
             predicted = np.concatenate([np.asarray(o[0]).reshape(len(o[0]), -1).argmax(axis=1) for o in outputs])
             return float((predicted == self.data.labels).mean())
         if self._reference is None:
             assert self.reference_model is not None
-            self._reference = run_outputs(self.reference_model, self.data.feeds)
+            self._reference = run_outputs(self.reference_model, self.data.feeds, threads=self.threads)
         pairs = [(r, o) for reference, output in zip(self._reference, outputs) for r, o in zip(reference, output)]
         return _cosine(pairs) if self.name == "cosine" else _sqnr(pairs)
 

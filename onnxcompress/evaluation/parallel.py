@@ -79,7 +79,7 @@ class ProcessEvaluator:
         if self._pool is None or self._metric is not metric:
             self.close()
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_install, initargs=(metric,))
+                                             initializer=_install, initargs=(_sharing_cores(metric, self.workers),))
             self._metric = metric
         try:
             return list(self._pool.map(_score_in_worker, [str(path) for path in paths]))
@@ -92,6 +92,14 @@ class ProcessEvaluator:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def _sharing_cores(metric: Metric, workers: int, cores: int | None = None) -> Metric:
+    """`metric` limited to its share of the cores when it can limit itself (`with_threads`, as the built-in
+    metrics do); a user's metric runs as it is."""
+    limit = getattr(metric, "with_threads", None)
+    share = max(1, (cores or os.cpu_count() or 1) // workers)
+    return limit(share) if callable(limit) else metric
 
 
 def _score_bytes(metric: Metric, files: dict[str, bytes]) -> float:
@@ -122,7 +130,7 @@ class RayEvaluator:
         self._task = ray.remote(num_cpus=1)(_score_bytes)
 
     def scores(self, metric: Metric, paths: Sequence[Path]) -> list[float]:
-        metric_ref = self._ray.put(metric)
+        metric_ref = self._ray.put(_sharing_cores(metric, self.workers, cores=self.workers))
         tasks = [self._task.remote(metric_ref, _candidate_files(path)) for path in paths]
         try:
             return [float(score) for score in self._ray.get(tasks)]
