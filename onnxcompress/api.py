@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -39,9 +40,11 @@ from onnxcompress.config import (
 from onnxcompress.data import calibration_batches, count_samples, model_inputs, read_npz
 from onnxcompress.errors import ConfigError, DatasetError
 from onnxcompress.evaluation.accuracy_control import ControlResult, control_accuracy
+from onnxcompress.evaluation.cache import ScoreCache
 from onnxcompress.evaluation.metrics import BUILTIN, EvalSet, resolve_metric
 from onnxcompress.evaluation.noise import noise_ranking
 from onnxcompress.evaluation.parallel import make_evaluator
+from onnxcompress.evaluation.sensitivity import SensitivityReport, quantizer_sensitivity
 from onnxcompress.models import sample_for_model
 from onnxcompress.packaging.manifest import COMPRESSION_METADATA
 from onnxcompress.runtime.model_io import load_model, save_model, upgrade_opset
@@ -74,20 +77,18 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
 def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None,
                                    *, metric: str | Callable[[str], object], max_drop: float, eval_data: Any = None,
                                    ranking: UnitRanking | str = UnitRanking.AUTO, workers: int | None = None,
-                                   ray_address: str | None = None, progress: bool = True,
+                                   ray_address: str | None = None, cache: bool = True, progress: bool = True,
                                    **options: Any) -> ControlResult:
     """`quantize`, then the fewest quantizer units returned to float that keep the metric within `max_drop` of the
     float model's (`evaluation/accuracy_control.py`). `metric` is top1, cosine, sqnr (these score `eval_data`, an
     .npz with an array per model input and, for top1, `labels`), `FILE.py:FUNC` or a callable taking a model
     path; higher is better. `ranking` (`config.UnitRanking`) says how the units are ranked. Candidates are scored
     in `workers` local processes (default: one per core) or on the Ray cluster at `ray_address`
-    (`evaluation/parallel.py`); the result does not depend on where."""
+    (`evaluation/parallel.py`); the result does not depend on where. With `cache`, scores measured before for the
+    same model, data, settings and metric (`sensitivity`) are reused (`evaluation/cache.py`)."""
     config = _merge(config, options)
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
-    data = None
-    if eval_data is not None:
-        arrays = read_npz(eval_data) if isinstance(eval_data, (str, os.PathLike)) else dict(eval_data)
-        data = EvalSet.from_arrays(arrays, [spec.name for spec in model_inputs(proto)])
+    data = _eval_set(eval_data, proto)
     with tempfile.TemporaryDirectory(prefix="onnxcompress-reference-") as tmp:
         reference = save_model(proto, Path(tmp) / "fp32.onnx")
         resolved = resolve_metric(metric, data, reference)  # a bad metric fails before the calibration pass
@@ -101,16 +102,68 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
                                         model_inputs(proto), subset_size=NOISE_SAMPLES, batch_size=1)
             noise = noise_ranking(plan, proto, feeds)
             order, weights = [u.unit for u in noise], {u.unit: u.noise for u in noise}
+        store = _score_cache(model, dataset, config, metric, eval_data) if cache else None
         evaluator = make_evaluator(workers, ray_address)
         try:
             result = control_accuracy(plan, proto, resolved, max_drop, order=order, weights=weights,
-                                      evaluator=evaluator, progress=progress)
+                                      evaluator=evaluator, store=store, progress=progress)
         finally:
             evaluator.close()
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
                                        "accuracy_control": {"max_drop": max_drop,
                                                             "float_units": [u.label for u in result.float_units]}}])
     return result
+
+
+def sensitivity(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None, *,
+                metric: str | Callable[[str], object], eval_data: Any = None, workers: int | None = None,
+                ray_address: str | None = None, cache: bool = True, progress: bool = True,
+                **options: Any) -> SensitivityReport:
+    """`quantize`'s plan, then the metric with each quantizer unit alone in float and the noise each adds
+    (`evaluation/sensitivity.py`, `evaluation/noise.py`); `metric`, `eval_data`, `workers`, `ray_address` and
+    `cache` as in `quantize_with_accuracy_control`, whose search then reuses these scores."""
+    config = _merge(config, options)
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    data = _eval_set(eval_data, proto)
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-reference-") as tmp:
+        resolved = resolve_metric(metric, data, save_model(proto, Path(tmp) / "fp32.onnx"))
+        proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
+        feeds = calibration_batches(_default_dataset(model) if dataset is None else dataset, model_inputs(proto),
+                                    subset_size=NOISE_SAMPLES, batch_size=1)
+        noise = {u.unit: u.noise for u in noise_ranking(plan, proto, feeds)}
+        store = _score_cache(model, dataset, config, metric, eval_data) if cache else None
+        evaluator = make_evaluator(workers, ray_address)
+        try:
+            report = quantizer_sensitivity(plan, proto, resolved, evaluator=evaluator, store=store,
+                                           progress=progress)
+        finally:
+            evaluator.close()
+    return dataclasses.replace(report, noise=noise)
+
+
+def _eval_set(eval_data: Any, proto: onnx.ModelProto) -> EvalSet | None:
+    if eval_data is None:
+        return None
+    arrays = read_npz(eval_data) if isinstance(eval_data, (str, os.PathLike)) else dict(eval_data)
+    return EvalSet.from_arrays(arrays, [spec.name for spec in model_inputs(proto)])
+
+
+def _score_cache(model: ModelLike, dataset: Any, config: QuantizationConfig, metric: Any, eval_data: Any
+                 ) -> ScoreCache:
+    """The score cache of this model, data, settings and metric (in memory only when one cannot be named)."""
+    def named(item: Any) -> Path | None:
+        return Path(item) if isinstance(item, (str, os.PathLike)) and Path(item).exists() else None
+
+    source = _default_dataset(model) if dataset is None and not isinstance(model, onnx.ModelProto) else dataset
+    if isinstance(metric, str) and metric in BUILTIN:
+        metric_parts: list[Any] = [metric, named(eval_data)]
+    elif isinstance(metric, str):
+        file, _, function = metric.rpartition(":")
+        metric_parts = [named(file), function]
+    else:
+        metric_parts = [None]  # a Python callable has no name a later run could match
+    return ScoreCache.keyed([None if isinstance(model, onnx.ModelProto) else named(model), named(source),
+                             config.model_dump_json(), *metric_parts])
 
 
 def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None, *,

@@ -155,6 +155,8 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
               "score candidate models (default: one per core; 1: in this process).")
 @click.option("--ray-address", help="Score candidate models on this Ray cluster instead (ray://HOST:10001 or "
               "HOST:6379; needs pip install 'onnxcompress[ray]').")
+@click.option("--no-cache", is_flag=True, help="Accuracy control: measure every score again instead of reusing "
+              "those of an earlier run (onnxcompress sensitivity) with this model, data, settings and metric.")
 @click.option("--max-size", type=click.FloatRange(0, 1, min_open=True), help="Mixed precision: the largest size of "
               "the initializers as a fraction of the FP32 model's; the weights whose 4 bits cost the least --metric "
               "(default: cosine to FP32 on --eval-data or the calibration .npz) take 4 bits, stored as INT4.")
@@ -163,8 +165,8 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
 def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
              calibration, model_type, bias_correction, weight_bits, target, smooth_quant_alpha, smooth_quant,
              ignore_names, ignore_types, ignore_patterns, max_drop: float | None, metric: str | None,
-             ranking: str | None, workers: int | None, ray_address: str | None, max_size: float | None,
-             eval_data: str | None, no_progress: bool) -> None:
+             ranking: str | None, workers: int | None, ray_address: str | None, no_cache: bool,
+             max_size: float | None, eval_data: str | None, no_progress: bool) -> None:
     """Post-training INT8 quantization of MODEL."""
     from onnxcompress.api import quantize as run_quantize
     from onnxcompress.config import QuantizationConfig, read_config_file
@@ -193,7 +195,7 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
                           "precision (--max-size); plain quantization has none")
     if max_drop is not None:
         quantized = _quantize_within_drop(model, data, config, metric, max_drop, eval_data, ranking or "auto",
-                                          workers, ray_address, not no_progress)
+                                          workers, ray_address, not no_cache, not no_progress)
     elif max_size is not None:
         quantized = _quantize_within_size(model, data, config, metric, max_size, eval_data, workers, ray_address,
                                           not no_progress)
@@ -206,15 +208,16 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
 
 def _quantize_within_drop(model: Path, data: str | None, config, metric: str, max_drop: float,
                           eval_data: str | None, ranking: str, workers: int | None, ray_address: str | None,
-                          progress: bool):
+                          cache: bool, progress: bool):
     from onnxcompress.api import quantize_with_accuracy_control
 
     result = quantize_with_accuracy_control(model, data, config, metric=metric, max_drop=max_drop,
                                             eval_data=eval_data, ranking=ranking, workers=workers,
-                                            ray_address=ray_address, progress=progress)
+                                            ray_address=ray_address, cache=cache, progress=progress)
     units = ", ".join(unit.label for unit in result.float_units) or "none"
     click.echo(f"accuracy control: {metric} float {result.float_score:.6g}, quantized {result.quantized_score:.6g}"
-               f", final {result.final_score:.6g} after {result.evaluations} evaluations; in float: {units}")
+               f", final {result.final_score:.6g} after {result.evaluations} evaluations"
+               f"{f' ({result.reused} more from the score cache)' if result.reused else ''}; in float: {units}")
     return result.model
 
 
@@ -266,6 +269,48 @@ def sparsify(model: Path, output: Path | None, level: float, data: str | None, i
     before, after = model_file_size(model), model_file_size(saved)
     click.echo(f"wrote {saved} ({after / 1e6:.2f} MB; {before / 1e6:.2f} MB before; zeros are stored densely, "
                "compress the file or quantize it to gain size)")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--metric", required=True, help="top1, cosine, sqnr (on --eval-data) or FILE.py:FUNC, "
+              "FUNC(model_path) -> float, higher is better.")
+@click.option("--eval-data", help="An .npz with an array per model input (and labels for top1).")
+@click.option("--data", help="Calibration data, as for quantize.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON QuantizationConfig.")
+@click.option("--preset", type=click.Choice(["performance", "mixed"]), help="Symmetric or asymmetric activations.")
+@click.option("--model-type", type=click.Choice(["cnn", "transformer"]), help="Quantization rules to follow.")
+@click.option("--subset-size", type=click.IntRange(min=1), help="Number of calibration samples (default 300).")
+@click.option("--report", "report_path", type=_OutputFile(), help="Markdown report with every unit ranked.")
+@click.option("--plot", "plot_path", type=_OutputFile(), help="PNG of the most sensitive units and their noise.")
+@click.option("--workers", type=click.IntRange(min=1), help="Local processes scoring candidates (default: cores).")
+@click.option("--ray-address", help="Score candidates on this Ray cluster instead.")
+@click.option("--no-cache", is_flag=True, help="Measure every score again (default: reuse, and keep, the scores of "
+              "this model, data, settings and metric, which quantize --max-drop then reuses too).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def sensitivity(model: Path, metric: str, eval_data: str | None, data: str | None, config_file: Path | None, preset,
+                model_type, subset_size, report_path: Path | None, plot_path: Path | None, workers: int | None,
+                ray_address: str | None, no_cache: bool, no_progress: bool) -> None:
+    """Which quantizers of MODEL cost the metric: each alone in float, ranked, with the noise it adds."""
+    from onnxcompress.api import sensitivity as run_sensitivity
+    from onnxcompress.config import QuantizationConfig
+    from onnxcompress.runtime.model_io import check_output_path
+    from onnxcompress.runtime.outputs import write_text_atomic
+
+    options = {key: value for key, value in {"preset": preset, "model_type": model_type,
+                                             "subset_size": subset_size}.items() if value is not None}
+    config = (QuantizationConfig.from_file(config_file, **options) if config_file
+              else QuantizationConfig.build(options, source="options"))
+    for output in (report_path, plot_path):
+        if output is not None:
+            check_output_path(model, output, reads=(data, config_file, eval_data))
+    report = run_sensitivity(model, data, config, metric=metric, eval_data=eval_data, workers=workers,
+                             ray_address=ray_address, cache=not no_cache, progress=not no_progress)
+    click.echo(report.format())
+    if report_path is not None:
+        click.echo(f"wrote {write_text_atomic(report_path, report.markdown())}")
+    if plot_path is not None:
+        click.echo(f"wrote {report.plot(plot_path)}")
 
 
 @cli.command("compress-weights")

@@ -7,6 +7,8 @@ The builders are plain functions so other tests can import them:
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +125,16 @@ def save_tiny_cnn_models(folder: Path, samples: int = 8, seed: int = 1) -> dict[
     onnx.save(model, str(paths["fp32"]))
     onnx.save(quantize(model, dataset, progress=False), str(paths["int8"]))
     return paths
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_score_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Scores cached by one test never answer another's search (CLI runs inherit the variable)."""
+    from onnxcompress.evaluation.cache import FOLDER_ENV
+
+    folder = tmp_path_factory.mktemp("score-cache")
+    os.environ[FOLDER_ENV] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

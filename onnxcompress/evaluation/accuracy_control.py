@@ -24,7 +24,8 @@ from onnxcompress.algorithms.quantization.partial import QuantizerUnit, apply_pa
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan
 from onnxcompress.errors import ConfigError, EvaluationError
 from onnxcompress.evaluation.parallel import Evaluator
-from onnxcompress.evaluation.sensitivity import Metric, score_candidates
+from onnxcompress.evaluation.cache import ScoreCache
+from onnxcompress.evaluation.sensitivity import Metric, plan_scores, unit_key
 
 
 class AccuracyControlError(EvaluationError):
@@ -44,7 +45,8 @@ class ControlResult:
     quantized_score: float
     final_score: float
     steps: tuple[ControlStep, ...]  # in the order the units went to float
-    evaluations: int
+    evaluations: int  # candidates measured
+    reused: int = 0  # candidates whose score an earlier run had measured (the score cache)
 
     @property
     def float_units(self) -> tuple[QuantizerUnit, ...]:
@@ -54,22 +56,23 @@ class ControlResult:
 def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, max_drop: float, *,
                      allowed: Iterable[QuantizerUnit] | None = None, order: Sequence[QuantizerUnit] | None = None,
                      weights: Mapping[QuantizerUnit, float] | None = None, evaluator: Evaluator | None = None,
-                     progress: bool = True) -> ControlResult:
+                     store: ScoreCache | None = None, progress: bool = True) -> ControlResult:
     """The quantized model of `plan` with the fewest units in float (greedy by measured gain) such that
     `float score - score <= max_drop`; only `allowed` units (default: all) may go to float.
 
     With `order` (the units most harmful first, e.g. `noise.noise_ranking`), the metric is measured only on
     prefixes of it: the shortest prefix that meets the budget (doubling, then bisecting: O(log k) evaluations for
     k units; beyond `REFINED_PREFIX` units, to within a quarter of the prefix), then each of its units dropped
-    again where the budget still holds without it (when k is at most `REFINED_PREFIX`). With `weights` (each unit's share of the harm, e.g. its noise), the search starts at the
-    prefix predicted to recover the needed part of the drop, (drop − max_drop) / drop of the total weight. For
-    metrics too slow to measure every unit alone."""
+    again where the budget still holds without it (when k is at most `REFINED_PREFIX`). With `weights` (each
+    unit's share of the harm, e.g. its noise), the search starts at the prefix predicted to recover the needed part
+    of the drop, (drop − max_drop) / drop of the total weight. For metrics too slow to measure every unit alone.
+    Scores `store` holds (`onnxcompress sensitivity` fills it) are not measured again."""
     if not max_drop >= 0:
         raise ConfigError(f"max_drop must be 0 or more, got {max_drop}")
     every = quantizer_units(plan)
     units = every if allowed is None else [u for u in every if u in set(allowed)]
     with tempfile.TemporaryDirectory(prefix="onnxcompress-accuracy-") as tmp, \
-            _Search(plan, model, metric, Path(tmp), evaluator, progress) as search:
+            _Search(plan, model, metric, Path(tmp), evaluator, store, progress) as search:
         float_score, quantized_score = search.scores([every, []])
         score = quantized_score
         if order is not None:
@@ -83,7 +86,7 @@ def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Met
             steps = tuple(ControlStep(u, search.cache.get(frozenset(chosen[:i + 1]), math.nan))
                           for i, u in enumerate(chosen))
             return ControlResult(apply_partial(plan, model, chosen), float_score, quantized_score, score, steps,
-                                 search.evaluations)
+                                 search.evaluations, search.reused)
         chosen: list[QuantizerUnit] = []
         steps: list[ControlStep] = []
         gains: dict[QuantizerUnit, float] = {}
@@ -106,7 +109,8 @@ def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Met
             score = new_score
             steps.append(ControlStep(best, score))
         final = apply_partial(plan, model, chosen)
-    return ControlResult(final, float_score, quantized_score, score, tuple(steps), search.evaluations)
+    return ControlResult(final, float_score, quantized_score, score, tuple(steps), search.evaluations,
+                         search.reused)
 
 
 #: Prefixes up to this many units are refined (each unit dropped again if the budget holds without it).
@@ -162,10 +166,11 @@ class _Search:
     """Scores candidate sets of float units, each set once."""
 
     def __init__(self, plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, folder: Path,
-                 evaluator: Evaluator | None, progress: bool) -> None:
+                 evaluator: Evaluator | None, store: ScoreCache | None, progress: bool) -> None:
         self.plan, self.model, self.metric, self.folder = plan, model, metric, folder
-        self.evaluator = evaluator
+        self.evaluator, self.store = evaluator, store or ScoreCache(None)
         self.cache: dict[frozenset[QuantizerUnit], float] = {}
+        self.measured = self.reused = 0
         self.bar = tqdm(desc="accuracy control", unit="eval", disable=not progress)
 
     def __enter__(self) -> _Search:
@@ -176,7 +181,8 @@ class _Search:
 
     @property
     def evaluations(self) -> int:
-        return len(self.cache)
+        """Candidates measured by this search (not those the store knew)."""
+        return self.measured
 
     def score(self, float_units: list[QuantizerUnit]) -> float:
         return self.scores([float_units])[0]
@@ -184,7 +190,9 @@ class _Search:
     def scores(self, sets: list[list[QuantizerUnit]]) -> list[float]:
         """The metric with each set of units in float; sets not measured before are scored together."""
         new = list(dict.fromkeys(frozenset(units) for units in sets if frozenset(units) not in self.cache))
-        measured = score_candidates(lambda units: apply_partial(self.plan, self.model, list(units)), new,
-                                    self.metric, self.folder, self.evaluator, bar=self.bar)
+        known = sum(1 for units in new if self.store.get(unit_key(units)) is not None)
+        self.measured, self.reused = self.measured + len(new) - known, self.reused + known
+        measured = plan_scores(self.plan, self.model, new, self.metric, self.folder, self.evaluator, self.store,
+                               bar=self.bar)
         self.cache.update(zip(new, measured))
         return [self.cache[frozenset(units)] for units in sets]

@@ -7,9 +7,11 @@ candidate is built from the same plan (`apply_partial`), so nothing is calibrate
 
 from __future__ import annotations
 
+import io
+import math
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,8 +20,10 @@ from tqdm.auto import tqdm
 
 from onnxcompress.algorithms.quantization.partial import QuantizerUnit, apply_partial, quantizer_units
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan
+from onnxcompress.evaluation.cache import ScoreCache
 from onnxcompress.evaluation.parallel import Evaluator, SerialEvaluator
 from onnxcompress.runtime.model_io import save_model
+from onnxcompress.runtime.outputs import write_bytes_atomic
 
 Metric = Callable[[str], float]
 T = TypeVar("T")
@@ -37,12 +41,44 @@ class SensitivityReport:
     float_score: float
     quantized_score: float
     units: tuple[UnitSensitivity, ...]  # largest gain first; ties in plan order
+    #: Each unit's quantization noise (`noise.noise_ranking`), when it was measured.
+    noise: dict[QuantizerUnit, float] = field(default_factory=dict)
 
     def format(self, worst: int = 10) -> str:
         lines = [f"metric: float {self.float_score:.6g}, quantized {self.quantized_score:.6g}",
-                 "gain when left in float | kind | unit"]
-        lines += [f"{u.gain:+.6g} | {u.unit.kind.value} | {u.unit.label}" for u in self.units[:worst]]
+                 "gain when left in float | noise | kind | unit"]
+        lines += [f"{u.gain:+.6g} | {self.noise.get(u.unit, math.nan):.3g} | {u.unit.kind.value} | {u.unit.label}"
+                  for u in self.units[:worst]]
         return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """The ranked table of every unit."""
+        lines = [f"Metric: float {self.float_score:.6g}, quantized {self.quantized_score:.6g} "
+                 f"(drop {self.float_score - self.quantized_score:.6g}).", "",
+                 "| rank | unit | kind | metric with it alone in float | gain | noise it adds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {rank} | {u.unit.label} | {u.unit.kind.value} | {u.score:.6g} | {u.gain:+.6g} | "
+                  f"{self.noise.get(u.unit, math.nan):.3g} |" for rank, u in enumerate(self.units, 1)]
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: Path, worst: int = 20) -> Path:
+        """A bar chart of the largest gains (the units that cost the most), beside each one's noise."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        shown = list(self.units[:worst])[::-1]
+        figure = Figure(figsize=(11, 0.32 * len(shown) + 1.6), layout="constrained")
+        FigureCanvasAgg(figure)
+        gains, noise = figure.subplots(1, 2, sharey=True)
+        labels = [u.unit.label if len(u.unit.label) <= 40 else u.unit.label[:37] + "..." for u in shown]
+        gains.barh(labels, [u.gain for u in shown], color=["tab:red" if u.gain > 0 else "tab:gray" for u in shown])
+        gains.set_xlabel("metric gain with the unit alone in float")
+        noise.barh(labels, [max(self.noise.get(u.unit, 0.0), 1e-12) for u in shown], color="tab:blue")
+        noise.set_xscale("log")
+        noise.set_xlabel("quantization noise it adds (noise / signal power)")
+        figure.suptitle(f"Quantizer sensitivity: float {self.float_score:.4g}, quantized {self.quantized_score:.4g}")
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110)
+        return write_bytes_atomic(path, buffer.getvalue())
 
 
 def score_model(model: onnx.ModelProto, metric: Metric, folder: Path, name: str) -> float:
@@ -75,15 +111,38 @@ def score_candidates(build: Callable[[T], onnx.ModelProto], candidates: Sequence
     return scores
 
 
+def unit_key(units: Iterable[QuantizerUnit]) -> frozenset[str]:
+    """A set of units as the score cache names it."""
+    return frozenset(f"{unit.kind.value}:{unit.label}" for unit in units)
+
+
+def plan_scores(plan: QuantizationPlan, model: onnx.ModelProto, sets: Sequence[Iterable[QuantizerUnit]],
+                metric: Metric, folder: Path, evaluator: Evaluator | None = None, store: ScoreCache | None = None,
+                *, bar: tqdm | None = None) -> list[float]:
+    """The metric of `plan` applied with each set of units in float; sets `store` knows are not measured again,
+    the others are measured together and added to it."""
+    store = store or ScoreCache(None)
+    keyed = [(frozenset(units), unit_key(units)) for units in sets]
+    missing = list(dict.fromkeys(units for units, key in keyed if store.get(key) is None))
+    measured = score_candidates(lambda units: apply_partial(plan, model, list(units)), missing, metric, folder,
+                                evaluator, bar=bar)
+    for units, score in zip(missing, measured):
+        store.put(unit_key(units), score)
+    if missing:
+        store.save()
+    return [store.get(key) for _, key in keyed]
+
+
 def quantizer_sensitivity(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, *,
-                          evaluator: Evaluator | None = None, progress: bool = True) -> SensitivityReport:
-    """Score the float model, the quantized model and the quantized model with each unit alone in float."""
+                          evaluator: Evaluator | None = None, store: ScoreCache | None = None,
+                          progress: bool = True) -> SensitivityReport:
+    """Score the float model, the quantized model and the quantized model with each unit alone in float (the
+    scores `store` holds already are not measured again)."""
     units = quantizer_units(plan)
     with tempfile.TemporaryDirectory(prefix="onnxcompress-sensitivity-") as tmp, \
             tqdm(total=len(units) + 2, desc="sensitivity", unit="model", disable=not progress) as bar:
         sets = [units, [], *([unit] for unit in units)]
-        scores = score_candidates(lambda units: apply_partial(plan, model, units), sets, metric, Path(tmp),
-                                  evaluator, bar=bar)
+        scores = plan_scores(plan, model, sets, metric, Path(tmp), evaluator, store, bar=bar)
         float_score, quantized_score = scores[0], scores[1]
         results = [UnitSensitivity(unit, score, score - quantized_score) for unit, score in zip(units, scores[2:])]
     ranked = sorted(results, key=lambda r: -r.gain)  # stable: equal gains keep plan order
