@@ -463,6 +463,12 @@ def test_quantize_with_accuracy_control_reports_what_it_left_in_float(tmp_path: 
     (("--max-drop", "-0.1", "--metric", "top1"), "-0.1 is not in the range x>=0"),
     (("--max-drop", "0.01", "--metric", "top1"), "metric top1 needs evaluation data"),
     (("--max-drop", "0.01", "--metric", "missing.py:f"), "metric file not found"),
+    (("--ranking", "noise"), "--ranking orders accuracy control's search: it needs --max-drop"),
+    (("--workers", "2"), "--workers and --ray-address score candidates of accuracy control"),
+    (("--max-size", "0.18", "--max-drop", "0.01", "--metric", "top1"), "--max-size and --max-drop cannot be combined"),
+    (("--max-size", "0.01"), "--max-size 0.01 cannot be met: with every weight in 4 bits the model keeps"),
+    (("--max-drop", "0.01", "--metric", "cosine", "--eval-data", "tiny.npz", "--ray-address", "nowhere"),
+     "Ray address 'nowhere' is not HOST:PORT or ray://HOST:PORT"),
 ])
 def test_impossible_accuracy_control_settings_are_refused(tmp_path: Path, flags: tuple[str, ...],
                                                           fragment: str) -> None:

@@ -42,6 +42,8 @@ def _surface(work: Path) -> list[list[str]]:
         ["demo", "-o", "demo", *timing],
         ["compress-weights", "model.onnx", "--mode", "int4_asym", "--group-size", "16", "--all-layers",
          "--data", "calib.npz", "-o", "int4.onnx", "--no-progress"],
+        ["sensitivity", "model.onnx", "--data", "calib.npz", "--metric", "cosine", "--eval-data", "calib.npz",
+         "--workers", "1", "--report", "sensitivity.md", "--plot", "sensitivity.png", "--no-progress"],
     ]
 
 
