@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         int8, controlled = WORK / f"{name}.int8.onnx", WORK / f"{name}.controlled.onnx"
         plain_s, _ = timed("quantize", str(model), "-o", str(int8))
         control_s, said = timed("quantize", str(model), "-o", str(controlled), "--max-drop", str(args.max_drop),
-                                "--metric", "top1", "--eval-data", str(test))
+                                "--metric", "top1", "--eval-data", str(test), "--no-cache")
         record = {"quantize_s": plain_s, "accuracy_control_s": control_s, "said": said.strip().splitlines()[0],
                   "fp32": top1(model, x, labels), "int8": top1(int8, x, labels),
                   "controlled": top1(controlled, x, labels)}
@@ -91,7 +91,7 @@ def scale_out(model: Path, test: Path, max_drop: float) -> dict:
         for label, flags in (("serial", ["--workers", "1"]), ("2 processes", ["--workers", "2"]),
                              ("ray, 2 CPUs", ["--ray-address", f"127.0.0.1:{port}"])):
             seconds, said = timed("quantize", str(model), "-o", str(WORK / "scale_out.onnx"), "--max-drop",
-                                  str(max_drop), "--metric", "top1", "--eval-data", str(test), *flags)
+                                  str(max_drop), "--metric", "top1", "--eval-data", str(test), "--no-cache", *flags)
             runs[label] = {"seconds": seconds, "said": said.strip().splitlines()[0]}
             print(label, json.dumps(runs[label]), flush=True)
     finally:

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     int8, controlled = WORK / "int8.onnx", WORK / "controlled.onnx"
     plain_s, _ = timed("quantize", str(fp32), "--data", str(calib), "-o", str(int8))
     control_s, said = timed("quantize", str(fp32), "--data", str(calib), "-o", str(controlled), "--max-drop",
-                            str(args.max_drop), "--metric", f"{REPO_DIR / 'bench' / 'ocr_metric.py'}:line_score")
+                            str(args.max_drop), "--metric", f"{REPO_DIR / 'bench' / 'ocr_metric.py'}:line_score",
+                            "--no-cache")
     results = {"cpu": cpu_features().describe(), "lines": {"calibration": 100, "test": 200},
                "max_drop": args.max_drop, "quantize_s": plain_s, "accuracy_control_s": control_s,
                "time_ratio": control_s / plain_s, "accuracy_control": said.strip().splitlines()[0], "models": {}}
