@@ -19,7 +19,13 @@ from onnx import helper
 
 from onnxcompress.algorithms.pruning.channels import ChannelGroup, analyse_channels
 from onnxcompress.portability import Portability, check_portability
-from onnxcompress.runtime.model_io import compressed_model_size, load_model, model_file_size, runtime_source
+from onnxcompress.runtime.model_io import (
+    compressed_model_size,
+    load_model,
+    model_file_size,
+    runtime_source,
+    stored_bytes,
+)
 from onnxcompress.runtime.openvino import Int8Summary, compile_model, int8_summary, runtime_precisions
 from onnxcompress.runtime.ort_kernels import OrtKernelSummary, ort_kernel_summary
 from onnxcompress.transforms.op_table import spec
@@ -51,8 +57,7 @@ def inspect_model(path: str | Path, *, runtimes: bool = True) -> Inspection:
     model = load_model(path)
     weight_bytes: Counter = Counter()
     for tensor in model.graph.initializer:
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        weight_bytes[dtype.name] += int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+        weight_bytes[np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).name] += stored_bytes(tensor)
     ops = Counter(node.op_type for node in model.graph.node)
     openvino = onnxruntime = None
     if runtimes:

@@ -687,6 +687,14 @@ def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     yield from (sparse.values, sparse.indices)
 
 
+def stored_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes a tensor's values take as stored, from its shape (4-bit values packed two per byte)."""
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
 def static_dim(dim: onnx.TensorShapeProto.Dimension) -> int | None:
     """A dimension's size, or None when it is unknown: symbolic, absent, or zero/negative (exporters such as
     Paddle2ONNX write -1 for a dynamic batch; ONNX Runtime and OpenVINO read it as dynamic)."""

@@ -535,3 +535,10 @@ def test_runtime_source_hands_runtimes_the_checked_bytes_not_the_path(tmp_path):
     np.testing.assert_array_equal(got, expected)
     swapped = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     assert not np.array_equal(swapped, expected)  # the swap is real: reading the path again sees it
+
+
+def test_stored_bytes_count_4_bit_values_two_per_byte() -> None:
+    import ml_dtypes
+
+    assert model_io.stored_bytes(numpy_helper.from_array(np.zeros(5, ml_dtypes.int4), "q")) == 3
+    assert model_io.stored_bytes(numpy_helper.from_array(np.zeros((2, 3), np.float32), "w")) == 24

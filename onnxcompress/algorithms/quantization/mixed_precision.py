@@ -30,6 +30,7 @@ from onnxcompress.algorithms.quantization.scheme import quantize_weight
 from onnxcompress.errors import ConfigError
 from onnxcompress.evaluation.parallel import Evaluator
 from onnxcompress.evaluation.sensitivity import Metric, score_candidates, score_model
+from onnxcompress.runtime.model_io import stored_bytes
 from onnxcompress.transforms.commands import DequantizeWeight, SetConstantInput
 from onnxcompress.transforms.op_table import channel_bias
 
@@ -102,14 +103,7 @@ def with_four_bit_weights(plan: QuantizationPlan, indices: Iterable[int],
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the model's initializers as stored (4-bit values packed two per byte)."""
-    total = 0
-    for tensor in model.graph.initializer:
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-            total += (count + 1) // 2
-        else:
-            total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return total
+    return sum(stored_bytes(tensor) for tensor in model.graph.initializer)
 
 
 def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, max_size: float, *,

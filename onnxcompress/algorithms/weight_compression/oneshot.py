@@ -30,7 +30,13 @@ from onnxcompress.algorithms.weight_compression.plan import (
 from onnxcompress.config import WeightCompressionConfig, WeightMode
 from onnxcompress.errors import WeightCompressionError
 from onnxcompress.runtime.calibration import Statistic, StatisticRequest, collect_statistics, in_memory_initializer
-from onnxcompress.runtime.model_io import external_array, has_external_data, save_model, upgrade_opset
+from onnxcompress.runtime.model_io import (
+    external_array,
+    has_external_data,
+    save_model,
+    stored_bytes,
+    upgrade_opset,
+)
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.graph import map_external_constants, peek_values
 from onnxcompress.transforms.passes.name_nodes import name_nodes
@@ -128,11 +134,4 @@ def _stored_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the initializers DequantizeLinear nodes read."""
     readers = {node.input[i] for node in model.graph.node if node.op_type == "DequantizeLinear"
                for i in range(len(node.input))}
-    return sum(_tensor_bytes(t) for t in model.graph.initializer if t.name in readers)
-
-
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    count = int(np.prod(tensor.dims, dtype=np.int64))
-    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return (count + 1) // 2
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return sum(stored_bytes(t) for t in model.graph.initializer if t.name in readers)
