@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,7 +25,7 @@ from onnxcompress.algorithms.quantization.mixed_precision import (
     choose_weight_bits,
     initializer_bytes,
 )
-from onnxcompress.algorithms.quantization.partial import apply_partial
+from onnxcompress.algorithms.quantization.partial import QuantizerUnit, apply_partial
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, plan_quantization
 from onnxcompress.algorithms.sparsity.oneshot import SparsifyResult, sparsify_model
 from onnxcompress.algorithms.weight_compression.oneshot import WeightCompressionResult, compress_model
@@ -98,17 +99,12 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
         order = weights = None
         if ranking is UnitRanking.NOISE:
-            feeds = calibration_batches(_default_dataset(model) if dataset is None else dataset,
-                                        model_inputs(proto), subset_size=NOISE_SAMPLES, batch_size=1)
-            noise = noise_ranking(plan, proto, feeds)
-            order, weights = [u.unit for u in noise], {u.unit: u.noise for u in noise}
+            weights = _unit_noise(plan, proto, model, dataset)
+            order = list(weights)
         store = _score_cache(model, dataset, config, metric, eval_data) if cache else None
-        evaluator = make_evaluator(workers, ray_address)
-        try:
+        with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
             result = control_accuracy(plan, proto, resolved, max_drop, order=order, weights=weights,
                                       evaluator=evaluator, store=store, progress=progress)
-        finally:
-            evaluator.close()
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
                                        "accuracy_control": {"max_drop": max_drop,
                                                             "float_units": [u.label for u in result.float_units]}}])
@@ -128,17 +124,20 @@ def sensitivity(model: ModelLike, dataset: Any = None, config: QuantizationConfi
     with tempfile.TemporaryDirectory(prefix="onnxcompress-reference-") as tmp:
         resolved = resolve_metric(metric, data, save_model(proto, Path(tmp) / "fp32.onnx"))
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
-        feeds = calibration_batches(_default_dataset(model) if dataset is None else dataset, model_inputs(proto),
-                                    subset_size=NOISE_SAMPLES, batch_size=1)
-        noise = {u.unit: u.noise for u in noise_ranking(plan, proto, feeds)}
+        noise = _unit_noise(plan, proto, model, dataset)
         store = _score_cache(model, dataset, config, metric, eval_data) if cache else None
-        evaluator = make_evaluator(workers, ray_address)
-        try:
+        with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
             report = quantizer_sensitivity(plan, proto, resolved, evaluator=evaluator, store=store,
                                            progress=progress)
-        finally:
-            evaluator.close()
     return dataclasses.replace(report, noise=noise)
+
+
+def _unit_noise(plan: QuantizationPlan, proto: onnx.ModelProto, model: ModelLike, dataset: Any
+                ) -> dict[QuantizerUnit, float]:
+    """Each unit's quantization noise on the first calibration samples, noisiest first."""
+    feeds = calibration_batches(_default_dataset(model) if dataset is None else dataset, model_inputs(proto),
+                                subset_size=NOISE_SAMPLES, batch_size=1)
+    return {u.unit: u.noise for u in noise_ranking(plan, proto, feeds)}
 
 
 def _eval_set(eval_data: Any, proto: onnx.ModelProto) -> EvalSet | None:
@@ -181,27 +180,19 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
     loaded = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
     float_bytes = initializer_bytes(loaded)
     proto = upgrade_opset(loaded, FOUR_BIT_OPSET)
-    names = [spec.name for spec in model_inputs(proto)]
-    source = eval_data if eval_data is not None else (dataset if dataset is not None else _default_dataset(model))
-    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
-        arrays = read_npz(source)
-        data = EvalSet.from_arrays({k: v[:128] for k, v in arrays.items()} if eval_data is None else arrays, names)
-    elif eval_data is not None:
-        data = EvalSet.from_arrays(dict(eval_data), names)
-    else:
-        data = None
+    data = _eval_set(eval_data, proto)
+    calibration = dataset if dataset is not None else _default_dataset(model)
+    if data is None and isinstance(calibration, (str, os.PathLike)) and str(calibration).endswith(".npz"):
+        data = _eval_set({k: v[:128] for k, v in read_npz(calibration).items()}, proto)
     with tempfile.TemporaryDirectory(prefix="onnxcompress-reference-") as tmp:
         reference = save_model(loaded, Path(tmp) / "fp32.onnx")
         resolved = resolve_metric(metric, data, reference)
         # Top-1 on a few hundred samples ties most single-weight changes; the outputs' cosine ranks them.
         ranking = resolve_metric("cosine", data, reference) if metric == "top1" else resolved
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
-        evaluator = make_evaluator(workers, ray_address)
-        try:
+        with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
             result = choose_weight_bits(plan, proto, resolved, max_size, float_bytes=float_bytes, ranking=ranking,
                                         evaluator=evaluator, progress=progress)
-        finally:
-            evaluator.close()
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
                                        "mixed_precision": {"max_size": max_size, "four_bit": list(result.four_bit)}}])
     return result

@@ -26,8 +26,11 @@ def test_the_report_ranks_the_units_and_accuracy_control_reuses_its_scores(tmp_p
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "metric: float 0.986, quantized 0.984"
-    # The one group whose float recovers most is also the noisiest.
-    assert lines[2].startswith("+0.004 | 0.00912 | activations | block1.se.pool, block1.dw_hardswish")
+    # The one group whose float recovers most is also the noisiest of the units shown (noise from float kernels:
+    # compared, not printed digits, so the check holds on every CPU).
+    gain, noise, kind, unit = lines[2].split(" | ")
+    assert (gain, kind, unit) == ("+0.004", "activations", "block1.se.pool, block1.dw_hardswish")
+    assert float(noise) > max(float(line.split(" | ")[1]) for line in lines[3:] if " | " in line)
     report = (tmp_path / "sensitivity.md").read_text()
     assert report.count("\n| ") == 1 + 61  # the rule and every one of the 61 units (23 weights, 38 groups)
     assert (tmp_path / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
