@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -47,6 +46,7 @@ import openvino as ov
 from onnxcompress.errors import BenchmarkError, ExportError, OutputError
 from onnxcompress.runtime.cpu import CpuFeatures
 from onnxcompress.runtime.model_io import RuntimeSource, refuse_overwriting_reads, runtime_source, source_files
+from onnxcompress.runtime.outputs import remove_tree
 
 __all__ = [
     "HEAVY_LAYER_TYPES",
@@ -168,12 +168,14 @@ def _install(files: Mapping[Path, Path], backup_dir: Path) -> None:
         for staged, target in files.items():
             os.replace(staged, target)
             installed.append(target)
-    except OSError as exc:
+    except BaseException as exc:  # an interrupt too: the backups live in the staging folder the caller removes
         for target in installed:
             target.unlink(missing_ok=True)
         for target, backup in backups.items():
             os.replace(backup, target)
-        raise OutputError(f"cannot move the IR into {next(iter(files.values())).parent}: {exc}") from exc
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot move the IR into {next(iter(files.values())).parent}: {exc}") from exc
+        raise
 
 
 def _convert(source: Path, xml_path: Path) -> None:
@@ -231,10 +233,10 @@ def export_openvino(
         _install({staging / f"{stem}.bin": out / f"{stem}.bin", staging / f"{stem}.xml": out / f"{stem}.xml"}, staging)
     except BaseException:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
         _remove_dirs(created)
         raise
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_tree(staging)
     return out / f"{stem}.xml"
 
 

@@ -6,6 +6,7 @@ A crash or error leaves either the old file or the new one, never half of one, a
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,10 +24,22 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
             stream.write(data)
         os.chmod(temporary, new_file_mode())
         os.replace(temporary, target)
-    except OSError as error:
+    except BaseException as error:  # Ctrl-C too: never leave the temporary behind
         Path(temporary).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
+        if isinstance(error, OSError):
+            raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
+        raise
     return target
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a staging folder completely, even when Ctrl-C lands while it is being removed (the interrupt is
+    raised once the folder is gone)."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except KeyboardInterrupt:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def new_file_mode() -> int:

@@ -13,11 +13,9 @@ other existing folder or file is refused.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -32,7 +30,7 @@ from onnxcompress.packaging.manifest import (COMPRESSION_METADATA, FORMAT_VERSIO
 from onnxcompress.portability import check_portability
 from onnxcompress.runtime.checksum import sha256_file
 from onnxcompress.runtime.model_io import RuntimeSource, load_model, runtime_source, save_model, static_dim
-from onnxcompress.runtime.outputs import new_folder_mode, write_text_atomic
+from onnxcompress.runtime.outputs import new_folder_mode, remove_tree, write_text_atomic
 
 RUNTIMES = ("onnxruntime", "openvino")
 _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int8": "TYPE_INT8",
@@ -61,7 +59,7 @@ def build_package(model_path: str | os.PathLike, output: str | os.PathLike, *, n
         write_text_atomic(staging / MANIFEST, manifest.model_dump_json(indent=2))
         _install(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
     return out
 
@@ -200,12 +198,14 @@ def _install(staging: Path, out: Path) -> None:
         os.replace(out, old / "package")
     try:
         os.replace(staging, out)
-    except OSError as error:
+    except BaseException as error:  # Ctrl-C too: the previous package goes back in place
         if old is not None:
             os.replace(old / "package", out)
-        raise PackageError(f"cannot move the package into {out}: {error.strerror or error}") from None
+            remove_tree(old)
+        if isinstance(error, OSError):
+            raise PackageError(f"cannot move the package into {out}: {error.strerror or error}") from None
+        raise
     if old is not None:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(old)
+        remove_tree(old)
 
 
