@@ -45,7 +45,7 @@ from onnxcompress.evaluation.cache import ScoreCache
 from onnxcompress.evaluation.metrics import BUILTIN, EvalSet, resolve_metric
 from onnxcompress.evaluation.noise import noise_ranking
 from onnxcompress.evaluation.parallel import make_evaluator
-from onnxcompress.evaluation.sensitivity import SensitivityReport, quantizer_sensitivity
+from onnxcompress.evaluation.sensitivity import SensitivityReport, quantizer_candidates, quantizer_sensitivity
 from onnxcompress.models import sample_for_model
 from onnxcompress.packaging.manifest import COMPRESSION_METADATA
 from onnxcompress.runtime.model_io import load_model, save_model, upgrade_opset
@@ -103,11 +103,11 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
             order = list(weights)
         store = _score_cache(model, dataset, config, metric, eval_data) if cache else None
         with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
-            result = control_accuracy(plan, proto, resolved, max_drop, order=order, weights=weights,
-                                      evaluator=evaluator, store=store, progress=progress)
+            result = control_accuracy(quantizer_candidates(plan, proto), resolved, max_drop, order=order,
+                                      weights=weights, evaluator=evaluator, store=store, progress=progress)
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
                                        "accuracy_control": {"max_drop": max_drop,
-                                                            "float_units": [u.label for u in result.float_units]}}])
+                                                            "float_units": list(result.labels)}}])
     return result
 
 

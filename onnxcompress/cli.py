@@ -214,7 +214,7 @@ def _quantize_within_drop(model: Path, data: str | None, config, metric: str, ma
     result = quantize_with_accuracy_control(model, data, config, metric=metric, max_drop=max_drop,
                                             eval_data=eval_data, ranking=ranking, workers=workers,
                                             ray_address=ray_address, cache=cache, progress=progress)
-    units = ", ".join(unit.label for unit in result.float_units) or "none"
+    units = ", ".join(result.labels) or "none"
     click.echo(f"accuracy control: {metric} float {result.float_score:.6g}, quantized {result.quantized_score:.6g}"
                f", final {result.final_score:.6g} after {result.evaluations} evaluations"
                f"{f' ({result.reused} more from the score cache)' if result.reused else ''}; in float: {units}")

@@ -1,6 +1,7 @@
-"""Accuracy-aware quantization: return the fewest units to float that bring the metric drop within a budget.
+"""Accuracy-aware compression: relax the fewest units of a plan (quantizers back to float, 4-bit tables to INT8)
+that bring the metric drop within a budget.
 
-Start from the fully quantized plan. While `float score - score > max_drop`, leave in float the unit whose
+Start from the fully compressed plan. While `float score - score > max_drop`, leave in float the unit whose
 measured gain is largest, measured on the model as it now is (the gains of units interact: two quantizers on one
 path share the error), and re-measure the remaining units' gains on that model only when the last step gained
 less than half of what its ranking promised. Every candidate comes from the same plan, so nothing is calibrated
@@ -16,49 +17,52 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic
 
 import onnx
 from tqdm.auto import tqdm
 
-from onnxcompress.algorithms.quantization.partial import QuantizerUnit, apply_partial, quantizer_units
-from onnxcompress.algorithms.quantization.ptq import QuantizationPlan
 from onnxcompress.errors import ConfigError, EvaluationError
-from onnxcompress.evaluation.parallel import Evaluator
 from onnxcompress.evaluation.cache import ScoreCache
-from onnxcompress.evaluation.sensitivity import Metric, plan_scores, unit_key
+from onnxcompress.evaluation.parallel import Evaluator
+from onnxcompress.evaluation.sensitivity import Candidates, Metric, U, candidate_scores
 
 
 class AccuracyControlError(EvaluationError):
-    """No allowed set of float units meets the budget."""
+    """No allowed set of relaxed units meets the budget."""
 
 
 @dataclass(frozen=True)
-class ControlStep:
-    unit: QuantizerUnit
-    score: float  # the metric after this unit (and the earlier ones) went to float
+class ControlStep(Generic[U]):
+    unit: U
+    score: float  # the metric after this unit (and the earlier ones) were relaxed
 
 
 @dataclass(frozen=True)
-class ControlResult:
+class ControlResult(Generic[U]):
     model: onnx.ModelProto
     float_score: float
-    quantized_score: float
+    quantized_score: float  # the fully compressed plan's
     final_score: float
-    steps: tuple[ControlStep, ...]  # in the order the units went to float
+    steps: tuple[ControlStep[U], ...]  # in the order the units were relaxed
     evaluations: int  # candidates measured
     reused: int = 0  # candidates whose score an earlier run had measured (the score cache)
+    #: Each relaxed unit's name in reports (`Candidates.label`), in `steps` order.
+    labels: tuple[str, ...] = ()
 
     @property
-    def float_units(self) -> tuple[QuantizerUnit, ...]:
+    def float_units(self) -> tuple[U, ...]:
+        """The units relaxed: returned to float (quantization) or to INT8 (weight compression)."""
         return tuple(step.unit for step in self.steps)
 
 
-def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, max_drop: float, *,
-                     allowed: Iterable[QuantizerUnit] | None = None, order: Sequence[QuantizerUnit] | None = None,
-                     weights: Mapping[QuantizerUnit, float] | None = None, evaluator: Evaluator | None = None,
-                     store: ScoreCache | None = None, progress: bool = True) -> ControlResult:
-    """The quantized model of `plan` with the fewest units in float (greedy by measured gain) such that
-    `float score - score <= max_drop`; only `allowed` units (default: all) may go to float.
+def control_accuracy(candidates: Candidates[U], metric: Metric, max_drop: float, *,
+                     allowed: Iterable[U] | None = None, order: Sequence[U] | None = None,
+                     weights: Mapping[U, float] | None = None, evaluator: Evaluator | None = None,
+                     store: ScoreCache | None = None, progress: bool = True) -> ControlResult[U]:
+    """The model of the candidates' plan with the fewest units relaxed (greedy by measured gain) such that
+    `float score - score <= max_drop`; only `allowed` units (default: all) may be relaxed. The float score is
+    that of every unit relaxed.
 
     With `order` (the units most harmful first, e.g. `noise.noise_ranking`), the metric is measured only on
     prefixes of it: the shortest prefix that meets the budget (doubling, then bisecting: O(log k) evaluations for
@@ -69,10 +73,10 @@ def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Met
     Scores `store` holds (`onnxcompress sensitivity` fills it) are not measured again."""
     if not max_drop >= 0:
         raise ConfigError(f"max_drop must be 0 or more, got {max_drop}")
-    every = quantizer_units(plan)
+    every = list(candidates.units)
     units = every if allowed is None else [u for u in every if u in set(allowed)]
     with tempfile.TemporaryDirectory(prefix="onnxcompress-accuracy-") as tmp, \
-            _Search(plan, model, metric, Path(tmp), evaluator, store, progress) as search:
+            _Search(candidates, metric, Path(tmp), evaluator, store, progress) as search:
         float_score, quantized_score = search.scores([every, []])
         score = quantized_score
         if order is not None:
@@ -85,18 +89,15 @@ def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Met
             score = search.score(chosen)
             steps = tuple(ControlStep(u, search.cache.get(frozenset(chosen[:i + 1]), math.nan))
                           for i, u in enumerate(chosen))
-            return ControlResult(apply_partial(plan, model, chosen), float_score, quantized_score, score, steps,
-                                 search.evaluations, search.reused)
-        chosen: list[QuantizerUnit] = []
-        steps: list[ControlStep] = []
-        gains: dict[QuantizerUnit, float] = {}
+            return ControlResult(candidates.build(chosen), float_score, quantized_score, score, steps,
+                                 search.evaluations, search.reused, tuple(map(candidates.label, chosen)))
+        chosen: list[U] = []
+        steps: list[ControlStep[U]] = []
+        gains: dict[U, float] = {}
         while float_score - score > max_drop:
             remaining = [u for u in units if u not in chosen]
             if not remaining:
-                raise AccuracyControlError(
-                    f"with all {len(units)} allowed quantizer units in float the metric is {score:.6g}, a drop of "
-                    f"{float_score - score:.6g} from the float model's {float_score:.6g}, over the budget "
-                    f"{max_drop:g}")
+                raise _unmet(candidates, len(units), score, float_score, max_drop)
             if not gains:
                 measured = search.scores([[*chosen, u] for u in remaining])
                 gains = {u: value - score for u, value in zip(remaining, measured)}
@@ -108,9 +109,16 @@ def control_accuracy(plan: QuantizationPlan, model: onnx.ModelProto, metric: Met
                 gains = {}  # the ranking no longer describes this model: measure again
             score = new_score
             steps.append(ControlStep(best, score))
-        final = apply_partial(plan, model, chosen)
+        final = candidates.build(chosen)
     return ControlResult(final, float_score, quantized_score, score, tuple(steps), search.evaluations,
-                         search.reused)
+                         search.reused, tuple(map(candidates.label, chosen)))
+
+
+def _unmet(candidates: Candidates[U], count: int, score: float, float_score: float, max_drop: float
+           ) -> AccuracyControlError:
+    return AccuracyControlError(
+        f"with all {count} allowed {candidates.noun} {candidates.relaxed} the metric is {score:.6g}, a drop of "
+        f"{float_score - score:.6g} from the float model's {float_score:.6g}, over the budget {max_drop:g}")
 
 
 #: Prefixes up to this many units are refined (each unit dropped again if the budget holds without it).
@@ -130,9 +138,9 @@ def _predicted_prefix(weights: list[float], share: float) -> int:
     return len(weights)
 
 
-def _shortest_prefix(search: _Search, ranked: list[QuantizerUnit], float_score: float, max_drop: float,
-                     start: int = 1) -> list[QuantizerUnit]:
-    def meets(units: list[QuantizerUnit]) -> bool:
+def _shortest_prefix(search: _Search, ranked: list[U], float_score: float, max_drop: float,
+                     start: int = 1) -> list[U]:
+    def meets(units: list[U]) -> bool:
         return float_score - search.score(units) <= max_drop
 
     if meets([]):
@@ -142,10 +150,7 @@ def _shortest_prefix(search: _Search, ranked: list[QuantizerUnit], float_score: 
     while high < len(ranked) and not meets(ranked[:high]):
         low, high = high, min(2 * high, len(ranked))
     if not meets(ranked[:high]):
-        score = search.score(ranked)
-        raise AccuracyControlError(
-            f"with all {len(ranked)} allowed quantizer units in float the metric is {score:.6g}, a drop of "
-            f"{float_score - score:.6g} from the float model's {float_score:.6g}, over the budget {max_drop:g}")
+        raise _unmet(search.candidates, len(ranked), search.score(ranked), float_score, max_drop)
     # Bisect to the unit for short prefixes; a long one only to within a quarter of its length (each step costs a
     # whole evaluation of a metric that may take minutes, and a few units more in float cost little).
     while high - low > max(1, high // 4 if high > REFINED_PREFIX else 1):
@@ -165,11 +170,11 @@ def _shortest_prefix(search: _Search, ranked: list[QuantizerUnit], float_score: 
 class _Search:
     """Scores candidate sets of float units, each set once."""
 
-    def __init__(self, plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, folder: Path,
-                 evaluator: Evaluator | None, store: ScoreCache | None, progress: bool) -> None:
-        self.plan, self.model, self.metric, self.folder = plan, model, metric, folder
+    def __init__(self, candidates: Candidates, metric: Metric, folder: Path, evaluator: Evaluator | None,
+                 store: ScoreCache | None, progress: bool) -> None:
+        self.candidates, self.metric, self.folder = candidates, metric, folder
         self.evaluator, self.store = evaluator, store or ScoreCache(None)
-        self.cache: dict[frozenset[QuantizerUnit], float] = {}
+        self.cache: dict[frozenset, float] = {}
         self.measured = self.reused = 0
         self.bar = tqdm(desc="accuracy control", unit="eval", disable=not progress)
 
@@ -184,15 +189,15 @@ class _Search:
         """Candidates measured by this search (not those the store knew)."""
         return self.measured
 
-    def score(self, float_units: list[QuantizerUnit]) -> float:
-        return self.scores([float_units])[0]
+    def score(self, relaxed: list) -> float:
+        return self.scores([relaxed])[0]
 
-    def scores(self, sets: list[list[QuantizerUnit]]) -> list[float]:
-        """The metric with each set of units in float; sets not measured before are scored together."""
+    def scores(self, sets: list[list]) -> list[float]:
+        """The metric with each set of units relaxed; sets not measured before are scored together."""
         new = list(dict.fromkeys(frozenset(units) for units in sets if frozenset(units) not in self.cache))
-        known = sum(1 for units in new if self.store.get(unit_key(units)) is not None)
+        known = sum(1 for units in new if self.store.get(self.candidates.key(units)) is not None)
         self.measured, self.reused = self.measured + len(new) - known, self.reused + known
-        measured = plan_scores(self.plan, self.model, new, self.metric, self.folder, self.evaluator, self.store,
-                               bar=self.bar)
+        measured = candidate_scores(self.candidates, new, self.metric, self.folder, self.evaluator, self.store,
+                                    bar=self.bar)
         self.cache.update(zip(new, measured))
         return [self.cache[frozenset(units)] for units in sets]

@@ -10,10 +10,10 @@ from __future__ import annotations
 import io
 import math
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import onnx
 from tqdm.auto import tqdm
@@ -27,6 +27,34 @@ from onnxcompress.runtime.outputs import write_bytes_atomic
 
 Metric = Callable[[str], float]
 T = TypeVar("T")
+U = TypeVar("U", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class Candidates(Generic[U]):
+    """What a search over one compression plan chooses from: the units it may relax (return to float, or to a
+    wider precision), and the model with a set of them relaxed, built from the same plan each time."""
+
+    units: tuple[U, ...]  # in plan order
+    build: Callable[[Sequence[U]], onnx.ModelProto]
+    #: A unit's name in the score cache (unique within the plan).
+    name: Callable[[U], str]
+    #: A unit's name in reports.
+    label: Callable[[U], str] = str
+    #: What the units are, for messages: "quantizer units", "4-bit tables".
+    noun: str = "units"
+    #: What relaxing a unit does, for messages: "in float", "in INT8".
+    relaxed: str = "in float"
+
+    def key(self, units: Iterable[U]) -> frozenset[str]:
+        """A set of units as the score cache names it."""
+        return frozenset(self.name(unit) for unit in units)
+
+
+def quantizer_candidates(plan: QuantizationPlan, model: onnx.ModelProto) -> Candidates[QuantizerUnit]:
+    """The units of a quantization plan, each returned to float on its own."""
+    return Candidates(tuple(quantizer_units(plan)), lambda units: apply_partial(plan, model, list(units)),
+                      lambda unit: f"{unit.kind.value}:{unit.label}", lambda unit: unit.label, noun="quantizer units")
 
 
 @dataclass(frozen=True)
@@ -111,23 +139,18 @@ def score_candidates(build: Callable[[T], onnx.ModelProto], candidates: Sequence
     return scores
 
 
-def unit_key(units: Iterable[QuantizerUnit]) -> frozenset[str]:
-    """A set of units as the score cache names it."""
-    return frozenset(f"{unit.kind.value}:{unit.label}" for unit in units)
-
-
-def plan_scores(plan: QuantizationPlan, model: onnx.ModelProto, sets: Sequence[Iterable[QuantizerUnit]],
-                metric: Metric, folder: Path, evaluator: Evaluator | None = None, store: ScoreCache | None = None,
-                *, bar: tqdm | None = None) -> list[float]:
-    """The metric of `plan` applied with each set of units in float; sets `store` knows are not measured again,
-    the others are measured together and added to it."""
+def candidate_scores(candidates: Candidates[U], sets: Sequence[Iterable[U]], metric: Metric, folder: Path,
+                     evaluator: Evaluator | None = None, store: ScoreCache | None = None, *,
+                     bar: tqdm | None = None) -> list[float]:
+    """The metric with each set of units relaxed; sets `store` knows are not measured again, the others are
+    measured together and added to it."""
     store = store or ScoreCache(None)
-    keyed = [(frozenset(units), unit_key(units)) for units in sets]
+    keyed = [(frozenset(units), candidates.key(units)) for units in sets]
     missing = list(dict.fromkeys(units for units, key in keyed if store.get(key) is None))
-    measured = score_candidates(lambda units: apply_partial(plan, model, list(units)), missing, metric, folder,
-                                evaluator, bar=bar)
+    measured = score_candidates(lambda units: candidates.build(list(units)), missing, metric, folder, evaluator,
+                                bar=bar)
     for units, score in zip(missing, measured):
-        store.put(unit_key(units), score)
+        store.put(candidates.key(units), score)
     if missing:
         store.save()
     return [store.get(key) for _, key in keyed]
@@ -138,11 +161,12 @@ def quantizer_sensitivity(plan: QuantizationPlan, model: onnx.ModelProto, metric
                           progress: bool = True) -> SensitivityReport:
     """Score the float model, the quantized model and the quantized model with each unit alone in float (the
     scores `store` holds already are not measured again)."""
-    units = quantizer_units(plan)
+    candidates = quantizer_candidates(plan, model)
+    units = candidates.units
     with tempfile.TemporaryDirectory(prefix="onnxcompress-sensitivity-") as tmp, \
             tqdm(total=len(units) + 2, desc="sensitivity", unit="model", disable=not progress) as bar:
         sets = [units, [], *([unit] for unit in units)]
-        scores = plan_scores(plan, model, sets, metric, Path(tmp), evaluator, store, bar=bar)
+        scores = candidate_scores(candidates, sets, metric, Path(tmp), evaluator, store, bar=bar)
         float_score, quantized_score = scores[0], scores[1]
         results = [UnitSensitivity(unit, score, score - quantized_score) for unit, score in zip(units, scores[2:])]
     ranked = sorted(results, key=lambda r: -r.gain)  # stable: equal gains keep plan order

@@ -15,6 +15,7 @@ from onnxcompress.algorithms.quantization.partial import apply_partial, quantize
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, plan_quantization
 from onnxcompress.config import QuantizationConfig
 from onnxcompress.errors import ConfigError
+from onnxcompress.evaluation.sensitivity import quantizer_candidates
 from onnxcompress.evaluation.accuracy_control import AccuracyControlError, control_accuracy
 from onnxcompress.evaluation.metrics import EvalSet, resolve_metric
 from onnxcompress.evaluation.sensitivity import score_model
@@ -44,12 +45,12 @@ def test_the_planted_unit_alone_goes_to_float(planted: tuple[QuantizationPlan, o
     plan, model, metric, victim, (quantized, victim_float) = planted
     budget = (1 - victim_float) * 1.5
     assert 1 - quantized > budget  # the quantized model breaks it
-    result = control_accuracy(plan, model, metric, budget, progress=False)
+    result = control_accuracy(quantizer_candidates(plan, model), metric, budget, progress=False)
     assert result.float_units == (victim,)
     assert result.quantized_score == pytest.approx(quantized) and result.final_score == pytest.approx(victim_float)
     assert result.float_score == pytest.approx(1.0, abs=1e-6)
     assert result.model.graph == apply_partial(plan, model, [victim]).graph
-    nothing = control_accuracy(plan, model, metric, 1 - quantized + 1e-9, progress=False)
+    nothing = control_accuracy(quantizer_candidates(plan, model), metric, 1 - quantized + 1e-9, progress=False)
     assert nothing.float_units == () and nothing.evaluations == 2  # float and quantized only
 
 
@@ -58,9 +59,9 @@ def test_a_budget_the_allowed_units_cannot_meet_is_refused(planted) -> None:
     others = [u for u in quantizer_units(plan) if u != victim]
     with pytest.raises(AccuracyControlError, match=rf"with all {len(others)} allowed quantizer units in float .* "
                                                    "over the budget"):
-        control_accuracy(plan, model, metric, (1 - victim_float) * 1.5, allowed=others, progress=False)
+        control_accuracy(quantizer_candidates(plan, model), metric, (1 - victim_float) * 1.5, allowed=others, progress=False)
     with pytest.raises(ConfigError, match="max_drop must be 0 or more, got -0.1"):
-        control_accuracy(plan, model, metric, -0.1, progress=False)
+        control_accuracy(quantizer_candidates(plan, model), metric, -0.1, progress=False)
 
 
 def test_the_api_meets_a_top1_budget_on_the_bundled_model(tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_a_ranking_is_searched_by_its_prefixes_and_refined(planted, position: in
     plan, model, metric, victim, (quantized, victim_float) = planted
     others = [u for u in quantizer_units(plan) if u != victim]
     order = [*others[:position], victim, *others[position:]]
-    result = control_accuracy(plan, model, metric, (1 - victim_float) * 1.5, order=order, progress=False)
+    result = control_accuracy(quantizer_candidates(plan, model), metric, (1 - victim_float) * 1.5, order=order, progress=False)
     assert result.float_units == (victim,)
     # float and quantized, then prefixes of 1, 2, 4, 8 units (doubling), bisection, and the refinement's trials
     assert result.evaluations <= (3 if position == 0 else 2 + 4 + 2 + position)

@@ -18,6 +18,7 @@ from test_accuracy_control import planted  # noqa: F401 - the fixture
 from test_cli_errors import run_cli
 
 from onnxcompress.errors import EvaluationError
+from onnxcompress.evaluation.sensitivity import quantizer_candidates
 from onnxcompress.evaluation.accuracy_control import control_accuracy
 from onnxcompress.evaluation.metrics import load_custom_metric
 from onnxcompress.evaluation.parallel import ProcessEvaluator, RayEvaluator, SerialEvaluator
@@ -74,8 +75,8 @@ def ray_cluster():
 def test_a_ray_cluster_makes_the_serial_runs_choice(planted, ray_cluster: str) -> None:  # noqa: F811
     plan, model, metric, victim, (quantized, victim_float) = planted
     budget = (1 - victim_float) * 1.5
-    serial = control_accuracy(plan, model, metric, budget, progress=False)
-    on_ray = control_accuracy(plan, model, metric, budget, evaluator=RayEvaluator(ray_cluster), progress=False)
+    serial = control_accuracy(quantizer_candidates(plan, model), metric, budget, progress=False)
+    on_ray = control_accuracy(quantizer_candidates(plan, model), metric, budget, evaluator=RayEvaluator(ray_cluster), progress=False)
     assert on_ray.float_units == serial.float_units == (victim,)
     assert on_ray.final_score == serial.final_score and on_ray.evaluations == serial.evaluations
 
