@@ -28,7 +28,7 @@ from onnxcompress.algorithms.quantization.mixed_precision import (
 from onnxcompress.algorithms.quantization.partial import QuantizerUnit, apply_partial
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, plan_quantization
 from onnxcompress.algorithms.sparsity.oneshot import SparsifyResult, sparsify_model
-from onnxcompress.algorithms.weight_compression.oneshot import WeightCompressionResult, compress_model
+from onnxcompress.algorithms.weight_compression.oneshot import WeightCompressionResult, compress_model, plan_compression
 from onnxcompress.config import (
     BiasCorrection,
     FinetuneConfig,
@@ -93,15 +93,13 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
     with tempfile.TemporaryDirectory(prefix="onnxcompress-reference-") as tmp:
         reference = save_model(proto, Path(tmp) / "fp32.onnx")
         resolved = resolve_metric(metric, data, reference)  # a bad metric fails before the calibration pass
-        ranking = UnitRanking(ranking)
-        if ranking is UnitRanking.AUTO:
-            ranking = UnitRanking.METRIC if isinstance(metric, str) and metric in BUILTIN else UnitRanking.NOISE
+        ranking = _ranking(ranking, metric)
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
         order = weights = None
         if ranking is UnitRanking.NOISE:
             weights = _unit_noise(plan, proto, model, dataset)
             order = list(weights)
-        store = _score_cache(model, dataset, config, metric, eval_data) if cache else None
+        store = _score_cache(model, _calibration_source(model, dataset), config, metric, eval_data) if cache else None
         with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
             result = control_accuracy(quantizer_candidates(plan, proto), resolved, max_drop, order=order,
                                       weights=weights, evaluator=evaluator, store=store, progress=progress)
@@ -125,7 +123,7 @@ def sensitivity(model: ModelLike, dataset: Any = None, config: QuantizationConfi
         resolved = resolve_metric(metric, data, save_model(proto, Path(tmp) / "fp32.onnx"))
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
         noise = _unit_noise(plan, proto, model, dataset)
-        store = _score_cache(model, dataset, config, metric, eval_data) if cache else None
+        store = _score_cache(model, _calibration_source(model, dataset), config, metric, eval_data) if cache else None
         with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
             report = quantizer_sensitivity(plan, proto, resolved, evaluator=evaluator, store=store,
                                            progress=progress)
@@ -147,13 +145,26 @@ def _eval_set(eval_data: Any, proto: onnx.ModelProto) -> EvalSet | None:
     return EvalSet.from_arrays(arrays, [spec.name for spec in model_inputs(proto)])
 
 
-def _score_cache(model: ModelLike, dataset: Any, config: QuantizationConfig, metric: Any, eval_data: Any
-                 ) -> ScoreCache:
-    """The score cache of this model, data, settings and metric (in memory only when one cannot be named)."""
+def _ranking(ranking: UnitRanking | str, metric: Any) -> UnitRanking:
+    """The ranking `auto` stands for: the metric for the built-in metrics (fast), the noise for others."""
+    ranking = UnitRanking(ranking)
+    if ranking is UnitRanking.AUTO:
+        return UnitRanking.METRIC if isinstance(metric, str) and metric in BUILTIN else UnitRanking.NOISE
+    return ranking
+
+
+def _calibration_source(model: ModelLike, dataset: Any) -> Any:
+    """The calibration data a quantization of `model` reads: `dataset`, or a bundled sample's own."""
+    return _default_dataset(model) if dataset is None and not isinstance(model, onnx.ModelProto) else dataset
+
+
+def _score_cache(model: ModelLike, source: Any, config: QuantizationConfig | WeightCompressionConfig, metric: Any,
+                 eval_data: Any) -> ScoreCache:
+    """The score cache of this model, calibration data (`source`), settings and metric (in memory only when one
+    cannot be named)."""
     def named(item: Any) -> Path | None:
         return Path(item) if isinstance(item, (str, os.PathLike)) and Path(item).exists() else None
 
-    source = _default_dataset(model) if dataset is None and not isinstance(model, onnx.ModelProto) else dataset
     if isinstance(metric, str) and metric in BUILTIN:
         metric_parts: list[Any] = [metric, named(eval_data)]
     elif isinstance(metric, str):
@@ -162,7 +173,7 @@ def _score_cache(model: ModelLike, dataset: Any, config: QuantizationConfig, met
     else:
         metric_parts = [None]  # a Python callable has no name a later run could match
     return ScoreCache.keyed([None if isinstance(model, onnx.ModelProto) else named(model), named(source),
-                             config.model_dump_json(), *metric_parts])
+                             type(config).__name__, config.model_dump_json(), *metric_parts])
 
 
 def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None, *,
@@ -288,15 +299,73 @@ def compress_weights(model: ModelLike, dataset: Any = None, config: WeightCompre
     # A file's external data stays where it is: tables are read one at a time, the rest streamed when saving.
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
     proto = _copy(model) if source is None else load_model(source, lazy_external_data=True)
-    batches, total = None, None
-    if dataset is not None:
-        inputs = model_inputs(proto)
-        batches = calibration_batches(dataset, inputs, subset_size=config.subset_size, batch_size=config.batch_size)
-        total = count_samples(dataset, inputs, config.subset_size)
+    batches, total = _weight_batches(proto, dataset, config)
     result = compress_model(proto, config, batches, total=total, progress=progress, source=source)
     record_compression(result.model, [{"algorithm": "weight_compression", "data_aware": dataset is not None,
                                        **config.model_dump(mode="json")}])
     return result
+
+
+def compress_weights_with_accuracy_control(model: ModelLike, dataset: Any = None,
+                                           config: WeightCompressionConfig | None = None, *,
+                                           metric: str | Callable[[str], object], max_drop: float,
+                                           eval_data: Any = None, ranking: UnitRanking | str = UnitRanking.AUTO,
+                                           workers: int | None = None, ray_address: str | None = None,
+                                           cache: bool = True, progress: bool = True, **options: Any
+                                           ) -> WeightControlResult:
+    """`compress_weights` in a 4-bit mode, then the fewest 4-bit tables moved to INT8 that keep the metric within
+    `max_drop` of the FP32 model's. `metric`, `eval_data`, `workers`, `ray_address` and `cache` as in
+    `quantize_with_accuracy_control`; the noise ranking orders the tables by their 4-bit error (weighted by
+    E[x²] of their input features when `dataset` is given). The result holds the search and the compression."""
+    if options:
+        config = WeightCompressionConfig.build({**(config.model_dump() if config else {}), **options})
+    config = config or WeightCompressionConfig()
+    if not config.mode.four_bit:
+        raise ConfigError(f"accuracy control for weight compression moves 4-bit tables to INT8; mode "
+                          f"{config.mode.value} has none (use int4_sym or int4_asym)")
+    source = None if isinstance(model, onnx.ModelProto) else Path(model)
+    proto = _copy(model) if source is None else load_model(source, lazy_external_data=True)
+    data = _eval_set(eval_data, proto)
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-reference-") as tmp:
+        reference = source.absolute() if source is not None else save_model(proto, Path(tmp) / "fp32.onnx")
+        resolved = resolve_metric(metric, data, reference)  # a bad metric fails before the statistics pass
+        ranking = _ranking(ranking, metric)
+        batches, total = _weight_batches(proto, dataset, config)
+        planned = plan_compression(proto, config, batches, total=total, progress=progress, source=source)
+        candidates = dataclasses.replace(planned.candidates(), reference=reference)
+        order = weights = None
+        if ranking is UnitRanking.NOISE:
+            errors = {layer.node: layer.relative_error for layer in planned.plan.layers if layer.mode.four_bit}
+            order = sorted(errors, key=lambda node: -errors[node])
+            weights = errors
+        store = _score_cache(model, dataset, config, metric, eval_data) if cache else None
+        with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
+            control = control_accuracy(candidates, resolved, max_drop, order=order, weights=weights,
+                                       evaluator=evaluator, store=store, progress=progress)
+    compressed = planned.apply(control.float_units)
+    record_compression(compressed.model, [{"algorithm": "weight_compression", "data_aware": dataset is not None,
+                                           **config.model_dump(mode="json"),
+                                           "accuracy_control": {"max_drop": max_drop,
+                                                                "int8_tables": list(control.labels)}}])
+    return WeightControlResult(control, compressed)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightControlResult:
+    """What `compress_weights_with_accuracy_control` searched (`control`: the tables moved to INT8 and the scores)
+    and made (`compression`: each table's precision; `compression.save(path)` writes the model)."""
+
+    control: ControlResult[str]
+    compression: WeightCompressionResult
+
+
+def _weight_batches(proto: onnx.ModelProto, dataset: Any, config: WeightCompressionConfig
+                    ) -> tuple[Any, int | None]:
+    if dataset is None:
+        return None, None
+    inputs = model_inputs(proto)
+    return (calibration_batches(dataset, inputs, subset_size=config.subset_size, batch_size=config.batch_size),
+            count_samples(dataset, inputs, config.subset_size))
 
 
 def finetune(model: ModelLike, train: Any = None, val: Any = None, config: FinetuneConfig | None = None, *,

@@ -330,10 +330,26 @@ def sensitivity(model: Path, metric: str, eval_data: str | None, data: str | Non
 @click.option("--ignore-names", multiple=True, help="Node names to leave in float (repeat or comma-separate).")
 @click.option("--ignore-types", multiple=True, help="Op types to leave in float.")
 @click.option("--ignore-patterns", multiple=True, help="Regexes over node names to leave in float.")
+@click.option("--max-drop", type=click.FloatRange(min=0), help="int4 modes, accuracy control: the largest metric "
+              "drop from the FP32 model; the fewest 4-bit tables move to INT8 until it holds (needs --metric).")
+@click.option("--metric", help="Accuracy control metric: top1, cosine, sqnr (on --eval-data) or FILE.py:FUNC, "
+              "FUNC(model_path) -> float, higher is better.")
+@click.option("--eval-data", help="Accuracy control data: an .npz with an array per model input (and labels for top1).")
+@click.option("--ranking", type=click.Choice(["auto", "metric", "noise"]), help="Accuracy control: rank the 4-bit "
+              "tables by the metric with each alone in INT8 (metric), or by their 4-bit error, measuring the metric "
+              "only on the ranking's prefixes (noise); default auto: metric for built-in metrics, noise for "
+              "FILE.py:FUNC.")
+@click.option("--workers", type=click.IntRange(min=1), help="Accuracy control: local processes that score candidate "
+              "models (default: one per core; 1: in this process).")
+@click.option("--ray-address", help="Accuracy control: score candidate models on this Ray cluster instead.")
+@click.option("--no-cache", is_flag=True, help="Accuracy control: measure every score again instead of reusing "
+              "those of an earlier run with this model, data, settings and metric.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def compress_weights(model: Path, output: Path | None, mode: str, group_size: int | None, ratio: float | None,
                      all_layers: bool, data: str | None, subset_size: int | None, ignore_names, ignore_types,
-                     ignore_patterns, no_progress: bool) -> None:
+                     ignore_patterns, max_drop: float | None, metric: str | None, eval_data: str | None,
+                     ranking: str | None, workers: int | None, ray_address: str | None, no_cache: bool,
+                     no_progress: bool) -> None:
     """Weight-only compression of MODEL's MatMul, Gemm and Gather tables (activations stay float)."""
     from onnxcompress.api import compress_weights as run_compress
     from onnxcompress.config import WeightCompressionConfig
@@ -345,13 +361,38 @@ def compress_weights(model: Path, output: Path | None, mode: str, group_size: in
         options["all_layers"] = True
     options.update(_ignored_scope(ignore_names, ignore_types, ignore_patterns))
     config = WeightCompressionConfig.build(options)
+    if (max_drop is None) != (metric is None) or (eval_data is not None and metric is None):
+        raise ConfigError("accuracy control needs both --max-drop and --metric (and --eval-data for built-in metrics)")
+    if max_drop is None and (ranking is not None or workers is not None or ray_address is not None or no_cache):
+        raise ConfigError("--ranking, --workers, --ray-address and --no-cache belong to accuracy control: they need "
+                          "--max-drop and --metric")
     output = output or model.with_name(f"{model.stem}.{mode}.onnx")
-    check_output_path(model, output, reads=(data,))
-    result = run_compress(model, data, config, progress=not no_progress)
+    check_output_path(model, output, reads=(data, eval_data))
+    if max_drop is not None:
+        result = _compress_within_drop(model, data, config, metric, max_drop, eval_data, ranking or "auto", workers,
+                                       ray_address, not no_cache, not no_progress)
+    else:
+        result = run_compress(model, data, config, progress=not no_progress)
     saved = result.save(output)
     click.echo(_describe_weight_compression(result))
     before, after = model_file_size(model), model_file_size(saved)
     click.echo(f"wrote {saved} ({after / 1e6:.2f} MB, {after / before:.2f}× of {before / 1e6:.2f} MB)")
+
+
+def _compress_within_drop(model: Path, data: str | None, config, metric: str, max_drop: float,
+                          eval_data: str | None, ranking: str, workers: int | None, ray_address: str | None,
+                          cache: bool, progress: bool):
+    from onnxcompress.api import compress_weights_with_accuracy_control
+
+    result = compress_weights_with_accuracy_control(model, data, config, metric=metric, max_drop=max_drop,
+                                                    eval_data=eval_data, ranking=ranking, workers=workers,
+                                                    ray_address=ray_address, cache=cache, progress=progress)
+    control = result.control
+    click.echo(f"accuracy control: {metric} FP32 {control.float_score:.6g}, all 4-bit {control.quantized_score:.6g}"
+               f", final {control.final_score:.6g} after {control.evaluations} evaluations"
+               f"{f' ({control.reused} more from the score cache)' if control.reused else ''}; moved to INT8: "
+               f"{', '.join(control.labels) or 'none'}")
+    return result.compression
 
 
 def _describe_weight_compression(result) -> str:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from onnxcompress.errors import ConfigError, EvaluationError
 from onnxcompress.evaluation.cache import ScoreCache
-from onnxcompress.evaluation.parallel import Evaluator
+from onnxcompress.evaluation.parallel import Evaluator, SerialEvaluator
 from onnxcompress.evaluation.sensitivity import Candidates, Metric, U, candidate_scores
 
 
@@ -77,7 +77,7 @@ def control_accuracy(candidates: Candidates[U], metric: Metric, max_drop: float,
     units = every if allowed is None else [u for u in every if u in set(allowed)]
     with tempfile.TemporaryDirectory(prefix="onnxcompress-accuracy-") as tmp, \
             _Search(candidates, metric, Path(tmp), evaluator, store, progress) as search:
-        float_score, quantized_score = search.scores([every, []])
+        float_score, quantized_score = search.baseline()
         score = quantized_score
         if order is not None:
             ranked = [u for u in order if u in set(units)]
@@ -188,6 +188,22 @@ class _Search:
     def evaluations(self) -> int:
         """Candidates measured by this search (not those the store knew)."""
         return self.measured
+
+    def baseline(self) -> tuple[float, float]:
+        """The float model's score and the fully compressed model's."""
+        reference = self.candidates.reference
+        if reference is None:
+            return tuple(self.scores([list(self.candidates.units), []]))
+        key = frozenset({f"float model {reference.name}"})
+        known = self.store.get(key)
+        if known is None:
+            known = (self.evaluator or SerialEvaluator()).scores(self.metric, [reference])[0]
+            self.store.put(key, known)
+            self.measured += 1
+            self.bar.update()
+        else:
+            self.reused += 1
+        return known, self.score([])
 
     def score(self, relaxed: list) -> float:
         return self.scores([relaxed])[0]

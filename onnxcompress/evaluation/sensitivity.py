@@ -45,6 +45,10 @@ class Candidates(Generic[U]):
     noun: str = "units"
     #: What relaxing a unit does, for messages: "in float", "in INT8".
     relaxed: str = "in float"
+    #: The model file whose external data the built models still refer to (None: they are all in memory).
+    external_source: Path | None = None
+    #: The float model's file, whose score budgets are measured from; None: the model with every unit relaxed.
+    reference: Path | None = None
 
     def key(self, units: Iterable[U]) -> frozenset[str]:
         """A set of units as the score cache names it."""
@@ -120,13 +124,15 @@ def score_model(model: onnx.ModelProto, metric: Metric, folder: Path, name: str)
 
 
 def score_candidates(build: Callable[[T], onnx.ModelProto], candidates: Sequence[T], metric: Metric, folder: Path,
-                     evaluator: Evaluator | None = None, *, bar: tqdm | None = None) -> list[float]:
+                     evaluator: Evaluator | None = None, *, bar: tqdm | None = None,
+                     external_source: Path | None = None) -> list[float]:
     """Score `build(c)` for every candidate, in order: `evaluator.batch` files on disk and scored at a time
-    (default: serially, in this process)."""
+    (default: serially, in this process). `external_source` is the file whose external data the built models
+    still refer to."""
     evaluator = evaluator or SerialEvaluator()
     scores: list[float] = []
     for start in range(0, len(candidates), evaluator.batch):
-        paths = [save_model(build(c), folder / f"candidate{start + i}.onnx")
+        paths = [save_model(build(c), folder / f"candidate{start + i}.onnx", external_source=external_source)
                  for i, c in enumerate(candidates[start:start + evaluator.batch])]
         try:
             scores += evaluator.scores(metric, paths)
@@ -148,7 +154,7 @@ def candidate_scores(candidates: Candidates[U], sets: Sequence[Iterable[U]], met
     keyed = [(frozenset(units), candidates.key(units)) for units in sets]
     missing = list(dict.fromkeys(units for units, key in keyed if store.get(key) is None))
     measured = score_candidates(lambda units: candidates.build(list(units)), missing, metric, folder, evaluator,
-                                bar=bar)
+                                bar=bar, external_source=candidates.external_source)
     for units, score in zip(missing, measured):
         store.put(candidates.key(units), score)
     if missing:

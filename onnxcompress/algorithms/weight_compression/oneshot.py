@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +24,13 @@ from onnxcompress.algorithms.quantization.ptq import export_graph, resolve_ignor
 from onnxcompress.algorithms.weight_compression.plan import (
     CompressibleLayer,
     LayerChoice,
+    WeightCompressionPlan,
     compressible_layers,
     plan_weight_compression,
 )
 from onnxcompress.config import WeightCompressionConfig, WeightMode
 from onnxcompress.errors import WeightCompressionError
+from onnxcompress.evaluation.sensitivity import Candidates
 from onnxcompress.runtime.calibration import Statistic, StatisticRequest, collect_statistics, in_memory_initializer
 from onnxcompress.runtime.model_io import (
     external_array,
@@ -80,6 +82,52 @@ def compress_model(model: onnx.ModelProto, config: WeightCompressionConfig, batc
     """Compress the tables of `model` (a private copy the caller does not use again) as `config` says; with
     `batches`, weigh each table's error by its input features' E[x²]. `source` is the model file whose external
     data `model` still refers to (`load_model(lazy_external_data=True)`): tables are read from it one at a time."""
+    graph, model, plan, float_bytes = _plan(model, config, batches, total, progress, source, fallbacks=False)
+    choices = plan.layers
+    apply_commands(graph, plan.commands)
+    del plan  # the graph holds the levels now, as tensors: the commands' arrays go
+    return _result(export_graph(graph, model, shapes=False), choices, float_bytes, source)
+
+
+@dataclass(frozen=True)
+class PlannedCompression:
+    """A weight compression plan with an INT8 fallback for each 4-bit table, and the float model it applies to:
+    what accuracy control builds its candidates from."""
+
+    #: Upgraded to the blockwise opset where needed, nodes named; its tables may still refer to `source`.
+    float_model: onnx.ModelProto
+    plan: WeightCompressionPlan
+    float_bytes: int
+    source: Path | None
+
+    def apply(self, relaxed: Collection[str] = ()) -> WeightCompressionResult:
+        """The compressed model, with the 4-bit tables of the `relaxed` nodes in INT8 instead."""
+        commands, choices = self.plan.relaxed(relaxed)
+        graph = gs.import_onnx(self.float_model)
+        if self.source is not None:
+            map_external_constants(graph, functools.partial(external_array, model_path=self.source))
+        apply_commands(graph, commands)
+        return _result(export_graph(graph, self.float_model, shapes=False), choices, self.float_bytes, self.source)
+
+    def candidates(self) -> Candidates[str]:
+        """The 4-bit tables, each moved to INT8 on its own, by node."""
+        return Candidates(self.plan.four_bit, lambda nodes: self.apply(nodes).model, str, noun="4-bit tables",
+                          relaxed="in INT8", external_source=self.source)
+
+
+def plan_compression(model: onnx.ModelProto, config: WeightCompressionConfig, batches: Batches | None = None, *,
+                     total: int | None = None, progress: bool = True, source: Path | None = None
+                     ) -> PlannedCompression:
+    """`compress_model`'s plan with INT8 fallbacks, not yet applied (arguments as there)."""
+    graph, model, plan, float_bytes = _plan(model, config, batches, total, progress, source, fallbacks=True)
+    return PlannedCompression(export_graph(graph, model, shapes=False), plan, float_bytes, source)
+
+
+def _plan(model: onnx.ModelProto, config: WeightCompressionConfig, batches: Batches | None, total: int | None,
+          progress: bool, source: Path | None, *, fallbacks: bool
+          ) -> tuple[gs.Graph, onnx.ModelProto, WeightCompressionPlan, int]:
+    """The model's graph (nodes named), the model it came from (upgraded to the blockwise opset where needed), the
+    plan, and the bytes of the float tables it compresses."""
     if needs_blockwise_opset(config):
         model = upgrade_opset(model, BLOCKWISE_OPSET)
     graph = gs.import_onnx(model)
@@ -99,11 +147,12 @@ def compress_model(model: onnx.ModelProto, config: WeightCompressionConfig, batc
 
     float_bytes = sum(_tensor_bytes_of(nodes[layer.node].inputs[layer.layout.port])
                       for layer in {layer.weight: layer for layer in layers}.values())
-    plan = plan_weight_compression(layers, table, config, importance)
-    choices = plan.layers
-    apply_commands(graph, plan.commands)
-    del plan  # the graph holds the levels now, as tensors: the commands' arrays go
-    compressed = export_graph(graph, model, shapes=False)
+    plan = plan_weight_compression(layers, table, config, importance, fallbacks=fallbacks)
+    return graph, model, plan, float_bytes
+
+
+def _result(compressed: onnx.ModelProto, choices: tuple[LayerChoice, ...], float_bytes: int, source: Path | None
+            ) -> WeightCompressionResult:
     return WeightCompressionResult(compressed, choices, float_bytes, _stored_bytes(compressed),
                                    source if has_external_data(compressed) else None)
 

@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -72,6 +72,22 @@ class LayerChoice:
 class WeightCompressionPlan:
     commands: tuple[DequantizeWeight, ...]
     layers: tuple[LayerChoice, ...]
+    #: For each 4-bit table's node (when asked for): its command and choice in INT8 per channel instead.
+    fallbacks: Mapping[str, tuple[DequantizeWeight, LayerChoice]] = field(default_factory=dict)
+
+    @property
+    def four_bit(self) -> tuple[str, ...]:
+        """The nodes whose tables are in 4 bits, in graph order."""
+        return tuple(layer.node for layer in self.layers if layer.mode.four_bit)
+
+    def relaxed(self, nodes: Collection[str]) -> tuple[tuple[DequantizeWeight, ...], tuple[LayerChoice, ...]]:
+        """The commands and choices with the 4-bit tables of `nodes` in INT8 (their fallbacks)."""
+        unknown = set(nodes) - set(self.fallbacks)
+        if unknown:
+            raise ValueError(f"no INT8 fallback planned for {', '.join(sorted(unknown))}")
+        pairs = [self.fallbacks[c.node] if c.node in nodes else (c, choice)
+                 for c, choice in zip(self.commands, self.layers)]
+        return tuple(c for c, _ in pairs), tuple(choice for _, choice in pairs)
 
 
 def compressible_layers(graph: gs.Graph, ignored: frozenset[str] = frozenset()) -> list[CompressibleLayer]:
@@ -95,10 +111,12 @@ def compressible_layers(graph: gs.Graph, ignored: frozenset[str] = frozenset()) 
 
 def plan_weight_compression(layers: Sequence[CompressibleLayer], table: Callable[[CompressibleLayer], np.ndarray],
                             config: WeightCompressionConfig,
-                            importance: Mapping[str, np.ndarray] | None = None) -> WeightCompressionPlan:
+                            importance: Mapping[str, np.ndarray] | None = None, *,
+                            fallbacks: bool = False) -> WeightCompressionPlan:
     """Choose each layer's precision and make its command; `table(layer)` reads a layer's float values (once per
     decision, so a large model's tables need not all be in memory) and `importance` holds E[x²] per input
-    feature by activation name."""
+    feature by activation name. With `fallbacks`, each 4-bit table's INT8 command is planned too (what accuracy
+    control moves a table to)."""
     importance = importance or {}
     compressed: dict[CompressibleLayer, tuple[Compressed, WeightMode, int | None]] = {}
     candidates = _four_bit_candidates(layers, config)
@@ -113,11 +131,18 @@ def plan_weight_compression(layers: Sequence[CompressibleLayer], table: Callable
             compressed[layer] = _compress(layer, table(layer), backup, backup_group, importance)
     commands, choices = [], []
     for layer in layers:
-        result, mode, group = compressed.pop(layer)  # one layout of the levels in memory at a time
-        commands.append(_command(layer, result))
-        choices.append(LayerChoice(layer.node, layer.op, layer.weight, mode, group, layer.parameters,
-                                   result.relative_error))
-    return WeightCompressionPlan(tuple(commands), tuple(choices))
+        command, choice = _planned(layer, *compressed.pop(layer))  # one layout of the levels in memory at a time
+        commands.append(command)
+        choices.append(choice)
+    backups = {layer.node: _planned(layer, *_compress(layer, table(layer), backup, backup_group, importance))
+               for layer in layers if fallbacks and layer in kept_in_four}
+    return WeightCompressionPlan(tuple(commands), tuple(choices), backups)
+
+
+def _planned(layer: CompressibleLayer, result: Compressed, mode: WeightMode, group: int | None
+             ) -> tuple[DequantizeWeight, LayerChoice]:
+    return _command(layer, result), LayerChoice(layer.node, layer.op, layer.weight, mode, group, layer.parameters,
+                                                result.relative_error)
 
 
 def _four_bit_candidates(layers: Sequence[CompressibleLayer], config: WeightCompressionConfig
