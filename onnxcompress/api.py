@@ -45,6 +45,7 @@ from onnxcompress.evaluation.cache import ScoreCache
 from onnxcompress.evaluation.metrics import BUILTIN, EvalSet, resolve_metric
 from onnxcompress.evaluation.noise import noise_ranking
 from onnxcompress.evaluation.parallel import make_evaluator
+from onnxcompress.evaluation.speed import speed_cost
 from onnxcompress.evaluation.sensitivity import SensitivityReport, quantizer_candidates, quantizer_sensitivity
 from onnxcompress.models import sample_for_model
 from onnxcompress.packaging.manifest import COMPRESSION_METADATA
@@ -78,15 +79,16 @@ def quantize(model: ModelLike, dataset: Any = None, config: QuantizationConfig |
 def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None,
                                    *, metric: str | Callable[[str], object], max_drop: float, eval_data: Any = None,
                                    ranking: UnitRanking | str = UnitRanking.AUTO, workers: int | None = None,
-                                   ray_address: str | None = None, cache: bool = True, progress: bool = True,
-                                   **options: Any) -> ControlResult:
+                                   ray_address: str | None = None, cache: bool = True, speed: bool = True,
+                                   progress: bool = True, **options: Any) -> ControlResult:
     """`quantize`, then the fewest quantizer units returned to float that keep the metric within `max_drop` of the
     float model's (`evaluation/accuracy_control.py`). `metric` is top1, cosine, sqnr (these score `eval_data`, an
     .npz with an array per model input and, for top1, `labels`), `FILE.py:FUNC` or a callable taking a model
     path; higher is better. `ranking` (`config.UnitRanking`) says how the units are ranked. Candidates are scored
     in `workers` local processes (default: one per core) or on the Ray cluster at `ray_address`
     (`evaluation/parallel.py`); the result does not depend on where. With `cache`, scores measured before for the
-    same model, data, settings and metric (`sensitivity`) are reused (`evaluation/cache.py`)."""
+    same model, data, settings and metric (`sensitivity`) are reused (`evaluation/cache.py`). With `speed`, what
+    the float units (if any) cost in latency is measured on the first calibration sample (`evaluation/speed.py`)."""
     config = _merge(config, options)
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
     data = _eval_set(eval_data, proto)
@@ -100,9 +102,14 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
             weights = _unit_noise(plan, proto, model, dataset)
             order = list(weights)
         store = _score_cache(model, _calibration_source(model, dataset), config, metric, eval_data) if cache else None
+        candidates = quantizer_candidates(plan, proto)
         with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
-            result = control_accuracy(quantizer_candidates(plan, proto), resolved, max_drop, order=order,
-                                      weights=weights, evaluator=evaluator, store=store, progress=progress)
+            result = control_accuracy(candidates, resolved, max_drop, order=order, weights=weights,
+                                      evaluator=evaluator, store=store, progress=progress)
+        if speed and result.float_units:
+            sample = _first_sample(_calibration_source(model, dataset), proto)
+            result = dataclasses.replace(result, speed=speed_cost(candidates, result.float_units, sample,
+                                                                  progress=progress))
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
                                        "accuracy_control": {"max_drop": max_drop,
                                                             "float_units": list(result.labels)}}])
@@ -311,12 +318,13 @@ def compress_weights_with_accuracy_control(model: ModelLike, dataset: Any = None
                                            metric: str | Callable[[str], object], max_drop: float,
                                            eval_data: Any = None, ranking: UnitRanking | str = UnitRanking.AUTO,
                                            workers: int | None = None, ray_address: str | None = None,
-                                           cache: bool = True, progress: bool = True, **options: Any
-                                           ) -> WeightControlResult:
+                                           cache: bool = True, speed: bool = True, progress: bool = True,
+                                           **options: Any) -> WeightControlResult:
     """`compress_weights` in a 4-bit mode, then the fewest 4-bit tables moved to INT8 that keep the metric within
     `max_drop` of the FP32 model's. `metric`, `eval_data`, `workers`, `ray_address` and `cache` as in
     `quantize_with_accuracy_control`; the noise ranking orders the tables by their 4-bit error (weighted by
-    E[x²] of their input features when `dataset` is given). The result holds the search and the compression."""
+    E[x²] of their input features when `dataset` is given); `speed` as there (on the first sample of `dataset`,
+    else of `eval_data`, else random inputs). The result holds the search and the compression."""
     if options:
         config = WeightCompressionConfig.build({**(config.model_dump() if config else {}), **options})
     config = config or WeightCompressionConfig()
@@ -342,6 +350,10 @@ def compress_weights_with_accuracy_control(model: ModelLike, dataset: Any = None
         with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
             control = control_accuracy(candidates, resolved, max_drop, order=order, weights=weights,
                                        evaluator=evaluator, store=store, progress=progress)
+        if speed and control.float_units:
+            sample = _first_sample(dataset, proto) if dataset is not None else _first_eval_sample(data)
+            control = dataclasses.replace(control, speed=speed_cost(candidates, control.float_units, sample,
+                                                                    progress=progress))
     compressed = planned.apply(control.float_units)
     record_compression(compressed.model, [{"algorithm": "weight_compression", "data_aware": dataset is not None,
                                            **config.model_dump(mode="json"),
@@ -357,6 +369,14 @@ class WeightControlResult:
 
     control: ControlResult[str]
     compression: WeightCompressionResult
+
+
+def _first_sample(dataset: Any, proto: onnx.ModelProto) -> dict[str, Any]:
+    return next(iter(calibration_batches(dataset, model_inputs(proto), subset_size=1, batch_size=1)))
+
+
+def _first_eval_sample(data: EvalSet | None) -> dict[str, Any] | None:
+    return None if data is None or not data.feeds else {name: array[:1] for name, array in data.feeds[0].items()}
 
 
 def _weight_batches(proto: onnx.ModelProto, dataset: Any, config: WeightCompressionConfig

@@ -157,6 +157,8 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
               "HOST:6379; needs pip install 'onnxcompress[ray]').")
 @click.option("--no-cache", is_flag=True, help="Accuracy control: measure every score again instead of reusing "
               "those of an earlier run (onnxcompress sensitivity) with this model, data, settings and metric.")
+@click.option("--no-speed", is_flag=True, help="Accuracy control: do not measure what each unit left in float costs "
+              "in latency (a short benchmark of the final model without each).")
 @click.option("--max-size", type=click.FloatRange(0, 1, min_open=True), help="Mixed precision: the largest size of "
               "the initializers as a fraction of the FP32 model's; the weights whose 4 bits cost the least --metric "
               "(default: cosine to FP32 on --eval-data or the calibration .npz) take 4 bits, stored as INT4.")
@@ -165,7 +167,7 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
 def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
              calibration, model_type, bias_correction, weight_bits, target, smooth_quant_alpha, smooth_quant,
              ignore_names, ignore_types, ignore_patterns, max_drop: float | None, metric: str | None,
-             ranking: str | None, workers: int | None, ray_address: str | None, no_cache: bool,
+             ranking: str | None, workers: int | None, ray_address: str | None, no_cache: bool, no_speed: bool,
              max_size: float | None, eval_data: str | None, no_progress: bool) -> None:
     """Post-training INT8 quantization of MODEL."""
     from onnxcompress.api import quantize as run_quantize
@@ -188,14 +190,14 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
         raise ConfigError("accuracy control needs both --max-drop and --metric (and --eval-data for built-in metrics)")
     output = output or model.with_name(model.stem + ".int8.onnx")
     check_output_path(model, output, reads=(data, config_file, eval_data))
-    if ranking is not None and max_drop is None:
-        raise ConfigError("--ranking orders accuracy control's search: it needs --max-drop and --metric")
+    if (ranking is not None or no_speed) and max_drop is None:
+        raise ConfigError("--ranking and --no-speed belong to accuracy control: they need --max-drop and --metric")
     if (workers is not None or ray_address is not None) and max_drop is None and max_size is None:
         raise ConfigError("--workers and --ray-address score candidates of accuracy control (--max-drop) or mixed "
                           "precision (--max-size); plain quantization has none")
     if max_drop is not None:
         quantized = _quantize_within_drop(model, data, config, metric, max_drop, eval_data, ranking or "auto",
-                                          workers, ray_address, not no_cache, not no_progress)
+                                          workers, ray_address, not no_cache, not no_speed, not no_progress)
     elif max_size is not None:
         quantized = _quantize_within_size(model, data, config, metric, max_size, eval_data, workers, ray_address,
                                           not no_progress)
@@ -208,16 +210,18 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
 
 def _quantize_within_drop(model: Path, data: str | None, config, metric: str, max_drop: float,
                           eval_data: str | None, ranking: str, workers: int | None, ray_address: str | None,
-                          cache: bool, progress: bool):
+                          cache: bool, speed: bool, progress: bool):
     from onnxcompress.api import quantize_with_accuracy_control
 
     result = quantize_with_accuracy_control(model, data, config, metric=metric, max_drop=max_drop,
                                             eval_data=eval_data, ranking=ranking, workers=workers,
-                                            ray_address=ray_address, cache=cache, progress=progress)
+                                            ray_address=ray_address, cache=cache, speed=speed, progress=progress)
     units = ", ".join(result.labels) or "none"
     click.echo(f"accuracy control: {metric} float {result.float_score:.6g}, quantized {result.quantized_score:.6g}"
                f", final {result.final_score:.6g} after {result.evaluations} evaluations"
                f"{f' ({result.reused} more from the score cache)' if result.reused else ''}; in float: {units}")
+    if result.speed is not None:
+        click.echo(result.speed.format())
     return result.model
 
 
@@ -344,12 +348,14 @@ def sensitivity(model: Path, metric: str, eval_data: str | None, data: str | Non
 @click.option("--ray-address", help="Accuracy control: score candidate models on this Ray cluster instead.")
 @click.option("--no-cache", is_flag=True, help="Accuracy control: measure every score again instead of reusing "
               "those of an earlier run with this model, data, settings and metric.")
+@click.option("--no-speed", is_flag=True, help="Accuracy control: do not measure what each table moved to INT8 "
+              "costs in latency.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def compress_weights(model: Path, output: Path | None, mode: str, group_size: int | None, ratio: float | None,
                      all_layers: bool, data: str | None, subset_size: int | None, ignore_names, ignore_types,
                      ignore_patterns, max_drop: float | None, metric: str | None, eval_data: str | None,
                      ranking: str | None, workers: int | None, ray_address: str | None, no_cache: bool,
-                     no_progress: bool) -> None:
+                     no_speed: bool, no_progress: bool) -> None:
     """Weight-only compression of MODEL's MatMul, Gemm and Gather tables (activations stay float)."""
     from onnxcompress.api import compress_weights as run_compress
     from onnxcompress.config import WeightCompressionConfig
@@ -363,14 +369,15 @@ def compress_weights(model: Path, output: Path | None, mode: str, group_size: in
     config = WeightCompressionConfig.build(options)
     if (max_drop is None) != (metric is None) or (eval_data is not None and metric is None):
         raise ConfigError("accuracy control needs both --max-drop and --metric (and --eval-data for built-in metrics)")
-    if max_drop is None and (ranking is not None or workers is not None or ray_address is not None or no_cache):
-        raise ConfigError("--ranking, --workers, --ray-address and --no-cache belong to accuracy control: they need "
-                          "--max-drop and --metric")
+    if max_drop is None and (ranking is not None or workers is not None or ray_address is not None or no_cache
+                             or no_speed):
+        raise ConfigError("--ranking, --workers, --ray-address, --no-cache and --no-speed belong to accuracy control: "
+                          "they need --max-drop and --metric")
     output = output or model.with_name(f"{model.stem}.{mode}.onnx")
     check_output_path(model, output, reads=(data, eval_data))
     if max_drop is not None:
         result = _compress_within_drop(model, data, config, metric, max_drop, eval_data, ranking or "auto", workers,
-                                       ray_address, not no_cache, not no_progress)
+                                       ray_address, not no_cache, not no_speed, not no_progress)
     else:
         result = run_compress(model, data, config, progress=not no_progress)
     saved = result.save(output)
@@ -381,17 +388,20 @@ def compress_weights(model: Path, output: Path | None, mode: str, group_size: in
 
 def _compress_within_drop(model: Path, data: str | None, config, metric: str, max_drop: float,
                           eval_data: str | None, ranking: str, workers: int | None, ray_address: str | None,
-                          cache: bool, progress: bool):
+                          cache: bool, speed: bool, progress: bool):
     from onnxcompress.api import compress_weights_with_accuracy_control
 
     result = compress_weights_with_accuracy_control(model, data, config, metric=metric, max_drop=max_drop,
                                                     eval_data=eval_data, ranking=ranking, workers=workers,
-                                                    ray_address=ray_address, cache=cache, progress=progress)
+                                                    ray_address=ray_address, cache=cache, speed=speed,
+                                                    progress=progress)
     control = result.control
     click.echo(f"accuracy control: {metric} FP32 {control.float_score:.6g}, all 4-bit {control.quantized_score:.6g}"
                f", final {control.final_score:.6g} after {control.evaluations} evaluations"
                f"{f' ({control.reused} more from the score cache)' if control.reused else ''}; moved to INT8: "
                f"{', '.join(control.labels) or 'none'}")
+    if control.speed is not None:
+        click.echo(control.speed.format())
     return result.compression
 
 

@@ -453,6 +453,9 @@ def test_quantize_with_accuracy_control_reports_what_it_left_in_float(tmp_path: 
     assert result.returncode == 0, result.stderr
     assert re.search(r"accuracy control: strict.py:no_quantized_weights float -0, quantized -\d+, final -0 after "
                      r"\d+ evaluations; in float: \S", result.stdout), result.stdout
+    # Every unit is float: the fully quantized and the final (float) model's latency, in both runtimes.
+    assert re.search(r"speed \(median latency, batch 1\): openvino [\d.]+ ms compressed, [\d.]+ ms final \([+-][\d.]+%\); "
+                     r"onnxruntime", result.stdout), result.stdout
     ops = {n.op_type for n in onnx.load(tmp_path / "tiny_cnn.int8.onnx").graph.node}
     assert "DequantizeLinear" not in ops
 
@@ -463,7 +466,7 @@ def test_quantize_with_accuracy_control_reports_what_it_left_in_float(tmp_path: 
     (("--max-drop", "-0.1", "--metric", "top1"), "-0.1 is not in the range x>=0"),
     (("--max-drop", "0.01", "--metric", "top1"), "metric top1 needs evaluation data"),
     (("--max-drop", "0.01", "--metric", "missing.py:f"), "metric file not found"),
-    (("--ranking", "noise"), "--ranking orders accuracy control's search: it needs --max-drop"),
+    (("--ranking", "noise"), "--ranking and --no-speed belong to accuracy control: they need --max-drop"),
     (("--workers", "2"), "--workers and --ray-address score candidates of accuracy control"),
     (("--max-size", "0.18", "--max-drop", "0.01", "--metric", "top1"), "--max-size and --max-drop cannot be combined"),
     (("--max-size", "0.01"), "--max-size 0.01 cannot be met: with every weight in 4 bits the model keeps"),

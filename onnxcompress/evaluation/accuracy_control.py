@@ -26,6 +26,7 @@ from onnxcompress.errors import ConfigError, EvaluationError
 from onnxcompress.evaluation.cache import ScoreCache
 from onnxcompress.evaluation.parallel import Evaluator, SerialEvaluator
 from onnxcompress.evaluation.sensitivity import Candidates, Metric, U, candidate_scores
+from onnxcompress.evaluation.speed import SpeedCost
 
 
 class AccuracyControlError(EvaluationError):
@@ -49,6 +50,8 @@ class ControlResult(Generic[U]):
     reused: int = 0  # candidates whose score an earlier run had measured (the score cache)
     #: Each relaxed unit's name in reports (`Candidates.label`), in `steps` order.
     labels: tuple[str, ...] = ()
+    #: What the relaxed units cost in speed (`speed.speed_cost`), when it was measured.
+    speed: SpeedCost | None = None
 
     @property
     def float_units(self) -> tuple[U, ...]:

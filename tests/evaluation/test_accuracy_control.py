@@ -81,6 +81,11 @@ def test_the_api_meets_a_top1_budget_on_the_bundled_model(tmp_path: Path) -> Non
         None, {"input": eval_data["input"]})[0]
     assert float((logits.argmax(1) == eval_data["labels"]).mean()) == pytest.approx(result.final_score)
     assert "QuantizeLinear" in {n.op_type for n in result.model.graph.node}
+    # What the float units cost is measured when there are any, one latency difference per unit and runtime.
+    assert (result.speed is None) == (not result.float_units)
+    if result.speed is not None:
+        assert [u.label for u in result.speed.units] == list(result.labels)
+        assert all(set(u.ms) == {"openvino", "onnxruntime"} for u in result.speed.units)
 
 
 def test_a_bad_metric_is_refused_before_the_calibration_pass(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ MODELS = Path(__file__).resolve().parents[2] / "models" / "data"
 def _accuracy_control(tmp_path: Path, *extra: str):
     return run_cli(tmp_path, "quantize", str(MODELS / "digits_mobile.onnx"), "-o", "controlled.onnx", "--max-drop",
                    "0.001", "--metric", "top1", "--eval-data", str(MODELS / "digits_test.npz"), "--workers", "1",
-                   "--no-progress", *extra)
+                   "--no-speed", "--no-progress", *extra)
 
 
 def test_the_report_ranks_the_units_and_accuracy_control_reuses_its_scores(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from the FP32 model; the file it writes scores what the search said; budgets no 
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from onnxcompress.evaluation.metrics import EvalSet, resolve_metric
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algorithms"))
 from test_weight_compression import build_encoder, dequantize_nodes, ids  # noqa: E402
 
-SETTINGS = {"mode": "int4_sym", "group_size": 32, "workers": 1, "cache": False, "progress": False}
+SETTINGS = {"mode": "int4_sym", "group_size": 32, "workers": 1, "cache": False, "speed": False, "progress": False}
 
 
 @pytest.fixture()
@@ -44,8 +45,11 @@ def test_the_fewest_tables_move_to_int8_and_the_file_meets_the_budget(encoder: t
     all_four = loose.control.quantized_score
     budget = (1 - all_four) / 4  # only one of the two 4-bit tables, in INT8, recovers that much
     result = compress_weights_with_accuracy_control(model, metric="cosine", max_drop=budget, eval_data=eval_data,
-                                                    **SETTINGS)
+                                                    **{**SETTINGS, "speed": True})
     control = result.control
+    assert [unit.label for unit in control.speed.units] == list(control.labels)
+    assert all(ms > 0 for ms in [*control.speed.final_ms.values(), *control.speed.compressed_ms.values()])
+    assert all(math.isfinite(ms) for ms in control.speed.units[0].ms.values())
     assert control.float_score == pytest.approx(1.0, abs=1e-6) and len(control.labels) == 1
     assert 1 - control.final_score <= budget < 1 - control.quantized_score
     moved = control.labels[0]
@@ -89,3 +93,19 @@ def test_the_command_with_a_custom_metric_ranks_by_4_bit_error(encoder: tuple[Pa
     assert "4-bit tables in INT8" in refused.stderr and not (folder / "tight.onnx").exists()
     lone = run_cli(folder, "compress-weights", str(model), "--workers", "2")
     assert lone.returncode != 0 and "need --max-drop and --metric" in lone.stderr
+
+
+def test_beyond_the_measured_units_only_the_total_speed_is_measured(encoder: tuple[Path, Path], monkeypatch) -> None:
+    from onnxcompress.algorithms.weight_compression.oneshot import plan_compression
+    from onnxcompress.config import WeightCompressionConfig
+    from onnxcompress.evaluation import speed
+
+    model, eval_data = encoder
+    planned = plan_compression(onnx.load(model), WeightCompressionConfig(mode="int4_sym", group_size=32),
+                               progress=False)
+    monkeypatch.setattr(speed, "MEASURED_UNITS", 1)
+    cost = speed.speed_cost(planned.candidates(), planned.plan.four_bit, {"ids": ids(1)}, rounds=1,
+                            round_seconds=0.05, progress=False)
+    assert [unit.label for unit in cost.units] == ["up_proj", "down_proj"]
+    assert all(math.isnan(ms) for unit in cost.units for ms in unit.ms.values())
+    assert "not measured" in cost.format() and "each unit is measured when at most 1 were relaxed" in cost.format()
