@@ -27,11 +27,11 @@ import finetune_real  # noqa: E402
 from run import REPO_DIR  # noqa: E402
 
 from onnxcompress.algorithms.quantization.mixed_precision import (  # noqa: E402
-    FOUR_BIT_OPSET,
     initializer_bytes,
     with_four_bit_weights,
 )
 from onnxcompress.algorithms.quantization.partial import apply_partial  # noqa: E402
+from onnxcompress.algorithms.quantization.ptq import INT4_OPSET  # noqa: E402
 from onnxcompress.api import quantize, quantize_mixed_precision  # noqa: E402
 from onnxcompress.runtime.benchmark import benchmark  # noqa: E402
 from onnxcompress.runtime.cpu import cpu_features  # noqa: E402
@@ -83,7 +83,7 @@ def run_case(name: str, max_size: float, rounds: int) -> dict:
     mixed = quantize_mixed_precision(model, calib, max_size=max_size, progress=False, **choice)
     mixed_seconds = time.perf_counter() - start
     uniform = apply_partial(with_four_bit_weights(mixed.plan, range(len(mixed.plan.weights))),
-                            upgrade_opset(load_model(model), FOUR_BIT_OPSET))
+                            upgrade_opset(load_model(model), INT4_OPSET))
     files = {"fp32": model}
     for label, proto in (("int8", int8), ("mixed", mixed.model), ("w4", uniform)):
         files[label] = save_model(proto, folder / f"{label}.onnx")

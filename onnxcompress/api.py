@@ -20,13 +20,12 @@ import onnx
 
 from onnxcompress.algorithms.pruning.oneshot import PruneResult, prune_model
 from onnxcompress.algorithms.quantization.mixed_precision import (
-    FOUR_BIT_OPSET,
     MixedPrecisionResult,
     choose_weight_bits,
     initializer_bytes,
 )
 from onnxcompress.algorithms.quantization.partial import QuantizerUnit, apply_partial
-from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, plan_quantization
+from onnxcompress.algorithms.quantization.ptq import INT4_OPSET, QuantizationPlan, plan_quantization
 from onnxcompress.algorithms.sparsity.oneshot import SparsifyResult, sparsify_model
 from onnxcompress.algorithms.weight_compression.oneshot import WeightCompressionResult, compress_model, plan_compression
 from onnxcompress.config import (
@@ -197,7 +196,7 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
         raise ConfigError(f"max_size must be in (0, 1] (a fraction of the FP32 model's size), got {max_size}")
     loaded = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
     float_bytes = initializer_bytes(loaded)
-    proto = upgrade_opset(loaded, FOUR_BIT_OPSET)
+    proto = upgrade_opset(loaded, INT4_OPSET)
     data = _eval_set(eval_data, proto)
     calibration = dataset if dataset is not None else _default_dataset(model)
     if data is None and isinstance(calibration, (str, os.PathLike)) and str(calibration).endswith(".npz"):
@@ -222,6 +221,8 @@ def _plan_quantization(model: ModelLike, dataset: Any, config: QuantizationConfi
     plan, calibrated on `dataset`."""
     if proto is None:
         proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    if config.four_bit_storage:
+        proto = upgrade_opset(proto, INT4_OPSET)
     dataset = _default_dataset(model) if dataset is None else dataset
     inputs = model_inputs(proto)
 

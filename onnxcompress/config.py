@@ -91,6 +91,11 @@ class QuantizationConfig(_Strict):
                     f"{TRANSFORMER_SMOOTH_QUANT_ALPHA} for model_type transformer, off for cnn.")
     smooth_quant: bool = Field(True, description="false turns SmoothQuant off, for transformers too.")
     weight_bits: int = Field(8, ge=2, le=8, description="Bit width of weights (symmetric per-channel).")
+    layer_weight_bits: dict[str, Annotated[int, Field(ge=2, le=8)]] = Field(
+        default_factory=dict,
+        description="Bit width (2-8) of the weights of these nodes, by node name, instead of weight_bits: per-layer "
+                    "mixed precision, e.g. what quantize --max-size chose. Weights of 4 bits or fewer are stored as "
+                    "INT4 (the model moves to opset 21).")
     target: Target = Field(
         Target.PORTABLE,
         description="portable: exact in ONNX Runtime and OpenVINO on every x86 CPU; vnni: full-range weights for "
@@ -104,6 +109,15 @@ class QuantizationConfig(_Strict):
         if not self.smooth_quant and self.smooth_quant_alpha is not None:
             raise ValueError("smooth_quant is false but smooth_quant_alpha is set: drop one of them")
         return self
+
+    def weight_bits_of(self, node: str) -> int:
+        """The bit width of `node`'s weight."""
+        return self.layer_weight_bits.get(node, self.weight_bits)
+
+    @property
+    def four_bit_storage(self) -> bool:
+        """Whether some weight has 4 bits or fewer, so that the quantized model stores INT4 (opset 21)."""
+        return self.weight_bits <= 4 or any(bits <= 4 for bits in self.layer_weight_bits.values())
 
     @property
     def effective_smooth_quant_alpha(self) -> float | None:

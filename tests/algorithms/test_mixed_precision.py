@@ -14,14 +14,13 @@ from onnx import numpy_helper
 
 from onnxcompress.algorithms.quantization.bias_correction import weight_error_shift
 from onnxcompress.algorithms.quantization.mixed_precision import (
-    FOUR_BIT_OPSET,
     choose_weight_bits,
     four_bit_weight,
     initializer_bytes,
     with_four_bit_weights,
 )
 from onnxcompress.algorithms.quantization.partial import apply_partial
-from onnxcompress.algorithms.quantization.ptq import plan_quantization
+from onnxcompress.algorithms.quantization.ptq import INT4_OPSET, plan_quantization
 from onnxcompress.config import QuantizationConfig
 from onnxcompress.errors import ConfigError
 from onnxcompress.evaluation.metrics import EvalSet, resolve_metric
@@ -41,7 +40,7 @@ def planted(tmp_path: Path):
     fp32 = tmp_path / "fp32.onnx"
     onnx.save(model, fp32)
     float_bytes = initializer_bytes(model)
-    model = upgrade_opset(model, FOUR_BIT_OPSET)
+    model = upgrade_opset(model, INT4_OPSET)
     shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
     x = np.random.default_rng(0).standard_normal((16, *shape)).astype(np.float32)
     plan = plan_quantization(model, [{TINY_CNN_INPUT: x}], QuantizationConfig(), progress=False)
@@ -102,7 +101,7 @@ def test_on_the_bundled_model_mixed_bits_beat_4_bits_everywhere() -> None:
     result = quantize_mixed_precision(path, max_size=0.18, metric="top1", eval_data=test, progress=False)
     assert result.size_ratio <= 0.18 and 0 < len(result.four_bit) < len(result.weights)
     uniform = apply_partial(with_four_bit_weights(result.plan, range(len(result.plan.weights))),
-                            upgrade_opset(load_model(path), FOUR_BIT_OPSET))
+                            upgrade_opset(load_model(path), INT4_OPSET))
     with np.load(test) as data:
         x, labels = data["input"], data["labels"]
     session = ort.InferenceSession(uniform.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -128,7 +127,7 @@ def test_nodes_sharing_a_weight_share_its_bits_and_one_stored_copy(tmp_path: Pat
     onnx.save(model, tmp_path / "fp32.onnx")
     x = rng.standard_normal((32, 64)).astype(np.float32)
     float_bytes = initializer_bytes(model)
-    model = upgrade_opset(model, FOUR_BIT_OPSET)
+    model = upgrade_opset(model, INT4_OPSET)
     plan = plan_quantization(model, [{"x": x}], QuantizationConfig(), progress=False)
     metric = resolve_metric("cosine", EvalSet.from_arrays({"x": x}, ["x"]), tmp_path / "fp32.onnx")
     int8_bytes = initializer_bytes(apply_partial(plan, model))

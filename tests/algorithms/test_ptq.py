@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import build_tiny_cnn
+from conftest import TINY_CNN_INPUT, build_tiny_cnn
 from onnx import TensorProto
 
 from onnxcompress.api import quantize
@@ -346,3 +346,30 @@ def test_signed_conv_output_read_by_a_float_activation_is_stored_uint8_and_fuses
     path = tmp_path / "q.onnx"
     onnx.save(quantized, path)
     assert ort_kernel_summary(path).describe().startswith("integer kernels: QLinearConv×2")
+
+
+def test_per_layer_weight_bits_store_the_4_bit_layer_as_int4() -> None:
+    """layer_weight_bits sets one layer's bits: that weight takes 4-bit levels stored as INT4 (opset 21), the
+    others stay INT8, and the file runs; a name with no quantized weight is refused with the known ones."""
+    model = build_tiny_cnn()
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    quantized = quantize(model, [{TINY_CNN_INPUT: x}], layer_weight_bits={"conv2": 4}, progress=False)
+    assert max(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")) == 21
+    consumers = {n.input[0]: n for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    types = {}
+    for tensor in quantized.graph.initializer:
+        node = consumers.get(tensor.name)
+        if node is not None and tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8):
+            reader = next(n.name for n in quantized.graph.node if node.output[0] in n.input)
+            types[reader] = tensor.data_type
+    assert types.pop("conv2") == onnx.TensorProto.INT4 and set(types.values()) == {onnx.TensorProto.INT8}
+    levels = next(onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer
+                  if t.data_type == onnx.TensorProto.INT4)
+    assert levels.astype(np.int32).min() >= -8 and levels.astype(np.int32).max() <= 7
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out, ref = session.run(None, {TINY_CNN_INPUT: x})[0], reference.run(None, {TINY_CNN_INPUT: x})[0]
+    assert np.linalg.norm(out - ref) < 0.5 * np.linalg.norm(ref)
+    with pytest.raises(ConfigError, match=r"layer_weight_bits names nodes with no quantized weight: relu1 "
+                                          r"\(quantized weights: conv1, "):
+        quantize(model, [{TINY_CNN_INPUT: x}], layer_weight_bits={"relu1": 4}, progress=False)

@@ -275,3 +275,24 @@ def test_qat_through_a_reshape_to_a_computed_shape(runtime: TrainingRuntime, tmp
                       progress=False)
     assert result.export_error_float_path < 1e-5
     assert "ReduceMin" in {node.op_type for node in result.model.graph.node}
+
+
+def test_qat_with_per_layer_bits_trains_and_exports_the_4_bit_layer_as_int4(runtime: TrainingRuntime,
+                                                                           cnn: onnx.ModelProto,
+                                                                           tmp_path: Path) -> None:
+    """The fine-tuning config's layer_weight_bits: conv2 trains on 4-bit levels and is exported as INT4 (opset
+    21), the export equal to the fake-quantized model; the other weights stay INT8."""
+    settings = FinetuneConfig.build({
+        "compression": [{"algorithm": "quantization", "subset_size": 32, "quantizer_lr": 1e-2,
+                         "layer_weight_bits": {"conv2": 4}}],
+        "training": {"epochs": 1, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 2}})
+    result = finetune(cnn, cnn_data(cnn, 96, 1), cnn_data(cnn, 32, 2), settings, checkpoint_dir=tmp_path / "ckpt",
+                      progress=False)
+    assert result.export_error_float_path < 1e-6
+    model = result.model
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 21
+    weights = {i.name: i.data_type for i in model.graph.initializer if i.name.endswith("_q")
+               and i.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8)}
+    assert sorted(weights.values()) == sorted([onnx.TensorProto.INT4, onnx.TensorProto.INT8, onnx.TensorProto.INT8])
+    four = next(name for name, kind in weights.items() if kind == onnx.TensorProto.INT4)
+    assert "conv2" in four

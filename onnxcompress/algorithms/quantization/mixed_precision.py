@@ -34,10 +34,6 @@ from onnxcompress.runtime.model_io import stored_bytes
 from onnxcompress.transforms.commands import DequantizeWeight, SetConstantInput
 from onnxcompress.transforms.op_table import channel_bias
 
-#: DequantizeLinear reads 4-bit levels from opset 21.
-FOUR_BIT_OPSET = 21
-
-
 @dataclass(frozen=True)
 class WeightBits:
     """One weight's outcome: its bits, the metric drop it alone (with the nodes sharing its constant) costs in 4

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -50,6 +51,9 @@ from onnxcompress.transforms.passes import preprocess
 
 Batches = Iterable[Mapping[str, np.ndarray]]
 _INT32 = np.iinfo(np.int32)
+
+#: DequantizeLinear reads 4-bit levels from opset 21.
+INT4_OPSET = 21
 
 
 @dataclass(frozen=True)
@@ -170,12 +174,22 @@ def _require_finite_weights(graph: gs.Graph, setup: QuantizerSetup) -> None:
 
 
 def _weight_commands(graph: gs.Graph, setup: QuantizerSetup, config: QuantizationConfig) -> list[DequantizeWeight]:
+    """Per-channel levels of every weight at its bit width; 4 bits or fewer stored as INT4 where the opset reads it
+    (the callers move a model with such weights to `INT4_OPSET`)."""
     nodes = {n.name: n for n in graph.nodes}
+    unknown = sorted(set(config.layer_weight_bits) - {target.node for target in setup.weights})
+    if unknown:
+        known = ", ".join(target.node for target in setup.weights[:8])
+        raise ConfigError(f"layer_weight_bits names nodes with no quantized weight: {', '.join(unknown)} (quantized "
+                          f"weights: {known}{', ...' if len(setup.weights) > 8 else ''})")
     commands = []
     for target in setup.weights:
         weight = nodes[target.node].inputs[target.port].values
-        quantized, params = quantize_weight(weight, target.axis, config.weight_bits, pair_budget=target.pair_budget,
+        bits = config.weight_bits_of(target.node)
+        quantized, params = quantize_weight(weight, target.axis, bits, pair_budget=target.pair_budget,
                                             pair_order=target.pair_order)
+        if bits <= 4 and graph.opset >= INT4_OPSET:
+            quantized = quantized.astype(ml_dtypes.int4)
         commands.append(DequantizeWeight(target.node, target.port, quantized, params.scale, target.axis))
     return commands
 

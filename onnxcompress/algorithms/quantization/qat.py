@@ -17,14 +17,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, export_graph, plan_quantization
+from onnxcompress.algorithms.quantization.ptq import INT4_OPSET, QuantizationPlan, export_graph, plan_quantization
 from onnxcompress.algorithms.quantization.scheme import activation_levels, weight_levels
 from onnxcompress.compression.api import BuildContext, CompressionController, Parameters, Stage
 from onnxcompress.config import Preset, QuantizationAwareTrainingConfig
+from onnxcompress.runtime.model_io import upgrade_opset
 from onnxcompress.runtime.training import IDENTITY_GRADIENT, GradientNode
 from onnxcompress.transforms.applier import apply_commands
 from onnxcompress.transforms.commands import (
@@ -63,8 +65,8 @@ class QuantizationController(CompressionController):
         self._activations = _activation_quantizers(plan, config, lr_scale)
         nodes = {node.name: node for node in plan.graph.nodes}
         budgets = {target.node: target.pair_budget for target in plan.setup.weights}
-        self._weights = [_weight_quantizer(nodes, command, config.weight_bits, lr_scale, budgets[command.node])
-                         for command in plan.weights]
+        self._weights = [_weight_quantizer(nodes, command, config.weight_bits_of(command.node), lr_scale,
+                                           budgets[command.node]) for command in plan.weights]
         self._biases = _bias_quantizers(nodes, self._activations, self._weights)
 
     @classmethod
@@ -74,6 +76,8 @@ class QuantizationController(CompressionController):
         train (biases corrected, smoothed) on which its commands apply. `batches()` gives a fresh pass over the
         calibration feeds (SmoothQuant takes one of its own)."""
         settings = config.post_training()
+        if settings.four_bit_storage:  # 4-bit levels are exported as INT4 (the training runtime reads opset 21)
+            model = upgrade_opset(model, INT4_OPSET)
         smoothing = batches() if settings.effective_smooth_quant_alpha is not None else None
         plan = plan_quantization(model, batches(), settings, total=context.calibration_samples,
                                  progress=context.progress, batches_for_smoothing=smoothing, preprocessed=True)
@@ -126,7 +130,9 @@ class QuantizationController(CompressionController):
             steps[command.quantizer.step_name] = step
             values = nodes[command.node].inputs[command.port].values
             levels = np.round(values / step.reshape(channel_shape(values.ndim, command.axis)))
-            quantized = np.clip(levels, command.quantizer.q_min, command.quantizer.q_max).astype(np.int8)
+            four_bit = graph.opset >= INT4_OPSET and command.quantizer.q_min >= -8 and command.quantizer.q_max <= 7
+            quantized = np.clip(levels, command.quantizer.q_min, command.quantizer.q_max).astype(
+                ml_dtypes.int4 if four_bit else np.int8)
             commands.append(DequantizeWeight(command.node, command.port, quantized, step, command.axis))
         for command in self._biases:
             step = bias_scale(steps[command.input_step], steps[command.weight_step])
