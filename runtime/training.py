@@ -214,6 +214,13 @@ class TrainingRuntimeSession:
         result = self._call("train_step", {"return_outputs": return_outputs}, {"inputs": feeds})
         return StepResult(result["loss"], self._take_arrays(result["outputs"]))
 
+    def gradients(self, inputs: Mapping[str, np.ndarray], labels: np.ndarray | None = None, *,
+                  names: Iterable[str]) -> tuple[float, dict[str, np.ndarray]]:
+        """The loss and the gradients of the named trainable parameters on one batch, without an optimizer step
+        (the training model's mode: BatchNormalization on batch statistics, Dropout active)."""
+        result = self._call("gradients", {"names": list(names)}, {"inputs": self._feeds(inputs, labels)})
+        return result["loss"], self._take_arrays(result["gradients"])
+
     def eval_step(self, inputs: Mapping[str, np.ndarray], labels: np.ndarray | None = None) -> StepResult:
         """Loss and outputs of the eval model (BatchNormalization/Dropout in inference mode)."""
         result = self._call("eval_step", {}, {"inputs": self._feeds(inputs, labels)})

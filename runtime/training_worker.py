@@ -162,6 +162,7 @@ class Worker:
             "generate_artifacts": self.generate_artifacts,
             "open": self.open,
             "train_step": self.train_step,
+            "gradients": self.gradients,
             "eval_step": self.eval_step,
             "set_lr": self.set_lr,
             "get_parameters": self.get_parameters,
@@ -255,6 +256,18 @@ class Worker:
         # Gradients accumulate across calls until reset; one step = one batch.
         module.lazy_reset_grad()
         return self._step_result(module, fetches, return_outputs)
+
+    def gradients(self, inputs: dict[str, str], names: list[str]) -> JsonDict:
+        module = self._opened().train()
+        module.lazy_reset_grad()  # this batch's gradients only, not added to an earlier one's
+        fetches = self._run(module, inputs)
+        grads = {name: self._parameter(name).grad for name in names}
+        missing = sorted(name for name, grad in grads.items() if grad is None)
+        if missing:
+            raise ValueError(f"parameters {missing} have no gradient: are they trainable?")
+        module.lazy_reset_grad()
+        result = self._step_result(module, fetches, return_outputs=False)
+        return {**result, "gradients": {name: self._save_array(grad) for name, grad in grads.items()}}
 
     def eval_step(self, inputs: dict[str, str]) -> JsonDict:
         module = self._opened().eval()
