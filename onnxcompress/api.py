@@ -16,20 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 
 from onnxcompress.algorithms.pruning.oneshot import PruneResult, prune_model
 from onnxcompress.algorithms.quantization.mixed_precision import (
     MixedPrecisionResult,
     choose_weight_bits,
+    four_bit_hawq_costs,
+    hessian_weights,
     initializer_bytes,
 )
 from onnxcompress.algorithms.quantization.partial import QuantizerUnit, apply_partial
-from onnxcompress.algorithms.quantization.ptq import INT4_OPSET, QuantizationPlan, plan_quantization
+from onnxcompress.algorithms.quantization.ptq import INT4_OPSET, QuantizationPlan, export_graph, plan_quantization
 from onnxcompress.algorithms.sparsity.oneshot import SparsifyResult, sparsify_model
 from onnxcompress.algorithms.weight_compression.oneshot import WeightCompressionResult, compress_model, plan_compression
 from onnxcompress.config import (
     BiasCorrection,
+    BitCriterion,
     FinetuneConfig,
     PruneConfig,
     QuantizationConfig,
@@ -38,9 +43,10 @@ from onnxcompress.config import (
     WeightCompressionConfig,
 )
 from onnxcompress.data import calibration_batches, count_samples, model_inputs, read_npz
-from onnxcompress.errors import ConfigError, DatasetError
+from onnxcompress.errors import ConfigError, DatasetError, EvaluationError
 from onnxcompress.evaluation.accuracy_control import ControlResult, control_accuracy
 from onnxcompress.evaluation.cache import ScoreCache
+from onnxcompress.evaluation.hessian import hessian_traces
 from onnxcompress.evaluation.metrics import BUILTIN, EvalSet, resolve_metric
 from onnxcompress.evaluation.noise import noise_ranking
 from onnxcompress.evaluation.parallel import make_evaluator
@@ -54,6 +60,8 @@ ModelLike = onnx.ModelProto | str | os.PathLike
 
 #: Calibration samples the noise ranking of accuracy control runs the float model on.
 NOISE_SAMPLES = 16
+#: Evaluation samples (whole batches, at least this many) the Hessian criterion's gradients are taken on.
+HESSIAN_SAMPLES = 128
 
 if TYPE_CHECKING:
     from onnxcompress.training.loss import LossBuilder
@@ -184,13 +192,17 @@ def _score_cache(model: ModelLike, source: Any, config: QuantizationConfig | Wei
 
 def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None, *,
                              max_size: float, metric: str | Callable[[str], object] = "cosine",
-                             eval_data: Any = None, workers: int | None = None, ray_address: str | None = None,
-                             progress: bool = True, **options: Any) -> MixedPrecisionResult:
+                             eval_data: Any = None, criterion: BitCriterion | str = BitCriterion.METRIC,
+                             workers: int | None = None, ray_address: str | None = None, progress: bool = True,
+                             **options: Any) -> MixedPrecisionResult:
     """`quantize` with per-layer weight bits from {8, 4}: the weights whose 4 bits cost the least `metric` per byte
     saved go to 4 bits (stored as INT4, opset 21) until the initializers are at most `max_size` × the FP32
     model's (`algorithms/quantization/mixed_precision.py`). `metric`, `workers` and `ray_address` as in
     `quantize_with_accuracy_control`; without `eval_data`, the cosine to the FP32 outputs is measured on up to
-    128 samples of `dataset` when it is an .npz."""
+    128 samples of `dataset` when it is an .npz. `criterion` (`config.BitCriterion`) says how a weight's 4 bits are
+    costed: measured by the metric, or predicted from Hessian traces on the evaluation samples (their labels, or
+    the float model's top-1)."""
+    criterion = BitCriterion(criterion)
     config = _merge(config, options)
     if not 0 < max_size <= 1:
         raise ConfigError(f"max_size must be in (0, 1] (a fraction of the FP32 model's size), got {max_size}")
@@ -207,12 +219,38 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
         # Top-1 on a few hundred samples ties most single-weight changes; the outputs' cosine ranks them.
         ranking = resolve_metric("cosine", data, reference) if metric == "top1" else resolved
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
+        predicted = None
+        if criterion is BitCriterion.HESSIAN:
+            traces = hessian_traces(export_graph(plan.graph, proto), _labelled_batches(data, reference),
+                                    hessian_weights(plan), progress=progress)
+            predicted = four_bit_hawq_costs(plan, traces)
         with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
             result = choose_weight_bits(plan, proto, resolved, max_size, float_bytes=float_bytes, ranking=ranking,
-                                        evaluator=evaluator, progress=progress)
+                                        predicted=predicted, evaluator=evaluator, progress=progress)
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
-                                       "mixed_precision": {"max_size": max_size, "four_bit": list(result.four_bit)}}])
+                                       "mixed_precision": {"max_size": max_size, "criterion": criterion.value,
+                                                           "four_bit": list(result.four_bit)}}])
     return result
+
+
+def _labelled_batches(data: EvalSet | None, reference: Path) -> list[tuple[dict[str, Any], Any]]:
+    """The evaluation feeds with their labels, or with the float model's top-1 where the data has none."""
+    if data is None:
+        raise DatasetError("the Hessian criterion needs evaluation samples: pass --eval-data or an .npz as --data")
+    counts = [len(next(iter(feeds.values()))) for feeds in data.feeds]
+    used = data.feeds[:max(1, int(np.searchsorted(np.cumsum(counts), HESSIAN_SAMPLES)) + 1)]
+    if data.labels is not None:
+        labels = np.split(np.asarray(data.labels, np.int64), np.cumsum(counts)[:-1])
+        return list(zip(used, labels))
+    session = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
+    batches = []
+    for feeds in used:
+        logits = session.run(None, dict(feeds))[0]
+        if logits.ndim != 2:
+            raise EvaluationError(f"the Hessian criterion trains a classifier's cross-entropy: the first output "
+                                  f"must be [batch, classes] logits, not of shape {list(logits.shape)}")
+        batches.append((feeds, logits.argmax(1).astype(np.int64)))
+    return batches
 
 
 def _plan_quantization(model: ModelLike, dataset: Any, config: QuantizationConfig, progress: bool, *,

@@ -162,13 +162,16 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
 @click.option("--max-size", type=click.FloatRange(0, 1, min_open=True), help="Mixed precision: the largest size of "
               "the initializers as a fraction of the FP32 model's; the weights whose 4 bits cost the least --metric "
               "(default: cosine to FP32 on --eval-data or the calibration .npz) take 4 bits, stored as INT4.")
+@click.option("--criterion", type=click.Choice(["metric", "hessian"]), help="Mixed precision: cost each weight's 4 "
+              "bits by the metric with it alone in 4 bits (metric, the default) or by its Hessian trace times its "
+              "4-bit error (hessian: HAWQ-v2 through the training runtime, no evaluation per weight; classifiers).")
 @click.option("--eval-data", help="Accuracy control data: an .npz with an array per model input (and labels for top1).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
              calibration, model_type, bias_correction, weight_bits, target, smooth_quant_alpha, smooth_quant,
              ignore_names, ignore_types, ignore_patterns, max_drop: float | None, metric: str | None,
              ranking: str | None, workers: int | None, ray_address: str | None, no_cache: bool, no_speed: bool,
-             max_size: float | None, eval_data: str | None, no_progress: bool) -> None:
+             max_size: float | None, criterion: str | None, eval_data: str | None, no_progress: bool) -> None:
     """Post-training INT8 quantization of MODEL."""
     from onnxcompress.api import quantize as run_quantize
     from onnxcompress.config import QuantizationConfig, read_config_file
@@ -190,6 +193,8 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
         raise ConfigError("accuracy control needs both --max-drop and --metric (and --eval-data for built-in metrics)")
     output = output or model.with_name(model.stem + ".int8.onnx")
     check_output_path(model, output, reads=(data, config_file, eval_data))
+    if criterion is not None and max_size is None:
+        raise ConfigError("--criterion costs the 4-bit weights of mixed precision: it needs --max-size")
     if (ranking is not None or no_speed) and max_drop is None:
         raise ConfigError("--ranking and --no-speed belong to accuracy control: they need --max-drop and --metric")
     if (workers is not None or ray_address is not None) and max_drop is None and max_size is None:
@@ -199,8 +204,8 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
         quantized = _quantize_within_drop(model, data, config, metric, max_drop, eval_data, ranking or "auto",
                                           workers, ray_address, not no_cache, not no_speed, not no_progress)
     elif max_size is not None:
-        quantized = _quantize_within_size(model, data, config, metric, max_size, eval_data, workers, ray_address,
-                                          not no_progress)
+        quantized = _quantize_within_size(model, data, config, metric, max_size, eval_data, criterion or "metric",
+                                          workers, ray_address, not no_progress)
     else:
         quantized = run_quantize(model, data, config, progress=not no_progress)
     saved = save_model(quantized, output)
@@ -226,12 +231,13 @@ def _quantize_within_drop(model: Path, data: str | None, config, metric: str, ma
 
 
 def _quantize_within_size(model: Path, data: str | None, config, metric: str | None, max_size: float,
-                          eval_data: str | None, workers: int | None, ray_address: str | None, progress: bool):
+                          eval_data: str | None, criterion: str, workers: int | None, ray_address: str | None,
+                          progress: bool):
     from onnxcompress.api import quantize_mixed_precision
 
     result = quantize_mixed_precision(model, data, config, max_size=max_size, metric=metric or "cosine",
-                                      eval_data=eval_data, workers=workers, ray_address=ray_address,
-                                      progress=progress)
+                                      eval_data=eval_data, criterion=criterion, workers=workers,
+                                      ray_address=ray_address, progress=progress)
     four = len(result.four_bit)
     click.echo(f"mixed precision: {four} of {len(result.weights)} weights in 4 bits, size {result.size_ratio:.3f} of "
                f"FP32 (budget {max_size:g}); {metric or 'cosine'} float {result.float_score:.6g}, all INT8 "

@@ -419,6 +419,16 @@ class UnitRanking(str, enum.Enum):
     AUTO = "auto"
 
 
+class BitCriterion(str, enum.Enum):
+    """How mixed precision (quantize --max-size) measures what a weight's 4 bits cost."""
+
+    #: The metric with that weight alone in 4 bits (one evaluation per weight).
+    METRIC = "metric"
+    #: HAWQ-v2: the weight's average Hessian trace (Hutchinson, through the training runtime) times its 4-bit
+    #: error's growth over 8 bits; no evaluation per weight. For classifiers (cross-entropy on the first output).
+    HESSIAN = "hessian"
+
+
 class WeightMode(str, enum.Enum):
     """How `compress-weights` stores a weight."""
 

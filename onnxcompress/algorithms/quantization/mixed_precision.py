@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from onnxcompress.algorithms.quantization.partial import apply_partial, quantize
 from onnxcompress.algorithms.quantization.ptq import QuantizationPlan
 from onnxcompress.algorithms.quantization.scheme import quantize_weight
 from onnxcompress.errors import ConfigError
+from onnxcompress.evaluation.hessian import hawq_sensitivity
 from onnxcompress.evaluation.parallel import Evaluator
 from onnxcompress.evaluation.sensitivity import Metric, score_candidates, score_model
 from onnxcompress.runtime.model_io import stored_bytes
@@ -103,12 +104,13 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
 
 
 def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, max_size: float, *,
-                       float_bytes: int, ranking: Metric | None = None, evaluator: Evaluator | None = None,
-                       progress: bool = True) -> MixedPrecisionResult:
+                       float_bytes: int, ranking: Metric | None = None, predicted: Mapping[str, float] | None = None,
+                       evaluator: Evaluator | None = None, progress: bool = True) -> MixedPrecisionResult:
     """The plan with the weights whose 4 bits cost the least metric per byte saved in 4 bits, until the model's
     initializers are at most `max_size` × `float_bytes`; ConfigError (with the smallest reachable ratio) when even
     every weight in 4 bits is over. `ranking` (default `metric`) measures each weight's drop: a continuous metric
-    ranks where a coarse one (top-1 on few samples) ties."""
+    ranks where a coarse one (top-1 on few samples) ties. `predicted` (by node: e.g. the HAWQ loss increase of
+    its 4 bits over its 8, `four_bit_hawq_costs`) replaces the measured drops."""
     ranking = ranking or metric
     four_bit = {i: four_bit_weight(plan, c) for i, c in enumerate(plan.weights)}
     # Nodes that share one constant weight share its bits (one stored copy): each sharing set is one choice.
@@ -130,11 +132,14 @@ def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: M
         float_score = score_model(apply_partial(plan, model, quantizer_units(plan)), metric, folder, "float")
         int8_score = score_model(int8_model, metric, folder, "int8")
         candidates = [g for g in groups if saved[g] > 0] if int8_bytes > budget else []
-        reference = int8_score if ranking is metric else score_model(int8_model, ranking, folder, "int8-ranking")
-        with tqdm(total=len(candidates), desc="4-bit sensitivity", unit="weight", disable=not progress) as bar:
-            scores = score_candidates(lambda g: apply_partial(with_four_bit_weights(plan, g, four_bit), model),
-                                      candidates, ranking, folder, evaluator, bar=bar)
-        drops = {g: reference - score for g, score in zip(candidates, scores)}
+        if predicted is not None:
+            drops = {g: sum(predicted[plan.weights[i].node] for i in g) for g in candidates}
+        else:
+            reference = int8_score if ranking is metric else score_model(int8_model, ranking, folder, "int8-rank")
+            with tqdm(total=len(candidates), desc="4-bit sensitivity", unit="weight", disable=not progress) as bar:
+                scores = score_candidates(lambda g: apply_partial(with_four_bit_weights(plan, g, four_bit), model),
+                                          candidates, ranking, folder, evaluator, bar=bar)
+            drops = {g: reference - score for g, score in zip(candidates, scores)}
         chosen, size = [], int8_bytes
         for g in sorted(candidates, key=lambda g: (max(drops[g], 0.0) / saved[g], -saved[g])):
             if size <= budget:
@@ -147,9 +152,35 @@ def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: M
     group_of = {i: g for g in groups for i in g}
     weights = tuple(WeightBits(c.node, 4 if i in chosen else 8, drops.get(group_of[i], 0.0), saved[group_of[i]])
                     for i, c in enumerate(plan.weights))
-    evaluations = len(drops) + 2 + bool(chosen) + (ranking is not metric)
+    evaluations = (0 if predicted is not None else len(drops) + (ranking is not metric)) + 2 + bool(chosen)
     return MixedPrecisionResult(final, final_plan, weights, float_score, int8_score, score,
                                 initializer_bytes(final), float_bytes, evaluations)
+
+
+def four_bit_hawq_costs(plan: QuantizationPlan, average_traces: Mapping[str, float]) -> dict[str, float]:
+    """By node: the HAWQ-v2 loss increase of its weight in 4 bits minus that in 8 bits, Tr(H)/n · (‖Q₄(W) − W‖² −
+    ‖Q₈(W) − W‖²), from each weight's average Hessian trace (`evaluation/hessian.py`, by initializer name)."""
+    nodes = {n.name: n for n in plan.graph.nodes}
+    costs = {}
+    for command in plan.weights:
+        weight = nodes[command.node].inputs[command.port]
+        four = four_bit_weight(plan, command)
+        costs[command.node] = (hawq_sensitivity(average_traces[weight.name], weight.values, _dequantized(four))
+                               - hawq_sensitivity(average_traces[weight.name], weight.values, _dequantized(command)))
+    return costs
+
+
+def hessian_weights(plan: QuantizationPlan) -> list[str]:
+    """The initializers of the plan's quantized weights (each once), whose Hessian traces the HAWQ costs need."""
+    nodes = {n.name: n for n in plan.graph.nodes}
+    return list(dict.fromkeys(nodes[c.node].inputs[c.port].name for c in plan.weights))
+
+
+def _dequantized(command: DequantizeWeight) -> np.ndarray:
+    levels = command.quantized.astype(np.float32)
+    shape = [1] * levels.ndim
+    shape[command.axis] = -1
+    return levels * np.asarray(command.scale, np.float32).reshape(shape)
 
 
 def _stored_bytes(command: DequantizeWeight) -> int:
