@@ -24,11 +24,12 @@ from onnxcompress.algorithms.pruning.oneshot import PruneResult, prune_model
 from onnxcompress.algorithms.quantization.mixed_precision import (
     MixedPrecisionResult,
     choose_weight_bits,
+    four_bit_drops,
     four_bit_hawq_costs,
     hessian_weights,
     initializer_bytes,
 )
-from onnxcompress.algorithms.quantization.partial import QuantizerUnit, apply_partial
+from onnxcompress.algorithms.quantization.partial import QuantizerUnit, UnitKind, apply_partial, quantizer_units
 from onnxcompress.algorithms.quantization.ptq import INT4_OPSET, QuantizationPlan, export_graph, plan_quantization
 from onnxcompress.algorithms.sparsity.oneshot import SparsifyResult, sparsify_model
 from onnxcompress.algorithms.weight_compression.oneshot import WeightCompressionResult, compress_model, plan_compression
@@ -125,23 +126,43 @@ def quantize_with_accuracy_control(model: ModelLike, dataset: Any = None, config
 
 def sensitivity(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None, *,
                 metric: str | Callable[[str], object], eval_data: Any = None, workers: int | None = None,
-                ray_address: str | None = None, cache: bool = True, progress: bool = True,
-                **options: Any) -> SensitivityReport:
+                ray_address: str | None = None, cache: bool = True, four_bit: bool = False, hessian: bool = False,
+                progress: bool = True, **options: Any) -> SensitivityReport:
     """`quantize`'s plan, then the metric with each quantizer unit alone in float and the noise each adds
-    (`evaluation/sensitivity.py`, `evaluation/noise.py`); `metric`, `eval_data`, `workers`, `ray_address` and
-    `cache` as in `quantize_with_accuracy_control`, whose search then reuses these scores."""
+    (`evaluation/sensitivity.py`, `evaluation/noise.py`); with `four_bit`, the metric drop of each weight alone in
+    4 bits too; with `hessian`, each weight's average Hessian trace and HAWQ-v2 cost of 4 bits
+    (`evaluation/hessian.py`, on the evaluation samples as `quantize_mixed_precision` takes them). `metric`,
+    `eval_data`, `workers`, `ray_address` and `cache` as in `quantize_with_accuracy_control`, whose search then
+    reuses these scores."""
     config = _merge(config, options)
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    if four_bit or hessian:
+        proto = upgrade_opset(proto, INT4_OPSET)
     data = _eval_set(eval_data, proto)
     with tempfile.TemporaryDirectory(prefix="onnxcompress-reference-") as tmp:
-        resolved = resolve_metric(metric, data, save_model(proto, Path(tmp) / "fp32.onnx"))
+        reference = save_model(proto, Path(tmp) / "fp32.onnx")
+        resolved = resolve_metric(metric, data, reference)
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
         noise = _unit_noise(plan, proto, model, dataset)
         store = _score_cache(model, _calibration_source(model, dataset), config, metric, eval_data) if cache else None
         with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
             report = quantizer_sensitivity(plan, proto, resolved, evaluator=evaluator, store=store,
                                            progress=progress)
-    return dataclasses.replace(report, noise=noise)
+            units = {u.index: u for u in quantizer_units(plan) if u.kind is UnitKind.WEIGHT}
+            drops = {}
+            if four_bit:
+                drops = {units[i]: drop for i, drop in four_bit_drops(
+                    plan, proto, resolved, report.quantized_score, evaluator=evaluator, store=store,
+                    progress=progress).items()}
+        second_order = {}
+        if hessian:
+            traces = hessian_traces(export_graph(plan.graph, proto), _labelled_batches(data, reference),
+                                    hessian_weights(plan), progress=progress)
+            costs = four_bit_hawq_costs(plan, traces)
+            nodes = {n.name: n for n in plan.graph.nodes}
+            second_order = {units[i]: (traces[nodes[c.node].inputs[c.port].name], costs[c.node])
+                            for i, c in enumerate(plan.weights)}
+    return dataclasses.replace(report, noise=noise, four_bit_drop=drops, hessian=second_order)
 
 
 def _unit_noise(plan: QuantizationPlan, proto: onnx.ModelProto, model: ModelLike, dataset: Any

@@ -297,11 +297,16 @@ def sparsify(model: Path, output: Path | None, level: float, data: str | None, i
 @click.option("--ray-address", help="Score candidates on this Ray cluster instead.")
 @click.option("--no-cache", is_flag=True, help="Measure every score again (default: reuse, and keep, the scores of "
               "this model, data, settings and metric, which quantize --max-drop then reuses too).")
+@click.option("--four-bit", is_flag=True, help="Also measure the metric drop of each weight alone in 4 bits.")
+@click.option("--hessian", is_flag=True, help="Also estimate each weight's Hessian trace (Hutchinson, through the "
+              "training runtime) and its HAWQ-v2 cost of 4 bits; classifiers (cross-entropy on the first output, "
+              "with --eval-data's labels or the float model's top-1).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def sensitivity(model: Path, metric: str, eval_data: str | None, data: str | None, config_file: Path | None, preset,
                 model_type, subset_size, report_path: Path | None, plot_path: Path | None, workers: int | None,
-                ray_address: str | None, no_cache: bool, no_progress: bool) -> None:
-    """Which quantizers of MODEL cost the metric: each alone in float, ranked, with the noise it adds."""
+                ray_address: str | None, no_cache: bool, four_bit: bool, hessian: bool, no_progress: bool) -> None:
+    """Which quantizers of MODEL cost the metric: each alone in float, ranked, with the noise it adds (and, with
+    --four-bit and --hessian, what each weight's 4 bits would cost)."""
     from onnxcompress.api import sensitivity as run_sensitivity
     from onnxcompress.config import QuantizationConfig
     from onnxcompress.runtime.model_io import check_output_path
@@ -315,7 +320,8 @@ def sensitivity(model: Path, metric: str, eval_data: str | None, data: str | Non
         if output is not None:
             check_output_path(model, output, reads=(data, config_file, eval_data))
     report = run_sensitivity(model, data, config, metric=metric, eval_data=eval_data, workers=workers,
-                             ray_address=ray_address, cache=not no_cache, progress=not no_progress)
+                             ray_address=ray_address, cache=not no_cache, four_bit=four_bit, hessian=hessian,
+                             progress=not no_progress)
     click.echo(report.format())
     if report_path is not None:
         click.echo(f"wrote {write_text_atomic(report_path, report.markdown())}")

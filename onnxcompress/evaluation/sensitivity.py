@@ -75,21 +75,40 @@ class SensitivityReport:
     units: tuple[UnitSensitivity, ...]  # largest gain first; ties in plan order
     #: Each unit's quantization noise (`noise.noise_ranking`), when it was measured.
     noise: dict[QuantizerUnit, float] = field(default_factory=dict)
+    #: Weight units: the metric drop when that weight alone goes to 4 bits (the rest INT8), when measured.
+    four_bit_drop: dict[QuantizerUnit, float] = field(default_factory=dict)
+    #: Weight units: (average Hessian trace Tr(H)/n, HAWQ-v2 loss increase of 4 bits over 8), when estimated.
+    hessian: dict[QuantizerUnit, tuple[float, float]] = field(default_factory=dict)
 
     def format(self, worst: int = 10) -> str:
         lines = [f"metric: float {self.float_score:.6g}, quantized {self.quantized_score:.6g}",
                  "gain when left in float | noise | kind | unit"]
-        lines += [f"{u.gain:+.6g} | {self.noise.get(u.unit, math.nan):.3g} | {u.unit.kind.value} | {u.unit.label}"
-                  for u in self.units[:worst]]
+        for u in self.units[:worst]:
+            line = f"{u.gain:+.6g} | {self.noise.get(u.unit, math.nan):.3g} | {u.unit.kind.value} | {u.unit.label}"
+            if u.unit in self.four_bit_drop:
+                line += f" | 4-bit drop {self.four_bit_drop[u.unit]:+.6g}"
+            if u.unit in self.hessian:
+                line += f" | HAWQ 4-bit cost {self.hessian[u.unit][1]:.3g}"
+            lines.append(line)
         return "\n".join(lines)
 
     def markdown(self) -> str:
-        """The ranked table of every unit."""
+        """The ranked table of every unit, with the weights' 4-bit and Hessian columns when they were measured."""
+        extra = [*(["drop with it alone in 4 bits"] if self.four_bit_drop else []),
+                 *(["Hessian trace / n", "HAWQ loss increase, 4 over 8 bits"] if self.hessian else [])]
+        header = ["rank", "unit", "kind", "metric with it alone in float", "gain", "noise it adds", *extra]
         lines = [f"Metric: float {self.float_score:.6g}, quantized {self.quantized_score:.6g} "
                  f"(drop {self.float_score - self.quantized_score:.6g}).", "",
-                 "| rank | unit | kind | metric with it alone in float | gain | noise it adds |", "|---|---|---|---|---|---|"]
-        lines += [f"| {rank} | {u.unit.label} | {u.unit.kind.value} | {u.score:.6g} | {u.gain:+.6g} | "
-                  f"{self.noise.get(u.unit, math.nan):.3g} |" for rank, u in enumerate(self.units, 1)]
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for rank, u in enumerate(self.units, 1):
+            cells = [str(rank), u.unit.label, u.unit.kind.value, f"{u.score:.6g}", f"{u.gain:+.6g}",
+                     f"{self.noise.get(u.unit, math.nan):.3g}"]
+            if self.four_bit_drop:
+                cells.append(_number(self.four_bit_drop.get(u.unit), "+.6g"))
+            if self.hessian:
+                trace, cost = self.hessian.get(u.unit, (None, None))
+                cells += [_number(trace, ".3g"), _number(cost, ".3g")]
+            lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
     def plot(self, path: Path, worst: int = 20) -> Path:
@@ -111,6 +130,11 @@ class SensitivityReport:
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=110)
         return write_bytes_atomic(path, buffer.getvalue())
+
+
+def _number(value: float | None, spec: str) -> str:
+    """A table cell: `value` formatted, or "-" where the column does not apply (activation units)."""
+    return "-" if value is None else format(value, spec)
 
 
 def score_model(model: onnx.ModelProto, metric: Metric, folder: Path, name: str) -> float:

@@ -56,3 +56,21 @@ def test_the_key_follows_the_metric_file_and_the_data(tmp_path: Path) -> None:
     assert ScoreCache(first.path).get(frozenset({"weight:conv"})) == 0.5
     first.path.write_text("not json")
     assert ScoreCache(first.path).scores == {}  # a damaged file is measured again, not an error
+
+
+def test_four_bit_and_hessian_columns_agree_on_the_weight_4_bits_hurt_most(tmp_path: Path, runtime) -> None:
+    """Each weight alone in 4 bits (measured) and its HAWQ-v2 cost (Hessian trace through the training runtime ×
+    4-bit error) both put the first convolution first; activation rows have no such columns."""
+    result = run_cli(tmp_path, "sensitivity", str(MODELS / "digits_cnn.onnx"), "--metric", "top1", "--eval-data",
+                     str(MODELS / "digits_test.npz"), "--four-bit", "--hessian", "--report", "report.md",
+                     "--workers", "1", "--no-cache", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in (tmp_path / "report.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| rank")]
+    weights = {cells[1]: (float(cells[6]), float(cells[7]), float(cells[8])) for cells in rows
+               if cells[2] == "weight"}
+    assert set(weights) == {"conv1", "conv2", "res_conv1", "res_conv2", "conv3", "fc"}
+    assert max(weights, key=lambda w: weights[w][2]) == "conv1"
+    assert weights["conv1"][0] == max(drop for drop, _, _ in weights.values())
+    assert all(cells[6:] == ["-", "-", "-"] for cells in rows if cells[2] == "activations")

@@ -30,7 +30,8 @@ from onnxcompress.algorithms.quantization.scheme import quantize_weight
 from onnxcompress.errors import ConfigError
 from onnxcompress.evaluation.hessian import hawq_sensitivity
 from onnxcompress.evaluation.parallel import Evaluator
-from onnxcompress.evaluation.sensitivity import Metric, score_candidates, score_model
+from onnxcompress.evaluation.cache import ScoreCache
+from onnxcompress.evaluation.sensitivity import Candidates, Metric, candidate_scores, score_candidates, score_model
 from onnxcompress.runtime.model_io import stored_bytes
 from onnxcompress.transforms.commands import DequantizeWeight, SetConstantInput
 from onnxcompress.transforms.op_table import channel_bias
@@ -155,6 +156,21 @@ def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: M
     evaluations = (0 if predicted is not None else len(drops) + (ranking is not metric)) + 2 + bool(chosen)
     return MixedPrecisionResult(final, final_plan, weights, float_score, int8_score, score,
                                 initializer_bytes(final), float_bytes, evaluations)
+
+
+def four_bit_drops(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, int8_score: float, *,
+                   evaluator: Evaluator | None = None, store: ScoreCache | None = None, progress: bool = True
+                   ) -> dict[int, float]:
+    """By weight index: the metric drop from the INT8 model's `int8_score` when that weight alone goes to 4 bits
+    (`model` at opset 21). Scores `store` holds are not measured again."""
+    four_bit = {i: four_bit_weight(plan, c) for i, c in enumerate(plan.weights)}
+    candidates = Candidates(tuple(four_bit), lambda chosen: apply_partial(with_four_bit_weights(plan, chosen,
+                                                                                                 four_bit), model),
+                            lambda i: f"4-bit:{plan.weights[i].node}", noun="weights", relaxed="in 4 bits")
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-bits-") as tmp, \
+            tqdm(total=len(four_bit), desc="4-bit sensitivity", unit="weight", disable=not progress) as bar:
+        scores = candidate_scores(candidates, [[i] for i in four_bit], metric, Path(tmp), evaluator, store, bar=bar)
+    return {i: int8_score - score for i, score in zip(four_bit, scores)}
 
 
 def four_bit_hawq_costs(plan: QuantizationPlan, average_traces: Mapping[str, float]) -> dict[str, float]:
