@@ -3,7 +3,8 @@
 Models: the bundled digits_cnn and digits_mobile (top-1 on the bundled test split), and two real pretrained models
 of bench/finetune_real.py: orinet (page orientation, top-1 on rendered pages) and basic_pitch (note transcription,
 note-frame F1 on synthetic notes). For each: FP32, INT8, mixed at `--max-size` (the metric itself drives the
-choice) and every weight in 4 bits (the same plan), with the size of the initializers against FP32's, the metric
+choice), mixed with the Hessian criterion (HAWQ-v2, no evaluation per weight; classifiers only) and every weight
+in 4 bits (the same plan), with the size of the initializers against FP32's, the metric
 in ONNX Runtime, the wall time of the mixed search against plain quantization, and latency of FP32, INT8 and mixed
 in both runtimes in one interleaved run (4-bit Conv layers run in float in both; see docs/benchmarks.md).
 
@@ -33,6 +34,7 @@ from onnxcompress.algorithms.quantization.mixed_precision import (  # noqa: E402
 from onnxcompress.algorithms.quantization.partial import apply_partial  # noqa: E402
 from onnxcompress.algorithms.quantization.ptq import INT4_OPSET  # noqa: E402
 from onnxcompress.api import quantize, quantize_mixed_precision  # noqa: E402
+from onnxcompress.errors import OnnxCompressError  # noqa: E402
 from onnxcompress.runtime.benchmark import benchmark  # noqa: E402
 from onnxcompress.runtime.cpu import cpu_features  # noqa: E402
 from onnxcompress.runtime.model_io import load_model, save_model, upgrade_opset  # noqa: E402
@@ -82,6 +84,14 @@ def run_case(name: str, max_size: float, rounds: int) -> dict:
     start = time.perf_counter()
     mixed = quantize_mixed_precision(model, calib, max_size=max_size, progress=False, **choice)
     mixed_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        hessian = quantize_mixed_precision(model, calib, max_size=max_size, criterion="hessian", progress=False,
+                                           **choice)
+        hessian_record = {"score": hessian.score, "size_ratio": hessian.size_ratio, "four_bit": len(hessian.four_bit),
+                          "seconds": time.perf_counter() - start, "evaluations": hessian.evaluations}
+    except OnnxCompressError as error:  # e.g. not a classifier: no cross-entropy to take the Hessian of
+        hessian_record = {"error": str(error)}
     uniform = apply_partial(with_four_bit_weights(mixed.plan, range(len(mixed.plan.weights))),
                             upgrade_opset(load_model(model), INT4_OPSET))
     files = {"fp32": model}
@@ -94,6 +104,7 @@ def run_case(name: str, max_size: float, rounds: int) -> dict:
         "mixed": {"score": mixed.score, "size_ratio": mixed.size_ratio, "seconds": mixed_seconds,
                   "four_bit": len(mixed.four_bit), "weights": len(mixed.weights), "evaluations": mixed.evaluations},
         "w4": {"score": metric(str(files["w4"])), "size_ratio": initializer_bytes(uniform) / float_bytes},
+        "mixed_hessian": hessian_record,
         "max_size": max_size,
     }
     for label in ("int8", "mixed", "w4"):

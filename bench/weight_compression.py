@@ -8,6 +8,7 @@ the kernels each runtime runs (ONNX Runtime's optimized graph; OpenVINO's execut
 
     bash bench/setup.sh                                          # once (peers venv, with tokenizers)
     .venv/bin/python bench/weight_compression.py --out bench/out/weight_compression.json [--cases encoder,stack]
+        [--tools onnxcompress-int4,onnxcompress-int4-controlled --max-drop 0.02]
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ def encoder_case() -> tuple[Path, Path, list[dict[str, np.ndarray]]]:
     return fp32, calib, feeds
 
 
-def stack_case() -> tuple[Path, Path, list[dict[str, np.ndarray]]]:
+def stack_case(layers: int = STACK_LAYERS) -> tuple[Path, Path, list[dict[str, np.ndarray]]]:
     """A stack of MatMul → Add (residual) → LayerNormalization layers with Gaussian weights, saved with external
     data; random calibration and test tokens."""
-    folder = WORK / "stack"
+    folder = WORK / ("stack" if layers == STACK_LAYERS else f"stack{layers}")
     fp32, calib = folder / "fp32.onnx", folder / "calib.npz"
     rng = np.random.default_rng(0)
     if not fp32.exists():
@@ -66,7 +67,7 @@ def stack_case() -> tuple[Path, Path, list[dict[str, np.ndarray]]]:
         nodes, tensors, x = [], [], "x"
         ones, zeros = np.ones(STACK_WIDTH, np.float32), np.zeros(STACK_WIDTH, np.float32)
         tensors += [numpy_helper.from_array(ones, "gamma"), numpy_helper.from_array(zeros, "beta")]
-        for i in range(STACK_LAYERS):
+        for i in range(layers):
             w = (rng.standard_normal((STACK_WIDTH, STACK_WIDTH)) / np.sqrt(STACK_WIDTH)).astype(np.float32)
             tensors.append(numpy_helper.from_array(w, f"w{i}"))
             nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"layer{i}.matmul"),
@@ -86,7 +87,7 @@ def stack_case() -> tuple[Path, Path, list[dict[str, np.ndarray]]]:
     return fp32, calib, feeds
 
 
-def commands(fp32: Path, calib: Path, folder: Path, tools: list[str]) -> dict[str, list[str]]:
+def commands(fp32: Path, calib: Path, folder: Path, tools: list[str], max_drop: float) -> dict[str, list[str]]:
     ours = [str(CLI), "compress-weights", str(fp32), "--no-progress"]
     table = {
         "onnxcompress-int8": [*ours, "--mode", "int8", "-o", str(folder / "onnxcompress-int8.onnx")],
@@ -94,6 +95,10 @@ def commands(fp32: Path, calib: Path, folder: Path, tools: list[str]) -> dict[st
                               "-o", str(folder / "onnxcompress-int4.onnx")],
         "onnxcompress-int4-data": [*ours, "--mode", "int4_sym", "--group-size", "128", "--data", str(calib),
                                    "-o", str(folder / "onnxcompress-int4-data.onnx")],
+        # Accuracy control: the fewest 4-bit tables to INT8 that keep the outputs' cosine to FP32 within max_drop.
+        "onnxcompress-int4-controlled": [*ours, "--mode", "int4_sym", "--group-size", "128", "--max-drop",
+                                         str(max_drop), "--metric", "cosine", "--eval-data", str(folder / "eval.npz"),
+                                         "--no-cache", "-o", str(folder / "onnxcompress-int4-controlled.onnx")],
     }
     for tool in ("nncf", "ort"):
         for mode, bits in (("int8", "int8"), ("int4_sym", "int4")):
@@ -149,15 +154,20 @@ def latencies(files: dict[str, Path], feed: dict[str, np.ndarray], rounds: int) 
     return result
 
 
-def run_case(name: str, tools: list[str], rounds: int, repeats: int) -> dict:
-    fp32, calib, feeds = encoder_case() if name == "encoder" else stack_case()
+def run_case(name: str, tools: list[str], rounds: int, repeats: int, max_drop: float) -> dict:
+    fp32, calib, feeds = encoder_case() if name == "encoder" else stack_case(int(name[5:] or STACK_LAYERS))
     folder = WORK / name / "out"
     folder.mkdir(parents=True, exist_ok=True)
-    record: dict = {"fp32_mb": model_file_size(fp32) / 1e6, "tools": {}}
+    np.savez(folder / "eval.npz", **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    record: dict = {"fp32_mb": model_file_size(fp32) / 1e6, "tools": {}, "max_drop": max_drop}
     for _ in range(repeats):  # tools interleaved; the fastest run of each is kept
-        for tool, command in commands(fp32, calib, folder, tools).items():
+        for tool, command in commands(fp32, calib, folder, tools, max_drop).items():
             run = run_measured(command, folder / f"{tool}.log", 3600, env={**os.environ, "NNCF_CI": "1"})
             entry = {"wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"]}
+            said = [line for line in (folder / f"{tool}.log").read_text(errors="replace").splitlines()
+                    if line.startswith(("accuracy control:", "speed", "  "))]
+            if said:
+                entry["said"] = said
             if run["returncode"] != 0:
                 log_text = (folder / f"{tool}.log").read_text(errors="replace").strip().splitlines()
                 entry["failed"] = log_text[-1][:300] if log_text else f"exit {run['returncode']}"
@@ -182,15 +192,17 @@ def run_case(name: str, tools: list[str], rounds: int, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_DIR / "bench" / "out" / "weight_compression.json")
-    parser.add_argument("--cases", default="encoder,stack")
+    parser.add_argument("--cases", default="encoder,stack", help="encoder, stack (16 layers, 1.07 GB) or stackN "
+                        "(N layers of 67 MB: stack34 is 2.28 GB, over protobuf's 2 GB limit)")
     parser.add_argument("--tools", default="onnxcompress-int8,onnxcompress-int4,onnxcompress-int4-data,nncf-int8,"
                                            "nncf-int4,ort-int8,ort-int4")
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds (all files interleaved)")
     parser.add_argument("--repeats", type=int, default=1, help="compressions per tool, interleaved; fastest kept")
+    parser.add_argument("--max-drop", type=float, default=0.02, help="cosine budget of onnxcompress-int4-controlled")
     args = parser.parse_args(argv)
     results = {"cpu": cpu_features().describe(), "cases": {}}
     for case in args.cases.split(","):
-        results["cases"][case] = run_case(case, args.tools.split(","), args.rounds, args.repeats)
+        results["cases"][case] = run_case(case, args.tools.split(","), args.rounds, args.repeats, args.max_drop)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     return 0

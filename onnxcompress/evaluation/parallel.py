@@ -9,8 +9,10 @@ disk, only the metric's file and data at the same paths.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
+import pickle
 import socket
 import tempfile
 from collections.abc import Callable, Sequence
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Protocol
 
 from onnxcompress.errors import ConfigError, EvaluationError
+
+_log = logging.getLogger(__name__)
 
 Metric = Callable[[str], float]
 
@@ -71,9 +75,13 @@ class ProcessEvaluator:
         self.batch = 2 * workers  # two candidates per worker in flight: none waits while another is written
         self._pool: ProcessPoolExecutor | None = None
         self._metric: Metric | None = None
+        self._checked: Metric | None = None  # the last metric checked for pickling, and whether it pickles
+        self._sendable = False
 
     def scores(self, metric: Metric, paths: Sequence[Path]) -> list[float]:
-        if len(paths) < self.batch and self._pool is None:
+        if self._checked is not metric:
+            self._checked, self._sendable = metric, _picklable(metric)
+        if (len(paths) < self.batch and self._pool is None) or not self._sendable:
             # Starting the workers (each imports the runtimes) costs more than a short batch saves.
             return [metric(str(path)) for path in paths]
         if self._pool is None or self._metric is not metric:
@@ -92,6 +100,18 @@ class ProcessEvaluator:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def _picklable(metric: Metric) -> bool:
+    """Whether `metric` can be sent to a spawned worker; a local function or lambda cannot, and is then scored in
+    this process, with a warning that says so."""
+    try:
+        pickle.dumps(metric)
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        _log.warning("the metric cannot be sent to worker processes (%s): candidates are scored in this process; "
+                     "define it at module level, or pass FILE.py:FUNC, to score them in parallel", error)
+        return False
+    return True
 
 
 def _sharing_cores(metric: Metric, workers: int, cores: int | None = None) -> Metric:

@@ -18,11 +18,10 @@ from test_accuracy_control import planted  # noqa: F401 - the fixture
 from test_cli_errors import run_cli
 
 from onnxcompress.errors import EvaluationError
-from onnxcompress.evaluation.sensitivity import quantizer_candidates
 from onnxcompress.evaluation.accuracy_control import control_accuracy
 from onnxcompress.evaluation.metrics import load_custom_metric
 from onnxcompress.evaluation.parallel import ProcessEvaluator, RayEvaluator, SerialEvaluator
-from onnxcompress.evaluation.sensitivity import quantizer_sensitivity
+from onnxcompress.evaluation.sensitivity import quantizer_candidates, quantizer_sensitivity
 
 
 def test_local_processes_score_as_this_process_does(planted) -> None:  # noqa: F811
@@ -35,6 +34,26 @@ def test_local_processes_score_as_this_process_does(planted) -> None:  # noqa: F
     finally:
         evaluator.close()
     assert parallel == serial
+
+
+def test_a_local_function_metric_is_scored_in_this_process_with_a_warning(tmp_path: Path, caplog) -> None:
+    """A closure cannot be sent to a spawned worker: the evaluator scores it here and says why, instead of failing
+    in pickle."""
+    for name in ("a.onnx", "b.onnx", "c.onnx", "d.onnx"):
+        (tmp_path / name).write_bytes(b"")
+    offset = 0.5
+
+    def local(path: str) -> float:
+        return offset + len(Path(path).stem)
+
+    evaluator = ProcessEvaluator(2)
+    try:
+        with caplog.at_level("WARNING", logger="onnxcompress.evaluation.parallel"):
+            scores = evaluator.scores(local, sorted(tmp_path.iterdir()))
+        assert scores == [1.5] * 4 and evaluator._pool is None
+        assert "cannot be sent to worker processes" in caplog.text
+    finally:
+        evaluator.close()
 
 
 def test_a_metric_file_travels_as_its_spec_and_is_imported_again(tmp_path: Path) -> None:
