@@ -28,6 +28,7 @@ from onnxcompress.algorithms.quantization.mixed_precision import (
     four_bit_hawq_costs,
     hessian_weights,
     initializer_bytes,
+    weight_macs,
 )
 from onnxcompress.algorithms.quantization.partial import QuantizerUnit, UnitKind, apply_partial, quantizer_units
 from onnxcompress.algorithms.quantization.ptq import INT4_OPSET, QuantizationPlan, export_graph, plan_quantization
@@ -212,21 +213,29 @@ def _score_cache(model: ModelLike, source: Any, config: QuantizationConfig | Wei
 
 
 def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: QuantizationConfig | None = None, *,
-                             max_size: float, metric: str | Callable[[str], object] = "cosine",
-                             eval_data: Any = None, criterion: BitCriterion | str = BitCriterion.METRIC,
-                             workers: int | None = None, ray_address: str | None = None, progress: bool = True,
+                             max_size: float | None = None, max_bit_complexity: float | None = None,
+                             metric: str | Callable[[str], object] = "cosine", eval_data: Any = None,
+                             criterion: BitCriterion | str = BitCriterion.METRIC, workers: int | None = None,
+                             ray_address: str | None = None, progress: bool = True,
                              **options: Any) -> MixedPrecisionResult:
     """`quantize` with per-layer weight bits from {8, 4}: the weights whose 4 bits cost the least `metric` per byte
-    saved go to 4 bits (stored as INT4, opset 21) until the initializers are at most `max_size` × the FP32
-    model's (`algorithms/quantization/mixed_precision.py`). `metric`, `workers` and `ray_address` as in
+    (or bit operation) saved go to 4 bits (stored as INT4, opset 21) until the initializers are at most `max_size`
+    × the FP32 model's, or the bit complexity (Σ MACs × weight bits × activation bits, at the first calibration
+    sample's shapes) at most `max_bit_complexity` × the all-INT8 model's (one of the two;
+    `algorithms/quantization/mixed_precision.py`). `metric`, `workers` and `ray_address` as in
     `quantize_with_accuracy_control`; without `eval_data`, the cosine to the FP32 outputs is measured on up to
     128 samples of `dataset` when it is an .npz. `criterion` (`config.BitCriterion`) says how a weight's 4 bits are
     costed: measured by the metric, or predicted from Hessian traces on the evaluation samples (their labels, or
     the float model's top-1)."""
     criterion = BitCriterion(criterion)
     config = _merge(config, options)
-    if not 0 < max_size <= 1:
+    if (max_size is None) == (max_bit_complexity is None):
+        raise ConfigError("mixed precision takes one budget: max_size or max_bit_complexity")
+    if max_size is not None and not 0 < max_size <= 1:
         raise ConfigError(f"max_size must be in (0, 1] (a fraction of the FP32 model's size), got {max_size}")
+    if max_bit_complexity is not None and not 0 < max_bit_complexity <= 1:
+        raise ConfigError(f"max_bit_complexity must be in (0, 1] (a fraction of the all-INT8 model's), got "
+                          f"{max_bit_complexity}")
     loaded = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
     float_bytes = initializer_bytes(loaded)
     proto = upgrade_opset(loaded, INT4_OPSET)
@@ -245,11 +254,17 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
             traces = hessian_traces(export_graph(plan.graph, proto), _labelled_batches(data, reference),
                                     hessian_weights(plan), progress=progress)
             predicted = four_bit_hawq_costs(plan, traces)
+        macs = None
+        if max_bit_complexity is not None:
+            macs = weight_macs(plan, proto, _first_sample(calibration, proto))
         with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
-            result = choose_weight_bits(plan, proto, resolved, max_size, float_bytes=float_bytes, ranking=ranking,
+            result = choose_weight_bits(plan, proto, resolved, max_size, float_bytes=float_bytes,
+                                        max_bit_complexity=max_bit_complexity, macs=macs, ranking=ranking,
                                         predicted=predicted, evaluator=evaluator, progress=progress)
     record_compression(result.model, [{"algorithm": "quantization", **config.model_dump(mode="json"),
-                                       "mixed_precision": {"max_size": max_size, "criterion": criterion.value,
+                                       "mixed_precision": {"max_size": max_size,
+                                                           "max_bit_complexity": max_bit_complexity,
+                                                           "criterion": criterion.value,
                                                            "four_bit": list(result.four_bit)}}])
     return result
 

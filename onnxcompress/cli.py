@@ -162,6 +162,9 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
 @click.option("--max-size", type=click.FloatRange(0, 1, min_open=True), help="Mixed precision: the largest size of "
               "the initializers as a fraction of the FP32 model's; the weights whose 4 bits cost the least --metric "
               "(default: cosine to FP32 on --eval-data or the calibration .npz) take 4 bits, stored as INT4.")
+@click.option("--max-bit-complexity", type=click.FloatRange(0, 1, min_open=True), help="Mixed precision: the largest "
+              "bit complexity (sum of MACs x weight bits x activation bits, at the first calibration sample's shapes) "
+              "as a fraction of the all-INT8 model's (0.5: every weight in 4 bits); instead of --max-size.")
 @click.option("--criterion", type=click.Choice(["metric", "hessian"]), help="Mixed precision: cost each weight's 4 "
               "bits by the metric with it alone in 4 bits (metric, the default) or by its Hessian trace times its "
               "4-bit error (hessian: HAWQ-v2 through the training runtime, no evaluation per weight; classifiers).")
@@ -171,7 +174,8 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
              calibration, model_type, bias_correction, weight_bits, target, smooth_quant_alpha, smooth_quant,
              ignore_names, ignore_types, ignore_patterns, max_drop: float | None, metric: str | None,
              ranking: str | None, workers: int | None, ray_address: str | None, no_cache: bool, no_speed: bool,
-             max_size: float | None, criterion: str | None, eval_data: str | None, no_progress: bool) -> None:
+             max_size: float | None, max_bit_complexity: float | None, criterion: str | None,
+             eval_data: str | None, no_progress: bool) -> None:
     """Post-training INT8 quantization of MODEL."""
     from onnxcompress.api import quantize as run_quantize
     from onnxcompress.config import QuantizationConfig, read_config_file
@@ -186,26 +190,30 @@ def quantize(model: Path, output: Path | None, data: str | None, config_file: Pa
     options.update(_ignored_scope(ignore_names, ignore_types, ignore_patterns))
     config = (QuantizationConfig.from_file(config_file, **options) if config_file
               else QuantizationConfig.build(options, source="options"))
-    if max_size is not None and max_drop is not None:
+    if max_size is not None and max_bit_complexity is not None:
+        raise ConfigError("--max-size and --max-bit-complexity are two budgets for mixed precision: choose one")
+    budgeted = max_size is not None or max_bit_complexity is not None
+    if budgeted and max_drop is not None:
         raise ConfigError("--max-size and --max-drop cannot be combined yet: choose the size budget or the "
                           "accuracy budget")
-    if max_size is None and ((max_drop is None) != (metric is None) or (eval_data is not None and metric is None)):
+    if not budgeted and ((max_drop is None) != (metric is None) or (eval_data is not None and metric is None)):
         raise ConfigError("accuracy control needs both --max-drop and --metric (and --eval-data for built-in metrics)")
     output = output or model.with_name(model.stem + ".int8.onnx")
     check_output_path(model, output, reads=(data, config_file, eval_data))
-    if criterion is not None and max_size is None:
-        raise ConfigError("--criterion costs the 4-bit weights of mixed precision: it needs --max-size")
+    if criterion is not None and not budgeted:
+        raise ConfigError("--criterion costs the 4-bit weights of mixed precision: it needs --max-size or "
+                          "--max-bit-complexity")
     if (ranking is not None or no_speed) and max_drop is None:
         raise ConfigError("--ranking and --no-speed belong to accuracy control: they need --max-drop and --metric")
-    if (workers is not None or ray_address is not None) and max_drop is None and max_size is None:
+    if (workers is not None or ray_address is not None) and max_drop is None and not budgeted:
         raise ConfigError("--workers and --ray-address score candidates of accuracy control (--max-drop) or mixed "
                           "precision (--max-size); plain quantization has none")
     if max_drop is not None:
         quantized = _quantize_within_drop(model, data, config, metric, max_drop, eval_data, ranking or "auto",
                                           workers, ray_address, not no_cache, not no_speed, not no_progress)
-    elif max_size is not None:
-        quantized = _quantize_within_size(model, data, config, metric, max_size, eval_data, criterion or "metric",
-                                          workers, ray_address, not no_progress)
+    elif budgeted:
+        quantized = _quantize_within_budget(model, data, config, metric, max_size, max_bit_complexity, eval_data,
+                                            criterion or "metric", workers, ray_address, not no_progress)
     else:
         quantized = run_quantize(model, data, config, progress=not no_progress)
     saved = save_model(quantized, output)
@@ -230,17 +238,19 @@ def _quantize_within_drop(model: Path, data: str | None, config, metric: str, ma
     return result.model
 
 
-def _quantize_within_size(model: Path, data: str | None, config, metric: str | None, max_size: float,
-                          eval_data: str | None, criterion: str, workers: int | None, ray_address: str | None,
-                          progress: bool):
+def _quantize_within_budget(model: Path, data: str | None, config, metric: str | None, max_size: float | None,
+                            max_bit_complexity: float | None, eval_data: str | None, criterion: str,
+                            workers: int | None, ray_address: str | None, progress: bool):
     from onnxcompress.api import quantize_mixed_precision
 
-    result = quantize_mixed_precision(model, data, config, max_size=max_size, metric=metric or "cosine",
-                                      eval_data=eval_data, criterion=criterion, workers=workers,
-                                      ray_address=ray_address, progress=progress)
+    result = quantize_mixed_precision(model, data, config, max_size=max_size, max_bit_complexity=max_bit_complexity,
+                                      metric=metric or "cosine", eval_data=eval_data, criterion=criterion,
+                                      workers=workers, ray_address=ray_address, progress=progress)
     four = len(result.four_bit)
+    budget = (f"budget {max_size:g}" if max_bit_complexity is None else
+              f"bit complexity {result.bit_complexity:.3f} of all INT8, budget {max_bit_complexity:g}")
     click.echo(f"mixed precision: {four} of {len(result.weights)} weights in 4 bits, size {result.size_ratio:.3f} of "
-               f"FP32 (budget {max_size:g}); {metric or 'cosine'} float {result.float_score:.6g}, all INT8 "
+               f"FP32 ({budget}); {metric or 'cosine'} float {result.float_score:.6g}, all INT8 "
                f"{result.int8_score:.6g}, mixed {result.score:.6g} after {result.evaluations} evaluations")
     return result.model
 

@@ -469,6 +469,8 @@ def test_quantize_with_accuracy_control_reports_what_it_left_in_float(tmp_path: 
     (("--ranking", "noise"), "--ranking and --no-speed belong to accuracy control: they need --max-drop"),
     (("--workers", "2"), "--workers and --ray-address score candidates of accuracy control"),
     (("--criterion", "hessian"), "--criterion costs the 4-bit weights of mixed precision: it needs --max-size"),
+    (("--max-size", "0.2", "--max-bit-complexity", "0.7"), "are two budgets for mixed precision: choose one"),
+    (("--max-bit-complexity", "0.3"), "with every weight in 4 bits the bit complexity is 0.5"),
     (("--max-size", "0.18", "--max-drop", "0.01", "--metric", "top1"), "--max-size and --max-drop cannot be combined"),
     (("--max-size", "0.01"), "--max-size 0.01 cannot be met: with every weight in 4 bits the model keeps"),
     (("--max-drop", "0.01", "--metric", "cosine", "--eval-data", "tiny.npz", "--ray-address", "nowhere"),

@@ -149,3 +149,31 @@ def test_nodes_sharing_a_weight_share_its_bits_and_one_stored_copy(tmp_path: Pat
     levels = [t for t in result.model.graph.initializer if t.name.startswith("shared") and t.name.endswith("_q")]
     assert len(levels) == 1
     assert result.size_bytes <= int8_bytes - 64 * 64 // 2
+
+
+def test_a_bit_complexity_budget_holds_and_counts_macs_at_the_sample_shapes() -> None:
+    """--max-bit-complexity: Σ MACs × bits over the chosen weights is within the budget of the all-INT8 model's,
+    with each layer's MACs its weight count times its output positions; below every-weight-4-bit is refused."""
+    from onnxcompress.algorithms.quantization.mixed_precision import weight_macs
+    from onnxcompress.api import quantize_mixed_precision
+    from onnxcompress.errors import ConfigError
+    from onnxcompress.runtime.model_io import load_model
+
+    folder = Path(__file__).resolve().parents[2] / "models" / "data"
+    result = quantize_mixed_precision(folder / "digits_cnn.onnx", max_bit_complexity=0.7, metric="top1",
+                                      eval_data=folder / "digits_test.npz", workers=1, progress=False)
+    sample = {"input": np.load(folder / "digits_calib.npz")["input"][:1]}
+    macs = weight_macs(result.plan, upgrade_opset(load_model(folder / "digits_cnn.onnx"), INT4_OPSET), sample)
+    weights = {t.name: t for t in load_model(folder / "digits_cnn.onnx").graph.initializer}
+    fc = next(n for n in load_model(folder / "digits_cnn.onnx").graph.node if n.name == "fc")
+    assert macs["fc"] == int(np.prod(weights[fc.input[1]].dims))  # one position: a Gemm on pooled features
+    spatial = {node: count / macs["fc"] for node, count in macs.items()}
+    assert all(value > 1 for node, value in spatial.items() if node != "fc")  # convolutions apply at many positions
+    bits = {w.node: w.bits for w in result.weights}
+    expected = sum(macs[n] * bits[n] for n in macs) / (8 * sum(macs.values()))
+    assert result.bit_complexity == pytest.approx(expected) and 0.5 <= result.bit_complexity <= 0.7
+    assert 0 < len(result.four_bit) < len(result.weights)
+    with pytest.raises(ConfigError, match="bit complexity is 0.5 of the all-INT8 model's"):
+        quantize_mixed_precision(folder / "digits_cnn.onnx", max_bit_complexity=0.4, progress=False)
+    with pytest.raises(ConfigError, match="one budget: max_size or max_bit_complexity"):
+        quantize_mixed_precision(folder / "digits_cnn.onnx", max_size=0.2, max_bit_complexity=0.7, progress=False)

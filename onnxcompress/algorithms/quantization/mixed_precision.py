@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from onnxcompress.algorithms.quantization.bias_correction import weight_error_shift
 from onnxcompress.algorithms.quantization.partial import apply_partial, quantizer_units
-from onnxcompress.algorithms.quantization.ptq import QuantizationPlan
+from onnxcompress.algorithms.quantization.ptq import QuantizationPlan, export_graph
 from onnxcompress.algorithms.quantization.scheme import quantize_weight
 from onnxcompress.errors import ConfigError
 from onnxcompress.evaluation.hessian import hawq_sensitivity
@@ -34,7 +34,7 @@ from onnxcompress.evaluation.cache import ScoreCache
 from onnxcompress.evaluation.sensitivity import Candidates, Metric, candidate_scores, score_candidates, score_model
 from onnxcompress.runtime.model_io import stored_bytes
 from onnxcompress.transforms.commands import DequantizeWeight, SetConstantInput
-from onnxcompress.transforms.op_table import channel_bias
+from onnxcompress.transforms.op_table import channel_bias, spec
 
 @dataclass(frozen=True)
 class WeightBits:
@@ -60,6 +60,8 @@ class MixedPrecisionResult:
     size_bytes: int
     float_bytes: int
     evaluations: int
+    #: Bit complexity (Σ MACs × weight bits × activation bits) against the all-INT8 model's, under that budget.
+    bit_complexity: float | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -104,14 +106,17 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(stored_bytes(tensor) for tensor in model.graph.initializer)
 
 
-def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, max_size: float, *,
-                       float_bytes: int, ranking: Metric | None = None, predicted: Mapping[str, float] | None = None,
-                       evaluator: Evaluator | None = None, progress: bool = True) -> MixedPrecisionResult:
-    """The plan with the weights whose 4 bits cost the least metric per byte saved in 4 bits, until the model's
-    initializers are at most `max_size` × `float_bytes`; ConfigError (with the smallest reachable ratio) when even
-    every weight in 4 bits is over. `ranking` (default `metric`) measures each weight's drop: a continuous metric
-    ranks where a coarse one (top-1 on few samples) ties. `predicted` (by node: e.g. the HAWQ loss increase of
-    its 4 bits over its 8, `four_bit_hawq_costs`) replaces the measured drops."""
+def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, max_size: float | None, *,
+                       float_bytes: int, max_bit_complexity: float | None = None,
+                       macs: Mapping[str, int] | None = None, ranking: Metric | None = None,
+                       predicted: Mapping[str, float] | None = None, evaluator: Evaluator | None = None,
+                       progress: bool = True) -> MixedPrecisionResult:
+    """The plan with the weights whose 4 bits cost the least metric per unit of budget they save in 4 bits, until
+    the model's initializers are at most `max_size` × `float_bytes`, or its bit complexity (Σ MACs × weight bits ×
+    activation bits, `macs` by node) at most `max_bit_complexity` × the all-INT8 model's; ConfigError (with the
+    smallest reachable ratio) when even every weight in 4 bits is over. `ranking` (default `metric`) measures each
+    weight's drop: a continuous metric ranks where a coarse one (top-1 on few samples) ties. `predicted` (by node:
+    e.g. the HAWQ loss increase of its 4 bits over its 8, `four_bit_hawq_costs`) replaces the measured drops."""
     ranking = ranking or metric
     four_bit = {i: four_bit_weight(plan, c) for i, c in enumerate(plan.weights)}
     # Nodes that share one constant weight share its bits (one stored copy): each sharing set is one choice.
@@ -120,19 +125,28 @@ def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: M
     for i, c in enumerate(plan.weights):
         sharing.setdefault(nodes[c.node].inputs[c.port].name, []).append(i)
     groups = [tuple(indices) for indices in sharing.values()]
-    saved = {g: _stored_bytes(plan.weights[g[0]]) - _stored_bytes(four_bit[g[0]]) for g in groups}
+    bytes_saved = {g: _stored_bytes(plan.weights[g[0]]) - _stored_bytes(four_bit[g[0]]) for g in groups}
     int8_model = apply_partial(plan, model)
-    int8_bytes = initializer_bytes(int8_model)
-    budget = max_size * float_bytes
-    smallest = initializer_bytes(apply_partial(with_four_bit_weights(plan, four_bit, four_bit), model))
-    if smallest > budget:
-        raise ConfigError(f"--max-size {max_size:g} cannot be met: with every weight in 4 bits the model keeps "
-                          f"{smallest / float_bytes:.3f} of the FP32 model's size (the smallest reachable)")
+    if max_bit_complexity is None:
+        start, saved = initializer_bytes(int8_model), bytes_saved
+        budget = max_size * float_bytes
+        smallest = initializer_bytes(apply_partial(with_four_bit_weights(plan, four_bit, four_bit), model))
+        if smallest > budget:
+            raise ConfigError(f"--max-size {max_size:g} cannot be met: with every weight in 4 bits the model keeps "
+                              f"{smallest / float_bytes:.3f} of the FP32 model's size (the smallest reachable)")
+    else:
+        # Bit operations per sample, activations 8 bits: a weight's 4 bits save MACs × 4 × 8 of its MACs × 8 × 8.
+        start = sum(64 * macs[c.node] for c in plan.weights)
+        saved = {g: sum(32 * macs[plan.weights[i].node] for i in g) for g in groups}
+        budget = max_bit_complexity * start
+        if max_bit_complexity < 0.5:
+            raise ConfigError(f"--max-bit-complexity {max_bit_complexity:g} cannot be met: with every weight in 4 "
+                              "bits the bit complexity is 0.5 of the all-INT8 model's (the smallest reachable)")
     with tempfile.TemporaryDirectory(prefix="onnxcompress-bits-") as tmp:
         folder = Path(tmp)
         float_score = score_model(apply_partial(plan, model, quantizer_units(plan)), metric, folder, "float")
         int8_score = score_model(int8_model, metric, folder, "int8")
-        candidates = [g for g in groups if saved[g] > 0] if int8_bytes > budget else []
+        candidates = [g for g in groups if saved[g] > 0] if start > budget else []
         if predicted is not None:
             drops = {g: sum(predicted[plan.weights[i].node] for i in g) for g in candidates}
         else:
@@ -141,21 +155,50 @@ def choose_weight_bits(plan: QuantizationPlan, model: onnx.ModelProto, metric: M
                 scores = score_candidates(lambda g: apply_partial(with_four_bit_weights(plan, g, four_bit), model),
                                           candidates, ranking, folder, evaluator, bar=bar)
             drops = {g: reference - score for g, score in zip(candidates, scores)}
-        chosen, size = [], int8_bytes
+        chosen, used = [], start
         for g in sorted(candidates, key=lambda g: (max(drops[g], 0.0) / saved[g], -saved[g])):
-            if size <= budget:
+            if used <= budget:
                 break
             chosen += g
-            size -= saved[g]
+            used -= saved[g]
         final_plan = with_four_bit_weights(plan, chosen, four_bit)
         final = apply_partial(final_plan, model)
         score = score_model(final, metric, folder, "mixed") if chosen else int8_score
     group_of = {i: g for g in groups for i in g}
-    weights = tuple(WeightBits(c.node, 4 if i in chosen else 8, drops.get(group_of[i], 0.0), saved[group_of[i]])
-                    for i, c in enumerate(plan.weights))
+    weights = tuple(WeightBits(c.node, 4 if i in chosen else 8, drops.get(group_of[i], 0.0),
+                               bytes_saved[group_of[i]]) for i, c in enumerate(plan.weights))
     evaluations = (0 if predicted is not None else len(drops) + (ranking is not metric)) + 2 + bool(chosen)
+    complexity = None if max_bit_complexity is None else used / start
     return MixedPrecisionResult(final, final_plan, weights, float_score, int8_score, score,
-                                initializer_bytes(final), float_bytes, evaluations)
+                                initializer_bytes(final), float_bytes, evaluations, complexity)
+
+
+def weight_macs(plan: QuantizationPlan, model: onnx.ModelProto, sample: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Multiply-accumulates of each quantized weight's node for one sample at `sample`'s input shapes: the weight's
+    values × the output positions each filter applies at (the output's elements per channel, batch aside)."""
+    fixed = export_graph(plan.graph, model, shapes=False)
+    for value in fixed.graph.input:
+        if value.name in sample:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, np.shape(sample[value.name])):
+                dim.Clear()
+                dim.dim_value = int(size)
+    del fixed.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    nodes = {n.name: n for n in plan.graph.nodes}
+    macs = {}
+    for command in plan.weights:
+        node = nodes[command.node]
+        shape = shapes.get(node.outputs[0].name)
+        if not shape or None in shape:
+            raise ConfigError(f"the bit complexity needs the output shape of {command.node!r}, which shape "
+                              f"inference left unknown at the sample's input shapes")
+        axis = spec(node).channel_axis % len(shape)
+        positions = int(np.prod(shape[1:])) // shape[axis] if len(shape) > 1 else 1
+        macs[command.node] = int(np.prod(nodes[command.node].inputs[command.port].shape)) * max(positions, 1)
+    return macs
 
 
 def four_bit_drops(plan: QuantizationPlan, model: onnx.ModelProto, metric: Metric, int8_score: float, *,
