@@ -62,8 +62,9 @@ ModelLike = onnx.ModelProto | str | os.PathLike
 
 #: Calibration samples the noise ranking of accuracy control runs the float model on.
 NOISE_SAMPLES = 16
-#: Evaluation samples (whole batches, at least this many) the Hessian criterion's gradients are taken on.
-HESSIAN_SAMPLES = 128
+#: Evaluation samples (whole batches, at least this many) the Hessian criterion's gradients are taken on: the
+#: trace ranks weights long before it settles, and each probe costs two gradient passes over them.
+HESSIAN_SAMPLES = 32
 
 if TYPE_CHECKING:
     from onnxcompress.training.loss import LossBuilder
@@ -270,22 +271,28 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
 
 
 def _labelled_batches(data: EvalSet | None, reference: Path) -> list[tuple[dict[str, Any], Any]]:
-    """The evaluation feeds with their labels, or with the float model's top-1 where the data has none."""
+    """The first `HESSIAN_SAMPLES` evaluation samples with their labels, or with the float model's top-1 where the
+    data has none."""
     if data is None:
         raise DatasetError("the Hessian criterion needs evaluation samples: pass --eval-data or an .npz as --data")
-    counts = [len(next(iter(feeds.values()))) for feeds in data.feeds]
-    used = data.feeds[:max(1, int(np.searchsorted(np.cumsum(counts), HESSIAN_SAMPLES)) + 1)]
-    if data.labels is not None:
-        labels = np.split(np.asarray(data.labels, np.int64), np.cumsum(counts)[:-1])
-        return list(zip(used, labels))
-    session = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
-    batches = []
-    for feeds in used:
-        logits = session.run(None, dict(feeds))[0]
-        if logits.ndim != 2:
-            raise EvaluationError(f"the Hessian criterion trains a classifier's cross-entropy: the first output "
-                                  f"must be [batch, classes] logits, not of shape {list(logits.shape)}")
-        batches.append((feeds, logits.argmax(1).astype(np.int64)))
+    session = None if data.labels is not None else ort.InferenceSession(str(reference),
+                                                                         providers=["CPUExecutionProvider"])
+    batches, taken = [], 0
+    for feeds in data.feeds:
+        count = min(len(next(iter(feeds.values()))), HESSIAN_SAMPLES - taken)
+        if count <= 0:
+            break
+        feeds = {name: array[:count] for name, array in feeds.items()}
+        if session is None:
+            labels = np.asarray(data.labels[taken:taken + count], np.int64)
+        else:
+            logits = session.run(None, feeds)[0]
+            if logits.ndim != 2:
+                raise EvaluationError(f"the Hessian criterion trains a classifier's cross-entropy: the first output "
+                                      f"must be [batch, classes] logits, not of shape {list(logits.shape)}")
+            labels = logits.argmax(1).astype(np.int64)
+        batches.append((feeds, labels))
+        taken += count
     return batches
 
 

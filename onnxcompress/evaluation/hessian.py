@@ -25,6 +25,7 @@ from onnxcompress.errors import EvaluationError
 from onnxcompress.runtime.model_io import save_model
 from onnxcompress.runtime.training import TrainingRuntimeSession
 from onnxcompress.runtime.training_env import TrainingRuntime
+from onnxcompress.training.trainer import trainable_form
 
 #: Perturbation size relative to each weight's RMS: small enough for the quadratic model, large enough to stay
 #: above float32 rounding of the gradients.
@@ -47,7 +48,9 @@ def hessian_traces(model: onnx.ModelProto, batches: Sequence[Batch], weights: Se
     with tempfile.TemporaryDirectory(prefix="onnxcompress-hessian-") as tmp, \
             TrainingRuntimeSession(runtime) as session, \
             tqdm(total=probes, desc="Hessian trace", unit="probe", disable=not progress) as bar:
-        path = save_model(model, Path(tmp) / "model.onnx")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        path = save_model(trainable_form(copy), Path(tmp) / "model.onnx")
         artifacts = session.generate_artifacts(path, Path(tmp) / "artifacts", trainable=list(weights),
                                                loss="cross_entropy")
         session.open(artifacts.directory)

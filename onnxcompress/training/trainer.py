@@ -178,11 +178,18 @@ def build_training_model(model: onnx.ModelProto, settings: TrainingConfig, compr
                          custom_loss: LossBuilder | None = None) -> onnx.ModelProto:
     """`model` with the loss of `settings` (its first output becomes `loss`) in the form the training runtime
     differentiates."""
+    return trainable_form(model, lambda graph: add_loss(graph, task=settings.loss, distillation=settings.distillation,
+                                                        compression_losses=compression_losses, custom=custom_loss))
+
+
+def trainable_form(model: onnx.ModelProto, edit: Callable[[gs.Graph], object] | None = None) -> onnx.ModelProto:
+    """`model` (shapes inferred in place) with every op the training runtime cannot differentiate in its
+    differentiable form, then `edit`ed (a loss added), with the shapes the runtime's gradient builders read."""
     infer_shapes(model)  # the differentiable forms of some ops need their input's rank
     graph = gs.import_onnx(model)
     differentiable_forms(graph)
-    add_loss(graph, task=settings.loss, distillation=settings.distillation, compression_losses=compression_losses,
-             custom=custom_loss)
+    if edit is not None:
+        edit(graph)
     training_model = export_graph(graph, model)
     # The new tensors carry a type without a shape, which the training runtime's checker rejects; the shapes are
     # inferred again with data propagation, because the runtime's gradient builders read them: without the
