@@ -1,10 +1,11 @@
 """What the units an accuracy search relaxed cost in speed, measured in one interleaved benchmark run.
 
 Models: the fully compressed plan, the final one (every relaxed unit), and the final one with each relaxed unit
-compressed again. A unit's cost is the final model's median latency minus that of the model without it relaxed:
-what keeping it in float (or INT8) costs given the others. Only same-run differences are reported; on a shared
-machine a cost within a few percent of the latency is noise, and the report says how long each model takes so the
-reader can judge.
+compressed again. A unit's cost is the final model's median latency minus that of the model without it relaxed,
+the two measured in one interleaved run: what keeping it in float (or INT8) costs given the others. Only same-run
+differences are reported (each pair is its own run, so that a large model is loaded twice at most, not once per
+unit); on a shared machine a cost within a few percent of the latency is noise, and the report says how long each
+model takes so the reader can judge.
 """
 
 from __future__ import annotations
@@ -56,29 +57,41 @@ class SpeedCost:
 
 def speed_cost(candidates: Candidates[U], relaxed: Sequence[U], inputs: Mapping[str, np.ndarray] | None, *,
                rounds: int = 5, round_seconds: float = 0.25, progress: bool = True) -> SpeedCost:
-    """Measure the compressed, the final and (up to `MEASURED_UNITS` relaxed units) the leave-one-out models on
-    `inputs` (one sample; None: random data for a model whose only dynamic axis is the batch)."""
+    """Measure the final model against the compressed one and (up to `MEASURED_UNITS` relaxed units) against each
+    leave-one-out model, on `inputs` (one sample; None: random data for a model whose only dynamic axis is the
+    batch). Each comparison is its own interleaved run of two models, so that only two are loaded at a time."""
     each = list(relaxed) if len(relaxed) <= MEASURED_UNITS else []
-    # One model per distinct set: the same file measured twice would show noise as a cost.
-    sets = list(dict.fromkeys([frozenset(), frozenset(relaxed), *(frozenset(relaxed) - {u} for u in each)]))
-    names = {units: f"model{i}" for i, units in enumerate(sets)}
+    final_set = frozenset(relaxed)
     with tempfile.TemporaryDirectory(prefix="onnxcompress-speed-") as tmp:
-        paths = {names[units]: save_model(candidates.build([u for u in relaxed if u in units]),
-                                          Path(tmp) / f"{names[units]}.onnx",
-                                          external_source=candidates.external_source) for units in sets}
-        report = benchmark(paths, rounds=rounds, round_seconds=round_seconds, openvino_precisions=("default",),
-                           include_throughput=False, inputs=inputs, progress=progress)
+        def save(units: frozenset, name: str) -> Path:
+            return save_model(candidates.build([u for u in relaxed if u in units]), Path(tmp) / f"{name}.onnx",
+                              external_source=candidates.external_source)
 
-    def latency(units: frozenset) -> dict[str, float]:
-        return {runtime: report.find(names[units], backend, LATENCY).median_ms
-                for runtime, backend in RUNTIMES.items()}
+        final = save(final_set, "final")
 
-    final = latency(frozenset(relaxed))
-    costs = []
-    for unit in relaxed:
-        if unit in each:
-            without = latency(frozenset(relaxed) - {unit})
-            costs.append(UnitSpeedCost(candidates.label(unit), {r: final[r] - without[r] for r in RUNTIMES}))
-        else:
-            costs.append(UnitSpeedCost(candidates.label(unit), {r: math.nan for r in RUNTIMES}))
-    return SpeedCost(latency(frozenset()), final, tuple(costs))
+        def against(units: frozenset) -> tuple[dict[str, float], dict[str, float]]:
+            """Median latencies of the final model and of the one with `units` relaxed, in one run."""
+            other = save(units, "other")
+            report = benchmark({"final": final, "other": other}, rounds=rounds, round_seconds=round_seconds,
+                               openvino_precisions=("default",), include_throughput=False, inputs=inputs,
+                               progress=progress)
+            other.unlink()
+
+            def latency(name: str) -> dict[str, float]:
+                return {runtime: report.find(name, backend, LATENCY).median_ms
+                        for runtime, backend in RUNTIMES.items()}
+
+            return latency("final"), latency("other")
+
+        final_ms, compressed_ms = against(frozenset())
+        costs = []
+        for unit in relaxed:
+            if unit not in each:
+                costs.append(UnitSpeedCost(candidates.label(unit), {r: math.nan for r in RUNTIMES}))
+            elif len(relaxed) == 1:  # the model without it is the compressed one, measured already
+                costs.append(UnitSpeedCost(candidates.label(unit), {r: final_ms[r] - compressed_ms[r]
+                                                                     for r in RUNTIMES}))
+            else:
+                with_it, without = against(final_set - {unit})
+                costs.append(UnitSpeedCost(candidates.label(unit), {r: with_it[r] - without[r] for r in RUNTIMES}))
+    return SpeedCost(compressed_ms, final_ms, tuple(costs))
