@@ -348,7 +348,7 @@ def test_signed_conv_output_read_by_a_float_activation_is_stored_uint8_and_fuses
     assert ort_kernel_summary(path).describe().startswith("integer kernels: QLinearConv×2")
 
 
-def test_per_layer_weight_bits_store_the_4_bit_layer_as_int4() -> None:
+def test_per_layer_weight_bits_store_the_4_bit_layer_as_int4_in_float_evaluation() -> None:
     """layer_weight_bits sets one layer's bits: that weight takes 4-bit levels stored as INT4 (opset 21), the
     others stay INT8, and the file runs; a name with no quantized weight is refused with the known ones."""
     model = build_tiny_cnn()
