@@ -257,7 +257,11 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
             predicted = four_bit_hawq_costs(plan, traces)
         macs = None
         if max_bit_complexity is not None:
-            macs = weight_macs(plan, proto, _first_sample(calibration, proto))
+            sample = _first_sample(calibration, proto)
+            if sample is None:
+                raise DatasetError("the bit complexity counts MACs at the first calibration sample's shapes, which a "
+                                   "one-shot iterator no longer has: pass a file, a folder or a list")
+            macs = weight_macs(plan, proto, sample)
         with contextlib.closing(make_evaluator(workers, ray_address)) as evaluator:
             result = choose_weight_bits(plan, proto, resolved, max_size, float_bytes=float_bytes,
                                         max_bit_complexity=max_bit_complexity, macs=macs, ranking=ranking,
@@ -453,7 +457,11 @@ class WeightControlResult:
     compression: WeightCompressionResult
 
 
-def _first_sample(dataset: Any, proto: onnx.ModelProto) -> dict[str, Any]:
+def _first_sample(dataset: Any, proto: onnx.ModelProto) -> dict[str, Any] | None:
+    """The first calibration sample; None for a one-shot iterator, which the calibration pass has used up (the
+    speed measurement then runs on random inputs)."""
+    if not _reiterable(dataset):
+        return None
     return next(iter(calibration_batches(dataset, model_inputs(proto), subset_size=1, batch_size=1)))
 
 

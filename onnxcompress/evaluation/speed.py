@@ -1,4 +1,4 @@
-"""What the units an accuracy search relaxed cost in speed, measured in one interleaved benchmark run.
+"""What the units an accuracy search relaxed cost in speed, each measured against the final model in the same run.
 
 Models: the fully compressed plan, the final one (every relaxed unit), and the final one with each relaxed unit
 compressed again. A unit's cost is the final model's median latency minus that of the model without it relaxed,
