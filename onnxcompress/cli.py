@@ -350,8 +350,10 @@ def sensitivity(model: Path, metric: str, eval_data: str | None, data: str | Non
               "4 bits, the least sensitive first; the rest INT8 (default 1).")
 @click.option("--all-layers", is_flag=True, help="int4 modes: embeddings and the last matrix product in 4 bits too "
               "(by default INT8).")
-@click.option("--data", help="Calibration data (as for quantize): each block's clipping minimises the error its "
-              "input features' E[x²] predicts (default: round to nearest, no data).")
+@click.option("--data", help="Calibration data (as for quantize): each block's clipping and scale minimise the "
+              "error its input features' E[x²] predicts, and in the int4 modes the tables' input features are "
+              "scaled by their activations (AWQ) where the graph can absorb it (default: round to nearest, no data).")
+@click.option("--no-awq", is_flag=True, help="With --data: leave out the activation-aware scaling.")
 @click.option("--subset-size", type=click.IntRange(min=1), help="Samples of --data to measure (default 128).")
 @click.option("--ignore-names", multiple=True, help="Node names to leave in float (repeat or comma-separate).")
 @click.option("--ignore-types", multiple=True, help="Op types to leave in float.")
@@ -374,7 +376,8 @@ def sensitivity(model: Path, metric: str, eval_data: str | None, data: str | Non
               "costs in latency.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def compress_weights(model: Path, output: Path | None, mode: str, group_size: int | None, ratio: float | None,
-                     all_layers: bool, data: str | None, subset_size: int | None, ignore_names, ignore_types,
+                     all_layers: bool, data: str | None, no_awq: bool, subset_size: int | None, ignore_names,
+                     ignore_types,
                      ignore_patterns, max_drop: float | None, metric: str | None, eval_data: str | None,
                      ranking: str | None, workers: int | None, ray_address: str | None, no_cache: bool,
                      no_speed: bool, no_progress: bool) -> None:
@@ -387,6 +390,10 @@ def compress_weights(model: Path, output: Path | None, mode: str, group_size: in
                                              "subset_size": subset_size}.items() if value is not None}
     if all_layers:
         options["all_layers"] = True
+    if no_awq:
+        if data is None or not WeightCompressionConfig.build(options).mode.four_bit:
+            raise ConfigError("--no-awq turns off a step of the int4 modes with --data: give both")
+        options["activation_scaling"] = False
     options.update(_ignored_scope(ignore_names, ignore_types, ignore_patterns))
     config = WeightCompressionConfig.build(options)
     if (max_drop is None) != (metric is None) or (eval_data is not None and metric is None):
@@ -439,6 +446,9 @@ def _describe_weight_compression(result) -> str:
             parts.append(f"{len(layers)} in {mode.value} ({where})")
     fallback = result.per_channel_fallbacks
     note = f"; {len(fallback)} 4-bit tables per channel (group size does not divide K)" if fallback else ""
+    if result.scaled_activations:
+        count = len(result.scaled_activations)
+        note += f"; activation-aware scaling on {count} activation{'' if count == 1 else 's'}"
     return (f"compressed {len(result.layers)} tables: {', '.join(parts)}{note}; weights {result.float_bytes / 1e6:.2f}"
             f" MB -> {result.compressed_bytes / 1e6:.2f} MB")
 

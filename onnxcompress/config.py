@@ -461,6 +461,10 @@ class WeightCompressionConfig(_Strict):
     all_layers: bool = Field(
         False, description="In the int4 modes, store the embeddings (Gather) and the last matrix product in 4 bits "
                            "too; by default they take INT8, being the most sensitive.")
+    activation_scaling: bool = Field(
+        True, description="With data, in the int4 modes: scale each table's input features by their activations' "
+                          "magnitude, as AWQ does, where the scale folds into the constants of the ops that make "
+                          "the activation (no op is added); false leaves the tables unscaled.")
     subset_size: int = Field(128, ge=1, description="Samples of the data (when given) that measure activations.")
     batch_size: int = Field(1, ge=1, description="Samples per inference run of that pass.")
     ignored_scope: IgnoredScope = Field(default_factory=IgnoredScope, description="Layers left in float.")

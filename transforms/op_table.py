@@ -73,6 +73,20 @@ class ChannelRule(enum.Enum):
     RESHAPE = "reshape"
 
 
+class OutputScaling(enum.Enum):
+    """How an op's output divides by a factor per channel of its last axis through its constants alone (where
+    weight compression's activation-aware scaling folds 1/s, `algorithms/weight_compression/awq.py`)."""
+
+    #: Its constant parameters at `OpSpec.trained_ports` (LayerNormalization's scale and bias over the last axis).
+    PARAMETERS = "parameters"
+    #: Its constant weight's output channels and its bias (MatMul, Gemm).
+    WEIGHT_CHANNELS = "weight_channels"
+    #: Each operand divided: a constant directly, an activation by the op that makes it (Add, Sub).
+    SUM = "sum"
+    #: One operand divided (Mul).
+    PRODUCT = "product"
+
+
 @dataclass(frozen=True)
 class WeightLayout:
     """Where weight-only compression (`onnxcompress compress-weights`) finds an op's constant 2-D table and how it
@@ -145,6 +159,8 @@ class OpSpec:
     weight_input_axis: int | None = None
     #: Weight-only compression's layout of the op's constant table; None: compress-weights leaves the op alone.
     compress_weight: WeightLayout | None = None
+    #: How a per-channel factor on the op's output folds into its constants; None: it does not.
+    output_scaling: OutputScaling | None = None
 
 
 _PASSTHROUGH = OpSpec(Role.PASSTHROUGH, channels=ChannelRule.ELEMENTWISE)
@@ -169,13 +185,15 @@ OP_TABLE: dict[str, OpSpec] = {
                    integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES,
                    sparsify_weight=True, fold_channel_affine=True, correct_bias=True, channels=ChannelRule.PRODUCE,
                    weight_input_axis=0, compress_weight=WeightLayout(1, channel_axis=1, block_axis=0,
-                                                                     transpose_attr="transB")),
+                                                                     transpose_attr="transB"),
+                   output_scaling=OutputScaling.WEIGHT_CHANNELS),
     # MatMul with a constant weight [.., in, out]; with two activations (attention) both inputs are quantized.
     # Two activations are both uint8 in our files: ONNX Runtime's u8u8 kernel widens to int16 first (exact).
     "MatMul": OpSpec(Role.COMPUTE, weight_port=1, weight_channel_axis=-1, channel_axis=-1, activation_ports=(0, 1),
                      integer_kernel_needs_weight_zero_point=True, int16_pairs=PairOrder.INPUT_FEATURES,
                      sparsify_weight=True, channels=ChannelRule.PRODUCE, weight_input_axis=-2,
-                     compress_weight=WeightLayout(1, channel_axis=1, block_axis=0)),
+                     compress_weight=WeightLayout(1, channel_axis=1, block_axis=0),
+                     output_scaling=OutputScaling.WEIGHT_CHANNELS),
     # Only activations both runtimes fuse in front of a QuantizeLinear: ONNX Runtime drops Relu/Clip before a
     # quantizer whose range starts at zero; other activations (Sigmoid, HardSwish...) would leave Conv in float.
     "Relu": _FUSED,
@@ -189,14 +207,18 @@ OP_TABLE: dict[str, OpSpec] = {
     "Squeeze": _LAYOUT,
     "Unsqueeze": _LAYOUT,
     "Identity": OpSpec(Role.PASSTHROUGH, layout_only=True, channels=ChannelRule.ELEMENTWISE),
-    "Add": OpSpec(Role.ELTWISE_ADD, activation_ports=(0, 1), channels=ChannelRule.BROADCAST),
+    "Add": OpSpec(Role.ELTWISE_ADD, activation_ports=(0, 1), channels=ChannelRule.BROADCAST,
+                  output_scaling=OutputScaling.SUM),
     "Concat": OpSpec(Role.CONCAT, activation_ports=(), channels=ChannelRule.CONCAT),
     # Float ops with learned parameters: LayerNorm's scale and bias, PRelu's slope.
-    "LayerNormalization": OpSpec(Role.FLOAT, activation_ports=(), trained_ports=(1, 2)),
+    "LayerNormalization": OpSpec(Role.FLOAT, activation_ports=(), trained_ports=(1, 2),
+                                 output_scaling=OutputScaling.PARAMETERS),
     "PRelu": OpSpec(Role.FLOAT, activation_ports=(), trained_ports=(1,), channels=ChannelRule.BROADCAST),
     "BatchNormalization": OpSpec(Role.FLOAT, activation_ports=(), channels=ChannelRule.NORMALIZE),
-    **{op: OpSpec(Role.FLOAT, activation_ports=(), channels=ChannelRule.BROADCAST)
-       for op in ("Sub", "Mul", "Div", "Max", "Min")},
+    "Sub": OpSpec(Role.FLOAT, activation_ports=(), channels=ChannelRule.BROADCAST, output_scaling=OutputScaling.SUM),
+    "Mul": OpSpec(Role.FLOAT, activation_ports=(), channels=ChannelRule.BROADCAST,
+                  output_scaling=OutputScaling.PRODUCT),
+    **{op: OpSpec(Role.FLOAT, activation_ports=(), channels=ChannelRule.BROADCAST) for op in ("Div", "Max", "Min")},
     **{op: _FLOAT_ELEMENTWISE for op in ("Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu",
                                          "Celu", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Neg", "Abs",
                                          "Dropout", "GlobalMaxPool")},

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.algorithms.weight_compression.oneshot import compress_model
+from onnxcompress.algorithms.weight_compression import scheme
 from onnxcompress.algorithms.weight_compression.scheme import compress_table
 from onnxcompress.config import WeightCompressionConfig, WeightMode
 from onnxcompress.errors import WeightCompressionError
@@ -107,6 +108,21 @@ def test_the_data_aware_search_lowers_the_weighted_error_on_outlier_features() -
     weighted = [(importance * (r.dequantized() - table) ** 2).sum() for r in (plain, searched)]
     assert weighted[1] < 0.5 * weighted[0]
     assert searched.relative_error < plain.relative_error
+
+
+@pytest.mark.parametrize("mode", [WeightMode.INT4_SYM, WeightMode.INT4_ASYM])
+def test_scale_estimation_lowers_the_error_the_clipping_search_leaves(mode: WeightMode, monkeypatch) -> None:
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((64, 256)).astype(np.float32)
+    importance = rng.gamma(0.5, size=256).astype(np.float32)
+    results = {}
+    for refits in (0, scheme.REFITS):
+        monkeypatch.setattr(scheme, "REFITS", refits)
+        results[refits] = compress_table(table, mode, 64, importance)
+    weighted = {k: (importance * (r.dequantized() - table) ** 2).sum() for k, r in results.items()}
+    assert weighted[scheme.REFITS] < 0.98 * weighted[0]
+    assert results[scheme.REFITS].relative_error == pytest.approx(weighted[scheme.REFITS] /
+                                                                  (importance * table ** 2).sum(), rel=1e-4)
 
 
 def test_int4_file_is_blockwise_opset_21_and_runs_as_the_dequantized_float_model() -> None:

@@ -1,15 +1,17 @@
 """Weight compression of a model (`onnxcompress compress-weights`).
 
     opset 21 when 4-bit or blockwise tables need it  →  nodes named  →  compressible tables (plan.py)  →  with data:
-    E[x²] per input feature of every product's activation, in one ONNX Runtime pass  →  each table's precision and
-    levels (plan.py, scheme.py)  →  DequantizeWeight commands through the applier  →  the model with float
-    activations and integer tables
+    E[x²] per input feature of every product's activation, in one ONNX Runtime pass  →  in the 4-bit modes,
+    activation-aware scales folded upstream where the graph allows (awq.py)  →  each table's precision and levels
+    (plan.py, scheme.py)  →  DequantizeWeight (and the folds' SetConstantInput) commands through the applier  →  the
+    model with float activations and integer tables
 
-The graph is not otherwise preprocessed: nothing but the tables changes.
+The graph is not otherwise preprocessed: nothing but the tables and the constants that take the scales changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Collection, Iterable, Mapping
@@ -21,11 +23,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.algorithms.quantization.ptq import export_graph, resolve_ignored_scope
+from onnxcompress.algorithms.weight_compression.awq import scale_activations, scaling_targets
 from onnxcompress.algorithms.weight_compression.plan import (
     CompressibleLayer,
     LayerChoice,
     WeightCompressionPlan,
     compressible_layers,
+    four_bit_candidates,
     plan_weight_compression,
 )
 from onnxcompress.config import WeightCompressionConfig, WeightMode
@@ -58,6 +62,8 @@ class WeightCompressionResult:
     compressed_bytes: int
     #: The model file whose external data the tensors left as they were still refer to (None: all in memory).
     external_source: Path | None = None
+    #: The activations whose features activation-aware scaling divided (folded upstream; awq.py).
+    scaled_activations: tuple[str, ...] = ()
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model atomically, streaming the tensors still in the source's external data."""
@@ -83,10 +89,10 @@ def compress_model(model: onnx.ModelProto, config: WeightCompressionConfig, batc
     `batches`, weigh each table's error by its input features' E[x²]. `source` is the model file whose external
     data `model` still refers to (`load_model(lazy_external_data=True)`): tables are read from it one at a time."""
     graph, model, plan, float_bytes = _plan(model, config, batches, total, progress, source, fallbacks=False)
-    choices = plan.layers
-    apply_commands(graph, plan.commands)
+    choices, scaled = plan.layers, plan.scaled_activations
+    apply_commands(graph, plan.all_commands)
     del plan  # the graph holds the levels now, as tensors: the commands' arrays go
-    return _result(export_graph(graph, model, shapes=False), choices, float_bytes, source)
+    return _result(export_graph(graph, model, shapes=False), choices, float_bytes, source, scaled)
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,8 @@ class PlannedCompression:
         if self.source is not None:
             map_external_constants(graph, functools.partial(external_array, model_path=self.source))
         apply_commands(graph, commands)
-        return _result(export_graph(graph, self.float_model, shapes=False), choices, self.float_bytes, self.source)
+        return _result(export_graph(graph, self.float_model, shapes=False), choices, self.float_bytes, self.source,
+                       self.plan.scaled_activations)
 
     def candidates(self) -> Candidates[str]:
         """The 4-bit tables, each moved to INT8 on its own, by node."""
@@ -147,14 +154,22 @@ def _plan(model: onnx.ModelProto, config: WeightCompressionConfig, batches: Batc
 
     float_bytes = sum(_tensor_bytes_of(nodes[layer.node].inputs[layer.layout.port])
                       for layer in {layer.weight: layer for layer in layers}.values())
-    plan = plan_weight_compression(layers, table, config, importance, fallbacks=fallbacks)
+    if importance and config.mode.four_bit and config.activation_scaling:
+        targets = scaling_targets(graph, four_bit_candidates(layers, config))
+        scaling = scale_activations(graph, layers, targets, table, importance, config.mode,
+                                    config.effective_group_size)
+        plan = plan_weight_compression(layers, scaling.reader(table), config, scaling.importance,
+                                       fallbacks=fallbacks)
+        plan = dataclasses.replace(plan, folds=tuple(scaling.commands), scaled_activations=tuple(scaling.scaled))
+    else:
+        plan = plan_weight_compression(layers, table, config, importance, fallbacks=fallbacks)
     return graph, model, plan, float_bytes
 
 
-def _result(compressed: onnx.ModelProto, choices: tuple[LayerChoice, ...], float_bytes: int, source: Path | None
-            ) -> WeightCompressionResult:
+def _result(compressed: onnx.ModelProto, choices: tuple[LayerChoice, ...], float_bytes: int, source: Path | None,
+            scaled: tuple[str, ...]) -> WeightCompressionResult:
     return WeightCompressionResult(compressed, choices, float_bytes, _stored_bytes(compressed),
-                                   source if has_external_data(compressed) else None)
+                                   source if has_external_data(compressed) else None, scaled)
 
 
 def _input_energy(float_model: onnx.ModelProto, layers: list[CompressibleLayer], batches: Batches,

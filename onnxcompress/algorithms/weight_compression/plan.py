@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.algorithms.weight_compression.scheme import Compressed, compress_table
 from onnxcompress.config import WeightCompressionConfig, WeightMode
-from onnxcompress.transforms.commands import DequantizeWeight
+from onnxcompress.transforms.commands import DequantizeWeight, SetConstantInput
 from onnxcompress.transforms.op_table import WeightLayout, compressed_weight_layout, input_layout_known
 
 _log = logging.getLogger(__name__)
@@ -74,20 +74,29 @@ class WeightCompressionPlan:
     layers: tuple[LayerChoice, ...]
     #: For each 4-bit table's node (when asked for): its command and choice in INT8 per channel instead.
     fallbacks: Mapping[str, tuple[DequantizeWeight, LayerChoice]] = field(default_factory=dict)
+    #: New values of the constants that take activation-aware scaling's 1/s (awq.py), applied with the commands.
+    folds: tuple[SetConstantInput, ...] = ()
+    #: The activations that scaling divided.
+    scaled_activations: tuple[str, ...] = ()
+
+    @property
+    def all_commands(self) -> tuple[DequantizeWeight | SetConstantInput, ...]:
+        return self.folds + self.commands
 
     @property
     def four_bit(self) -> tuple[str, ...]:
         """The nodes whose tables are in 4 bits, in graph order."""
         return tuple(layer.node for layer in self.layers if layer.mode.four_bit)
 
-    def relaxed(self, nodes: Collection[str]) -> tuple[tuple[DequantizeWeight, ...], tuple[LayerChoice, ...]]:
-        """The commands and choices with the 4-bit tables of `nodes` in INT8 (their fallbacks)."""
+    def relaxed(self, nodes: Collection[str]
+                ) -> tuple[tuple[DequantizeWeight | SetConstantInput, ...], tuple[LayerChoice, ...]]:
+        """All commands and the choices with the 4-bit tables of `nodes` in INT8 (their fallbacks)."""
         unknown = set(nodes) - set(self.fallbacks)
         if unknown:
             raise ValueError(f"no INT8 fallback planned for {', '.join(sorted(unknown))}")
         pairs = [self.fallbacks[c.node] if c.node in nodes else (c, choice)
                  for c, choice in zip(self.commands, self.layers)]
-        return tuple(c for c, _ in pairs), tuple(choice for _, choice in pairs)
+        return self.folds + tuple(c for c, _ in pairs), tuple(choice for _, choice in pairs)
 
 
 def compressible_layers(graph: gs.Graph, ignored: frozenset[str] = frozenset()) -> list[CompressibleLayer]:
@@ -119,7 +128,7 @@ def plan_weight_compression(layers: Sequence[CompressibleLayer], table: Callable
     control moves a table to)."""
     importance = importance or {}
     compressed: dict[CompressibleLayer, tuple[Compressed, WeightMode, int | None]] = {}
-    candidates = _four_bit_candidates(layers, config)
+    candidates = four_bit_candidates(layers, config)
     for layer in candidates:
         compressed[layer] = _compress(layer, table(layer), config.mode, config.effective_group_size, importance)
     kept_in_four = _least_sensitive(candidates, {c: compressed[c][0].relative_error for c in candidates},
@@ -145,7 +154,7 @@ def _planned(layer: CompressibleLayer, result: Compressed, mode: WeightMode, gro
                                                 result.relative_error)
 
 
-def _four_bit_candidates(layers: Sequence[CompressibleLayer], config: WeightCompressionConfig
+def four_bit_candidates(layers: Sequence[CompressibleLayer], config: WeightCompressionConfig
                          ) -> list[CompressibleLayer]:
     """The layers the 4-bit modes may store in 4 bits: all, or all but the embeddings and the last product."""
     if not config.mode.four_bit:

@@ -9,9 +9,14 @@ K (`block == K`: one scale per channel):
 
 where w* is the block's value of largest magnitude, with its sign: it maps exactly onto the wider end of the grid
 (−8 of −8..7; the scale is negative when w* is positive), so every level is used, as ONNX Runtime's own blockwise
-quantizer does. `clip` is 1 (round to nearest, data-free) unless an importance per input feature is given (E[x²] of the activation
-the table multiplies): then each block takes the clipping factor from `CLIP_GRID` that minimises
-Σₖ E[xₖ²] (wₖ − ŵₖ)², the output error the block adds when features are uncorrelated (AWQ's clipping search).
+quantizer does. `clip` is 1 (round to nearest, data-free) unless an importance hₖ per input feature is given (E[xₖ²]
+of the activation the table multiplies). Then each block minimises E = Σₖ hₖ (wₖ − ŵₖ)², the output error it adds
+when features are uncorrelated, in two steps:
+
+    clipping search:   the clipping factor from `CLIP_GRID` with the smallest E (AWQ's clipping search)
+    scale estimation:  `REFITS` times, the scale that minimises E for the levels held fixed,
+                       s = Σ h w (q − z) / Σ h (q − z)², then the levels re-rounded on it; each step is kept
+                       only where it lowers E
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ LEVELS: dict[WeightMode, Levels] = {
 
 #: Clipping factors the data-aware search tries on each block's range (1 is round-to-nearest).
 CLIP_GRID = np.linspace(1.0, 0.5, 11, dtype=np.float32)
+
+#: Least-squares scale refits after the clipping search (each: refit the scale, re-round the levels).
+REFITS = 3
 
 #: Values compressed at once: bounds the temporary float arrays of a large table to ~16 MB each.
 _CHUNK_VALUES = 1 << 22
@@ -85,6 +93,20 @@ def compress_table(table: np.ndarray, mode: WeightMode, block: int, importance: 
         relative_error=float(error / reference) if reference > 0 else 0.0)
 
 
+def rounding_error(table: np.ndarray, mode: WeightMode, block: int, importance: np.ndarray) -> float:
+    """Σₖ importanceₖ (wₖ − ŵₖ)² of the oriented `table` [channels, K] rounded to nearest in blocks of `block`
+    (no clipping search): what activation-aware scaling compares its candidate scales by."""
+    channels, k = table.shape
+    levels = LEVELS[mode]
+    weighting = np.asarray(importance, np.float32).reshape(1, k // block, block)
+    rows, total = max(1, _CHUNK_VALUES // max(k, 1)), 0.0
+    for start in range(0, channels, rows):
+        blocks = np.asarray(table[start:start + rows], np.float32).reshape(-1, k // block, block)
+        q, scale, zero = _quantize(blocks, levels, 1.0)
+        total += float((weighting * (blocks - _dequantize(q, scale, zero)) ** 2).sum(dtype=np.float64))
+    return total
+
+
 def _compress_rows(rows: np.ndarray, levels: Levels, block: int, weights: np.ndarray | None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
     """Levels, scales, zero-points, weighted squared error and weighted squared norm of some rows."""
@@ -96,15 +118,37 @@ def _compress_rows(rows: np.ndarray, levels: Levels, block: int, weights: np.nda
         error = (weighting * (blocks - _dequantize(q, scale, zero)) ** 2).sum(axis=-1)
         if best is None:
             best = [q, scale, zero, error]
-            continue
-        better = error < best[3]
-        best[0] = np.where(better[..., None], q, best[0])
-        best[1] = np.where(better, scale, best[1])
-        best[2] = np.where(better, zero, best[2])
-        best[3] = np.minimum(error, best[3])
+        else:
+            _keep_better(best, q, scale, zero, error)
+    if weights is not None:
+        for _ in range(REFITS):
+            _refit(blocks, levels, weighting, best)
     q, scale, zero, error = best
     return (q.reshape(rows.shape).astype(levels.dtype), scale.astype(np.float32), zero.astype(levels.dtype),
             float(error.sum(dtype=np.float64)), float((weighting * blocks ** 2).sum(dtype=np.float64)))
+
+
+def _keep_better(best: list[np.ndarray], q: np.ndarray, scale: np.ndarray, zero: np.ndarray, error: np.ndarray
+                 ) -> None:
+    """Replace, block by block, the levels, scale and zero-point in `best` where `error` is lower."""
+    better = error < best[3]
+    best[0] = np.where(better[..., None], q, best[0])
+    best[1] = np.where(better, scale, best[1])
+    best[2] = np.where(better, zero, best[2])
+    best[3] = np.minimum(error, best[3])
+
+
+def _refit(blocks: np.ndarray, levels: Levels, weighting: np.ndarray, best: list[np.ndarray]) -> None:
+    """One scale-estimation step on `best`: the weighted least-squares scale for its levels (zero-points held),
+    then the levels re-rounded on that scale; each candidate replaces a block's values where its error is lower."""
+    q, _, zero, _ = best
+    offsets = q - zero[..., None]
+    energy = (weighting * offsets ** 2).sum(axis=-1)
+    fitted = (weighting * blocks * offsets).sum(axis=-1) / np.where(energy > 0, energy, 1.0)
+    scale = np.where((energy > 0) & (fitted != 0), fitted, best[1]).astype(np.float32)
+    for levels_on_scale in (q, np.clip(np.round(blocks / scale[..., None]) + zero[..., None], levels.low, levels.high)):
+        error = (weighting * (blocks - _dequantize(levels_on_scale, scale, zero)) ** 2).sum(axis=-1)
+        _keep_better(best, levels_on_scale, scale, zero, error)
 
 
 def _quantize(blocks: np.ndarray, levels: Levels, clip: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

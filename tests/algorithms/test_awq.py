@@ -1,0 +1,169 @@
+"""Activation-aware scaling (awq.py): where 1/s folds, that the scaled float model computes what the original does,
+and that with outlier activation features the 4-bit model comes closer to FP32 than without it, with no op added."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.algorithms.weight_compression.awq import scale_activations, scaling_targets
+from onnxcompress.algorithms.weight_compression.oneshot import compress_model
+from onnxcompress.algorithms.weight_compression.plan import compressible_layers
+from onnxcompress.cli import cli
+from onnxcompress.config import WeightCompressionConfig, WeightMode
+from onnxcompress.errors import ConfigError
+from onnxcompress.transforms.applier import apply_commands
+from onnxcompress.transforms.commands import SetConstantInput
+from onnxcompress.transforms.graph import peek_values
+
+HIDDEN, FFN, TOKENS, OUTLIERS = 256, 512, 8, (3, 70, 140, 201)
+
+
+def build_block(*, residual_reads_norm: bool = False, shared_gamma: bool = False) -> onnx.ModelProto:
+    """A pre-norm gated MLP block, as in decoder LLMs: y = x + down((silu(x̂·G) ⊙ (x̂·U + b))), x̂ = LayerNorm(x)
+    whose γ has a few large channels (the activation outliers AWQ is for). `residual_reads_norm`: the residual adds
+    x̂ instead (a post-norm layout, where the LayerNorm output has a reader that cannot be rescaled);
+    `shared_gamma`: a second LayerNorm reads the same γ."""
+    rng = np.random.default_rng(0)
+    gamma = np.ones(HIDDEN, np.float32)
+    gamma[list(OUTLIERS)] = 25.0
+
+    def table(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name)
+
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="norm", axis=-1),
+             helper.make_node("MatMul", ["n", "gate"], ["g"], name="gate_proj"),
+             helper.make_node("Sigmoid", ["g"], ["sg"], name="sigmoid"),
+             helper.make_node("Mul", ["g", "sg"], ["silu"], name="silu"),
+             helper.make_node("MatMul", ["n", "up"], ["u0"], name="up_proj"),
+             helper.make_node("Add", ["u0", "up_bias"], ["u"], name="up_bias_add"),
+             helper.make_node("Mul", ["silu", "u"], ["h"], name="gated"),
+             helper.make_node("MatMul", ["h", "down"], ["d"], name="down_proj"),
+             helper.make_node("Add", ["n" if residual_reads_norm else "x", "d"], ["y"], name="residual")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", TOKENS, HIDDEN])]
+    if shared_gamma:
+        nodes.append(helper.make_node("LayerNormalization", ["y", "gamma", "beta"], ["z"], name="norm2", axis=-1))
+        outputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["B", TOKENS, HIDDEN])]
+    initializers = [numpy_helper.from_array(gamma, "gamma"),
+                    numpy_helper.from_array(rng.normal(0, 0.1, HIDDEN).astype(np.float32), "beta"),
+                    table("gate", HIDDEN, FFN), table("up", HIDDEN, FFN), table("down", FFN, HIDDEN),
+                    numpy_helper.from_array(rng.normal(0, 0.1, FFN).astype(np.float32), "up_bias")]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                             ["B", TOKENS, HIDDEN])],
+                              outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def inputs(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, TOKENS, HIDDEN)).astype(np.float32)
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def energy(model: onnx.ModelProto, tensors: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    """E[t²] per last-axis feature of intermediate tensors."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors])
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run(tensors, {"x": x})
+    return {t: np.square(v).reshape(-1, v.shape[-1]).mean(axis=0).astype(np.float32) for t, v in zip(tensors, values)}
+
+
+def test_the_scale_folds_into_the_layernorm_and_the_up_projection_of_a_gated_block() -> None:
+    graph = gs.import_onnx(build_block())
+    targets = {t.activation: t for t in scaling_targets(graph, compressible_layers(graph))}
+    assert set(targets) == {"n", "h"}
+    assert [layer.node for layer in targets["n"].readers] == ["gate_proj", "up_proj"]
+    assert {(f.node, f.port) for f in targets["n"].folds} == {("norm", 1), ("norm", 2)}
+    # h = silu(g) ⊙ u: silu's input g is also read by the Sigmoid, so 1/s goes into u: the up projection and bias.
+    assert {(f.node, f.port) for f in targets["h"].folds} == {("up_proj", 1), ("up_bias_add", 1)}
+    assert [t.activation for t in scaling_targets(graph, compressible_layers(graph))] == ["h", "n"]  # last first
+
+
+@pytest.mark.parametrize("variant", ["residual_reads_norm", "shared_gamma"])
+def test_a_layernorm_output_or_scale_with_another_reader_is_not_scaled(variant: str) -> None:
+    graph = gs.import_onnx(build_block(**{variant: True}))
+    assert [t.activation for t in scaling_targets(graph, compressible_layers(graph))] == ["h"]
+
+
+def test_the_scaled_float_model_computes_what_the_original_does() -> None:
+    model = build_block()
+    graph = gs.import_onnx(model)
+    layers = compressible_layers(graph)
+    nodes = {node.name: node for node in graph.nodes}
+
+    def read(layer):
+        return peek_values(nodes[layer.node].inputs[layer.layout.port])
+
+    stats = energy(model, ["n", "h"], inputs(16, 1))
+    scaling = scale_activations(graph, layers, scaling_targets(graph, layers), read, stats, WeightMode.INT4_SYM, 64)
+    assert scaling.scaled == ["h", "n"]
+    tables = [SetConstantInput(layer.node, layer.layout.port, scaling.reader(read)(layer)) for layer in layers]
+    apply_commands(graph, [*scaling.commands, *tables])
+    scaled = gs.export_onnx(graph)
+    assert not np.allclose(numpy_helper.to_array(scaled.graph.initializer[0]), 1.0)  # γ took 1/s
+    x = inputs(4, 2)
+    np.testing.assert_allclose(run(scaled, x), run(model, x), rtol=1e-4, atol=1e-4)
+    # E[x²] as the scaled model sees it is what the planner weighs the scaled tables' errors by.
+    seen = energy(scaled, ["n", "h"], inputs(16, 1))
+    for name in ("n", "h"):
+        np.testing.assert_allclose(scaling.importance[name], seen[name], rtol=1e-3)
+
+
+def test_awq_brings_the_4_bit_block_closer_to_fp32_with_no_op_added() -> None:
+    data = [{"x": inputs(8, seed)} for seed in range(4)]
+    test = inputs(16, 9)
+    reference = run(build_block(), test)
+    results = {}
+    for scaling in (False, True):
+        config = WeightCompressionConfig(mode="int4_sym", group_size=64, all_layers=True, activation_scaling=scaling)
+        results[scaling] = compress_model(build_block(), config, data, progress=False)
+    errors = {key: np.square(run(r.model, test) - reference).mean() for key, r in results.items()}
+    assert errors[True] < 0.9 * errors[False]
+    assert results[True].scaled_activations == ("h", "n") and results[False].scaled_activations == ()
+    ops = {key: sorted(n.op_type for n in r.model.graph.node) for key, r in results.items()}
+    assert ops[True] == ops[False]
+
+
+def test_int8_and_data_free_compression_do_not_scale() -> None:
+    data = [{"x": inputs(8, 0)}]
+    assert compress_model(build_block(), WeightCompressionConfig(mode="int8"), data,
+                          progress=False).scaled_activations == ()
+    assert compress_model(build_block(), WeightCompressionConfig(mode="int4_sym"),
+                          progress=False).scaled_activations == ()
+
+
+def test_no_awq_needs_data_and_a_4_bit_mode(tmp_path) -> None:
+    path = tmp_path / "block.onnx"
+    onnx.save(build_block(), path)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=inputs(2, 0))
+    for options in (["--mode", "int4_sym"], ["--mode", "int8", "--data", str(data)]):
+        result = CliRunner().invoke(cli, ["compress-weights", str(path), *options, "--no-awq"])
+        assert isinstance(result.exception, ConfigError) and "--no-awq" in str(result.exception)
+    assert not list(tmp_path.glob("block.int*.onnx"))
+
+
+def test_the_command_says_which_activations_it_scaled(tmp_path) -> None:
+    path, data = tmp_path / "block.onnx", tmp_path / "calib.npz"
+    onnx.save(build_block(), path)
+    np.savez(data, x=inputs(8, 0))
+    result = CliRunner().invoke(cli, ["compress-weights", str(path), "--mode", "int4_sym", "--group-size", "64",
+                                      "--data", str(data), "-o", str(tmp_path / "out.onnx"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "activation-aware scaling on 1 activation" in result.output  # the last product (INT8) is not scaled
+    unscaled = CliRunner().invoke(cli, ["compress-weights", str(path), "--mode", "int4_sym", "--group-size", "64",
+                                        "--data", str(data), "--no-awq", "-o", str(tmp_path / "plain.onnx"),
+                                        "--no-progress"])
+    assert unscaled.exit_code == 0 and "activation-aware" not in unscaled.output
