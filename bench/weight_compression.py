@@ -1,7 +1,8 @@
 """Weight-only compression, onnxcompress vs NNCF and ONNX Runtime's MatMulNBitsQuantizer, in one run.
 
 Cases: the real pretrained sentence encoder of bench/encoder.py (paraphrase-MiniLM-L3-v2, real sentences), and a
-synthetic stack of 16 MatMul [4096, 4096] layers (residual + LayerNorm; 1.07 GB of FP32 weights in external data).
+synthetic stack of 16 MatMul [4096, 4096] layers (residual + LayerNorm; 1.07 GB of FP32 weights in external data),
+and a synthetic stack of pre-norm gated MLP blocks with outlier LayerNorm channels (`decoder`, where AWQ applies).
 Each tool compresses in a fresh process (wall time, peak RSS). For every file: size against FP32, cosine of its
 outputs to FP32's (ONNX Runtime and OpenVINO), latency against FP32 in both runtimes (one interleaved run), and
 the kernels each runtime runs (ONNX Runtime's optimized graph; OpenVINO's executed graph and precisions).
@@ -40,6 +41,7 @@ PEERS_PYTHON = REPO_DIR / "bench" / ".venv-peers" / "bin" / "python"
 PEER_SCRIPT = REPO_DIR / "bench" / "compress_weights_peer.py"
 CLI = REPO_DIR / ".venv" / "bin" / "onnxcompress"
 STACK_LAYERS, STACK_WIDTH, STACK_TOKENS = 16, 4096, 16
+DECODER_LAYERS, DECODER_WIDTH, DECODER_FFN = 8, 1024, 2816
 
 
 def encoder_case() -> tuple[Path, Path, list[dict[str, np.ndarray]]]:
@@ -87,6 +89,47 @@ def stack_case(layers: int = STACK_LAYERS) -> tuple[Path, Path, list[dict[str, n
     return fp32, calib, feeds
 
 
+def decoder_case() -> tuple[Path, Path, list[dict[str, np.ndarray]]]:
+    """A stack of pre-norm gated MLP blocks as in decoder LLMs, x + down(silu(x̂·G) ⊙ (x̂·U)), x̂ = LayerNorm(x),
+    with Gaussian weights and each LayerNorm's γ large on 1% of the channels (the outlier features of LLM
+    activations that AWQ is for); random calibration and test inputs."""
+    folder = WORK / "decoder"
+    fp32, calib = folder / "fp32.onnx", folder / "calib.npz"
+    rng = np.random.default_rng(0)
+    if not fp32.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        nodes, tensors, x = [], [], "x"
+        for i in range(DECODER_LAYERS):
+            gamma = np.ones(DECODER_WIDTH, np.float32)
+            gamma[rng.choice(DECODER_WIDTH, DECODER_WIDTH // 100, replace=False)] = 20.0
+            tensors += [numpy_helper.from_array(gamma, f"gamma{i}"),
+                        numpy_helper.from_array(np.zeros(DECODER_WIDTH, np.float32), f"beta{i}")]
+            for name, rows, columns in (("gate", DECODER_WIDTH, DECODER_FFN), ("up", DECODER_WIDTH, DECODER_FFN),
+                                        ("down", DECODER_FFN, DECODER_WIDTH)):
+                w = (rng.standard_normal((rows, columns)) / np.sqrt(rows)).astype(np.float32)
+                tensors.append(numpy_helper.from_array(w, f"{name}{i}"))
+            p = f"layer{i}."
+            nodes += [helper.make_node("LayerNormalization", [x, f"gamma{i}", f"beta{i}"], [p + "n"], name=p + "norm",
+                                       axis=-1),
+                      helper.make_node("MatMul", [p + "n", f"gate{i}"], [p + "g"], name=p + "gate_proj"),
+                      helper.make_node("Sigmoid", [p + "g"], [p + "sg"], name=p + "sigmoid"),
+                      helper.make_node("Mul", [p + "g", p + "sg"], [p + "silu"], name=p + "silu"),
+                      helper.make_node("MatMul", [p + "n", f"up{i}"], [p + "u"], name=p + "up_proj"),
+                      helper.make_node("Mul", [p + "silu", p + "u"], [p + "h"], name=p + "gated"),
+                      helper.make_node("MatMul", [p + "h", f"down{i}"], [p + "d"], name=p + "down_proj"),
+                      helper.make_node("Add", [x, p + "d"], [p + "y"], name=p + "residual")]
+            x = p + "y"
+        shape = ["B", STACK_TOKENS, DECODER_WIDTH]
+        graph = helper.make_graph(nodes, "decoder", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)], tensors)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, fp32)
+        np.savez(calib, x=rng.standard_normal((32, STACK_TOKENS, DECODER_WIDTH), np.float32))
+    feeds = [{"x": rng.standard_normal((1, STACK_TOKENS, DECODER_WIDTH), np.float32)} for _ in range(8)]
+    return fp32, calib, feeds
+
+
 def commands(fp32: Path, calib: Path, folder: Path, tools: list[str], max_drop: float) -> dict[str, list[str]]:
     ours = [str(CLI), "compress-weights", str(fp32), "--no-progress"]
     table = {
@@ -95,6 +138,8 @@ def commands(fp32: Path, calib: Path, folder: Path, tools: list[str], max_drop: 
                               "-o", str(folder / "onnxcompress-int4.onnx")],
         "onnxcompress-int4-data": [*ours, "--mode", "int4_sym", "--group-size", "128", "--data", str(calib),
                                    "-o", str(folder / "onnxcompress-int4-data.onnx")],
+        "onnxcompress-int4-data-noawq": [*ours, "--mode", "int4_sym", "--group-size", "128", "--data", str(calib),
+                                         "--no-awq", "-o", str(folder / "onnxcompress-int4-data-noawq.onnx")],
         # Accuracy control: the fewest 4-bit tables to INT8 that keep the outputs' cosine to FP32 within max_drop.
         "onnxcompress-int4-controlled": [*ours, "--mode", "int4_sym", "--group-size", "128", "--max-drop",
                                          str(max_drop), "--metric", "cosine", "--eval-data", str(folder / "eval.npz"),
@@ -104,6 +149,7 @@ def commands(fp32: Path, calib: Path, folder: Path, tools: list[str], max_drop: 
         for mode, bits in (("int8", "int8"), ("int4_sym", "int4")):
             table[f"{tool}-{bits}"] = [str(PEERS_PYTHON), str(PEER_SCRIPT), "--tool", tool, str(fp32), "--mode", mode,
                                        "--group-size", "128", "-o", str(folder / f"{tool}-{bits}.onnx")]
+    table["nncf-int4-data"] = [*table["nncf-int4"][:-2], "--data", str(calib), "-o", str(folder / "nncf-int4-data.onnx")]
     return {tool: table[tool] for tool in tools}
 
 
@@ -155,7 +201,10 @@ def latencies(files: dict[str, Path], feed: dict[str, np.ndarray], rounds: int) 
 
 
 def run_case(name: str, tools: list[str], rounds: int, repeats: int, max_drop: float) -> dict:
-    fp32, calib, feeds = encoder_case() if name == "encoder" else stack_case(int(name[5:] or STACK_LAYERS))
+    if name in ("encoder", "decoder"):
+        fp32, calib, feeds = encoder_case() if name == "encoder" else decoder_case()
+    else:
+        fp32, calib, feeds = stack_case(int(name[5:] or STACK_LAYERS))
     folder = WORK / name / "out"
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "eval.npz", **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
@@ -192,8 +241,9 @@ def run_case(name: str, tools: list[str], rounds: int, repeats: int, max_drop: f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_DIR / "bench" / "out" / "weight_compression.json")
-    parser.add_argument("--cases", default="encoder,stack", help="encoder, stack (16 layers, 1.07 GB) or stackN "
-                        "(N layers of 67 MB: stack34 is 2.28 GB, over protobuf's 2 GB limit)")
+    parser.add_argument("--cases", default="encoder,stack", help="encoder, stack (16 layers, 1.07 GB), stackN "
+                        "(N layers of 67 MB: stack34 is 2.28 GB, over protobuf's 2 GB limit) or decoder (8 pre-norm "
+                        "gated MLP blocks with outlier LayerNorm channels, 277 MB)")
     parser.add_argument("--tools", default="onnxcompress-int8,onnxcompress-int4,onnxcompress-int4-data,nncf-int8,"
                                            "nncf-int4,ort-int8,ort-int4")
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds (all files interleaved)")

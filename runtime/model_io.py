@@ -24,7 +24,7 @@ import mmap
 import os
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
@@ -317,13 +317,49 @@ def _convert_opset(model: onnx.ModelProto, lowest: int, highest: int) -> onnx.Mo
         target, problem = lowest, f"opset {opset.version} is too old to upgrade to {lowest}"
     else:
         target, problem = highest, f"opset {opset.version} is too new to convert down to {highest}"
-    try:
-        converted = onnx.version_converter.convert_version(model, target)
-    # The converter is C++ whose failures surface as assorted, undocumented exception types.
-    except Exception as exc:
-        raise UnsupportedModelError(f"{problem}: {exc}") from exc
+    with _large_tables_set_aside(model) as restore:
+        try:
+            converted = onnx.version_converter.convert_version(model, target)
+        # The converter is C++ whose failures surface as assorted, undocumented exception types.
+        except Exception as exc:
+            raise UnsupportedModelError(f"{problem}: {exc}") from exc
+        restore(converted)
     _require_ops_exist(converted, target, problem)
     return converted
+
+
+#: Initializers at least this large leave the model while the version converter copies it (its adapters read
+#: small constants only, such as shapes and axes).
+_SET_ASIDE_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def _large_tables_set_aside(model: onnx.ModelProto) -> Iterator[Callable[[onnx.ModelProto], None]]:
+    """Move the main graph's large in-memory initializers out of `model` (leaving external-data stubs, as a model
+    loaded without its external data has), so that the converter's serialized copies of the model hold no weights;
+    yield a function that puts them into the converted model. `model` gets them back on exit, whatever happens."""
+    aside: dict[str, bytes] = {}
+
+    def restore(target: onnx.ModelProto) -> None:
+        for tensor in target.graph.initializer:
+            if tensor.name in aside and _is_external(tensor):
+                _put_back(tensor, aside[tensor.name])
+
+    try:
+        for tensor in model.graph.initializer:
+            if not _is_external(tensor) and len(tensor.raw_data) >= _SET_ASIDE_BYTES:
+                aside[tensor.name] = tensor.raw_data
+                onnx.external_data_helper.set_external_data(tensor, location="set-aside")
+                tensor.ClearField("raw_data")
+        yield restore
+    finally:
+        restore(model)
+
+
+def _put_back(tensor: onnx.TensorProto, data: bytes) -> None:
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")
+    tensor.raw_data = data
 
 
 def upgrade_opset(model: onnx.ModelProto, lowest: int) -> onnx.ModelProto:

@@ -420,6 +420,36 @@ def test_new_opset_that_cannot_be_converted_down(tmp_path: Path, monkeypatch: py
         load_model(path, target_opset_max=17)
 
 
+def test_the_converter_never_sees_large_tables_and_both_models_keep_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = RNG.standard_normal((512, 1024)).astype(np.float32)  # 2 MB: set aside
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "big",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1024])],
+                              [numpy_helper.from_array(table, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    convert = onnx.version_converter.convert_version
+    seen = []
+
+    def spy(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
+        seen.append(proto.ByteSize())
+        return convert(proto, target)
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", spy)
+    upgraded = model_io.upgrade_opset(model, 21)
+    assert seen[0] < 10_000 and upgraded.opset_import[0].version == 21
+    np.testing.assert_array_equal(numpy_helper.to_array(upgraded.graph.initializer[0]), table)
+    assert model.SerializeToString() == before
+
+    def refuse(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
+        raise RuntimeError("no adapter")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    with pytest.raises(UnsupportedModelError, match="no adapter"):
+        model_io.upgrade_opset(model, 21)
+    assert model.SerializeToString() == before
+
+
 # ---------------------------------------------------------------------------------------------
 # Output paths and failed saves
 # ---------------------------------------------------------------------------------------------
