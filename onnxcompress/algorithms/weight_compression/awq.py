@@ -10,7 +10,7 @@ and gives the rows that matter finer steps. With hₖ = E[xₖ²] (the statistic
     sₖ = (√hₖ)^α / √(max s · min s),   α from ALPHA_GRID,
 
 the α that minimises the error the round-to-nearest tables of all readers of x add, Σₖ (hₖ / sₖ²) ‖sₖ Wₖ − Q(diag(s)
-W)ₖ‖² (α = 0 is s = 1, so never worse by that measure). The clipping search and scale estimation of `scheme.py`
+W)ₖ‖² over a sample of their output channels (α = 0 is s = 1, so never worse by that measure). The clipping search and scale estimation of `scheme.py`
 then run on the scaled tables, with importance h / s².
 
 1/s must not cost an op at run time: it is folded into constants upstream of x by the op table's `output_scaling`
@@ -39,6 +39,10 @@ from onnxcompress.transforms.op_table import OutputScaling, constant_weight, spe
 
 #: Migration strengths tried (0: no scaling).
 ALPHA_GRID = np.linspace(0.0, 1.0, 11)
+
+#: Output channels of each table (evenly spaced) that the search for α rounds: its error ratios, not the levels,
+#: are what it needs.
+SEARCH_CHANNELS = 512
 
 #: Features whose RMS is below this fraction of the largest count as that small: s stays finite.
 _MIN_RELATIVE_RMS = 1e-6
@@ -135,8 +139,8 @@ def scale_activations(graph: gs.Graph, layers: Sequence[CompressibleLayer], targ
         energy = importance.get(target.activation)
         if energy is None or energy.shape != (target.features,):
             continue
-        scale = _best_scale([scaling.oriented(layer, read(layer)) for layer in target.readers], energy, mode,
-                            group_size)
+        scale = _best_scale([_sampled(scaling.oriented(layer, read(layer))) for layer in target.readers], energy,
+                            mode, group_size)
         if scale is None:
             continue
         for layer in target.readers:
@@ -177,6 +181,12 @@ def _best_scale(tables: Sequence[np.ndarray], energy: np.ndarray, mode: WeightMo
         if candidate < least:
             best, least = scale, candidate
     return None if best is None else best.astype(np.float32)
+
+
+def _sampled(table: np.ndarray) -> np.ndarray:
+    """At most SEARCH_CHANNELS rows of an oriented table, evenly spaced."""
+    step = -(-table.shape[0] // SEARCH_CHANNELS)
+    return np.ascontiguousarray(table[::step])
 
 
 def _divided(constant: gs.Constant, axis: int, scale: np.ndarray) -> np.ndarray:
