@@ -48,7 +48,7 @@ from onnxcompress.data import calibration_batches, count_samples, model_inputs, 
 from onnxcompress.errors import ConfigError, DatasetError, EvaluationError
 from onnxcompress.evaluation.accuracy_control import ControlResult, control_accuracy
 from onnxcompress.evaluation.cache import ScoreCache
-from onnxcompress.evaluation.hessian import hessian_traces
+from onnxcompress.evaluation.hessian import Loss, hessian_traces
 from onnxcompress.evaluation.metrics import BUILTIN, EvalSet, resolve_metric
 from onnxcompress.evaluation.noise import noise_ranking
 from onnxcompress.evaluation.parallel import make_evaluator
@@ -158,8 +158,9 @@ def sensitivity(model: ModelLike, dataset: Any = None, config: QuantizationConfi
                     progress=progress).items()}
         second_order = {}
         if hessian:
-            traces = hessian_traces(export_graph(plan.graph, proto), _labelled_batches(data, reference),
-                                    hessian_weights(plan), progress=progress)
+            batches, loss = _hessian_batches(data, reference)
+            traces = hessian_traces(export_graph(plan.graph, proto), batches, hessian_weights(plan), loss=loss,
+                                    progress=progress)
             costs = four_bit_hawq_costs(plan, traces)
             nodes = {n.name: n for n in plan.graph.nodes}
             second_order = {units[i]: (traces[nodes[c.node].inputs[c.port].name], costs[c.node])
@@ -252,8 +253,9 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
         predicted = None
         if criterion is BitCriterion.HESSIAN:
-            traces = hessian_traces(export_graph(plan.graph, proto), _labelled_batches(data, reference),
-                                    hessian_weights(plan), progress=progress)
+            batches, loss = _hessian_batches(data, reference)
+            traces = hessian_traces(export_graph(plan.graph, proto), batches, hessian_weights(plan), loss=loss,
+                                    progress=progress)
             predicted = four_bit_hawq_costs(plan, traces)
         macs = None
         if max_bit_complexity is not None:
@@ -274,30 +276,33 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
     return result
 
 
-def _labelled_batches(data: EvalSet | None, reference: Path) -> list[tuple[dict[str, Any], Any]]:
-    """The first `HESSIAN_SAMPLES` evaluation samples with their labels, or with the float model's top-1 where the
-    data has none."""
+def _hessian_batches(data: EvalSet | None, reference: Path) -> tuple[list[tuple[dict[str, Any], Any]], Loss]:
+    """The first `HESSIAN_SAMPLES` evaluation samples and the loss the Hessian is taken of: cross-entropy with their
+    labels, or with the float model's top-1 where the data has none and the first output is [batch, classes]
+    logits; otherwise the squared error to the float model's first output."""
     if data is None:
         raise DatasetError("the Hessian criterion needs evaluation samples: pass --eval-data or an .npz as --data")
     session = None if data.labels is not None else ort.InferenceSession(str(reference),
                                                                          providers=["CPUExecutionProvider"])
-    batches, taken = [], 0
+    batches, taken, loss = [], 0, "cross_entropy"
     for feeds in data.feeds:
         count = min(len(next(iter(feeds.values()))), HESSIAN_SAMPLES - taken)
         if count <= 0:
             break
         feeds = {name: array[:count] for name, array in feeds.items()}
         if session is None:
-            labels = np.asarray(data.labels[taken:taken + count], np.int64)
+            targets = np.asarray(data.labels[taken:taken + count], np.int64)
         else:
-            logits = session.run(None, feeds)[0]
-            if logits.ndim != 2:
-                raise EvaluationError(f"the Hessian criterion trains a classifier's cross-entropy: the first output "
-                                      f"must be [batch, classes] logits, not of shape {list(logits.shape)}")
-            labels = logits.argmax(1).astype(np.int64)
-        batches.append((feeds, labels))
+            output = session.run(None, feeds)[0]
+            if not np.issubdtype(output.dtype, np.floating):
+                raise EvaluationError(f"the Hessian criterion differentiates the model's first output, which is "
+                                      f"{output.dtype}: it needs labels (top-1) or a float output")
+            if output.ndim != 2:
+                loss = "mse"
+            targets = output.argmax(1).astype(np.int64) if loss == "cross_entropy" else output
+        batches.append((feeds, targets))
         taken += count
-    return batches
+    return batches, loss
 
 
 def _plan_quantization(model: ModelLike, dataset: Any, config: QuantizationConfig, progress: bool, *,

@@ -8,7 +8,9 @@ perturbed at once with independent probes, and each weight's own product vᵀ(H 
 
 A weight's HAWQ-v2 sensitivity at b bits is Ω_b = Tr(H)/n · ‖Q_b(W) − W‖²: the loss increase its quantization
 error costs to second order. The loss is cross-entropy on the model's first output (a classifier's logits) with
-the data's labels, or with the float model's own top-1 where the data has none.
+the data's labels (or the float model's own top-1), or for other models the mean squared error of the first
+output to the float model's: there the gradient vanishes at the float weights and H is the Gauss-Newton matrix
+2/m · JᵀJ of the output's m values, the output error a weight perturbation makes to second order.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -32,12 +35,15 @@ from onnxcompress.training.trainer import trainable_form
 RELATIVE_STEP = 1e-3
 
 Batch = tuple[Mapping[str, np.ndarray], np.ndarray]
+Loss = Literal["cross_entropy", "mse"]
 
 
 def hessian_traces(model: onnx.ModelProto, batches: Sequence[Batch], weights: Sequence[str], *, probes: int = 8,
-                   seed: int = 0, runtime: TrainingRuntime | None = None, progress: bool = True) -> dict[str, float]:
-    """Tr(H)/n of the mean cross-entropy on `batches` ((feeds, int64 labels) pairs) for each named initializer
-    of `model` (float, IR <= 10, opset <= 21), averaged over `probes` Rademacher probes."""
+                   loss: Loss = "cross_entropy", seed: int = 0, runtime: TrainingRuntime | None = None,
+                   progress: bool = True) -> dict[str, float]:
+    """Tr(H)/n of the mean `loss` on `batches` ((feeds, labels) pairs: int64 class labels for cross-entropy,
+    float targets shaped like the first output for mse) for each named initializer of `model` (float, IR <= 10,
+    opset <= 21), averaged over `probes` Rademacher probes."""
     if probes < 1:
         raise EvaluationError(f"the Hessian estimate needs at least one probe, got {probes}")
     if not batches:
@@ -52,7 +58,7 @@ def hessian_traces(model: onnx.ModelProto, batches: Sequence[Batch], weights: Se
         copy.CopyFrom(model)
         path = save_model(trainable_form(copy), Path(tmp) / "model.onnx")
         artifacts = session.generate_artifacts(path, Path(tmp) / "artifacts", trainable=list(weights),
-                                               loss="cross_entropy")
+                                               loss=loss)
         session.open(artifacts.directory)
         base = session.get_parameters(weights)
         steps = {w: RELATIVE_STEP * max(float(np.sqrt(np.mean(np.square(base[w], dtype=np.float64)))), 1e-8)

@@ -102,7 +102,7 @@ def rounding_error(table: np.ndarray, mode: WeightMode, block: int, importance: 
     rows, total = max(1, _CHUNK_VALUES // max(k, 1)), 0.0
     for start in range(0, channels, rows):
         blocks = np.asarray(table[start:start + rows], np.float32).reshape(-1, k // block, block)
-        q, scale, zero = _quantize(blocks, levels, 1.0)
+        q, scale, zero = _quantize(blocks, _ranges(blocks, levels), levels, 1.0)
         total += float((weighting * (blocks - _dequantize(q, scale, zero)) ** 2).sum(dtype=np.float64))
     return total
 
@@ -112,14 +112,14 @@ def _compress_rows(rows: np.ndarray, levels: Levels, block: int, weights: np.nda
     """Levels, scales, zero-points, weighted squared error and weighted squared norm of some rows."""
     blocks = rows.reshape(rows.shape[0], -1, block)
     weighting = np.ones((1, 1, block), np.float32) if weights is None else weights[None]
-    best = None
-    for clip in (CLIP_GRID if weights is not None else CLIP_GRID[:1]):
-        q, scale, zero = _quantize(blocks, levels, float(clip))
-        error = (weighting * (blocks - _dequantize(q, scale, zero)) ** 2).sum(axis=-1)
-        if best is None:
-            best = [q, scale, zero, error]
-        else:
-            _keep_better(best, q, scale, zero, error)
+    ranges = _ranges(blocks, levels)
+    clip = np.float32(1.0)
+    if weights is not None:  # each block's clipping factor with the least error, the first of equals
+        errors = [(weighting * (blocks - _dequantize(*_quantize(blocks, ranges, levels, c))) ** 2).sum(axis=-1)
+                  for c in CLIP_GRID]
+        clip = CLIP_GRID[np.argmin(np.stack(errors), axis=0)]
+    q, scale, zero = _quantize(blocks, ranges, levels, clip)
+    best = [q, scale, zero, (weighting * (blocks - _dequantize(q, scale, zero)) ** 2).sum(axis=-1)]
     if weights is not None:
         for _ in range(REFITS):
             _refit(blocks, levels, weighting, best)
@@ -151,13 +151,21 @@ def _refit(blocks: np.ndarray, levels: Levels, weighting: np.ndarray, best: list
         _keep_better(best, levels_on_scale, scale, zero, error)
 
 
-def _quantize(blocks: np.ndarray, levels: Levels, clip: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ranges(blocks: np.ndarray, levels: Levels) -> tuple[np.ndarray, ...]:
+    """What each block's scale derives from: its value of largest magnitude (symmetric), or its min and max."""
     if levels.symmetric:
-        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
-        scale = clip * extreme / levels.low
+        return (np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0],)
+    return blocks.min(axis=-1), blocks.max(axis=-1)
+
+
+def _quantize(blocks: np.ndarray, ranges: tuple[np.ndarray, ...], levels: Levels, clip: np.ndarray | float
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Levels, scale and zero-point of each block at clipping factor `clip` (one, or one per block)."""
+    if levels.symmetric:
+        scale = clip * ranges[0] / levels.low
         zero = np.zeros_like(scale)
     else:
-        low, high = clip * blocks.min(axis=-1), clip * blocks.max(axis=-1)
+        low, high = clip * ranges[0], clip * ranges[1]
         scale = (high - low) / (levels.high - levels.low)
     scale = np.where(scale != 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale gives levels 0
     if not levels.symmetric:
