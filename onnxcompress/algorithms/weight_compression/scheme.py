@@ -49,7 +49,7 @@ LEVELS: dict[WeightMode, Levels] = {
 CLIP_GRID = np.linspace(1.0, 0.5, 11, dtype=np.float32)
 
 #: Least-squares scale refits after the clipping search (each: refit the scale, re-round the levels).
-REFITS = 3
+REFITS = 2
 
 #: Values compressed at once: bounds the temporary float arrays of a large table to ~16 MB each.
 _CHUNK_VALUES = 1 << 22
