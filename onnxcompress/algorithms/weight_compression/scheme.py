@@ -83,7 +83,7 @@ def compress_table(table: np.ndarray, mode: WeightMode, block: int, importance: 
     levels = LEVELS[mode]
     weights = None if importance is None else np.asarray(importance, np.float32).reshape(k // block, block)
     rows = max(1, _CHUNK_VALUES // max(k, 1))
-    parts = [_compress_rows(np.asarray(table[start:start + rows], np.float32), levels, block, weights)
+    parts = [_compress_rows(np.ascontiguousarray(table[start:start + rows], np.float32), levels, block, weights)
              for start in range(0, channels, rows)]
     error = sum(p[3] for p in parts)
     reference = sum(p[4] for p in parts)
@@ -101,7 +101,7 @@ def rounding_error(table: np.ndarray, mode: WeightMode, block: int, importance: 
     weighting = np.asarray(importance, np.float32).reshape(1, k // block, block)
     rows, total = max(1, _CHUNK_VALUES // max(k, 1)), 0.0
     for start in range(0, channels, rows):
-        blocks = np.asarray(table[start:start + rows], np.float32).reshape(-1, k // block, block)
+        blocks = np.ascontiguousarray(table[start:start + rows], np.float32).reshape(-1, k // block, block)
         q, scale, zero = _quantize(blocks, _ranges(blocks, levels), levels, 1.0)
         total += float((weighting * (blocks - _dequantize(q, scale, zero)) ** 2).sum(dtype=np.float64))
     return total
