@@ -167,3 +167,51 @@ def test_the_command_says_which_activations_it_scaled(tmp_path) -> None:
                                         "--data", str(data), "--no-awq", "-o", str(tmp_path / "plain.onnx"),
                                         "--no-progress"])
     assert unscaled.exit_code == 0 and "activation-aware" not in unscaled.output
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("gemm_compressed", [True, False])
+def test_a_gemm_maker_takes_1_over_s_in_its_output_channels_and_bias(trans_b: int, gemm_compressed: bool) -> None:
+    """x → Gemm(W₁, b₁) → MatMul(W₂): the Gemm's table (in either layout; divided as it is read when compressed, by
+    a command when left alone) and its bias take 1/s, and the float model computes what it did."""
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((HIDDEN, FFN) if not trans_b else (FFN, HIDDEN)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["g"], name="gemm", transB=trans_b),
+             helper.make_node("MatMul", ["g", "w2"], ["y"], name="matmul")]
+    graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", HIDDEN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", HIDDEN])],
+                              [numpy_helper.from_array(w1, "w1"),
+                               numpy_helper.from_array(rng.standard_normal(FFN).astype(np.float32), "b1"),
+                               numpy_helper.from_array(rng.standard_normal((FFN, HIDDEN)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    x = np.random.default_rng(5).standard_normal((16, HIDDEN)).astype(np.float32)
+    g = run_tensor(model, "g", x)
+    g[:, :8] *= 30  # outlier features
+    stats = {"g": np.square(g).mean(axis=0).astype(np.float32)}
+    scaled_graph = gs.import_onnx(model)
+    layers = compressible_layers(scaled_graph, frozenset() if gemm_compressed else frozenset({"gemm"}))
+    nodes_by_name = {node.name: node for node in scaled_graph.nodes}
+
+    def read(layer):
+        return peek_values(nodes_by_name[layer.node].inputs[layer.layout.port])
+
+    targets = scaling_targets(scaled_graph, [layer for layer in layers if layer.node == "matmul"])
+    assert [(t.activation, {(f.node, f.port) for f in t.folds}) for t in targets] == [("g", {("gemm", 1),
+                                                                                              ("gemm", 2)})]
+    scaling = scale_activations(scaled_graph, layers, targets, read, stats, WeightMode.INT4_SYM, 64)
+    assert scaling.scaled == ["g"]
+    assert ("w1" in scaling.columns) == gemm_compressed
+    tables = [SetConstantInput(layer.node, layer.layout.port, scaling.reader(read)(layer)) for layer in layers]
+    apply_commands(scaled_graph, [*scaling.commands, *tables])
+    np.testing.assert_allclose(run_tensor(gs.export_onnx(scaled_graph), "y", x), run_tensor(model, "y", x),
+                               rtol=1e-3, atol=1e-3)
+
+
+def run_tensor(model: onnx.ModelProto, name: str, x: np.ndarray) -> np.ndarray:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    if name not in [o.name for o in probe.graph.output]:
+        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([name], {"x": x})[0]
