@@ -215,3 +215,21 @@ def run_tensor(model: onnx.ModelProto, name: str, x: np.ndarray) -> np.ndarray:
         probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run([name], {"x": x})[0]
+
+
+def test_accuracy_controls_candidates_keep_the_folded_scales() -> None:
+    from onnxcompress.algorithms.weight_compression.oneshot import plan_compression
+
+    data = [{"x": inputs(8, seed)} for seed in range(4)]
+    config = WeightCompressionConfig(mode="int4_sym", group_size=64, all_layers=True)
+    planned = plan_compression(build_block(), config, data, progress=False)
+    assert planned.plan.scaled_activations == ("h", "n") and set(planned.plan.four_bit) >= {"gate_proj", "up_proj"}
+    test = inputs(16, 9)
+    reference = run(build_block(), test)
+    errors = {}
+    for relaxed in ((), ("gate_proj", "up_proj", "down_proj")):
+        model = planned.apply(relaxed).model
+        gamma = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "gamma"))
+        assert not np.allclose(gamma[list(OUTLIERS)], 25.0)  # 1/s stays folded in every candidate
+        errors[relaxed] = np.square(run(model, test) - reference).mean()
+    assert errors[("gate_proj", "up_proj", "down_proj")] < 0.1 * errors[()]
