@@ -16,12 +16,14 @@ def set_constant_input(node: gs.Node, port: int, values: np.ndarray) -> None:
     """Give `node` constant input `port` with `values`, appending it when it is the next missing input.
 
     A constant read only by `node` is updated in place and keeps its name, so folding passes do not grow names
-    (and the file) with every rewrite; a shared constant is left alone and `node` gets its own copy.
+    (and the file) with every rewrite; a shared constant is left alone and `node` gets its own copy. A constant
+    that was read from external data holds its new values in memory.
     """
     if port < len(node.inputs):
         current = node.inputs[port]
         if isinstance(current, gs.Constant) and current.outputs == [node]:
             current.values = np.asarray(values)
+            current.data_location = None
             return
     set_input(node, port, gs.Constant(f"{node.name}_in{port}", np.asarray(values)))
 

@@ -233,3 +233,20 @@ def test_accuracy_controls_candidates_keep_the_folded_scales() -> None:
         assert not np.allclose(gamma[list(OUTLIERS)], 25.0)  # 1/s stays folded in every candidate
         errors[relaxed] = np.square(run(model, test) - reference).mean()
     assert errors[("gate_proj", "up_proj", "down_proj")] < 0.1 * errors[()]
+
+
+def test_a_block_in_external_data_is_scaled_as_the_same_block_in_memory(tmp_path) -> None:
+    import onnxcompress
+
+    onnx.save(build_block(), tmp_path / "block.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    np.savez(tmp_path / "calib.npz", x=inputs(8, 0))
+    settings = {"mode": "int4_sym", "group_size": 64, "all_layers": True}
+    expected = compress_model(build_block(), WeightCompressionConfig(**settings),
+                              [{"x": inputs(8, 0)[i:i + 1]} for i in range(8)], progress=False)
+    result = onnxcompress.compress_weights(tmp_path / "block.onnx", tmp_path / "calib.npz", progress=False,
+                                           **settings)
+    assert result.scaled_activations == expected.scaled_activations == ("h", "n")
+    saved = result.save(tmp_path / "out.onnx")
+    test = inputs(4, 9)
+    np.testing.assert_array_equal(run(onnx.load(saved), test), run(expected.model, test))
