@@ -33,8 +33,8 @@ test: setup training-runtime
 ## without VNNI the native run has just run them on such a CPU.
 NO_VNNI_CPU := Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-rtm,-invpcid
 test-no-vnni: setup
-	@if ! grep -qwE 'avx512_vnni|avx_vnni' /proc/cpuinfo 2>/dev/null && [ "$$(uname -m)" = x86_64 ]; then \
-		echo "SKIPPED the emulated no-VNNI run: this CPU has no VNNI, so the native run covered it"; \
+	@if [ -r /proc/cpuinfo ] && [ "$$(uname -m)" = x86_64 ] && ! grep -qwE 'avx512_vnni|avx_vnni' /proc/cpuinfo; then \
+		echo "SKIPPED the emulated no-VNNI run: this CPU has no VNNI, so the native test run covers it"; \
 	elif command -v qemu-x86_64 >/dev/null; then \
 		qemu-x86_64 -cpu $(NO_VNNI_CPU) $(BIN)/python -m pytest -q -p no:cacheprovider \
 			tests/algorithms/test_int16_pairs.py tests/algorithms/test_ptq.py -k "not in_float_evaluation"; \

@@ -278,7 +278,7 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
 
 def _hessian_batches(data: EvalSet | None, reference: Path) -> tuple[list[tuple[dict[str, Any], Any]], Loss]:
     """The first `HESSIAN_SAMPLES` evaluation samples and the loss the Hessian is taken of: cross-entropy with their
-    labels, or with the float model's top-1 where the data has none and the first output is [batch, classes]
+    labels, or with the float model's top-1 where the data has none and the first output is [batch, classes ≥ 2]
     logits; otherwise the squared error to the float model's first output."""
     if data is None:
         raise DatasetError("the Hessian criterion needs evaluation samples: pass --eval-data or an .npz as --data")
@@ -297,7 +297,7 @@ def _hessian_batches(data: EvalSet | None, reference: Path) -> tuple[list[tuple[
             if not np.issubdtype(output.dtype, np.floating):
                 raise EvaluationError(f"the Hessian criterion differentiates the model's first output, which is "
                                       f"{output.dtype}: it needs labels (top-1) or a float output")
-            if output.ndim != 2:
+            if taken == 0 and (output.ndim != 2 or output.shape[1] < 2):  # one logit has no cross-entropy
                 loss = "mse"
             targets = output.argmax(1).astype(np.int64) if loss == "cross_entropy" else output
         batches.append((feeds, targets))
@@ -387,7 +387,8 @@ def compress_weights(model: ModelLike, dataset: Any = None, config: WeightCompre
     most sensitive tables in INT8 (`ratio`); activations stay float.
 
     Without `dataset` the levels are rounded to nearest; with it (calibration data as for `quantize`), each block's
-    clipping minimises the output error its input features' E[x²] predicts. `options` are WeightCompressionConfig
+    clipping and scale minimise the output error its input features' E[x²] predicts, and in the 4-bit modes the
+    tables take AWQ's activation-aware scales where they fold upstream (`activation_scaling`). `options` are WeightCompressionConfig
     fields (e.g. mode="int4_sym", group_size=64) and override `config`. The result holds the model and what each
     table became; `result.save(path)` writes it (streaming what stayed in the input's external data).
     """
@@ -400,7 +401,8 @@ def compress_weights(model: ModelLike, dataset: Any = None, config: WeightCompre
     batches, total = _weight_batches(proto, dataset, config)
     result = compress_model(proto, config, batches, total=total, progress=progress, source=source)
     record_compression(result.model, [{"algorithm": "weight_compression", "data_aware": dataset is not None,
-                                       **config.model_dump(mode="json")}])
+                                       **config.model_dump(mode="json"),
+                                       "scaled_activations": list(result.scaled_activations)}])
     return result
 
 
@@ -448,6 +450,7 @@ def compress_weights_with_accuracy_control(model: ModelLike, dataset: Any = None
     compressed = planned.apply(control.float_units)
     record_compression(compressed.model, [{"algorithm": "weight_compression", "data_aware": dataset is not None,
                                            **config.model_dump(mode="json"),
+                                           "scaled_activations": list(compressed.scaled_activations),
                                            "accuracy_control": {"max_drop": max_drop,
                                                                 "int8_tables": list(control.labels)}}])
     return WeightControlResult(control, compressed)

@@ -331,6 +331,8 @@ def _convert_opset(model: onnx.ModelProto, lowest: int, highest: int) -> onnx.Mo
 #: Initializers at least this large leave the model while the version converter copies it (its adapters read
 #: small constants only, such as shapes and axes).
 _SET_ASIDE_BYTES = 1 << 20
+#: The location their stubs name: no file can have it.
+_SET_ASIDE = "\0set-aside"
 
 
 @contextlib.contextmanager
@@ -344,12 +346,15 @@ def _large_tables_set_aside(model: onnx.ModelProto) -> Iterator[Callable[[onnx.M
         for tensor in target.graph.initializer:
             if tensor.name in aside and _is_external(tensor):
                 _put_back(tensor, aside[tensor.name])
+        if any(_is_external(t) and _SET_ASIDE in {e.value for e in t.external_data} for t in _tensors(target)):
+            raise UnsupportedModelError("the version converter moved or renamed initializers; the converted model "
+                                        "would lose their values")
 
     try:
         for tensor in model.graph.initializer:
             if not _is_external(tensor) and len(tensor.raw_data) >= _SET_ASIDE_BYTES:
                 aside[tensor.name] = tensor.raw_data
-                onnx.external_data_helper.set_external_data(tensor, location="set-aside")
+                onnx.external_data_helper.set_external_data(tensor, location=_SET_ASIDE)
                 tensor.ClearField("raw_data")
         yield restore
     finally:

@@ -112,7 +112,8 @@ def test_the_scaled_float_model_computes_what_the_original_does() -> None:
     tables = [SetConstantInput(layer.node, layer.layout.port, scaling.reader(read)(layer)) for layer in layers]
     apply_commands(graph, [*scaling.commands, *tables])
     scaled = gs.export_onnx(graph)
-    assert not np.allclose(numpy_helper.to_array(scaled.graph.initializer[0]), 1.0)  # γ took 1/s
+    gamma = numpy_helper.to_array(next(t for t in scaled.graph.initializer if t.name == "gamma"))
+    assert not np.allclose(gamma[list(OUTLIERS)], 25.0)  # γ took 1/s
     x = inputs(4, 2)
     np.testing.assert_allclose(run(scaled, x), run(model, x), rtol=1e-4, atol=1e-4)
     # E[x²] as the scaled model sees it is what the planner weighs the scaled tables' errors by.
@@ -170,10 +171,9 @@ def test_the_command_says_which_activations_it_scaled(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
-@pytest.mark.parametrize("gemm_compressed", [True, False])
-def test_a_gemm_maker_takes_1_over_s_in_its_output_channels_and_bias(trans_b: int, gemm_compressed: bool) -> None:
-    """x → Gemm(W₁, b₁) → MatMul(W₂): the Gemm's table (in either layout; divided as it is read when compressed, by
-    a command when left alone) and its bias take 1/s, and the float model computes what it did."""
+def test_a_gemm_maker_takes_1_over_s_in_its_output_channels_and_bias(trans_b: int) -> None:
+    """x → Gemm(W₁, b₁) → MatMul(W₂): the Gemm's table (in either layout, divided as it is read) and its bias (by a
+    command) take 1/s, and the float model computes what it did; an ignored Gemm keeps its constants."""
     rng = np.random.default_rng(4)
     w1 = rng.standard_normal((HIDDEN, FFN) if not trans_b else (FFN, HIDDEN)).astype(np.float32)
     nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["g"], name="gemm", transB=trans_b),
@@ -190,18 +190,20 @@ def test_a_gemm_maker_takes_1_over_s_in_its_output_channels_and_bias(trans_b: in
     g[:, :8] *= 30  # outlier features
     stats = {"g": np.square(g).mean(axis=0).astype(np.float32)}
     scaled_graph = gs.import_onnx(model)
-    layers = compressible_layers(scaled_graph, frozenset() if gemm_compressed else frozenset({"gemm"}))
+    layers = compressible_layers(scaled_graph)
     nodes_by_name = {node.name: node for node in scaled_graph.nodes}
 
     def read(layer):
         return peek_values(nodes_by_name[layer.node].inputs[layer.layout.port])
 
-    targets = scaling_targets(scaled_graph, [layer for layer in layers if layer.node == "matmul"])
+    readers = [layer for layer in layers if layer.node == "matmul"]
+    assert scaling_targets(scaled_graph, readers, frozenset({"gemm"})) == []
+    targets = scaling_targets(scaled_graph, readers)
     assert [(t.activation, {(f.node, f.port) for f in t.folds}) for t in targets] == [("g", {("gemm", 1),
                                                                                               ("gemm", 2)})]
     scaling = scale_activations(scaled_graph, layers, targets, read, stats, WeightMode.INT4_SYM, 64)
-    assert scaling.scaled == ["g"]
-    assert ("w1" in scaling.columns) == gemm_compressed
+    assert scaling.scaled == ["g"] and set(scaling.columns) == {"w1"}
+    assert [(c.node, c.port) for c in scaling.commands] == [("gemm", 2)]
     tables = [SetConstantInput(layer.node, layer.layout.port, scaling.reader(read)(layer)) for layer in layers]
     apply_commands(scaled_graph, [*scaling.commands, *tables])
     np.testing.assert_allclose(run_tensor(gs.export_onnx(scaled_graph), "y", x), run_tensor(model, "y", x),
@@ -250,3 +252,65 @@ def test_a_block_in_external_data_is_scaled_as_the_same_block_in_memory(tmp_path
     saved = result.save(tmp_path / "out.onnx")
     test = inputs(4, 9)
     np.testing.assert_array_equal(run(onnx.load(saved), test), run(expected.model, test))
+
+
+def _two_products(combine: list[onnx.NodeProto], extra_outputs: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """x → MatMul(A) = a, x → MatMul(B) = b, `combine` makes t, t → MatMul(W) = y (the reader AWQ scales)."""
+    rng = np.random.default_rng(6)
+    initializers = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+                    for name, shape in (("A", (HIDDEN, FFN)), ("B", (HIDDEN, FFN)), ("W", (FFN, HIDDEN)),
+                                        ("c", (FFN,)))]
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["a"], name="make_a"),
+             helper.make_node("MatMul", ["x", "B"], ["b"], name="make_b"), *combine,
+             helper.make_node("MatMul", ["t", "W"], ["y"], name="reader"),
+             helper.make_node("ReduceSum", ["b", "axes"], ["b_sum"], name="b_sink", keepdims=0)]
+    initializers.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "b_sum", *extra_outputs)]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", HIDDEN])],
+                              outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize(("combine", "expected"), [
+    ([helper.make_node("Sub", ["c", "a"], ["t"])], {("make_a", 1), ("sub", 0)}),
+    ([helper.make_node("Sub", ["a", "c"], ["t"])], {("make_a", 1), ("sub", 1)}),
+    ([helper.make_node("Mul", ["a", "c"], ["t"])], {("mul", 1)}),  # the constant, not the product's maker
+    ([helper.make_node("Add", ["a", "a2"], ["t"]), helper.make_node("Relu", ["x"], ["xr"]),
+      helper.make_node("MatMul", ["xr", "A2"], ["a2"], name="make_a2")], {("make_a", 1), ("make_a2", 1)}),
+], ids=["const-minus-product", "product-minus-const", "product-times-const", "sum-of-two-products"])
+def test_sums_differences_and_products_fold_exactly(combine: list[onnx.NodeProto], expected: set) -> None:
+    for node in combine:
+        node.name = node.name or node.op_type.lower()
+    model = _two_products(combine)
+    if any(node.name == "make_a2" for node in combine):
+        model.graph.initializer.append(numpy_helper.from_array(
+            np.random.default_rng(7).standard_normal((HIDDEN, FFN)).astype(np.float32), "A2"))
+    graph = gs.import_onnx(model)
+    layers = compressible_layers(graph)
+    targets = scaling_targets(graph, [layer for layer in layers if layer.node == "reader"])
+    assert [{(f.node, f.port) for f in t.folds} for t in targets] == [expected]
+    x = np.random.default_rng(8).standard_normal((16, HIDDEN)).astype(np.float32)
+    t = run_tensor(model, "t", x)
+    t[:, :16] *= 30
+    nodes = {node.name: node for node in graph.nodes}
+
+    def read(layer):
+        return peek_values(nodes[layer.node].inputs[layer.layout.port])
+
+    scaling = scale_activations(graph, layers, targets, read, {"t": np.square(t).mean(0).astype(np.float32)},
+                                WeightMode.INT4_SYM, 64)
+    assert scaling.scaled == ["t"]
+    tables = [SetConstantInput(layer.node, layer.layout.port, scaling.reader(read)(layer)) for layer in layers]
+    apply_commands(graph, [*scaling.commands, *tables])
+    scaled = gs.export_onnx(graph)
+    for name in ("y", "b_sum"):
+        np.testing.assert_allclose(run_tensor(scaled, name, x), run_tensor(model, name, x), rtol=1e-3, atol=1e-2)
+
+
+def test_an_intermediate_that_is_a_graph_output_is_not_rescaled() -> None:
+    model = _two_products([helper.make_node("Add", ["a", "c"], ["t"], name="add")], extra_outputs=("a",))
+    graph = gs.import_onnx(model)
+    layers = compressible_layers(graph)
+    assert scaling_targets(graph, [layer for layer in layers if layer.node == "reader"]) == []

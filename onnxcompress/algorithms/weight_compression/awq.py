@@ -10,7 +10,8 @@ and gives the rows that matter finer steps. With hₖ = E[xₖ²] (the statistic
     sₖ = (√hₖ)^α / √(max s · min s),   α from ALPHA_GRID,
 
 the α that minimises the error the round-to-nearest tables of all readers of x add, Σₖ (hₖ / sₖ²) ‖sₖ Wₖ − Q(diag(s)
-W)ₖ‖² over a sample of their output channels (α = 0 is s = 1, so never worse by that measure). The clipping search and scale estimation of `scheme.py`
+W)ₖ‖² over a sample of their output channels (α = 0 is s = 1: the unscaled tables win unless a scale rounds
+better). The clipping search and scale estimation of `scheme.py`
 then run on the scaled tables, with importance h / s².
 
 1/s must not cost an op at run time: it is folded into constants upstream of x by the op table's `output_scaling`
@@ -44,8 +45,9 @@ ALPHA_GRID = np.linspace(0.0, 1.0, 11)
 #: are what it needs.
 SEARCH_CHANNELS = 512
 
-#: Features whose RMS is below this fraction of the largest count as that small: s stays finite.
-_MIN_RELATIVE_RMS = 1e-6
+#: Features whose RMS is below this fraction of the largest count as that small: a feature the calibration data
+#: hardly activates keeps s within 100× of the others, so its rows are not rounded away.
+_MIN_RELATIVE_RMS = 1e-2
 
 TableReader = Callable[[CompressibleLayer], np.ndarray]
 
@@ -85,15 +87,15 @@ class ActivationScaling:
     #: The activations scaled, in the order chosen.
     scaled: list[str] = field(default_factory=list)
 
-    def oriented(self, layer: CompressibleLayer, values: np.ndarray) -> np.ndarray:
-        """The layer's table as [channels, K] with the scales chosen so far."""
-        table = layer.oriented(values)
+    def oriented(self, layer: CompressibleLayer, values: np.ndarray, step: int = 1) -> np.ndarray:
+        """The layer's table as [channels, K] with the scales chosen so far; every `step`-th channel only."""
+        table = layer.oriented(values)[::step]
         rows, columns = self.rows.get(layer.weight), self.columns.get(layer.weight)
         if rows is not None:
             table = table * rows[None, :]
         if columns is not None:
-            table = table / columns[:, None]
-        return table
+            table = table / columns[::step, None]
+        return np.ascontiguousarray(table)
 
     def reader(self, read: TableReader) -> TableReader:
         """`read` with the scales applied, in each table's own layout."""
@@ -105,9 +107,10 @@ class ActivationScaling:
         return scaled
 
 
-def scaling_targets(graph: gs.Graph, layers: Sequence[CompressibleLayer]) -> list[ScalingTarget]:
-    """The activations read only by `layers` (the 4-bit candidates) whose scale can fold upstream, the last made
-    first."""
+def scaling_targets(graph: gs.Graph, layers: Sequence[CompressibleLayer], ignored: frozenset[str] = frozenset()
+                    ) -> list[ScalingTarget]:
+    """The activations read only by `layers` (the 4-bit candidates) whose scale can fold upstream into nodes not
+    `ignored` (the user's ignored scope keeps its constants as they are), the last made first."""
     nodes = {node.name: node for node in graph.nodes}
     position = {node.name: index for index, node in enumerate(graph.nodes)}
     outputs = {tensor.name for tensor in graph.outputs}
@@ -122,7 +125,7 @@ def scaling_targets(graph: gs.Graph, layers: Sequence[CompressibleLayer]) -> lis
                 any(len(nodes[layer.node].inputs[layer.layout.port].outputs) != 1 for layer in readers):
             continue
         folds = _folds(tensors[activation], [nodes[layer.node] for layer in readers], readers[0].reduction, outputs)
-        if folds:
+        if folds and not {fold.node for fold in folds} & ignored:
             targets.append(ScalingTarget(activation, tuple(readers), tuple(folds)))
     return sorted(targets, key=lambda t: -position[tensors[t.activation].inputs[0].name])
 
@@ -139,8 +142,9 @@ def scale_activations(graph: gs.Graph, layers: Sequence[CompressibleLayer], targ
         energy = importance.get(target.activation)
         if energy is None or energy.shape != (target.features,):
             continue
-        scale = _best_scale([_sampled(scaling.oriented(layer, read(layer))) for layer in target.readers], energy,
-                            mode, group_size)
+        samples = [scaling.oriented(layer, read(layer), -(-layer.shape[layer.layout.channel_axis] // SEARCH_CHANNELS))
+                   for layer in target.readers]
+        scale = _best_scale(samples, energy, mode, group_size)
         if scale is None:
             continue
         for layer in target.readers:
@@ -181,12 +185,6 @@ def _best_scale(tables: Sequence[np.ndarray], energy: np.ndarray, mode: WeightMo
         if candidate < least:
             best, least = scale, candidate
     return None if best is None else best.astype(np.float32)
-
-
-def _sampled(table: np.ndarray) -> np.ndarray:
-    """At most SEARCH_CHANNELS rows of an oriented table, evenly spaced."""
-    step = -(-table.shape[0] // SEARCH_CHANNELS)
-    return np.ascontiguousarray(table[::step])
 
 
 def _divided(constant: gs.Constant, axis: int, scale: np.ndarray) -> np.ndarray:
@@ -231,8 +229,7 @@ def _folds(tensor: gs.Tensor, readers: list[gs.Node], features: int, outputs: se
 def _operand_folds(maker: gs.Node, port: int, operand: gs.Tensor, features: int, outputs: set[str]
                    ) -> list[Fold] | None:
     if isinstance(operand, gs.Constant):
-        fold = _constant_fold(maker, port, features)
-        return None if fold is None else [fold]
+        return _constant_fold(maker, port, features)
     return _folds(operand, [maker], features, outputs)
 
 
@@ -244,15 +241,16 @@ def _weight_channel_folds(maker: gs.Node, features: int) -> list[Fold] | None:
     axis = weight_channel_axis(maker) % 2
     if weight.shape[axis] != features:
         return None
-    folds = [Fold(maker.name, spec(maker).weight_port, axis)]
+    folds = [[Fold(maker.name, spec(maker).weight_port, axis)]]
     bias = spec(maker).bias_port
     if bias is not None and bias < len(maker.inputs) and maker.inputs[bias].name:
         folds.append(_constant_fold(maker, bias, features))
     return _all_or_none(folds)
 
 
-def _constant_fold(node: gs.Node, port: int, features: int) -> Fold | None:
-    """A float constant read only by `node` that is one value, or one per feature along its last axis."""
+def _constant_fold(node: gs.Node, port: int, features: int) -> list[Fold] | None:
+    """Input `port` of `node`, when it is a float constant read only by `node` that is one value, or one per
+    feature along its last axis."""
     constant = node.inputs[port]
     if not isinstance(constant, gs.Constant) or len(constant.outputs) != 1 or \
             np.dtype(constant.dtype) != np.float32:
@@ -260,11 +258,11 @@ def _constant_fold(node: gs.Node, port: int, features: int) -> Fold | None:
     shape = tuple(constant.shape)
     if any(d != 1 for d in shape[:-1]) or (shape and shape[-1] not in (1, features)):
         return None
-    return Fold(node.name, port, -1)
+    return [Fold(node.name, port, -1)]
 
 
-def _all_or_none(folds: list) -> list[Fold] | None:
-    """The folds flattened, None when any part could not fold."""
-    if not folds or any(f is None for f in folds):
+def _all_or_none(parts: list[list[Fold] | None]) -> list[Fold] | None:
+    """The parts' folds together, None when there are none or any part could not fold."""
+    if not parts or any(part is None for part in parts):
         return None
-    return [fold for part in folds for fold in (part if isinstance(part, list) else [part])]
+    return [fold for part in parts for fold in part]

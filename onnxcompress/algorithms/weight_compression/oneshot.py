@@ -141,7 +141,8 @@ def _plan(model: onnx.ModelProto, config: WeightCompressionConfig, batches: Batc
     if source is not None:
         map_external_constants(graph, functools.partial(external_array, model_path=source))
     name_nodes(graph)
-    layers = compressible_layers(graph, resolve_ignored_scope(graph, config.ignored_scope, original=model))
+    ignored = resolve_ignored_scope(graph, config.ignored_scope, original=model)
+    layers = compressible_layers(graph, ignored)
     if not layers:
         raise WeightCompressionError("the model has no constant 2-D table in a MatMul, Gemm or Gather to compress")
     importance = {}
@@ -155,7 +156,7 @@ def _plan(model: onnx.ModelProto, config: WeightCompressionConfig, batches: Batc
     float_bytes = sum(_tensor_bytes_of(nodes[layer.node].inputs[layer.layout.port])
                       for layer in {layer.weight: layer for layer in layers}.values())
     if importance and config.mode.four_bit and config.activation_scaling:
-        targets = scaling_targets(graph, four_bit_candidates(layers, config))
+        targets = scaling_targets(graph, four_bit_candidates(layers, config), ignored)
         scaling = scale_activations(graph, layers, targets, table, importance, config.mode,
                                     config.effective_group_size)
         plan = plan_weight_compression(layers, scaling.reader(table), config, scaling.importance,
