@@ -17,7 +17,6 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 
 from onnxcompress.algorithms.quantization.bias_correction import bias_correction_commands, input_mean_requests
 from onnxcompress.algorithms.quantization.placement import ActivationTarget, QuantizerSetup, plan_quantizers
@@ -46,6 +45,7 @@ from onnxcompress.transforms.commands import (
     SetConstantInput,
     bias_scale,
 )
+from onnxcompress.transforms.graph import MappedValues
 from onnxcompress.transforms.op_table import Role, spec
 from onnxcompress.transforms.passes import preprocess
 
@@ -263,16 +263,18 @@ def export_for_calibration(graph: gs.Graph, original: onnx.ModelProto) -> tuple[
 
     The weights reach ONNX Runtime without being copied into a proto first (0.12 s for ResNet-50's 100 MB).
     gs exports a constant whose values are `LazyValues` as the proto they wrap, so for the export each large
-    constant's values are swapped for a data-less proto, then put back.
+    constant's values are swapped for a data-less proto, then put back. Constants mapped from external data
+    (`map_external_constants`) of any size go as their mapped arrays: their protos only point at the user's files.
     """
     weights: dict[str, np.ndarray] = {}
     kept_values: list[tuple[gs.Constant, object]] = []
     for tensor in graph.tensors().values():
         values = getattr(tensor, "_values", None)  # noqa: SLF001 - a Constant's values, not loaded if lazy
-        if not isinstance(tensor, gs.Constant) or values.nbytes < IN_MEMORY_WEIGHT_BYTES:
+        if not isinstance(tensor, gs.Constant) or (values.nbytes < IN_MEMORY_WEIGHT_BYTES
+                                                   and not isinstance(values, MappedValues)):
             continue
         lazy = isinstance(values, gs.ir.tensor.LazyValues)
-        weights[tensor.name] = numpy_helper.to_array(values.tensor) if lazy else values
+        weights[tensor.name] = values.load() if lazy else values
         kept_values.append((tensor, values))
         tensor._values = gs.ir.tensor.LazyValues(in_memory_initializer(tensor.name, weights[tensor.name]))  # noqa: SLF001
     try:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.algorithms.quantization.ptq import export_graph, resolve_ignored_scope
+from onnxcompress.algorithms.quantization.ptq import export_for_calibration, export_graph, resolve_ignored_scope
 from onnxcompress.algorithms.weight_compression.awq import scale_activations, scaling_targets
 from onnxcompress.algorithms.weight_compression.plan import (
     CompressibleLayer,
@@ -35,7 +35,7 @@ from onnxcompress.algorithms.weight_compression.plan import (
 from onnxcompress.config import WeightCompressionConfig, WeightMode
 from onnxcompress.errors import WeightCompressionError
 from onnxcompress.evaluation.sensitivity import Candidates
-from onnxcompress.runtime.calibration import Statistic, StatisticRequest, collect_statistics, in_memory_initializer
+from onnxcompress.runtime.calibration import Statistic, StatisticRequest, collect_statistics
 from onnxcompress.runtime.model_io import (
     external_array,
     has_external_data,
@@ -147,7 +147,7 @@ def _plan(model: onnx.ModelProto, config: WeightCompressionConfig, batches: Batc
         raise WeightCompressionError("the model has no constant 2-D table in a MatMul, Gemm or Gather to compress")
     importance = {}
     if batches is not None:
-        importance = _input_energy(export_graph(graph, model), layers, batches, total, progress, source)
+        importance = _input_energy(graph, model, layers, batches, total, progress)
     nodes = {node.name: node for node in graph.nodes}
 
     def table(layer: CompressibleLayer) -> np.ndarray:
@@ -173,17 +173,11 @@ def _result(compressed: onnx.ModelProto, choices: tuple[LayerChoice, ...], float
                                    source if has_external_data(compressed) else None, scaled)
 
 
-def _input_energy(float_model: onnx.ModelProto, layers: list[CompressibleLayer], batches: Batches,
-                  total: int | None, progress: bool, source: Path | None) -> dict[str, np.ndarray]:
-    """E[x²] per feature of each layer's activation input, by activation name. Tables in external data reach
-    ONNX Runtime as the mapped arrays themselves."""
-    weights = {}
-    if source is not None:
-        for index, tensor in enumerate(float_model.graph.initializer):
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                weights[tensor.name] = external_array(tensor, source)
-                float_model.graph.initializer[index].CopyFrom(in_memory_initializer(tensor.name,
-                                                                                    weights[tensor.name]))
+def _input_energy(graph: gs.Graph, model: onnx.ModelProto, layers: list[CompressibleLayer], batches: Batches,
+                  total: int | None, progress: bool) -> dict[str, np.ndarray]:
+    """E[x²] per feature of each layer's activation input, by activation name. The tables reach ONNX Runtime as
+    the graph's arrays themselves (memory maps for those in external data), not copied into a proto."""
+    float_model, weights = export_for_calibration(graph, model)
     requests = [StatisticRequest(layer.activation, Statistic.CHANNEL_MEAN_SQUARE, axis=-1, channels=layer.reduction)
                 for layer in layers if layer.activation is not None]
     statistics = collect_statistics(float_model, requests, batches, weights=weights, total=total, progress=progress,
