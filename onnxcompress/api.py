@@ -158,10 +158,7 @@ def sensitivity(model: ModelLike, dataset: Any = None, config: QuantizationConfi
                     progress=progress).items()}
         second_order = {}
         if hessian:
-            batches, loss = _hessian_batches(data, reference)
-            traces = hessian_traces(export_graph(plan.graph, proto), batches, hessian_weights(plan), loss=loss,
-                                    progress=progress)
-            costs = four_bit_hawq_costs(plan, traces)
+            traces, costs = _hawq_costs(plan, proto, data, reference, progress)
             nodes = {n.name: n for n in plan.graph.nodes}
             second_order = {units[i]: (traces[nodes[c.node].inputs[c.port].name], costs[c.node])
                             for i, c in enumerate(plan.weights)}
@@ -227,8 +224,8 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
     `algorithms/quantization/mixed_precision.py`). `metric`, `workers` and `ray_address` as in
     `quantize_with_accuracy_control`; without `eval_data`, the cosine to the FP32 outputs is measured on up to
     128 samples of `dataset` when it is an .npz. `criterion` (`config.BitCriterion`) says how a weight's 4 bits are
-    costed: measured by the metric, or predicted from Hessian traces on the evaluation samples (their labels, or
-    the float model's top-1)."""
+    costed: measured by the metric, or predicted from Hessian traces on the evaluation samples (`_hessian_batches`
+    says of which loss)."""
     criterion = BitCriterion(criterion)
     config = _merge(config, options)
     if (max_size is None) == (max_bit_complexity is None):
@@ -253,10 +250,7 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
         proto, plan = _plan_quantization(model, dataset, config, progress, proto=proto)
         predicted = None
         if criterion is BitCriterion.HESSIAN:
-            batches, loss = _hessian_batches(data, reference)
-            traces = hessian_traces(export_graph(plan.graph, proto), batches, hessian_weights(plan), loss=loss,
-                                    progress=progress)
-            predicted = four_bit_hawq_costs(plan, traces)
+            predicted = _hawq_costs(plan, proto, data, reference, progress)[1]
         macs = None
         if max_bit_complexity is not None:
             sample = _first_sample(calibration, proto)
@@ -274,6 +268,15 @@ def quantize_mixed_precision(model: ModelLike, dataset: Any = None, config: Quan
                                                            "criterion": criterion.value,
                                                            "four_bit": list(result.four_bit)}}])
     return result
+
+
+def _hawq_costs(plan: QuantizationPlan, proto: onnx.ModelProto, data: EvalSet | None, reference: Path,
+                progress: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Each quantized weight's average Hessian trace (by initializer) and HAWQ-v2 cost of 4 bits (by node)."""
+    batches, loss = _hessian_batches(data, reference)
+    traces = hessian_traces(export_graph(plan.graph, proto), batches, hessian_weights(plan), loss=loss,
+                            progress=progress)
+    return traces, four_bit_hawq_costs(plan, traces)
 
 
 def _hessian_batches(data: EvalSet | None, reference: Path) -> tuple[list[tuple[dict[str, Any], Any]], Loss]:
@@ -388,8 +391,8 @@ def compress_weights(model: ModelLike, dataset: Any = None, config: WeightCompre
 
     Without `dataset` the levels are rounded to nearest; with it (calibration data as for `quantize`), each block's
     clipping and scale minimise the output error its input features' E[x²] predicts, and in the 4-bit modes the
-    tables take AWQ's activation-aware scales where they fold upstream (`activation_scaling`). `options` are WeightCompressionConfig
-    fields (e.g. mode="int4_sym", group_size=64) and override `config`. The result holds the model and what each
+    tables take AWQ's activation-aware scales where they fold upstream (`activation_scaling`). `options` are
+    WeightCompressionConfig fields (e.g. mode="int4_sym", group_size=64) and override `config`. The result holds the model and what each
     table became; `result.save(path)` writes it (streaming what stayed in the input's external data).
     """
     if options:

@@ -167,7 +167,7 @@ def _ignored_scope(names: tuple[str, ...], types: tuple[str, ...], patterns: tup
               "as a fraction of the all-INT8 model's (0.5: every weight in 4 bits); instead of --max-size.")
 @click.option("--criterion", type=click.Choice(["metric", "hessian"]), help="Mixed precision: cost each weight's 4 "
               "bits by the metric with it alone in 4 bits (metric, the default) or by its Hessian trace times its "
-              "4-bit error (hessian: HAWQ-v2 through the training runtime, no evaluation per weight; classifiers).")
+              "4-bit error (hessian: HAWQ-v2 through the training runtime, no evaluation per weight).")
 @click.option("--eval-data", help="Accuracy control data: an .npz with an array per model input (and labels for top1).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def quantize(model: Path, output: Path | None, data: str | None, config_file: Path | None, preset, subset_size,
@@ -309,8 +309,8 @@ def sparsify(model: Path, output: Path | None, level: float, data: str | None, i
               "this model, data, settings and metric, which quantize --max-drop then reuses too).")
 @click.option("--four-bit", is_flag=True, help="Also measure the metric drop of each weight alone in 4 bits.")
 @click.option("--hessian", is_flag=True, help="Also estimate each weight's Hessian trace (Hutchinson, through the "
-              "training runtime) and its HAWQ-v2 cost of 4 bits; classifiers (cross-entropy on the first output, "
-              "with --eval-data's labels or the float model's top-1).")
+              "training runtime) and its HAWQ-v2 cost of 4 bits: of the cross-entropy with --eval-data's labels or "
+              "the float model's top-1 for classifiers, else of the squared error to the float outputs.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def sensitivity(model: Path, metric: str, eval_data: str | None, data: str | None, config_file: Path | None, preset,
                 model_type, subset_size, report_path: Path | None, plot_path: Path | None, workers: int | None,
